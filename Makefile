@@ -1,0 +1,54 @@
+# shadowgate: `make test` and `make demo` do all set-up on a fresh machine.
+#   .venv with the package and its dev tools  ->  etcd/kube binaries built once into ~/.cache/shadowgate
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help setup binaries test test-unit lint format crds demo clean dev-up dev-down
+
+help:
+	@echo "make test    set up everything, then run the whole test suite (real API server and PostgreSQL)"
+	@echo "make demo    bring up the local control plane and database and run the demo"
+	@echo "make lint    ruff, mypy and the stale-CRD check"
+	@echo "make crds    regenerate crds/ from the pydantic types"
+
+$(INSTALLED): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $@
+
+setup: $(INSTALLED)
+
+binaries: $(INSTALLED)
+	$(BIN)/shadowgate dev build
+
+test: binaries
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: $(INSTALLED)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(INSTALLED)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+demo: binaries
+	$(BIN)/shadowgate demo
+
+dev-up: binaries
+	$(BIN)/shadowgate dev up
+
+dev-down: $(INSTALLED)
+	$(BIN)/shadowgate dev down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""shadowgate operator: reconciles ShadowDeployment resources (kopf glue, pure builders and decisions)."""

@@ -1,0 +1,1 @@
+"""shadowgate router: the data plane that splits, mirrors and records model traffic."""

@@ -1,0 +1,105 @@
+"""Session-scoped real infrastructure, started only when a test asks for it.
+
+`control_plane`/`kubeconfig` start etcd, kube-apiserver and kube-controller-manager; `database`/`dsn`
+start a throwaway PostgreSQL. Unit tests request neither and run without them. Set
+SHADOWGATE_USE_DEV_ENV=1 to reuse a running `shadowgate dev up` instead (fast iteration).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shadowgate_operator.localenv import ControlPlane, Postgres
+from shadowgate_operator.localenv.binaries import KUBERNETES
+from shadowgate_operator.localenv.cli import read_state
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+Kubectl = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def _dev_state() -> dict[str, Any] | None:
+    if os.environ.get("SHADOWGATE_USE_DEV_ENV") != "1":
+        return None
+    state = read_state()
+    if state is None:
+        pytest.exit("SHADOWGATE_USE_DEV_ENV=1 but no `shadowgate dev up` environment is running", returncode=2)
+    return state
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane | None]:
+    """The session's control plane (None when reusing a dev environment)."""
+    if _dev_state() is not None:
+        yield None
+        return
+    with ControlPlane() as plane:
+        print(f"\ncontrol plane up in {plane.startup_seconds:.1f}s at {plane.server_url}")
+        yield plane
+
+
+@pytest.fixture(scope="session")
+def kubeconfig(control_plane: ControlPlane | None) -> str:
+    if control_plane is None:
+        state = _dev_state()
+        assert state is not None
+        return str(state["kubeconfig"])
+    return str(control_plane.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def database() -> Iterator[Postgres | None]:
+    if _dev_state() is not None:
+        yield None
+        return
+    with Postgres() as postgres:
+        yield postgres
+
+
+@pytest.fixture(scope="session")
+def dsn(database: Postgres | None) -> str:
+    if database is None:
+        state = _dev_state()
+        assert state is not None
+        return str(state["dsn"])
+    return database.dsn
+
+
+@pytest.fixture(scope="session")
+def kubectl(kubeconfig: str) -> Kubectl:
+    """Run kubectl (the build matching the server) against the test cluster: kubectl("get", "ns", input=...)."""
+
+    def run(
+        *args: str, check: bool = True, input: str | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(KUBERNETES.path("kubectl")), *args],
+            env={**os.environ, "KUBECONFIG": kubeconfig},
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    return run
+
+
+@pytest.fixture
+def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards (without waiting for it to go)."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"t-{stem}-{secrets.token_hex(3)}"
+    kubectl("create", "namespace", name)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
