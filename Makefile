@@ -36,6 +36,10 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/shadowgate crd --check
+
+crds: $(INSTALLED)
+	$(BIN)/shadowgate crd
 
 format: $(INSTALLED)
 	$(BIN)/ruff check --fix .

@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,12 @@ from shadowgate_operator.localenv.cli import read_state
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
+STARTUP_TIMES: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for component, seconds in STARTUP_TIMES.items():
+        terminalreporter.write_line(f"{component} started in {seconds:.1f}s")
 
 
 def _dev_state() -> dict[str, Any] | None:
@@ -42,7 +49,7 @@ def control_plane() -> Iterator[ControlPlane | None]:
         yield None
         return
     with ControlPlane() as plane:
-        print(f"\ncontrol plane up in {plane.startup_seconds:.1f}s at {plane.server_url}")
+        STARTUP_TIMES["control plane (etcd, kube-apiserver, kube-controller-manager)"] = plane.startup_seconds
         yield plane
 
 
@@ -60,7 +67,9 @@ def database() -> Iterator[Postgres | None]:
     if _dev_state() is not None:
         yield None
         return
+    started = time.monotonic()
     with Postgres() as postgres:
+        STARTUP_TIMES["PostgreSQL (initdb and start)"] = time.monotonic() - started
         yield postgres
 
 

@@ -1,8 +1,9 @@
 """`shadowgate demo`: the main job on one machine, with a local control plane and PostgreSQL.
 
-Today it brings up the control plane and the database, installs the CRDs from crds/, applies the
-ShadowDeployment examples from examples/ and shows what `kubectl get` prints. Everything it started is
-stopped when it ends or on Ctrl-C.
+Today it brings up the control plane and the database, installs the CRDs from crds/, starts the
+operator, applies the ShadowDeployment example from examples/ and shows what the operator did: the
+router's objects, status, conditions and Events (the outcome analysis that promotes or rolls back on
+its own is not there yet). Everything it started is stopped when it ends or on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -36,6 +37,27 @@ def _kubernetes_manifests(directory: Path) -> list[Path]:
     return found
 
 
+def _wait_for_status(
+    kubectl: Path, env: dict[str, str], operator: subprocess.Popen[bytes], phase: str = "Progressing"
+) -> None:
+    """Until every example ShadowDeployment reaches `phase`; fails if the operator exits."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if operator.poll() is not None:
+            raise ComponentError("operator", f"exited with code {operator.returncode}")
+        listing = subprocess.run(
+            [str(kubectl), "get", "shadowdeployments", "-n", DEMO_NAMESPACE, "-o", "jsonpath={.items[*].status.phase}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        if listing and all(found == phase for found in listing):
+            return
+        time.sleep(0.5)
+    raise ComponentError("operator", f"the examples did not reach phase {phase} within 60s")
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
@@ -56,15 +78,36 @@ def run(args: argparse.Namespace) -> int:
             if crds:
                 kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
             kubectl("create", "namespace", DEMO_NAMESPACE)
-            for example in _kubernetes_manifests(REPO_ROOT / "examples"):
-                kubectl("apply", "-n", DEMO_NAMESPACE, "-f", str(example.relative_to(REPO_ROOT)))
-            kubectl("get", "crd")
-            if crds:
+            operator_log = plane.logs / "operator.log"
+            with operator_log.open("wb") as log:
+                operator = subprocess.Popen(
+                    [sys.executable, "-m", "shadowgate_operator.cli", "operator", "--namespace", DEMO_NAMESPACE],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            try:
+                _say(f"operator started (log: {operator_log})")
+                for example in _kubernetes_manifests(REPO_ROOT / "examples"):
+                    kubectl("apply", "-n", DEMO_NAMESPACE, "-f", str(example.relative_to(REPO_ROOT)))
+                _wait_for_status(binaries.kubectl, env, operator)
                 kubectl("get", "shadowdeployments", "-n", DEMO_NAMESPACE)
-            if args.hold:
-                _say(f"holding; KUBECONFIG={plane.kubeconfig}; Ctrl-C stops everything")
-                while True:
-                    time.sleep(3600)
+                kubectl("get", "deployment,service,configmap,serviceaccount,role,rolebinding", "-n", DEMO_NAMESPACE)
+                kubectl("describe", "shadowdeployment", "-n", DEMO_NAMESPACE)
+                _say("promoting by hand, as `kubectl shadow promote` will")
+                kubectl("annotate", "shadowdeployment", "--all", "-n", DEMO_NAMESPACE, "shadowgate.io/action=promote")
+                _wait_for_status(binaries.kubectl, env, operator, phase="Promoted")
+                kubectl("get", "shadowdeployments", "-n", DEMO_NAMESPACE)
+                kubectl(
+                    "get", "events", "-n", DEMO_NAMESPACE, "--field-selector", "involvedObject.kind=ShadowDeployment"
+                )
+                if args.hold:
+                    _say(f"holding; KUBECONFIG={plane.kubeconfig}; Ctrl-C stops everything")
+                    while True:
+                        time.sleep(3600)
+            finally:
+                operator.terminate()
+                operator.wait(20)
     except ComponentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import stat
@@ -194,9 +195,7 @@ def test_a_component_that_dies_fails_fast_with_its_log_tail(tmp_path: Path) -> N
     broken.write_text("#!/bin/sh\necho 'E1125 run.go:72] error: unable to load server certificate' >&2\nexit 1\n")
     broken.chmod(broken.stat().st_mode | stat.S_IXUSR)
     real = ensure_binaries()
-    plane = ControlPlane(
-        binaries=Binaries(real.etcd, broken, real.kube_controller_manager), with_controller_manager=False
-    )
+    plane = ControlPlane(binaries=dataclasses.replace(real, kube_apiserver=broken), with_controller_manager=False)
     started = time.monotonic()
     with pytest.raises(ComponentError) as raised:
         plane.start()

@@ -1,0 +1,782 @@
+"""The ShadowDeployment API (shadowgate.io/v1alpha1): the types the CRD is generated from.
+
+Defaults live on the types and derived values are getters on them, so the operator never repeats a
+literal default. A cross-field rule is declared once with `@rule`: its CEL goes into the CRD
+(``x-kubernetes-validations``, enforced by the API server) and the decorated method runs when Python
+validates an object, e.g. one stored before the CRD gained the rule. Field docstrings are the
+descriptions `kubectl explain` shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from itertools import pairwise
+from typing import Annotated, Any, ClassVar, Final, Literal, Self, TypeVar
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    StringConstraints,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
+
+from shadowgate_router.config import JSON_PATH_PATTERN
+from shadowgate_router.config import Protocol as Protocol  # re-exported: part of this API
+from shadowgate_router.config import TrafficMode as TrafficMode
+
+GROUP = "shadowgate.io"
+VERSION = "v1alpha1"
+API_VERSION: Final = "shadowgate.io/v1alpha1"  # spelled out, not f"{GROUP}/{VERSION}": typed as a Literal
+KIND: Final = "ShadowDeployment"
+PLURAL = "shadowdeployments"
+SINGULAR = "shadowdeployment"
+SHORT_NAMES = ("shadow",)
+CATEGORIES = ("shadowgate",)
+
+ACTION_ANNOTATION = f"{GROUP}/action"
+"""Manual verbs: ``promote``, ``abort`` or ``retry``, optionally ``verb:nonce`` so the same verb can be
+asked for again. The operator acts once per distinct value and records it in status.lastAction."""
+
+# Go-style durations as CEL's duration() parses them, limited to the units that make sense here.
+# `[.]` rather than `\.` so the same text is valid inside a CEL string literal.
+DURATION_PATTERN = r"^([0-9]+([.][0-9]+)?(ms|s|m|h))+$"
+_DURATION_PART = re.compile(r"([0-9]+(?:[.][0-9]+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SERVICE_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+"""DNS-1035 label: what a Service name must be."""
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ROUTER_SUFFIX = "-router"
+MAX_NAME_LENGTH = 63 - len(ROUTER_SUFFIX)
+"""A ShadowDeployment's children are named ``<name>-router`` and must stay valid Service names."""
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a duration such as ``30s``, ``1m30s`` or ``1.5h``; ValueError when malformed."""
+    if not re.fullmatch(DURATION_PATTERN, text):
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m or 1h30m")
+    return timedelta(seconds=sum(float(amount) * _UNIT_SECONDS[unit] for amount, unit in _DURATION_PART.findall(text)))
+
+
+# --- rules: one declaration, enforced by the API server (CEL) and by Python -------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-field invariant: CEL for the CRD, a Python check for objects read back."""
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+    field_path: str | None = None
+
+    def to_schema(self) -> dict[str, str]:
+        validation = {"rule": self.cel, "message": self.message}
+        if self.field_path:
+            validation["fieldPath"] = self.field_path
+        return validation
+
+
+_RULE_ATTRIBUTE = "__shadowgate_rule__"
+Check = TypeVar("Check", bound=Callable[[Any], bool])
+
+
+def rule(cel: str, message: str, *, field_path: str | None = None) -> Callable[[Check], Check]:
+    """Declare the decorated method (True = valid) as a rule of its class, with its CEL twin."""
+
+    def mark(check: Check) -> Check:
+        setattr(check, _RULE_ATTRIBUTE, Rule(cel=cel, message=message, check=check, field_path=field_path))
+        return check
+
+    return mark
+
+
+def _cel_duration_within(field: str, low: str, high: str) -> str:
+    # A malformed duration is already rejected by the field's pattern; without the guard, CEL's
+    # duration() would add a confusing evaluation error next to the pattern message.
+    return (
+        f"!{field}.matches('{DURATION_PATTERN}') || "
+        f"(duration({field}) >= duration('{low}') && duration({field}) <= duration('{high}'))"
+    )
+
+
+def _within(text: str | None, low: str, high: str) -> bool:
+    return text is None or parse_duration(low) <= parse_duration(text) <= parse_duration(high)
+
+
+class ApiModel(BaseModel):
+    """Base of the spec types: camelCase on the wire, unknown fields rejected, immutable."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
+    )
+    __rules__: ClassVar[tuple[Rule, ...]] = ()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.__rules__ = tuple(
+            getattr(member, _RULE_ATTRIBUTE) for member in vars(cls).values() if hasattr(member, _RULE_ATTRIBUTE)
+        )
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Self:
+        broken = [declared.message for declared in self.__rules__ if not declared.check(self)]
+        if broken:
+            raise ValueError("; ".join(broken))
+        return self
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        if cls.__rules__:
+            handler.resolve_ref_schema(json_schema)["x-kubernetes-validations"] = [
+                declared.to_schema() for declared in cls.__rules__
+            ]
+        return json_schema
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: camelCase, JSON types, unset optionals left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class StatusModel(ApiModel):
+    """Base of the status types. Unknown fields are ignored: status is read back from the cluster and
+    may have been written by another operator version."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# --- field types ------------------------------------------------------------------------------------
+
+Duration = Annotated[str, StringConstraints(pattern=DURATION_PATTERN, max_length=32)]
+DnsLabel = Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, min_length=1, max_length=63)]
+DnsSubdomain = Annotated[str, StringConstraints(pattern=DNS_SUBDOMAIN_PATTERN, min_length=1, max_length=253)]
+Identifier = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$", min_length=1, max_length=63)
+]
+VersionText = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.+]*[A-Za-z0-9])?$", min_length=1, max_length=63)
+]
+Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$", max_length=2048)]
+JsonPath = Annotated[str, StringConstraints(pattern=JSON_PATH_PATTERN, min_length=1, max_length=256)]
+HeaderName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][-A-Za-z0-9_]*$", max_length=128)]
+SecretKey = Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z0-9]+$", min_length=1, max_length=253)]
+Percent = Annotated[int, Field(ge=1, le=100)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+Quantity = int | Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN, max_length=64)]
+"""A Kubernetes resource quantity: ``500m``, ``256Mi``, ``1``."""
+
+
+# --- spec -------------------------------------------------------------------------------------------
+
+
+class ServiceRef(ApiModel):
+    """A Kubernetes Service in front of a model server."""
+
+    name: DnsLabel
+    """Name of the Service."""
+    port: int = Field(ge=1, le=65535)
+    """Port of the Service that speaks HTTP."""
+    namespace: DnsLabel | None = None
+    """Namespace of the Service; defaults to the ShadowDeployment's."""
+
+    def url(self, default_namespace: str) -> str:
+        return f"http://{self.name}.{self.namespace or default_namespace}.svc:{self.port}"
+
+
+class ModelEndpoint(ApiModel):
+    """A model server: what it serves and where to reach it (exactly one of url or service)."""
+
+    name: Identifier
+    """The model's name, recorded with every prediction and shown in metrics."""
+    version: VersionText
+    """The model's version, recorded with every prediction."""
+    model_name: Identifier | None = None
+    """The name the model server knows the model by, used in the protocol path
+    (/v2/models/{modelName}/infer, /v1/models/{modelName}:predict); defaults to name."""
+    url: Url | None = None
+    """Base URL of the model server, e.g. http://10.0.0.7:8080 (no query string)."""
+    service: ServiceRef | None = None
+    """A Service in front of the model server; resolved to http://{name}.{namespace}.svc:{port}."""
+
+    @rule("has(self.url) != has(self.service)", "set exactly one of url or service")
+    def _one_address(self) -> bool:
+        return (self.url is None) != (self.service is None)
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or self.name
+
+    def base_url(self, default_namespace: str) -> str:
+        """Where the router sends requests, with Services resolved in default_namespace unless they name one."""
+        if self.url is not None:
+            return self.url.rstrip("/")
+        if self.service is None:  # excluded by _one_address; kept for the type checker
+            raise ValueError(f"model endpoint {self.name!r} has neither url nor service")
+        return self.service.url(default_namespace)
+
+    def same_server(self, other: ModelEndpoint) -> bool:
+        """Whether both point at the same server and model name, i.e. would get identical requests."""
+        same_address = (self.url is not None and self.url == other.url) or (
+            self.service is not None and self.service == other.service
+        )
+        return same_address and self.served_model_name == other.served_model_name
+
+
+class PredictionSelector(ApiModel):
+    """Where the prediction (and its confidence) sit in a model's JSON answer."""
+
+    path: JsonPath
+    """Path to the predicted number, e.g. outputs[0].data[0] or result.score."""
+    confidence_path: JsonPath | None = None
+    """Path to the model's confidence in its prediction (used by logLoss), e.g. outputs[1].data[0]."""
+
+
+DEFAULT_PREDICTION_PATHS: Mapping[Protocol, str] = {
+    Protocol.V2: "outputs[0].data[0]",
+    Protocol.V1: "predictions[0]",
+}
+
+
+class Traffic(ApiModel):
+    """How much traffic the candidate sees, step by step."""
+
+    mode: TrafficMode = TrafficMode.SHADOW
+    """shadow: mirror requests to the candidate and always answer from production.
+    canary: answer the candidate's share of requests from the candidate."""
+    steps: list[Percent] = Field(default_factory=lambda: [10], min_length=1, max_length=20)
+    """Percent of requests sent to the candidate at each step, strictly increasing, e.g. [5, 10, 20].
+    The analysis must pass at every step; after the last one the candidate is promoted."""
+    sticky_header: HeaderName | None = None
+    """Hash this request header (an account, an instrument) so one key always lands on the same side.
+    By default each request is assigned on its own request id."""
+    fallback_to_production: bool = True
+    """Canary mode: when the candidate fails or times out, answer from production instead."""
+    timeout: Duration = "10s"
+    """How long the answering model may take before the router gives up (10ms to 5m)."""
+    mirror_timeout: Duration = "5s"
+    """How long a mirrored candidate call may take before it is recorded as a timeout (10ms to 5m)."""
+
+    @rule(
+        "self.steps.isSorted() && self.steps.all(s, self.steps.exists_one(t, t == s))",
+        "traffic.steps must be strictly increasing, e.g. [5, 10, 20]",
+        field_path=".steps",
+    )
+    def _steps_increase(self) -> bool:
+        return all(earlier < later for earlier, later in pairwise(self.steps))
+
+    @rule(
+        _cel_duration_within("self.timeout", "10ms", "5m"),
+        "traffic.timeout must be between 10ms and 5m",
+        field_path=".timeout",
+    )
+    def _timeout_range(self) -> bool:
+        return _within(self.timeout, "10ms", "5m")
+
+    @rule(
+        _cel_duration_within("self.mirrorTimeout", "10ms", "5m"),
+        "traffic.mirrorTimeout must be between 10ms and 5m",
+        field_path=".mirrorTimeout",
+    )
+    def _mirror_timeout_range(self) -> bool:
+        return _within(self.mirror_timeout, "10ms", "5m")
+
+    @property
+    def timeout_seconds(self) -> float:
+        return parse_duration(self.timeout).total_seconds()
+
+    @property
+    def mirror_timeout_seconds(self) -> float:
+        return parse_duration(self.mirror_timeout).total_seconds()
+
+
+class Metric(StrEnum):
+    """The quality metric compared between the two models on scored requests."""
+
+    MAE = "mae"
+    RMSE = "rmse"
+    ACCURACY = "accuracy"
+    DIRECTIONAL_ACCURACY = "directionalAccuracy"
+    LOG_LOSS = "logLoss"
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self not in (Metric.ACCURACY, Metric.DIRECTIONAL_ACCURACY)
+
+
+class ScoreWeights(ApiModel):
+    """Relative weights of the parts of the overall score; normalised to sum to 1."""
+
+    quality: Fraction = 0.7
+    """Weight of the relative improvement in the analysis metric."""
+    latency: Fraction = 0.2
+    """Weight of the relative improvement in p99 latency."""
+    errors: Fraction = 0.1
+    """Weight of the relative improvement in error rate."""
+
+    @rule(
+        "self.quality + self.latency + self.errors > 0.0",
+        "analysis.weights must not all be zero",
+    )
+    def _some_weight(self) -> bool:
+        return self.quality + self.latency + self.errors > 0
+
+    def normalized(self) -> tuple[float, float, float]:
+        """(quality, latency, errors) scaled to sum to 1."""
+        total = self.quality + self.latency + self.errors
+        return self.quality / total, self.latency / total, self.errors / total
+
+
+class Analysis(ApiModel):
+    """How the candidate is judged at each step."""
+
+    interval: Duration = "30s"
+    """How often the outcomes are scored and a decision is taken (5s to 60s)."""
+    min_samples: int = Field(default=100, ge=1, le=100_000_000)
+    """Scored requests (predictions with an outcome) needed in a step before it can pass or fail on quality."""
+    metric: Metric = Metric.MAE
+    """The quality metric: mae, rmse or logLoss (lower is better); accuracy or directionalAccuracy."""
+    promotion_threshold: float = Field(default=0.7, gt=0, le=1)
+    """Overall score at or above which a significant step passes."""
+    rollback_threshold: float = Field(default=0.3, gt=0, le=1)
+    """The candidate is rolled back when the overall score is at or below minus this value."""
+    weights: ScoreWeights = Field(default_factory=ScoreWeights)
+    """Relative weights of quality, latency and errors in the overall score."""
+    max_error_rate: Fraction = 0.05
+    """Hard gate: a candidate error rate above this rolls back at once."""
+    max_latency_p99_ms: float | None = Field(default=None, gt=0)
+    """Hard gate: a candidate p99 latency above this many milliseconds rolls back at once."""
+    confidence: float = Field(default=0.99, ge=0.5, le=0.9999)
+    """Confidence of the sequential significance test a step must pass (0.99 = 1% false promotions)."""
+    max_step_duration: Duration | None = None
+    """Give up on a step that is still undecided after this long (rolled back); unset waits forever."""
+
+    @rule(
+        _cel_duration_within("self.interval", "5s", "60s"),
+        "analysis.interval must be between 5s and 60s",
+        field_path=".interval",
+    )
+    def _interval_range(self) -> bool:
+        return _within(self.interval, "5s", "60s")
+
+    @rule(
+        f"!has(self.maxStepDuration) || {_cel_duration_within('self.maxStepDuration', '5s', '720h')}",
+        "analysis.maxStepDuration must be between 5s and 720h",
+        field_path=".maxStepDuration",
+    )
+    def _step_duration_range(self) -> bool:
+        return _within(self.max_step_duration, "5s", "720h")
+
+    @rule(
+        f"!has(self.maxStepDuration) || !self.maxStepDuration.matches('{DURATION_PATTERN}')"
+        f" || !self.interval.matches('{DURATION_PATTERN}')"
+        " || duration(self.maxStepDuration) >= duration(self.interval)",
+        "analysis.maxStepDuration must be at least one analysis.interval",
+        field_path=".maxStepDuration",
+    )
+    def _step_outlasts_interval(self) -> bool:
+        return self.max_step_duration is None or parse_duration(self.max_step_duration) >= parse_duration(self.interval)
+
+    @property
+    def interval_seconds(self) -> float:
+        return parse_duration(self.interval).total_seconds()
+
+    @property
+    def max_step_seconds(self) -> float | None:
+        return None if self.max_step_duration is None else parse_duration(self.max_step_duration).total_seconds()
+
+
+DEFAULT_ROUTER_REQUESTS: Mapping[str, Quantity] = {"cpu": "100m", "memory": "128Mi"}
+
+
+class ResourceRequirements(ApiModel):
+    """CPU and memory for each router container."""
+
+    requests: dict[str, Quantity] = Field(default_factory=lambda: dict(DEFAULT_ROUTER_REQUESTS), max_length=16)
+    """Resources reserved for the container, e.g. {cpu: 100m, memory: 128Mi}."""
+    limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
+    """Resources the container may not exceed, e.g. {memory: 256Mi}."""
+
+
+class RouterSpec(ApiModel):
+    """The router Deployment the operator runs in front of both model servers."""
+
+    replicas: int = Field(default=2, ge=1, le=50)
+    """Router pods; each one routes, records and accepts outcomes."""
+    resources: ResourceRequirements = Field(default_factory=ResourceRequirements)
+    """CPU and memory requests and limits of the router container."""
+    image: Annotated[str, StringConstraints(pattern=r"^\S+$", max_length=512)] | None = None
+    """Router image; defaults to the image the operator was deployed with."""
+
+
+class DsnSecretRef(ApiModel):
+    """A key of a Secret in the ShadowDeployment's namespace holding a PostgreSQL DSN."""
+
+    name: DnsSubdomain
+    """Name of the Secret."""
+    key: SecretKey = "dsn"
+    """Key in the Secret whose value is the DSN, e.g. postgresql://user:pass@host:5432/db."""
+
+
+class TokenSecretRef(ApiModel):
+    """A key of a Secret in the ShadowDeployment's namespace holding a bearer token."""
+
+    name: DnsSubdomain
+    """Name of the Secret."""
+    key: SecretKey = "token"
+    """Key in the Secret whose value is the token."""
+
+
+class DatabaseSpec(ApiModel):
+    """The TimescaleDB (or PostgreSQL) database that stores predictions and outcomes."""
+
+    secret_ref: DsnSecretRef
+    """The Secret key holding the DSN; the router reads it from its environment."""
+
+
+class OutcomesSpec(ApiModel):
+    """How late outcomes reach the router's POST /outcomes."""
+
+    token_secret_ref: TokenSecretRef
+    """Clients must send this token as `Authorization: Bearer <token>`."""
+
+
+class ShadowDeploymentSpec(ApiModel):
+    """The desired rollout of a candidate model beside the production model."""
+
+    production: ModelEndpoint
+    """The model serving today; its answer is returned unless the candidate is canaried or promoted."""
+    candidate: ModelEndpoint
+    """The model under evaluation. Changing it (or production) restarts the analysis."""
+    protocol: Protocol = Protocol.V2
+    """v2 (Open Inference Protocol: KServe, Triton, MLServer), v1 ({"instances"} in, {"predictions"} out)
+    or json (any JSON API, read through prediction.path)."""
+    prediction: PredictionSelector | None = None
+    """Where the prediction is in an answer; required for protocol json. Defaults: v2 outputs[0].data[0],
+    v1 predictions[0]."""
+    traffic: Traffic = Field(default_factory=Traffic)
+    """Shadow or canary, and the percent of requests the candidate sees at each step."""
+    analysis: Analysis = Field(default_factory=Analysis)
+    """How often and on what the candidate is judged, and the gates that roll it back at once."""
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    """The router Deployment in front of both models."""
+    database: DatabaseSpec
+    """Where predictions and outcomes are stored."""
+    outcomes: OutcomesSpec
+    """How clients authenticate when they post outcomes."""
+    paused: bool = False
+    """Freeze the rollout: traffic stays where it is and no decision is taken until unpaused."""
+
+    @rule(
+        "self.protocol != 'json' || has(self.prediction)",
+        "protocol json needs prediction.path: where the predicted number is in the model's answer",
+    )
+    def _json_needs_path(self) -> bool:
+        return self.protocol is not Protocol.JSON or self.prediction is not None
+
+    @rule(
+        "self.candidate.version != self.production.version",
+        "candidate.version must differ from production.version",
+    )
+    def _versions_differ(self) -> bool:
+        return self.candidate.version != self.production.version
+
+    # `namespace` is a CEL reserved word: CEL reaches the field as `__namespace__`.
+    @rule(
+        "!((has(self.candidate.url) && has(self.production.url) && self.candidate.url == self.production.url)"
+        " || (has(self.candidate.service) && has(self.production.service)"
+        " && self.candidate.service.name == self.production.service.name"
+        " && self.candidate.service.port == self.production.service.port"
+        " && has(self.candidate.service.__namespace__) == has(self.production.service.__namespace__)"
+        " && (!has(self.candidate.service.__namespace__)"
+        " || self.candidate.service.__namespace__ == self.production.service.__namespace__)))"
+        " || (has(self.candidate.modelName) ? self.candidate.modelName : self.candidate.name)"
+        " != (has(self.production.modelName) ? self.production.modelName : self.production.name)",
+        "candidate and production point at the same server and model; "
+        "give the candidate its own url/service or modelName",
+    )
+    def _endpoints_differ(self) -> bool:
+        return not self.candidate.same_server(self.production)
+
+    @property
+    def prediction_path(self) -> str:
+        if self.prediction is not None:
+            return self.prediction.path
+        return DEFAULT_PREDICTION_PATHS[self.protocol]
+
+    @property
+    def confidence_path(self) -> str | None:
+        return None if self.prediction is None else self.prediction.confidence_path
+
+    def candidate_revision(self) -> str:
+        """Hash of what is being compared; status keeps it, and a new value restarts the analysis."""
+        compared = self.model_dump(
+            mode="json", by_alias=True, exclude_none=True, include={"production", "candidate", "protocol", "prediction"}
+        )
+        return hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- status -----------------------------------------------------------------------------------------
+
+
+class Phase(StrEnum):
+    """Where the rollout is."""
+
+    PENDING = "Pending"
+    INITIALIZING = "Initializing"
+    PROGRESSING = "Progressing"
+    PROMOTING = "Promoting"
+    PROMOTED = "Promoted"
+    ROLLING_BACK = "RollingBack"
+    ROLLED_BACK = "RolledBack"
+    PAUSED = "Paused"
+    FAILED = "Failed"
+
+    @property
+    def finished(self) -> bool:
+        """No more analysis happens until the spec changes or someone asks for a retry."""
+        return self in (Phase.PROMOTED, Phase.ROLLED_BACK, Phase.FAILED)
+
+
+class ConditionType(StrEnum):
+    """The conditions a ShadowDeployment reports."""
+
+    READY = "Ready"
+    PROGRESSING = "Progressing"
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+
+
+class ConditionStatus(StrEnum):
+    """Whether a condition holds."""
+
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(StatusModel):
+    """One aspect of the current state, in the Kubernetes conditions convention."""
+
+    type: ConditionType
+    status: ConditionStatus
+    reason: Annotated[
+        str, StringConstraints(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", min_length=1, max_length=1024)
+    ]
+    """A CamelCase word a program can match on."""
+    message: Annotated[str, StringConstraints(max_length=32768)] = ""
+    """The same in words for a person."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The spec generation this condition was computed from."""
+    last_transition_time: AwareDatetime
+    """When status last changed."""
+
+
+class ModelMetrics(StatusModel):
+    """One model's numbers over the current step's window."""
+
+    metric_value: float | None = None
+    """The analysis metric (e.g. MAE) on scored requests."""
+    error_rate: float | None = Field(default=None, ge=0, le=1)
+    """Share of requests that failed or timed out."""
+    latency_p50_ms: float | None = Field(default=None, ge=0)
+    latency_p99_ms: float | None = Field(default=None, ge=0)
+
+
+class AnalysisMetrics(StatusModel):
+    """The latest analysis of the current step."""
+
+    production: ModelMetrics | None = None
+    candidate: ModelMetrics | None = None
+    improvement: float | None = None
+    """Relative improvement of the candidate on the analysis metric (0.1 = 10% better)."""
+    overall_score: float | None = None
+    """Weighted score of quality, latency and errors; compared with the thresholds."""
+    p_value: float | None = Field(default=None, ge=0, le=1)
+    """Always-valid p-value of the candidate being better on quality."""
+    agreement: float | None = Field(default=None, ge=0, le=1)
+    """Share of paired requests where both models predicted the same (shadow mode)."""
+
+
+class DecisionAction(StrEnum):
+    """What an analysis decided."""
+
+    WAIT = "Wait"
+    ADVANCE = "Advance"
+    PROMOTE = "Promote"
+    ROLL_BACK = "RollBack"
+    RESTART = "Restart"
+
+
+class Decision(StatusModel):
+    """The last decision and why, in words."""
+
+    action: DecisionAction
+    reason: Annotated[str, StringConstraints(max_length=4096)]
+    """Why, in words: the numbers and the thresholds they were compared with."""
+    time: AwareDatetime
+
+
+class ActionVerb(StrEnum):
+    """Manual verbs accepted through the shadowgate.io/action annotation."""
+
+    PROMOTE = "promote"
+    ABORT = "abort"
+    RETRY = "retry"
+
+
+class HandledAction(StatusModel):
+    """The last manual action the operator carried out (so each annotation value is acted on once)."""
+
+    value: Annotated[str, StringConstraints(max_length=256)]
+    """The annotation's value, nonce included."""
+    verb: ActionVerb
+    time: AwareDatetime
+
+
+class ShadowDeploymentStatus(StatusModel):
+    """What the operator observed and decided; written only by the operator."""
+
+    phase: Phase | None = None
+    """Where the rollout is: Pending, Initializing, Progressing, Promoting, Promoted, RollingBack,
+    RolledBack, Paused or Failed."""
+    current_step: int | None = Field(default=None, ge=0, le=19)
+    """Index into spec.traffic.steps of the step being analysed (0 is the first)."""
+    current_weight: int | None = Field(default=None, ge=0, le=100)
+    """Percent of requests the router currently sends to the candidate."""
+    samples: int | None = Field(default=None, ge=0)
+    """Scored requests in the current step."""
+    metrics: AnalysisMetrics | None = None
+    """The latest analysis of the current step."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=8,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Ready (the router serves), Progressing, Promoted and RolledBack."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The spec generation the operator last acted on."""
+    last_decision: Decision | None = None
+    """The latest decision of the analysis and its reason."""
+    analysis_started_at: AwareDatetime | None = None
+    """When the analysis of the current candidate revision began."""
+    step_started_at: AwareDatetime | None = None
+    """When the current step began."""
+    candidate_revision: Annotated[str, StringConstraints(max_length=64)] | None = None
+    """Hash of production and candidate the analysis belongs to; a change in spec restarts the analysis."""
+    last_action: HandledAction | None = None
+    """The last manual verb (shadowgate.io/action annotation) carried out."""
+    message: Annotated[str, StringConstraints(max_length=4096)] | None = None
+    """The current state in one sentence."""
+
+    @property
+    def phase_or_pending(self) -> Phase:
+        return self.phase or Phase.PENDING
+
+    def condition(self, condition_type: ConditionType) -> Condition | None:
+        return next((c for c in self.conditions if c.type is condition_type), None)
+
+
+# --- the resource -----------------------------------------------------------------------------------
+
+
+class ObjectMeta(BaseModel):
+    """The metadata fields the operator reads; the rest is ignored."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    name: str
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ManualAction:
+    """A verb asked for through the shadowgate.io/action annotation."""
+
+    verb: ActionVerb
+    value: str
+    """The whole annotation value; recorded in status.lastAction once handled."""
+
+    @classmethod
+    def parse(cls, value: str) -> ManualAction:
+        verb, _, _nonce = value.strip().partition(":")
+        try:
+            return cls(verb=ActionVerb(verb.lower()), value=value)
+        except ValueError:
+            allowed = ", ".join(v.value for v in ActionVerb)
+            raise ValueError(f"{ACTION_ANNOTATION}={value!r}: unknown verb (use {allowed})") from None
+
+
+class ShadowDeployment(ApiModel):
+    """Shadow or canary a candidate ML model beside the production model, score both on real outcomes,
+    and promote or roll back the candidate automatically."""
+
+    api_version: Literal["shadowgate.io/v1alpha1"] = API_VERSION
+    kind: Literal["ShadowDeployment"] = KIND
+    metadata: ObjectMeta
+    spec: ShadowDeploymentSpec
+    status: ShadowDeploymentStatus = Field(default_factory=ShadowDeploymentStatus)
+
+    @rule(
+        f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('{SERVICE_NAME_PATTERN}')",
+        f"metadata.name must be a DNS label of at most {MAX_NAME_LENGTH} characters starting with a letter: "
+        f"the router Service is named <name>{ROUTER_SUFFIX}",
+        field_path=".metadata.name",
+    )
+    def _name_fits_children(self) -> bool:
+        name = self.metadata.name
+        return len(name) <= MAX_NAME_LENGTH and re.fullmatch(SERVICE_NAME_PATTERN, name) is not None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        if not self.metadata.namespace:
+            raise ValueError(f"ShadowDeployment {self.name!r} has no namespace")
+        return self.metadata.namespace
+
+    @property
+    def router_name(self) -> str:
+        """Name of every child object: ConfigMap, Deployment, Service, ServiceAccount, Role, RoleBinding."""
+        return f"{self.name}{ROUTER_SUFFIX}"
+
+    def pending_action(self) -> ManualAction | None:
+        """The manual verb to carry out now: the annotation is set and differs from the one last handled.
+
+        ValueError when the annotation holds an unknown verb.
+        """
+        value = self.metadata.annotations.get(ACTION_ANNOTATION)
+        if not value:
+            return None
+        handled = self.status.last_action
+        if handled is not None and handled.value == value:
+            return None
+        return ManualAction.parse(value)

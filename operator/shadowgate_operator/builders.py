@@ -1,0 +1,284 @@
+"""The objects the operator creates for a ShadowDeployment, as plain dicts: pure, no I/O.
+
+Every child is named ``<name>-router``, carries the same labels and is owned by the ShadowDeployment
+(so deleting it deletes them). The kube I/O that applies them lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shadowgate_operator.api import API_VERSION, KIND, ModelEndpoint, Phase, ShadowDeployment, TrafficMode
+from shadowgate_router.config import (
+    ENV_CONFIGMAP,
+    ENV_DSN,
+    ENV_NAMESPACE,
+    ENV_OUTCOME_TOKEN,
+    ENV_SPOOL_DIR,
+    HTTP_PORT,
+    RouterConfig,
+    Upstream,
+)
+
+ROUTER_APP = "shadowgate-router"
+MANAGER = "shadowgate"
+SPOOL_DIR = "/var/lib/shadowgate/spool"
+RUN_AS_USER = 65532  # the image's unprivileged user (distroless "nonroot")
+
+Manifest = dict[str, Any]
+
+
+def _default_router_image() -> str:
+    try:
+        version = metadata.version("shadowgate")
+    except metadata.PackageNotFoundError:
+        version = "latest"
+    return f"shadowgate:{version}"
+
+
+class OperatorSettings(BaseModel):
+    """What the builders need that is not in the ShadowDeployment: how this operator was deployed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    router_image: str = Field(default_factory=_default_router_image, min_length=1)
+    """Image for router pods unless spec.router.image overrides it; the operator's own image by default."""
+    image_pull_policy: str = "IfNotPresent"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:
+        """Settings from SHADOWGATE_ROUTER_IMAGE and SHADOWGATE_IMAGE_PULL_POLICY, defaults otherwise."""
+        env = os.environ if environ is None else environ
+        values = {
+            "router_image": env.get("SHADOWGATE_ROUTER_IMAGE"),
+            "image_pull_policy": env.get("SHADOWGATE_IMAGE_PULL_POLICY"),
+        }
+        return cls.model_validate({key: value for key, value in values.items() if value})
+
+
+def labels(sd: ShadowDeployment) -> dict[str, str]:
+    """Labels on every child; the first two also select the router pods."""
+    return {
+        "app.kubernetes.io/name": ROUTER_APP,
+        "app.kubernetes.io/instance": sd.name,
+        "app.kubernetes.io/managed-by": MANAGER,
+    }
+
+
+def selector_labels(sd: ShadowDeployment) -> dict[str, str]:
+    return {"app.kubernetes.io/name": ROUTER_APP, "app.kubernetes.io/instance": sd.name}
+
+
+def owner_reference(sd: ShadowDeployment) -> dict[str, Any]:
+    if not sd.metadata.uid:
+        raise ValueError(f"ShadowDeployment {sd.name!r} has no uid; build children from the stored object")
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": sd.name,
+        "uid": sd.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(sd: ShadowDeployment) -> dict[str, Any]:
+    return {
+        "name": sd.router_name,
+        "namespace": sd.namespace,
+        "labels": labels(sd),
+        "ownerReferences": [owner_reference(sd)],
+    }
+
+
+def service_account(sd: ShadowDeployment) -> Manifest:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(sd)}
+
+
+def role(sd: ShadowDeployment) -> Manifest:
+    """Read access to the router's own ConfigMap and nothing else.
+
+    resourceNames limits list and watch too, as long as the router lists with
+    fieldSelector=metadata.name=<name>-router.
+    """
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(sd),
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": [sd.router_name],
+                "verbs": ["get", "list", "watch"],
+            }
+        ],
+    }
+
+
+def role_binding(sd: ShadowDeployment) -> Manifest:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(sd),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sd.router_name},
+        "subjects": [{"kind": "ServiceAccount", "name": sd.router_name, "namespace": sd.namespace}],
+    }
+
+
+def routing(sd: ShadowDeployment) -> tuple[TrafficMode, int]:
+    """Mode and candidate weight the router should apply in the current phase.
+
+    After promotion every request is answered by the candidate, whatever the analysis mode was;
+    before the first step, after a rollback and on failure the candidate gets nothing.
+    """
+    phase = sd.status.phase_or_pending
+    if phase in (Phase.PROMOTING, Phase.PROMOTED):
+        return TrafficMode.CANARY, 100
+    if phase in (Phase.PENDING, Phase.INITIALIZING, Phase.ROLLING_BACK, Phase.ROLLED_BACK, Phase.FAILED):
+        return sd.spec.traffic.mode, 0
+    # Progressing, or Paused: traffic stays where the analysis left it.
+    return sd.spec.traffic.mode, sd.status.current_weight or 0
+
+
+def _upstream(sd: ShadowDeployment, endpoint: ModelEndpoint) -> Upstream:
+    return Upstream(
+        name=endpoint.name,
+        version=endpoint.version,
+        url=endpoint.base_url(sd.namespace),
+        model_name=endpoint.served_model_name,
+    )
+
+
+def router_config(sd: ShadowDeployment) -> RouterConfig:
+    """The ConfigMap's content for the object's current spec and status."""
+    spec = sd.spec
+    mode, weight = routing(sd)
+    return RouterConfig(
+        deployment=sd.name,
+        namespace=sd.namespace,
+        mode=mode,
+        weight=weight,
+        phase=sd.status.phase_or_pending.value,
+        protocol=spec.protocol,
+        prediction_path=spec.prediction_path,
+        confidence_path=spec.confidence_path,
+        production=_upstream(sd, spec.production),
+        candidate=_upstream(sd, spec.candidate),
+        sticky_header=spec.traffic.sticky_header,
+        fallback_to_production=spec.traffic.fallback_to_production,
+        timeout_seconds=spec.traffic.timeout_seconds,
+        mirror_timeout_seconds=spec.traffic.mirror_timeout_seconds,
+    )
+
+
+def config_map(sd: ShadowDeployment) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(sd),
+        "data": router_config(sd).to_configmap_data(),
+    }
+
+
+def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def deployment(sd: ShadowDeployment, settings: OperatorSettings) -> Manifest:
+    """The router pods. They read their config from the ConfigMap's watch, not from a mount, so a
+    weight change needs no restart and the Deployment only changes when the spec does."""
+    spec = sd.spec
+    probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 2}
+    container = {
+        "name": "router",
+        "image": spec.router.image or settings.router_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["shadowgate", "router"],
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "env": [
+            {"name": ENV_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": ENV_CONFIGMAP, "value": sd.router_name},
+            {"name": ENV_SPOOL_DIR, "value": SPOOL_DIR},
+            _secret_env(ENV_DSN, spec.database.secret_ref.name, spec.database.secret_ref.key),
+            _secret_env(ENV_OUTCOME_TOKEN, spec.outcomes.token_secret_ref.name, spec.outcomes.token_secret_ref.key),
+        ],
+        "readinessProbe": probe,
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": {kind: amounts for kind, amounts in spec.router.resources.to_dict().items() if amounts},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "spool", "mountPath": SPOOL_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(sd),
+        "spec": {
+            "replicas": spec.router.replicas,
+            "selector": {"matchLabels": selector_labels(sd)},
+            # Never fewer ready routers than asked for while rolling: they sit in the request path.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": labels(sd)},
+                "spec": {
+                    "serviceAccountName": sd.router_name,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUN_AS_USER,
+                        "runAsGroup": RUN_AS_USER,
+                        "fsGroup": RUN_AS_USER,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    # Long enough to drain in-flight requests and flush queued rows on SIGTERM.
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [container],
+                    "volumes": [
+                        # Rows wait here while the database is away; the root filesystem is read-only.
+                        {"name": "spool", "emptyDir": {"sizeLimit": "1Gi"}},
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def service(sd: ShadowDeployment) -> Manifest:
+    """What clients call instead of the production model: http://<name>-router.<namespace>.svc."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(sd),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(sd),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def router_objects(sd: ShadowDeployment, settings: OperatorSettings) -> list[Manifest]:
+    """All children, in an order that applies cleanly: identity and config before the pods using them."""
+    return [
+        service_account(sd),
+        role(sd),
+        role_binding(sd),
+        config_map(sd),
+        deployment(sd, settings),
+        service(sd),
+    ]

@@ -1,0 +1,78 @@
+"""kopf glue: every handler hands the object's name to the Reconciler and returns.
+
+Change handlers (create, update, resume) reconcile at once; a daemon per object runs the analysis at
+the object's own spec.analysis.interval. Daemons need a finalizer (so kopf can stop them before the
+object goes): it is named shadowgate.io/finalizer, and the operator must run for a deletion to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from shadowgate_operator.api import ACTION_ANNOTATION, GROUP, PLURAL, VERSION
+from shadowgate_operator.builders import OperatorSettings
+from shadowgate_operator.kube import REPORTING_COMPONENT, Kube, KubeError
+from shadowgate_operator.service import Reconciler
+
+RESOURCE = (GROUP, VERSION, PLURAL)
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # kopf's bookkeeping goes into shadowgate.io annotations; spec is never written (GitOps sees no drift).
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    # Transitions are recorded as Events by the Reconciler; kopf only reports its own failures.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = REPORTING_COMPONENT
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    memo.reconciler = Reconciler(kube=Kube.from_environment(), settings=OperatorSettings.from_env())
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    await memo.reconciler.close()
+
+
+@kopf.on.resume(*RESOURCE)
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE)
+async def reconcile(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    try:
+        await memo.reconciler.reconcile(namespace or "", name)
+    except KubeError as exc:
+        raise kopf.TemporaryError(str(exc), delay=5) from exc
+
+
+def _action_pending(annotations: Any, status: Any, **_: Any) -> bool:
+    """The action annotation holds a value the operator has not handled yet (status.lastAction)."""
+    value = annotations.get(ACTION_ANNOTATION)
+    return bool(value) and value != (status.get("lastAction") or {}).get("value")
+
+
+# kopf's change detection ignores annotations, so manual verbs arrive through raw watch events.
+@kopf.on.event(*RESOURCE, when=_action_pending)
+async def manual_action(namespace: str | None, name: str, memo: Any, logger: Any, **_: Any) -> None:
+    try:
+        await memo.reconciler.reconcile(namespace or "", name)
+    except KubeError as exc:
+        logger.warning(f"{ACTION_ANNOTATION} not handled yet: {exc}")
+
+
+@kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
+async def analysis_loop(stopped: Any, namespace: str | None, name: str, memo: Any, logger: Any, **_: Any) -> None:
+    """One loop per ShadowDeployment: analyse, then sleep until its spec.analysis.interval is up again."""
+    while not stopped:
+        try:
+            delay = await memo.reconciler.analyse_if_due(namespace or "", name)
+        except KubeError as exc:
+            logger.warning(f"analysis postponed: {exc}")
+            delay = 5.0
+        await stopped.wait(delay)

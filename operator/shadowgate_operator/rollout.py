@@ -1,0 +1,226 @@
+"""The rollout state machine: from a ShadowDeployment as read and the time, the status it should have.
+
+Pure: no I/O. The operator reads the object, calls `plan_rollout`, applies the router config for the
+planned weight, replaces the status, then records the planned Events. State lives only in status, so
+a restarted operator plans the same thing from the same object (no duplicate transitions).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shadowgate_operator.api import (
+    ACTION_ANNOTATION,
+    ActionVerb,
+    ConditionStatus,
+    ConditionType,
+    Decision,
+    DecisionAction,
+    HandledAction,
+    ManualAction,
+    Phase,
+    ShadowDeployment,
+    ShadowDeploymentSpec,
+    ShadowDeploymentStatus,
+)
+from shadowgate_operator.conditions import set_condition, transition
+from shadowgate_operator.decision import decide
+
+EventType = Literal["Normal", "Warning"]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """An Event to record once the new status is written."""
+
+    type: EventType
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class RouterState:
+    """What the operator saw of the router Deployment."""
+
+    available_replicas: int
+    desired_replicas: int
+
+    @property
+    def available(self) -> bool:
+        return self.available_replicas > 0
+
+    def describe(self) -> str:
+        return f"{self.available_replicas} of {self.desired_replicas} router replicas available"
+
+
+@dataclass(frozen=True)
+class Plan:
+    status: ShadowDeploymentStatus
+    notices: tuple[Notice, ...] = field(default=())
+
+    @property
+    def weight(self) -> int:
+        return self.status.current_weight or 0
+
+
+def weight_for(spec: ShadowDeploymentSpec, status: ShadowDeploymentStatus) -> int:
+    """The router weight each phase implies; Paused keeps the weight it was paused at."""
+    phase = status.phase_or_pending
+    if phase is Phase.PROMOTED:
+        return 100
+    if phase in (Phase.ROLLED_BACK, Phase.FAILED, Phase.PENDING):
+        return 0
+    if phase is Phase.PAUSED:
+        return status.current_weight or 0
+    steps = spec.traffic.steps
+    return steps[min(status.current_step or 0, len(steps) - 1)]
+
+
+def _describe_step(spec: ShadowDeploymentSpec, status: ShadowDeploymentStatus) -> str:
+    steps = spec.traffic.steps
+    step = min(status.current_step or 0, len(steps) - 1)
+    verb = "mirroring" if spec.traffic.mode.value == "shadow" else "answering"
+    return (
+        f"{verb} {steps[step]}% of requests to candidate {spec.candidate.name} {spec.candidate.version} "
+        f"(step {step + 1} of {len(steps)}, {spec.traffic.mode.value} mode)"
+    )
+
+
+def _start_analysis(
+    spec: ShadowDeploymentSpec, status: ShadowDeploymentStatus, now: dt.datetime, reason: str
+) -> ShadowDeploymentStatus:
+    started = status.model_copy(
+        update={
+            "phase": Phase.PROGRESSING,
+            "current_step": 0,
+            "samples": 0,
+            "metrics": None,
+            "analysis_started_at": now,
+            "step_started_at": now,
+            "candidate_revision": spec.candidate_revision(),
+            "last_decision": Decision(action=DecisionAction.RESTART, reason=reason, time=now),
+        }
+    )
+    started = started.model_copy(update={"current_weight": weight_for(spec, started)})
+    return started.model_copy(update={"message": f"Progressing: {_describe_step(spec, started)}."})
+
+
+def _finish(
+    spec: ShadowDeploymentSpec,
+    status: ShadowDeploymentStatus,
+    phase: Phase,
+    action: DecisionAction,
+    reason: str,
+    now: dt.datetime,
+) -> ShadowDeploymentStatus:
+    finished = status.model_copy(
+        update={"phase": phase, "last_decision": Decision(action=action, reason=reason, time=now), "message": reason}
+    )
+    return finished.model_copy(update={"current_weight": weight_for(spec, finished)})
+
+
+def _manual_action(
+    sd: ShadowDeployment, status: ShadowDeploymentStatus, action: ManualAction, now: dt.datetime
+) -> tuple[ShadowDeploymentStatus, Notice]:
+    spec = sd.spec
+    phase = status.phase_or_pending
+    by_hand = f"({ACTION_ANNOTATION}={action.value})"
+    handled = HandledAction(value=action.value, verb=action.verb, time=now)
+    if action.verb is ActionVerb.PROMOTE and not phase.finished:
+        reason = f"Promoted by hand {by_hand}: the router sends 100% of requests to candidate {spec.candidate.name}."
+        status = _finish(spec, status, Phase.PROMOTED, DecisionAction.PROMOTE, reason, now)
+        notice = Notice("Normal", "Promoted", reason)
+    elif action.verb is ActionVerb.ABORT and not phase.finished:
+        reason = f"Aborted by hand {by_hand}: rolled back, the router sends no requests to the candidate."
+        status = _finish(spec, status, Phase.ROLLED_BACK, DecisionAction.ROLL_BACK, reason, now)
+        notice = Notice("Normal", "RolledBack", reason)
+    elif action.verb is ActionVerb.RETRY and phase.finished:
+        status = _start_analysis(spec, status, now, f"Analysis restarted by hand {by_hand}.")
+        notice = Notice("Normal", "AnalysisRestarted", f"Retry by hand {by_hand}: {status.message}")
+    else:
+        notice = Notice(
+            "Normal", "ActionIgnored", f"{action.verb.value} ignored {by_hand}: the rollout is {phase.value}."
+        )
+    return status.model_copy(update={"last_action": handled}), notice
+
+
+def _ready(router: RouterState | None) -> tuple[ConditionStatus, str, str]:
+    if router is None:
+        return ConditionStatus.UNKNOWN, "RouterPending", "The router has not been created yet."
+    if router.available:
+        return ConditionStatus.TRUE, "RouterAvailable", f"{router.describe()}."
+    return ConditionStatus.FALSE, "RouterUnavailable", f"{router.describe()}."
+
+
+def _conditions(
+    status: ShadowDeploymentStatus,
+    generation: int | None,
+    now: dt.datetime,
+    router: RouterState | None,
+    transition_reason: str | None,
+) -> ShadowDeploymentStatus:
+    """Conditions follow the phase; a transition in this plan gives its reason, otherwise the reason stays."""
+    phase = status.phase_or_pending
+    existing = status.condition(ConditionType.PROGRESSING)
+    reason = transition_reason or (existing.reason if existing is not None else phase.value)
+    status = transition(status, phase, reason=reason, message=status.message or "", generation=generation, now=now)
+    conditions = set_condition(status.conditions, ConditionType.READY, *_ready(router), generation, now)
+    return status.model_copy(update={"conditions": conditions})
+
+
+def plan_rollout(
+    sd: ShadowDeployment, now: dt.datetime, *, analyse: bool = False, router: RouterState | None = None
+) -> Plan:
+    """The status `sd` should have now and the Events that announce the change.
+
+    `analyse` runs the decision (once per analysis interval); `router` is what the router Deployment
+    reports, for the Ready condition.
+    """
+    spec, status = sd.spec, sd.status
+    notices: list[Notice] = []
+    revision = spec.candidate_revision()
+
+    if status.candidate_revision != revision:
+        if status.candidate_revision is None:
+            status = _start_analysis(spec, status, now, "Analysis started.")
+            notices.append(Notice("Normal", "AnalysisStarted", status.message or ""))
+        else:
+            reason = "Production or candidate changed in spec: analysis restarted at step 1."
+            status = _start_analysis(spec, status, now, reason)
+            notices.append(Notice("Normal", "AnalysisRestarted", f"{reason} {status.message}"))
+
+    try:
+        action = sd.pending_action()
+    except ValueError as exc:
+        action = None
+        notices.append(Notice("Warning", "InvalidAction", str(exc)))
+    if action is not None:
+        status, notice = _manual_action(sd, status, action, now)
+        notices.append(notice)
+
+    phase = status.phase_or_pending
+    if spec.paused and phase is Phase.PROGRESSING:
+        message = f"Paused by spec.paused: weight frozen at {status.current_weight}%."
+        status = status.model_copy(update={"phase": Phase.PAUSED, "message": message})
+        notices.append(Notice("Normal", "Paused", message))
+    elif not spec.paused and phase is Phase.PAUSED:
+        status = status.model_copy(
+            update={"phase": Phase.PROGRESSING, "message": f"Progressing: {_describe_step(spec, status)}."}
+        )
+        notices.append(Notice("Normal", "Resumed", f"Resumed: {_describe_step(spec, status)}."))
+
+    # The weight always follows the phase and step (new steps in spec apply at once; Paused keeps its own).
+    status = status.model_copy(update={"current_weight": weight_for(spec, status)})
+    if status.phase is Phase.PROGRESSING and analyse:
+        decision = decide(spec, status, None, now)
+        last = status.last_decision
+        if last is None or (last.action, last.reason) != (decision.action, decision.reason):
+            status = status.model_copy(update={"last_decision": decision})
+
+    transition_reason = notices[-1].reason if notices and notices[-1].type == "Normal" else None
+    if transition_reason == "ActionIgnored":
+        transition_reason = None
+    status = _conditions(status, sd.metadata.generation, now, router, transition_reason)
+    return Plan(status=status, notices=tuple(notices))

@@ -1,0 +1,75 @@
+"""`shadowgate operator`: run the kopf operator for ShadowDeployments."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+
+OPERATOR_HELP = """\
+Watch ShadowDeployments and run their rollouts: create the router, set its traffic split, analyse,
+promote or roll back, and report in status, conditions and Events.
+
+Namespaces: --namespace (repeatable) or WATCH_NAMESPACE (comma-separated); --all-namespaces, or
+neither, watches the whole cluster. Credentials: in-cluster service account, else KUBECONFIG.
+High availability: run replicas with the same --peering name; one works, the others stand by
+(needs the KopfPeering CRDs in crds/kopf-peering.yaml).
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    import kopf
+
+    from shadowgate_operator import handlers
+
+    del handlers  # imported for its registrations
+    namespaces = list(args.namespace) or [
+        ns.strip() for ns in os.environ.get("WATCH_NAMESPACE", "").split(",") if ns.strip()
+    ]
+    clusterwide = args.all_namespaces or not namespaces
+    if args.router_image:
+        os.environ["SHADOWGATE_ROUTER_IMAGE"] = args.router_image
+    priority = args.priority
+    if args.peering is not None and priority is None:
+        # kopf pauses every replica when the highest priority is shared: draw one that is not.
+        priority = secrets.randbelow(1_000_000) + 1
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.FULL)
+    if not args.verbose:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
+    watching = "all namespaces" if clusterwide else ", ".join(namespaces)
+    peering = "standalone" if args.peering is None else f"peering {args.peering!r} with priority {priority}"
+    print(f"shadowgate operator: watching {watching}; {peering}", file=sys.stderr, flush=True)
+    kopf.run(
+        clusterwide=clusterwide,
+        namespaces=[] if clusterwide else namespaces,
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        priority=priority,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "operator",
+        help="run the operator",
+        description=OPERATOR_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
+    parser.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    parser.add_argument("--peering", metavar="NAME", help="KopfPeering name shared by replicas (default: standalone)")
+    parser.add_argument(
+        "--priority",
+        type=int,
+        help="peering priority; the highest active replica works (default: random, so replicas never tie)",
+    )
+    parser.add_argument("--router-image", help="router image (default: SHADOWGATE_ROUTER_IMAGE or the release image)")
+    parser.add_argument(
+        "--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8081/healthz"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every handler and API call")
+    parser.set_defaults(func=run)

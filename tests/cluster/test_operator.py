@@ -1,0 +1,346 @@
+"""The operator, run for real against the local control plane: children, status, Events, verbs, restarts."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cluster.conftest import StartOperator
+from tests.conftest import REPO_ROOT, Kubectl
+from tests.support.operator import events_for, eventually, get_json
+
+pytestmark = pytest.mark.cluster
+
+EXAMPLE = REPO_ROOT / "examples" / "shadowdeployment.yaml"
+GOLDEN = REPO_ROOT / "tests" / "golden"
+GOLDEN_NAMESPACE = "models"  # the namespace and router image the golden files were built for
+GOLDEN_ROUTER_IMAGE = "registry.example/shadowgate:0.1.0"
+CHILD_KINDS = ("configmap", "deployment", "service", "serviceaccount", "role", "rolebinding")
+
+
+def example(name: str = "fraud-detector", **spec_changes: Any) -> dict[str, Any]:
+    manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    manifest["metadata"]["name"] = name
+    manifest["spec"].update(spec_changes)
+    return manifest
+
+
+def apply(kubectl: Kubectl, namespace: str, manifest: dict[str, Any]) -> None:
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+
+def shadow(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = get_json(kubectl, "shadowdeployment", name, "-n", namespace)
+    return found
+
+
+def wait_phase(kubectl: Kubectl, namespace: str, name: str, phase: str, timeout: float = 30) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        obj = get_json(kubectl, "shadowdeployment", name, "-n", namespace)
+        return obj if obj and obj.get("status", {}).get("phase") == phase else None
+
+    return eventually(reached, timeout, f"{namespace}/{name} to reach phase {phase}")
+
+
+def router_config(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    configmap = get_json(kubectl, "configmap", f"{name}-router", "-n", namespace)
+    loaded: dict[str, Any] = json.loads(configmap["data"]["config.json"])
+    return loaded
+
+
+def reasons(kubectl: Kubectl, namespace: str, name: str) -> list[str]:
+    return [event["reason"] for event in events_for(kubectl, namespace, name)]
+
+
+def is_subset(expected: Any, actual: Any, path: str = "") -> list[str]:
+    """Where `actual` differs from `expected`, ignoring what the API server added (defaults, metadata)."""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{path}: expected a mapping, got {actual!r}"]
+        problems = []
+        for key, value in expected.items():
+            problems += is_subset(value, actual.get(key), f"{path}.{key}")
+        return problems
+    if isinstance(expected, list):
+        if not isinstance(actual, list) or len(actual) != len(expected):
+            return [f"{path}: expected {len(expected)} items, got {actual!r}"]
+        return [p for index, item in enumerate(expected) for p in is_subset(item, actual[index], f"{path}[{index}]")]
+    return [] if expected == actual else [f"{path}: expected {expected!r}, got {actual!r}"]
+
+
+@pytest.fixture
+def golden_namespace(kubectl: Kubectl) -> str:
+    """The namespace the golden files name, emptied of any earlier ShadowDeployment."""
+    if kubectl("get", "namespace", GOLDEN_NAMESPACE, check=False).returncode != 0:
+        kubectl("create", "namespace", GOLDEN_NAMESPACE)
+    leftovers = get_json(kubectl, "shadowdeployments", "-n", GOLDEN_NAMESPACE)["items"]
+    for leftover in leftovers:  # from an earlier run on a reused dev environment, with no operator to finalize
+        name = leftover["metadata"]["name"]
+        kubectl(
+            "patch",
+            "shadowdeployment",
+            name,
+            "-n",
+            GOLDEN_NAMESPACE,
+            "--type=merge",
+            "-p",
+            '{"metadata":{"finalizers":null}}',
+        )
+        kubectl("delete", "shadowdeployment", name, "-n", GOLDEN_NAMESPACE, "--timeout=30s", check=False)
+    return GOLDEN_NAMESPACE
+
+
+def test_example_gets_its_router_status_conditions_and_events(
+    kubectl: Kubectl, golden_namespace: str, start_operator: StartOperator
+) -> None:
+    namespace = golden_namespace
+    operator = start_operator("--namespace", namespace, "--router-image", GOLDEN_ROUTER_IMAGE)
+    apply(kubectl, namespace, example())
+    created = wait_phase(kubectl, namespace, "fraud-detector", "Progressing")
+    uid = created["metadata"]["uid"]
+
+    # Every child matches its golden file (what the API server adds aside) and is owned by the resource.
+    for golden_file in sorted(GOLDEN.glob("*.yaml")):
+        expected = yaml.safe_load(golden_file.read_text())
+        for reference in expected["metadata"].get("ownerReferences", []):
+            reference["uid"] = uid
+        live = eventually(
+            lambda e=expected: get_json(kubectl, e["kind"], e["metadata"]["name"], "-n", namespace),
+            10,
+            f"{expected['kind']} {expected['metadata']['name']}",
+        )
+        assert is_subset(expected, live) == [], golden_file.name
+        owner = live["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["uid"], owner["controller"]) == ("ShadowDeployment", uid, True)
+
+    status = eventually(
+        lambda: (
+            (s := shadow(kubectl, namespace, "fraud-detector")["status"]).get("lastDecision", {}).get("action")
+            == "Wait"
+            and s
+        ),
+        15,
+        "the first analysis",
+    )
+    assert status["currentStep"] == 0
+    assert status["currentWeight"] == 5
+    assert status["observedGeneration"] == 1
+    assert "not implemented yet" in status["lastDecision"]["reason"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Progressing"]["status"] == "True"
+    assert conditions["Progressing"]["reason"] == "AnalysisStarted"
+    assert conditions["Promoted"]["status"] == "False"
+    assert conditions["RolledBack"]["status"] == "False"
+    # No kubelet runs here, so the router Deployment never has available replicas.
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "RouterUnavailable")
+    assert conditions["Ready"]["message"] == "0 of 2 router replicas available."
+    assert all(c["observedGeneration"] == 1 and c["lastTransitionTime"] for c in conditions.values())
+
+    assert reasons(kubectl, namespace, "fraud-detector") == ["AnalysisStarted"]
+    event = events_for(kubectl, namespace, "fraud-detector")[0]
+    assert event["type"] == "Normal"
+    assert event["source"]["component"] == "shadowgate-operator"
+    assert "mirroring 5% of requests to candidate fraud-v2" in event["message"]
+
+    table = kubectl("get", "shadow", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "MODE", "WEIGHT", "PHASE", "SAMPLES", "SCORE", "AGE"]
+    assert table[1].split()[:5] == ["fraud-detector", "shadow", "5", "Progressing", "0"]
+    operator.assert_running()
+
+
+def test_deleting_it_garbage_collects_the_children(
+    kubectl: Kubectl, namespace: str, start_operator: StartOperator
+) -> None:
+    start_operator("--namespace", namespace)
+    apply(kubectl, namespace, example("doomed"))
+    wait_phase(kubectl, namespace, "doomed", "Progressing")
+    eventually(lambda: get_json(kubectl, "deployment", "doomed-router", "-n", namespace), 10, "the router Deployment")
+    kubectl("delete", "shadowdeployment", "doomed", "-n", namespace, "--timeout=30s")
+
+    def children_gone() -> bool:
+        listing = get_json(kubectl, ",".join(CHILD_KINDS), "-n", namespace, "-l", "app.kubernetes.io/instance=doomed")
+        return listing is not None and listing["items"] == []
+
+    eventually(children_gone, 60, "the garbage collector to delete every child")
+
+
+def test_restarting_the_operator_changes_nothing(
+    kubectl: Kubectl, namespace: str, start_operator: StartOperator
+) -> None:
+    first = start_operator("--namespace", namespace)
+    apply(kubectl, namespace, example("steady"))
+    wait_phase(kubectl, namespace, "steady", "Progressing")
+    eventually(
+        lambda: shadow(kubectl, namespace, "steady")["status"].get("lastDecision", {}).get("action") == "Wait",
+        15,
+        "the first analysis",
+    )
+
+    def snapshot() -> dict[str, Any]:
+        children = get_json(kubectl, ",".join(CHILD_KINDS), "-n", namespace, "-l", "app.kubernetes.io/instance=steady")
+        return {
+            "children": sorted(
+                (c["kind"], c["metadata"]["uid"], c["metadata"]["resourceVersion"]) for c in children["items"]
+            ),
+            "status": shadow(kubectl, namespace, "steady")["status"],
+            "events": [(e["reason"], e["metadata"]["name"]) for e in events_for(kubectl, namespace, "steady")],
+        }
+
+    before = snapshot()
+    assert len(before["children"]) == len(CHILD_KINDS)
+    first.stop(kill=True)  # a crash, not a graceful stop
+    second = start_operator("--namespace", namespace)
+    # Give the new operator time to resume the object and run an analysis of its own.
+    eventually(lambda: "resumed" in second.log().lower() or "Resuming" in second.log(), 20, "the operator to resume")
+    time.sleep(3)
+    second.assert_running()
+    assert snapshot() == before
+
+
+def test_resources_in_two_namespaces_are_reconciled_independently(
+    kubectl: Kubectl, namespace: str, start_operator: StartOperator
+) -> None:
+    other = f"{namespace}-b"
+    kubectl("create", "namespace", other)
+    try:
+        start_operator("--all-namespaces")
+        apply(kubectl, namespace, example("alpha", traffic={"mode": "shadow", "steps": [5, 50]}))
+        apply(kubectl, namespace, example("beta", traffic={"mode": "canary", "steps": [20]}))
+        apply(kubectl, other, example("alpha", traffic={"mode": "shadow", "steps": [30]}))
+        for ns, name, weight, mode in (
+            (namespace, "alpha", 5, "shadow"),
+            (namespace, "beta", 20, "canary"),
+            (other, "alpha", 30, "shadow"),
+        ):
+            obj = wait_phase(kubectl, ns, name, "Progressing")
+            assert obj["status"]["currentWeight"] == weight
+            config = router_config(kubectl, ns, name)
+            assert (config["deployment"], config["namespace"], config["weight"], config["mode"]) == (
+                name,
+                ns,
+                weight,
+                mode,
+            )
+
+        # Pausing one leaves the other two alone.
+        kubectl("patch", "shadowdeployment", "beta", "-n", namespace, "--type=merge", "-p", '{"spec":{"paused":true}}')
+        wait_phase(kubectl, namespace, "beta", "Paused")
+        assert shadow(kubectl, namespace, "alpha")["status"]["phase"] == "Progressing"
+        assert shadow(kubectl, other, "alpha")["status"]["phase"] == "Progressing"
+        assert reasons(kubectl, namespace, "beta") == ["AnalysisStarted", "Paused"]
+        assert reasons(kubectl, namespace, "alpha") == ["AnalysisStarted"]
+        assert reasons(kubectl, other, "alpha") == ["AnalysisStarted"]
+    finally:
+        kubectl("delete", "namespace", other, "--wait=false", check=False)
+
+
+def test_manual_verbs_are_acted_on_once(kubectl: Kubectl, namespace: str, start_operator: StartOperator) -> None:
+    start_operator("--namespace", namespace)
+    apply(kubectl, namespace, example("verbs"))
+    wait_phase(kubectl, namespace, "verbs", "Progressing")
+
+    kubectl("annotate", "shadowdeployment", "verbs", "-n", namespace, "shadowgate.io/action=promote")
+    promoted = wait_phase(kubectl, namespace, "verbs", "Promoted")
+    assert promoted["status"]["currentWeight"] == 100
+    assert promoted["status"]["lastAction"]["verb"] == "promote"
+    eventually(lambda: router_config(kubectl, namespace, "verbs")["weight"] == 100, 10, "the router at 100%")
+    conditions = {c["type"]: c for c in promoted["status"]["conditions"]}
+    assert conditions["Promoted"]["status"] == "True"
+    assert conditions["Progressing"]["status"] == "False"
+
+    # The same annotation value is not acted on twice; retry (with a nonce) restarts the analysis.
+    kubectl("annotate", "--overwrite", "shadowdeployment", "verbs", "-n", namespace, "shadowgate.io/action=retry:1")
+    restarted = wait_phase(kubectl, namespace, "verbs", "Progressing")
+    assert (restarted["status"]["currentStep"], restarted["status"]["currentWeight"]) == (0, 5)
+    kubectl("annotate", "--overwrite", "shadowdeployment", "verbs", "-n", namespace, "shadowgate.io/action=abort")
+    rolled_back = wait_phase(kubectl, namespace, "verbs", "RolledBack")
+    assert rolled_back["status"]["currentWeight"] == 0
+    eventually(lambda: router_config(kubectl, namespace, "verbs")["weight"] == 0, 10, "the router at 0%")
+
+    kubectl("annotate", "--overwrite", "shadowdeployment", "verbs", "-n", namespace, "shadowgate.io/action=launch")
+    eventually(lambda: "InvalidAction" in reasons(kubectl, namespace, "verbs"), 10, "a warning about the bad verb")
+    warning = next(e for e in events_for(kubectl, namespace, "verbs") if e["reason"] == "InvalidAction")
+    assert warning["type"] == "Warning"
+    assert "unknown verb (use promote, abort, retry)" in warning["message"]
+    assert reasons(kubectl, namespace, "verbs") == [
+        "AnalysisStarted",
+        "Promoted",
+        "AnalysisRestarted",
+        "RolledBack",
+        "InvalidAction",
+    ]
+
+
+def test_paused_freezes_the_weight_and_a_new_candidate_restarts(
+    kubectl: Kubectl, namespace: str, start_operator: StartOperator
+) -> None:
+    start_operator("--namespace", namespace)
+    apply(kubectl, namespace, example("frozen"))
+    wait_phase(kubectl, namespace, "frozen", "Progressing")
+    kubectl(
+        "patch",
+        "shadowdeployment",
+        "frozen",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"paused":true,"traffic":{"steps":[40,60]}}}',
+    )
+    paused = wait_phase(kubectl, namespace, "frozen", "Paused")
+    assert paused["status"]["currentWeight"] == 5  # frozen where it was, not the new first step
+    assert router_config(kubectl, namespace, "frozen")["weight"] == 5
+
+    kubectl("patch", "shadowdeployment", "frozen", "-n", namespace, "--type=merge", "-p", '{"spec":{"paused":false}}')
+    resumed = wait_phase(kubectl, namespace, "frozen", "Progressing")
+    assert resumed["status"]["currentWeight"] == 40
+    eventually(lambda: router_config(kubectl, namespace, "frozen")["weight"] == 40, 10, "the router at 40%")
+
+    candidate = example("frozen")["spec"]["candidate"] | {"version": "2.1.0"}
+    kubectl(
+        "patch",
+        "shadowdeployment",
+        "frozen",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"candidate": candidate}}),
+    )
+    eventually(lambda: "AnalysisRestarted" in reasons(kubectl, namespace, "frozen"), 15, "the analysis to restart")
+    restarted = shadow(kubectl, namespace, "frozen")
+    assert restarted["status"]["currentStep"] == 0
+    assert restarted["status"]["observedGeneration"] == restarted["metadata"]["generation"]
+    assert router_config(kubectl, namespace, "frozen")["candidate"]["version"] == "2.1.0"
+    assert reasons(kubectl, namespace, "frozen") == ["AnalysisStarted", "Paused", "Resumed", "AnalysisRestarted"]
+    # The operator never writes spec: what we applied is what is there.
+    assert restarted["spec"]["traffic"]["steps"] == [40, 60]
+
+
+def test_a_standby_replica_takes_over_through_peering(
+    kubectl: Kubectl, namespace: str, start_operator: StartOperator
+) -> None:
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "shadowgate"}}
+    apply(kubectl, namespace, peering)
+    active = start_operator("--namespace", namespace, "--peering", "shadowgate", "--priority", "200")
+    standby = start_operator("--namespace", namespace, "--peering", "shadowgate", "--priority", "100")
+    # Both replicas have registered in the peering object before there is any work to share.
+    eventually(
+        lambda: len((get_json(kubectl, "kopfpeering", "shadowgate", "-n", namespace) or {}).get("status") or {}) == 2,
+        30,
+        "both replicas in the KopfPeering",
+    )
+    apply(kubectl, namespace, example("ha"))
+    wait_phase(kubectl, namespace, "ha", "Progressing")
+    assert "Handler 'reconcile' succeeded" in active.log()
+    assert "Handler 'reconcile' succeeded" not in standby.log()
+
+    active.stop()  # a graceful stop withdraws it from the peering at once
+    kubectl("annotate", "shadowdeployment", "ha", "-n", namespace, "shadowgate.io/action=promote")
+    wait_phase(kubectl, namespace, "ha", "Promoted", timeout=60)
+    assert "Handler 'reconcile' succeeded" in standby.log() or "manual_action" in standby.log()
+    assert reasons(kubectl, namespace, "ha") == ["AnalysisStarted", "Promoted"]

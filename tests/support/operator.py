@@ -1,0 +1,79 @@
+"""Run the real operator (`shadowgate operator`) as a process against the test cluster, and wait on what it does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class OperatorProcess:
+    """`shadowgate operator` in a subprocess, its output in a log file the test can show on failure."""
+
+    def __init__(self, kubeconfig: str, log_path: Path, *args: str, env: dict[str, str] | None = None):
+        self.log_path = log_path
+        self.argv = [sys.executable, "-m", "shadowgate_operator.cli", "operator", *args]
+        self.env = {**os.environ, "KUBECONFIG": kubeconfig, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def stop(self, *, kill: bool = False) -> None:
+        """SIGTERM lets kopf stop gracefully; kill=True simulates a crash."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def assert_running(self) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise AssertionError(f"operator exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+
+
+def eventually(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
+    """Poll until probe returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+def get_json(kubectl: Callable[..., subprocess.CompletedProcess[str]], *args: str) -> Any:
+    result = kubectl("get", *args, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def events_for(
+    kubectl: Callable[..., subprocess.CompletedProcess[str]], namespace: str, name: str
+) -> list[dict[str, Any]]:
+    """Events about the ShadowDeployment `name` as it exists now (not an earlier one of that name), oldest first."""
+    current = get_json(kubectl, "shadowdeployment", name, "-n", namespace)
+    if current is None:
+        return []
+    selector = f"involvedObject.uid={current['metadata']['uid']}"
+    listing = get_json(kubectl, "events", "-n", namespace, "--field-selector", selector)
+    items: list[dict[str, Any]] = listing["items"] if listing else []
+    # resourceVersion orders them exactly (timestamps have one-second resolution).
+    return sorted(items, key=lambda event: int(event["metadata"]["resourceVersion"]))

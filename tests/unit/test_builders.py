@@ -1,0 +1,163 @@
+"""The router's child objects, built from examples/shadowdeployment.yaml and compared with golden files.
+
+`UPDATE_GOLDEN=1 pytest tests/unit/test_builders.py` rewrites tests/golden/*.yaml; review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from shadowgate_operator import builders
+from shadowgate_operator.api import Phase, ShadowDeployment, TrafficMode
+from shadowgate_operator.builders import OperatorSettings
+from shadowgate_router.config import CONFIG_KEY, RouterConfig
+from tests.admission_cases import load_example, merge_patch
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+UID = "6f1c2a57-0d1e-4c55-9a1b-2f3e4d5c6b7a"
+SETTINGS = OperatorSettings(router_image="registry.example/shadowgate:0.1.0")
+
+
+def stored(patch: dict[str, Any] | None = None) -> ShadowDeployment:
+    """The example as the API server hands it to the operator: namespaced, with a uid and a status."""
+    base = {
+        "metadata": {"namespace": "models", "uid": UID, "generation": 1},
+        "status": {"phase": "Progressing", "currentStep": 0, "currentWeight": 5},
+    }
+    return ShadowDeployment.model_validate(merge_patch(merge_patch(load_example(), base), patch or {}))
+
+
+class _GoldenDumper(yaml.SafeDumper):
+    """Multi-line strings (the ConfigMap's JSON) as literal blocks, so a golden diff reads line by line."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_GoldenDumper.add_representer(str, _represent_str)
+
+
+def by_kind() -> dict[str, dict[str, Any]]:
+    return {manifest["kind"].lower(): manifest for manifest in builders.router_objects(stored(), SETTINGS)}
+
+
+@pytest.mark.parametrize("kind", ["serviceaccount", "role", "rolebinding", "configmap", "deployment", "service"])
+def test_matches_golden(kind: str) -> None:
+    text = yaml.dump(by_kind()[kind], Dumper=_GoldenDumper, sort_keys=True, default_flow_style=False, width=120)
+    path = GOLDEN / f"{kind}.yaml"
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing; run UPDATE_GOLDEN=1 pytest {__file__}"
+    assert text == path.read_text(), f"{kind} differs from {path}; if intended, rerun with UPDATE_GOLDEN=1"
+
+
+def test_every_child_is_named_labelled_and_owned() -> None:
+    for manifest in builders.router_objects(stored(), SETTINGS):
+        metadata = manifest["metadata"]
+        assert (metadata["name"], metadata["namespace"]) == ("fraud-detector-router", "models")
+        assert metadata["labels"] == {
+            "app.kubernetes.io/name": "shadowgate-router",
+            "app.kubernetes.io/instance": "fraud-detector",
+            "app.kubernetes.io/managed-by": "shadowgate",
+        }
+        assert metadata["ownerReferences"] == [
+            {
+                "apiVersion": "shadowgate.io/v1alpha1",
+                "kind": "ShadowDeployment",
+                "name": "fraud-detector",
+                "uid": UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+
+
+def test_children_need_the_stored_uid() -> None:
+    with pytest.raises(ValueError, match="has no uid"):
+        builders.service(stored({"metadata": {"uid": None}}))
+
+
+def test_role_reads_only_its_own_config_map() -> None:
+    (rule,) = builders.role(stored())["rules"]
+    assert rule["resourceNames"] == ["fraud-detector-router"]
+    assert rule["verbs"] == ["get", "list", "watch"]
+
+
+def test_service_selects_the_pods_of_the_deployment() -> None:
+    objects = by_kind()
+    pod_labels = objects["deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert objects["service"]["spec"]["selector"].items() <= pod_labels.items()
+    assert objects["deployment"]["spec"]["selector"]["matchLabels"] == objects["service"]["spec"]["selector"]
+
+
+def test_deployment_wires_secrets_config_and_identity() -> None:
+    pod = by_kind()["deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["SHADOWGATE_DSN"]["valueFrom"]["secretKeyRef"] == {"name": "fraud-detector-db", "key": "dsn"}
+    assert env["SHADOWGATE_OUTCOME_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "fraud-detector-outcomes",
+        "key": "token",
+    }
+    assert env["SHADOWGATE_ROUTER_CONFIGMAP"]["value"] == "fraud-detector-router"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert pod["serviceAccountName"] == "fraud-detector-router"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["resources"] == {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}}
+
+
+def test_image_override_and_default_resources() -> None:
+    sd = stored({"spec": {"router": {"image": "mirror.local/router:dev", "resources": None}}})
+    (container,) = builders.deployment(sd, SETTINGS)["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "mirror.local/router:dev"
+    assert container["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}}
+
+
+def test_config_map_round_trips_through_the_router_contract() -> None:
+    data = builders.config_map(stored())["data"]
+    config = RouterConfig.from_configmap_data(data)
+    assert config == builders.router_config(stored())
+    assert config.production.url == "http://fraud-v1.models.svc:8080"
+    assert config.candidate.model_name == "fraud"
+    assert (config.mode, config.weight, config.phase) == (TrafficMode.SHADOW, 5, "Progressing")
+    assert (config.timeout_seconds, config.mirror_timeout_seconds) == (10.0, 5.0)
+    assert config.prediction_path == "outputs[0].data[0]"
+    assert set(data) == {CONFIG_KEY}
+
+
+@pytest.mark.parametrize(
+    ("phase", "mode", "weight"),
+    [
+        (Phase.PENDING, TrafficMode.SHADOW, 0),
+        (Phase.INITIALIZING, TrafficMode.SHADOW, 0),
+        (Phase.PROGRESSING, TrafficMode.SHADOW, 5),
+        (Phase.PAUSED, TrafficMode.SHADOW, 5),
+        (Phase.PROMOTING, TrafficMode.CANARY, 100),
+        (Phase.PROMOTED, TrafficMode.CANARY, 100),
+        (Phase.ROLLING_BACK, TrafficMode.SHADOW, 0),
+        (Phase.ROLLED_BACK, TrafficMode.SHADOW, 0),
+        (Phase.FAILED, TrafficMode.SHADOW, 0),
+    ],
+)
+def test_routing_by_phase(phase: Phase, mode: TrafficMode, weight: int) -> None:
+    assert builders.routing(stored({"status": {"phase": phase.value}})) == (mode, weight)
+
+
+def test_a_weight_change_changes_the_config_revision_only_through_content() -> None:
+    five = builders.router_config(stored())
+    ten = builders.router_config(stored({"status": {"currentWeight": 10}}))
+    assert five.revision != ten.revision
+    assert five.revision == builders.router_config(stored()).revision
+
+
+def test_settings_from_environment() -> None:
+    settings = OperatorSettings.from_env({"SHADOWGATE_ROUTER_IMAGE": "r/x:1", "SHADOWGATE_IMAGE_PULL_POLICY": ""})
+    assert (settings.router_image, settings.image_pull_policy) == ("r/x:1", "IfNotPresent")
+    assert OperatorSettings.from_env({}).router_image.startswith("shadowgate:")

@@ -1,0 +1,168 @@
+"""The rollout state machine, table by table: what status and which Events each situation plans."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from shadowgate_operator.api import ConditionType, DecisionAction, Phase, ShadowDeployment
+from shadowgate_operator.rollout import Plan, RouterState, plan_rollout
+from tests.admission_cases import load_example, merge_patch
+
+T0 = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
+UID = "6f1c2a57-0d1e-4c55-9a1b-2f3e4d5c6b7a"
+
+
+def resource(patch: dict[str, Any] | None = None, *, generation: int = 1) -> ShadowDeployment:
+    base = {"metadata": {"namespace": "models", "uid": UID, "generation": generation}}
+    return ShadowDeployment.model_validate(merge_patch(merge_patch(load_example(), base), patch or {}))
+
+
+def after(plan: Plan, patch: dict[str, Any] | None = None, *, generation: int = 1) -> ShadowDeployment:
+    """The object as the next reconcile reads it: the planned status written, plus a user's change."""
+    return resource(merge_patch({"status": plan.status.to_dict()}, patch or {}), generation=generation)
+
+
+def reasons(plan: Plan) -> list[str]:
+    return [notice.reason for notice in plan.notices]
+
+
+def condition(plan: Plan, kind: ConditionType) -> tuple[str, str]:
+    found = plan.status.condition(kind)
+    assert found is not None
+    return found.status.value, found.reason
+
+
+def started() -> Plan:
+    return plan_rollout(resource(), T0)
+
+
+def test_a_new_resource_starts_its_analysis_at_the_first_step() -> None:
+    plan = started()
+    assert reasons(plan) == ["AnalysisStarted"]
+    assert plan.notices[0].type == "Normal"
+    assert "mirroring 5% of requests to candidate fraud-v2 2.0.0 (step 1 of 3, shadow mode)" in plan.notices[0].message
+    status = plan.status
+    assert (status.phase, status.current_step, status.current_weight, status.samples) == (Phase.PROGRESSING, 0, 5, 0)
+    assert status.analysis_started_at == status.step_started_at == T0
+    assert status.candidate_revision == resource().spec.candidate_revision()
+    assert status.observed_generation == 1
+    assert condition(plan, ConditionType.PROGRESSING) == ("True", "AnalysisStarted")
+    assert condition(plan, ConditionType.PROMOTED)[0] == condition(plan, ConditionType.ROLLED_BACK)[0] == "False"
+    assert condition(plan, ConditionType.READY) == ("Unknown", "RouterPending")
+
+
+@pytest.mark.parametrize(
+    ("router", "ready"),
+    [
+        (None, ("Unknown", "RouterPending")),
+        (RouterState(available_replicas=0, desired_replicas=2), ("False", "RouterUnavailable")),
+        (RouterState(available_replicas=1, desired_replicas=2), ("True", "RouterAvailable")),
+    ],
+)
+def test_ready_follows_the_router_deployment(router: RouterState | None, ready: tuple[str, str]) -> None:
+    plan = plan_rollout(after(started()), T0 + timedelta(seconds=1), router=router)
+    assert condition(plan, ConditionType.READY) == ready
+    assert reasons(plan) == []
+
+
+def test_planning_again_changes_nothing() -> None:
+    first = started()
+    again = plan_rollout(after(first), T0 + timedelta(minutes=5))
+    assert again.notices == ()
+    assert again.status.to_dict() == first.status.to_dict()
+
+
+def test_a_new_candidate_restarts_the_analysis_but_new_thresholds_do_not() -> None:
+    first = plan_rollout(after(started(), {"status": {"currentStep": 2, "currentWeight": 20}}), T0)
+    assert first.status.current_weight == 20  # the weight follows the step
+
+    thresholds = plan_rollout(after(first, {"spec": {"analysis": {"promotionThreshold": 0.5}}}, generation=2), T0)
+    assert reasons(thresholds) == []
+    assert (thresholds.status.current_step, thresholds.status.observed_generation) == (2, 2)
+
+    later = T0 + timedelta(hours=1)
+    candidate = {"spec": {"candidate": {"version": "2.1.0"}}}
+    restarted = plan_rollout(after(first, candidate, generation=3), later)
+    assert reasons(restarted) == ["AnalysisRestarted"]
+    assert "Production or candidate changed in spec" in restarted.notices[0].message
+    assert (restarted.status.current_step, restarted.status.current_weight) == (0, 5)
+    assert restarted.status.analysis_started_at == later
+    assert restarted.status.last_decision is not None
+    assert restarted.status.last_decision.action is DecisionAction.RESTART
+
+
+def test_paused_freezes_the_weight_until_resumed() -> None:
+    pause = {"spec": {"paused": True, "traffic": {"steps": [40, 60]}}}
+    paused = plan_rollout(after(started(), pause), T0)
+    assert reasons(paused) == ["Paused"]
+    assert (paused.status.phase, paused.status.current_weight) == (Phase.PAUSED, 5)
+    assert condition(paused, ConditionType.PROGRESSING) == ("False", "Paused")
+
+    still = plan_rollout(after(paused, pause), T0 + timedelta(minutes=1), analyse=True)
+    assert reasons(still) == []
+    assert still.status.current_weight == 5
+    assert still.status.last_decision == paused.status.last_decision  # no analysis while paused
+
+    resumed = plan_rollout(after(paused, {"spec": {"paused": False, "traffic": {"steps": [40, 60]}}}), T0)
+    assert reasons(resumed) == ["Resumed"]
+    assert (resumed.status.phase, resumed.status.current_weight) == (Phase.PROGRESSING, 40)
+
+
+ACTION = "shadowgate.io/action"
+
+
+@pytest.mark.parametrize(
+    ("phase", "verb", "expected_phase", "weight", "event"),
+    [
+        ("Progressing", "promote", Phase.PROMOTED, 100, "Promoted"),
+        ("Paused", "promote", Phase.PROMOTED, 100, "Promoted"),
+        ("Progressing", "abort", Phase.ROLLED_BACK, 0, "RolledBack"),
+        ("RolledBack", "retry", Phase.PROGRESSING, 5, "AnalysisRestarted"),
+        ("Promoted", "retry", Phase.PROGRESSING, 5, "AnalysisRestarted"),
+        ("Progressing", "retry", Phase.PROGRESSING, 5, "ActionIgnored"),
+        ("Promoted", "abort", Phase.PROMOTED, 100, "ActionIgnored"),
+        ("RolledBack", "promote", Phase.ROLLED_BACK, 0, "ActionIgnored"),
+    ],
+)
+def test_manual_verbs(phase: str, verb: str, expected_phase: Phase, weight: int, event: str) -> None:
+    status = started().status.to_dict() | {"phase": phase}
+    plan = plan_rollout(resource({"status": status, "metadata": {"annotations": {ACTION: verb}}}), T0)
+    assert reasons(plan) == [event]
+    assert (plan.status.phase, plan.status.current_weight) == (expected_phase, weight)
+    assert plan.status.last_action is not None
+    assert (plan.status.last_action.verb.value, plan.status.last_action.value) == (verb, verb)
+    if event != "ActionIgnored":
+        assert f"({ACTION}={verb})" in plan.notices[0].message
+        assert condition(plan, ConditionType.PROGRESSING)[1] == event
+
+
+def test_a_verb_is_acted_on_once_and_again_with_a_new_nonce() -> None:
+    annotated = {"metadata": {"annotations": {ACTION: "promote"}}}
+    promoted = plan_rollout(after(started(), annotated), T0)
+    assert reasons(promoted) == ["Promoted"]
+    assert reasons(plan_rollout(after(promoted, annotated), T0)) == []
+    retried = plan_rollout(after(promoted, {"metadata": {"annotations": {ACTION: "retry:2"}}}), T0)
+    assert reasons(retried) == ["AnalysisRestarted"]
+
+
+def test_an_unknown_verb_is_a_warning_and_changes_nothing() -> None:
+    first = started()
+    plan = plan_rollout(after(first, {"metadata": {"annotations": {ACTION: "launch"}}}), T0)
+    assert [(n.type, n.reason) for n in plan.notices] == [("Warning", "InvalidAction")]
+    assert "unknown verb (use promote, abort, retry)" in plan.notices[0].message
+    assert plan.status.to_dict() == first.status.to_dict()
+
+
+def test_the_analysis_holds_and_says_why_without_churn() -> None:
+    first = plan_rollout(after(started()), T0, analyse=True)
+    decision = first.status.last_decision
+    assert decision is not None
+    assert decision.action is DecisionAction.WAIT
+    assert decision.reason.startswith(
+        "Holding at step 1 (5% shadow): automatic analysis of outcomes is not implemented"
+    )
+    again = plan_rollout(after(first), T0 + timedelta(seconds=30), analyse=True)
+    assert again.status.to_dict() == first.status.to_dict()  # same decision: no new time, no status write
