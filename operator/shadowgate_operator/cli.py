@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # Subcommand modules, in the order `--help` lists them.
 SUBCOMMANDS: tuple[str, ...] = (
     "shadowgate_operator.run",
+    "shadowgate_operator.migrate",
     "shadowgate_operator.demo",
     "shadowgate_operator.localenv.cli",
     "shadowgate_operator.crd",
