@@ -1,0 +1,203 @@
+"""One router process: wires the HTTP server, the proxy, the recorders and the config source together,
+answers its own endpoints (/healthz, /readyz, /metrics, /outcomes) and shuts down in order.
+
+Shutdown order matters for "nothing lost": stop being ready and stop listening, let requests in flight
+finish, wait for shadow copies (their rows are written only when they end), then flush both recorders
+(what the database will not take goes to the spool, replayed by the next start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol as TypingProtocol
+
+from shadowgate_router import outcomes
+from shadowgate_router.config import RouterConfig, RouterConfigError
+from shadowgate_router.httpserver import HttpServer, Request, Response, error_response, json_response, new_request_id
+from shadowgate_router.metrics import RouterMetrics
+from shadowgate_router.proxy import Proxy, ProxySettings, valid_request_id
+from shadowgate_router.recorder import OUTCOME_COLUMNS, PREDICTION_COLUMNS, Recorder
+
+log = logging.getLogger(__name__)
+
+
+class ConfigSource(TypingProtocol):
+    async def run(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    dsn: str
+    spool_dir: Path
+    host: str = "0.0.0.0"
+    port: int = 8080
+    outcome_token: str | None = None
+    body_limit: int = 10 * 1024 * 1024
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    memory_rows: int = 100_000
+    batch_rows: int = 2_000
+    flush_interval: float = 0.2
+    drain_seconds: float = 20.0
+    """How long shutdown waits for requests and shadow copies in flight, and again for the final flush."""
+
+
+class RouterApp:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = RouterMetrics()
+        self.config: RouterConfig | None = None
+        self.closing = False
+        self.predictions: Recorder | None = None
+        self.outcomes: Recorder | None = None
+        self.proxy: Proxy | None = None
+        self.server: HttpServer | None = None
+        self._source_task: asyncio.Task[None] | None = None
+
+    # configuration
+    def offer(self, data: Mapping[str, str] | None, origin: str) -> None:
+        """Apply a ConfigMap's data if it is valid; otherwise log, count and keep the last good one."""
+        try:
+            config = RouterConfig.from_configmap_data(data)
+        except RouterConfigError as exc:
+            self.metrics.config_refused.inc()
+            kept = f"keeping revision {self.config.revision}" if self.config else "not ready until a valid one arrives"
+            log.error("refused the configuration from %s (%s):\n%s", origin, kept, exc)
+            return
+        if self.config is not None and config == self.config:
+            return
+        assert self.proxy is not None
+        self.proxy.apply(config)
+        if self.config is not None:
+            old = self.config
+            self.metrics.config_info.remove(old.revision, old.mode.value, old.phase)
+        self.config = config
+        self.metrics.config_info.labels(config.revision, config.mode.value, config.phase).set(1)
+        self.metrics.config_weight.set(config.weight)
+        self.metrics.config_applied.inc()
+        log.info(
+            "applied configuration %s from %s: %s %d%% to %s (%s), phase %s",
+            config.revision,
+            origin,
+            config.mode.value,
+            config.weight,
+            config.candidate.name,
+            config.candidate.version,
+            config.phase,
+        )
+
+    # lifecycle
+    async def start(self, source: ConfigSource) -> None:
+        settings = self.settings
+        self.predictions, self.outcomes = (
+            Recorder(
+                table,
+                columns,
+                settings.dsn,
+                settings.spool_dir,
+                self.metrics,
+                memory_rows=settings.memory_rows,
+                batch_rows=settings.batch_rows,
+                flush_interval=settings.flush_interval,
+            )
+            for table, columns in (("predictions", PREDICTION_COLUMNS), ("outcomes", OUTCOME_COLUMNS))
+        )
+        self.predictions.start()
+        self.outcomes.start()
+        self.proxy = Proxy(self.predictions, self.metrics, settings.proxy)
+        self.server = HttpServer(self.handle, body_limit=settings.body_limit)
+        await self.server.start(settings.host, settings.port)
+        self._source_task = asyncio.get_running_loop().create_task(source.run(), name="config-source")
+        log.info("router listening on %s:%d", settings.host, self.server.port)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.port
+
+    async def stop(self) -> None:
+        self.closing = True
+        drain = self.settings.drain_seconds
+        if self.server is not None:
+            await self.server.shutdown(drain)
+        if self.proxy is not None:
+            await self.proxy.close(drain)
+        if self._source_task is not None:
+            self._source_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._source_task
+        for recorder in (self.predictions, self.outcomes):
+            if recorder is not None:
+                await recorder.close(drain)
+        log.info("router stopped")
+
+    async def serve_until_signalled(self, source: ConfigSource) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await self.start(source)
+        source_task = self._source_task
+        assert source_task is not None
+        waiter = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([waiter, source_task], return_when=asyncio.FIRST_COMPLETED)
+        if source_task.done() and not source_task.cancelled() and source_task.exception() is not None:
+            log.error("the configuration source failed", exc_info=source_task.exception())
+        waiter.cancel()
+        log.info("shutting down: draining requests and flushing recorded rows")
+        await self.stop()
+
+    # requests
+    async def handle(self, request: Request) -> Response:
+        client_id = request.header(b"x-request-id")
+        if client_id is not None and not valid_request_id(client_id):
+            return error_response(400, "X-Request-Id must be 1 to 200 visible ASCII characters")
+        request_id = client_id or new_request_id()
+        path = request.path
+        if path == "/healthz":
+            return json_response(200, {"status": "ok"}, [(b"X-Request-Id", request_id)])
+        if path == "/readyz":
+            return self._readiness(request_id)
+        if path == "/metrics":
+            body, content_type = self.metrics.render()
+            return Response(200, body, [(b"Content-Type", content_type), (b"X-Request-Id", request_id)])
+        if path == "/outcomes":
+            return self._outcomes(request, request_id)
+        assert self.proxy is not None
+        return await self.proxy.handle(request, request_id)
+
+    def _readiness(self, request_id: bytes) -> Response:
+        if self.closing:
+            return error_response(503, "shutting down", request_id)
+        if self.config is None:
+            return error_response(503, "no valid configuration yet", request_id)
+        return json_response(
+            200, {"status": "ready", "revision": self.config.revision}, [(b"X-Request-Id", request_id)]
+        )
+
+    def _outcomes(self, request: Request, request_id: bytes) -> Response:
+        refusals = self.metrics.outcome_refusals
+        if request.method != "POST":
+            refusals.labels("405").inc()
+            return error_response(405, "use POST on /outcomes", request_id)
+        try:
+            outcomes.check_token(self.settings.outcome_token, request.header(b"authorization"))
+            if self.config is None:
+                raise outcomes.OutcomeRefused(503, "the router has no configuration yet")
+            accepted = outcomes.parse(request.body)
+        except outcomes.OutcomeRefused as exc:
+            refusals.labels(str(exc.status)).inc()
+            response = error_response(exc.status, str(exc), request_id)
+            if exc.status == 401:
+                response.headers.append((b"WWW-Authenticate", b'Bearer realm="shadowgate outcomes"'))
+            return response
+        assert self.outcomes is not None
+        for row in outcomes.to_rows(accepted, self.config.namespace, self.config.deployment):
+            self.outcomes.put(row)
+        self.metrics.outcomes.inc(len(accepted))
+        return json_response(202, {"accepted": len(accepted)}, [(b"X-Request-Id", request_id)])

@@ -1,0 +1,358 @@
+"""The router's HTTP/1.1 server: asyncio protocols and httptools' C parser, nothing else.
+
+A general framework would add a request object per middleware layer, routing tables and cookies; the
+router needs one parse, one handler call and one write per request, and its added latency is the
+product (bench/router). This module owns the connection-level rules: keep-alive and pipelining in
+order, ``Expect: 100-continue``, limits on URL, headers and body (refused with 414/431/413 before the
+body is read), slow or idle clients (408 / close), and graceful shutdown (stop listening, finish what is
+in flight, close). What a request means is the handler's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any, cast
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+MAX_URL_BYTES = 8192
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 65536
+MAX_PIPELINED = 16
+"""Requests parsed ahead of the one being answered before the connection stops reading."""
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    """The request target's path, percent-encoding kept."""
+    query: bytes
+    """The raw query string without '?', empty when there is none."""
+    headers: list[tuple[bytes, bytes]]
+    """Header names lower-cased, values as sent, in order."""
+    body: bytes
+    keep_alive: bool
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header; `name` must be lower case."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def target(self) -> bytes:
+        return self.path.encode() + (b"?" + self.query if self.query else b"")
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    """Without Content-Length and Connection, which the server sets."""
+    after: Callable[[], None] | None = None
+    """Run once the response is handed to the socket: work the client must not wait for (recording)."""
+
+
+def json_response(status: int, document: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> Response:
+    body = json.dumps(document, separators=(",", ":")).encode()
+    return Response(status, body, [(b"Content-Type", b"application/json"), *headers])
+
+
+def error_response(status: int, message: str, request_id: bytes | None = None) -> Response:
+    """The router's 4xx/5xx body: {"error": why, "requestId": ...}, and the X-Request-Id header."""
+    request_id = request_id or new_request_id()
+    return json_response(status, {"error": message, "requestId": request_id.decode()}, [(b"X-Request-Id", request_id)])
+
+
+def new_request_id() -> bytes:
+    return uuid.uuid4().hex.encode()
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {phrase}\r\n".encode()
+    return line
+
+
+class _Reject(Exception):
+    """Raised inside parser callbacks: answer `status` with `message` and close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parses requests, answers them strictly in order."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._url: list[bytes] = []
+        self._url_size = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_size = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._queue: collections.deque[Request | Response] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._paused = False
+        self._rejected = False
+        self.reading_since: float | None = None
+        self.last_activity = time.monotonic()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A request in flight still finishes (its prediction is recorded); its answer goes nowhere.
+        self.server.connections.discard(self)
+        self.server.settled.set()
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._rejected:
+            return
+        self.last_activity = time.monotonic()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.reject(400, "protocol upgrades are not supported")
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Reject):
+                self.reject(exc.__context__.status, exc.__context__.message)
+            else:
+                log.error("HTTP parser callback failed", exc_info=exc.__context__)
+                self.reject(500, "internal error while reading the request")
+        except httptools.HttpParserError as exc:
+            self.reject(400, f"malformed HTTP request: {exc}")
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = []
+        self._url_size = 0
+        self._headers = []
+        self._header_size = 0
+        self._body = []
+        self._body_size = 0
+        self.reading_since = time.monotonic()
+
+    def on_url(self, url: bytes) -> None:
+        self._url_size += len(url)
+        if self._url_size > MAX_URL_BYTES:
+            raise _Reject(414, f"the request URL is longer than {MAX_URL_BYTES} bytes")
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_size += len(name) + len(value) + 4
+        if len(self._headers) >= MAX_HEADERS or self._header_size > MAX_HEADER_BYTES:
+            raise _Reject(431, f"request headers exceed {MAX_HEADERS} fields or {MAX_HEADER_BYTES} bytes")
+        self._headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        limit = self.server.body_limit
+        expects_body = False
+        for name, value in self._headers:
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise _Reject(400, "Content-Length is not a number") from None
+                if length > limit:
+                    raise _Reject(413, f"the request body is {length} bytes; the limit is {limit}")
+                expects_body = length > 0
+            elif name == b"transfer-encoding":
+                expects_body = True
+        if expects_body and self.transport is not None:
+            for name, value in self._headers:
+                if name == b"expect" and value.lower() == b"100-continue":
+                    self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.server.body_limit:
+            raise _Reject(413, f"the request body is over the limit of {self.server.body_limit} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.reading_since = None
+        path, _, query = b"".join(self._url).partition(b"?")
+        request = Request(
+            method=self._parser.get_method().decode("ascii", "replace"),
+            path=path.decode("latin-1"),
+            query=query,
+            headers=self._headers,
+            body=b"".join(self._body),
+            keep_alive=self._parser.should_keep_alive(),
+        )
+        self._enqueue(request)
+
+    # answering
+    def _enqueue(self, item: Request | Response) -> None:
+        self._queue.append(item)
+        if len(self._queue) > MAX_PIPELINED and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        if self._task is None:
+            self._task = self.server.loop.create_task(self._answer())
+
+    def reject(self, status: int, message: str) -> None:
+        """Answer with an error after whatever is already queued, then close; stop reading."""
+        self._rejected = True
+        self.reading_since = None
+        if self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._enqueue(error_response(status, message))
+
+    async def _answer(self) -> None:
+        try:
+            while self._queue:
+                item = self._queue.popleft()
+                if isinstance(item, Response):
+                    self._write(item, keep_alive=False)
+                    break
+                if self._paused and not self._rejected and len(self._queue) <= MAX_PIPELINED // 2:
+                    self._paused = False
+                    if self.transport is not None:
+                        self.transport.resume_reading()
+                try:
+                    response = await self.server.handler(item)
+                except Exception:
+                    log.exception("handler failed on %s %s", item.method, item.path)
+                    response = error_response(500, "internal error in the router")
+                keep_alive = item.keep_alive and not self.server.closing
+                self._write(response, keep_alive)
+                if response.after is not None:
+                    try:
+                        response.after()
+                    except Exception:
+                        log.exception("post-response work failed on %s %s", item.method, item.path)
+                if not keep_alive:
+                    break
+            else:
+                if not self.server.closing:
+                    return
+            self.close()
+        finally:
+            self._task = None
+            self.last_activity = time.monotonic()
+            self.server.settled.set()
+
+    def _write(self, response: Response, keep_alive: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        parts = [_status_line(response.status)]
+        for name, value in response.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"Content-Length: %d\r\n" % len(response.body))
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        parts.append(response.body)
+        self.transport.write(b"".join(parts))
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None and not self._queue and self.reading_since is None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class HttpServer:
+    """Listens on one address and hands each request to `handler`."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        body_limit: int = 10 * 1024 * 1024,
+        keepalive_timeout: float = 75.0,
+        request_timeout: float = 30.0,
+    ) -> None:
+        self.handler = handler
+        self.body_limit = body_limit
+        self.keepalive_timeout = keepalive_timeout
+        self.request_timeout = request_timeout
+        self.connections: set[HttpConnection] = set()
+        self.settled = asyncio.Event()
+        """Set whenever a connection finishes its requests or closes (shutdown waits on it)."""
+        self.closing = False
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.loop = asyncio.get_running_loop()
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await self.loop.create_server(
+            lambda: HttpConnection(self), host, port, backlog=2048, reuse_address=True
+        )
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def _sweep(self) -> None:
+        """Close idle keep-alive connections and answer 408 to clients that stall mid-request."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                if connection.reading_since is not None:
+                    if now - connection.reading_since > self.request_timeout:
+                        connection.reject(408, f"the request was not complete within {self.request_timeout:g}s")
+                elif connection.idle and now - connection.last_activity > self.keepalive_timeout:
+                    connection.close()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop listening, let requests in flight finish (up to `grace` seconds), then close every connection."""
+        self.closing = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            if connection.idle:
+                connection.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while any(not connection.idle for connection in self.connections):
+                    self.settled.clear()
+                    await self.settled.wait()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort() if not connection.idle else connection.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper

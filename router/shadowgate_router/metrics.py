@@ -1,0 +1,114 @@
+"""The router's own Prometheus metrics (what it exports, not what the operator queries).
+
+Each router owns a registry rather than using the process-global one, so several routers can live in
+one test process. Label sets are small and fixed (side, role, status class), so series stay bounded
+whatever the traffic; the hot path binds its children once instead of looking labels up per request.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+SIDES = ("production", "candidate")
+ROLES = ("answer", "mirror", "fallback")
+"""answer: its answer went to the client; mirror: shadow copy; fallback: production after a candidate failure."""
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "shadowgate_router_requests",
+            "Model server calls by side, role and outcome (HTTP status, or timeout/connect/closed/bad_response).",
+            ["side", "role", "status"],
+            registry=registry,
+        )
+        self.upstream_latency = Histogram(
+            "shadowgate_router_upstream_latency_seconds",
+            "Time from sending a request to a model server to having its whole answer.",
+            ["side", "role"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.request_latency = Histogram(
+            "shadowgate_router_request_latency_seconds",
+            "Time from the router having a client's request to handing the answer to the socket.",
+            ["served_by"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.responses = Counter(
+            "shadowgate_router_responses", "Answers to clients by HTTP status.", ["status"], registry=registry
+        )
+        self.mirror_dropped = Counter(
+            "shadowgate_router_mirror_dropped",
+            "Shadow copies not sent because the mirror concurrency limit was reached.",
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "shadowgate_router_fallbacks",
+            "Canary requests answered by production after the candidate failed.",
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "shadowgate_router_record_queue_rows", "Rows waiting in memory to be written.", ["table"], registry=registry
+        )
+        self.spool_bytes = Gauge(
+            "shadowgate_router_spool_bytes",
+            "Bytes of rows waiting on disk for the database.",
+            ["table"],
+            registry=registry,
+        )
+        self.spool_rows = Gauge(
+            "shadowgate_router_spool_rows", "Rows waiting on disk for the database.", ["table"], registry=registry
+        )
+        self.rows_written = Counter(
+            "shadowgate_router_rows_written", "Rows committed to the database.", ["table"], registry=registry
+        )
+        self.rows_rejected = Counter(
+            "shadowgate_router_rows_rejected",
+            "Rows the database refused as invalid, set aside in the spool directory's rejected file.",
+            ["table"],
+            registry=registry,
+        )
+        self.database_errors = Counter(
+            "shadowgate_router_database_errors",
+            "Failed attempts to write to the database.",
+            ["table"],
+            registry=registry,
+        )
+        self.outcomes = Counter(
+            "shadowgate_router_outcomes", "Outcomes accepted through POST /outcomes.", registry=registry
+        )
+        self.outcome_refusals = Counter(
+            "shadowgate_router_outcome_refusals",
+            "POST /outcomes calls refused, by HTTP status.",
+            ["status"],
+            registry=registry,
+        )
+        self.config_info = Gauge(
+            "shadowgate_router_config_info",
+            "1 for the configuration in force (its revision, mode and phase).",
+            ["revision", "mode", "phase"],
+            registry=registry,
+        )
+        self.config_weight = Gauge(
+            "shadowgate_router_config_weight_percent", "Candidate weight in force.", registry=registry
+        )
+        self.config_applied = Counter("shadowgate_router_config_applied", "Configurations applied.", registry=registry)
+        self.config_refused = Counter(
+            "shadowgate_router_config_refused",
+            "Configurations refused as invalid (the last good one stays).",
+            registry=registry,
+        )
+        self.config_errors = Counter(
+            "shadowgate_router_config_watch_errors", "Failed reads or watches of the ConfigMap.", registry=registry
+        )
+        self.inflight = Gauge("shadowgate_router_inflight_mirrors", "Shadow copies in flight.", registry=registry)
+
+    def render(self) -> tuple[bytes, bytes]:
+        """The exposition body and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()

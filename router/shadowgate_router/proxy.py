@@ -1,0 +1,462 @@
+"""The hot path: one inference request in, the right model server's answer out, one row recorded.
+
+shadow: production answers every request; for the candidate's share the same bytes go to the candidate
+at the same moment, in the background, under its own timeout and a concurrency limit (over the limit
+the copy is dropped and counted, never queued). Whatever the candidate does is recorded, never shown.
+canary: the candidate's share is answered by the candidate; when it fails (no answer, or a 5xx) and
+fallback is on, production answers instead and the row says so.
+
+Nothing here waits for the database: the row is put on the recorder's queue after the answer has been
+handed to the socket (`Response.after`), and for a mirrored request only once the copy has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shadowgate_router.config import RouterConfig, TrafficMode
+from shadowgate_router.hashing import salt_for, threshold, to_candidate
+from shadowgate_router.httpserver import Request, Response, error_response
+from shadowgate_router.metrics import RouterMetrics
+from shadowgate_router.protocols import Extractor, Kind, Match, UnknownPath, WrongMethod, match, served_names
+from shadowgate_router.recorder import Recorder, now_us
+from shadowgate_router.spool import Row
+from shadowgate_router.upstream import TIMEOUT, UpstreamError, UpstreamPool, UpstreamResponse
+
+log = logging.getLogger(__name__)
+
+NO_PREDICTION = "no_prediction"
+"""Recorded as the side's error when it answered 2xx but the configured path held no number."""
+
+# Not forwarded in either direction: they describe one hop, or the router sets them itself.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-request-id",
+    }
+)
+_REQUEST_ID = b"X-Request-Id"
+_SERVED_BY = b"X-Shadowgate-Served-By"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    max_connections: int = 512
+    """Per model server."""
+    connect_timeout: float = 2.0
+    idle_timeout: float = 30.0
+    mirror_concurrency: int = 512
+    record_features: bool = False
+
+
+@dataclass(slots=True)
+class Answer:
+    """What one model server did with one request."""
+
+    status: int | None
+    error: str | None
+    detail: str
+    latency_ms: float
+    response: UpstreamResponse | None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or (self.status is not None and self.status >= 500)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A configuration compiled for the hot path."""
+
+    config: RouterConfig
+    revision: str
+    """config.revision, computed once (it hashes the whole configuration)."""
+    limit: int
+    salt: bytes
+    names: frozenset[str]
+    extractor: Extractor
+    sticky: bytes | None
+    production: UpstreamPool
+    candidate: UpstreamPool
+    is_json: bool
+
+
+def valid_request_id(value: bytes) -> bool:
+    """1 to 200 visible ASCII characters: safe in a header, a log line and a text column."""
+    return 0 < len(value) <= 200 and all(0x21 <= byte <= 0x7E for byte in value)
+
+
+def _is_json_type(content_type: bytes | None) -> bool:
+    if content_type is None:
+        return True  # many clients send none; the body is still checked
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+class Proxy:
+    def __init__(self, recorder: Recorder, metrics: RouterMetrics, settings: ProxySettings | None = None) -> None:
+        self.recorder = recorder
+        self.metrics = metrics
+        self.settings = settings or ProxySettings()
+        self.route: Route | None = None
+        self._pools: dict[str, UpstreamPool] = {}
+        self._mirrors: set[asyncio.Task[Answer]] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._calls: dict[tuple[str, str, str], Any] = {}
+        self._latencies: dict[tuple[str, str], Any] = {}
+        self._responses: dict[int, Any] = {}
+        self._request_latency = {side: metrics.request_latency.labels(side) for side in ("production", "candidate")}
+
+    # configuration
+    def apply(self, config: RouterConfig) -> None:
+        """Swap in a new configuration; requests already in flight finish under the one they started with."""
+        pools = {upstream.base_url: self._pool(upstream.base_url) for upstream in (config.production, config.candidate)}
+        self.route = Route(
+            config=config,
+            revision=config.revision,
+            limit=threshold(config.weight),
+            salt=salt_for(config.namespace, config.deployment),
+            names=served_names(config),
+            extractor=Extractor(config.prediction_path, config.confidence_path),
+            sticky=config.sticky_header.lower().encode() if config.sticky_header else None,
+            production=pools[config.production.base_url],
+            candidate=pools[config.candidate.base_url],
+            is_json=config.protocol.value == "json",
+        )
+        for url in [url for url in self._pools if url not in pools]:
+            retired = self._pools.pop(url)
+            # Let calls that started under the old configuration finish before closing its connections.
+            grace = max(config.timeout_seconds, config.mirror_timeout_seconds) + 1
+            asyncio.get_running_loop().call_later(grace, self._close_later, retired)
+
+    def _close_later(self, pool: UpstreamPool) -> None:
+        task = asyncio.get_running_loop().create_task(pool.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _pool(self, url: str) -> UpstreamPool:
+        pool = self._pools.get(url)
+        if pool is None:
+            settings = self.settings
+            pool = self._pools[url] = UpstreamPool(
+                url,
+                max_connections=settings.max_connections,
+                connect_timeout=settings.connect_timeout,
+                idle_timeout=settings.idle_timeout,
+            )
+        return pool
+
+    async def close(self, grace: float) -> None:
+        """Wait (up to `grace` seconds) for shadow copies in flight, so their rows are recorded; close the pools."""
+        if self._mirrors:
+            await asyncio.wait(list(self._mirrors), timeout=grace)
+        for pool in self._pools.values():
+            await pool.close()
+
+    @property
+    def mirrors_in_flight(self) -> int:
+        return len(self._mirrors)
+
+    # requests
+    async def handle(self, request: Request, request_id: bytes) -> Response:
+        route = self.route
+        if route is None:
+            return error_response(503, "the router has no configuration yet", request_id)
+        try:
+            found = match(route.config.protocol, request.method, request.path)
+        except UnknownPath as exc:
+            return error_response(404, f"no such path: {request.path}. {exc}", request_id)
+        except WrongMethod as exc:
+            return error_response(405, f"{request.method} is not allowed on {request.path}: {exc}", request_id)
+        if found.model is not None and found.model not in route.names:
+            served = route.config.production.model_name
+            return error_response(404, f"model {found.model!r} is not served here; call it {served!r}", request_id)
+        if found.kind is Kind.PASSTHROUGH:
+            return await self._passthrough(route, request, found, request_id)
+        return await self._infer(route, request, found, request_id)
+
+    async def _passthrough(self, route: Route, request: Request, found: Match, request_id: bytes) -> Response:
+        config = route.config
+        promoted = config.mode is TrafficMode.CANARY and config.weight == 100
+        side, pool, upstream = (
+            ("candidate", route.candidate, config.candidate)
+            if promoted
+            else ("production", route.production, config.production)
+        )
+        target = self._target(found, upstream.model_name, request.query)
+        answer = await self._call(
+            pool,
+            side,
+            "answer",
+            request.method.encode(),
+            target,
+            self._forward_headers(request, request_id),
+            b"",
+            config.timeout_seconds,
+        )
+        return self._respond(answer, side, request_id)
+
+    async def _infer(self, route: Route, request: Request, found: Match, request_id: bytes) -> Response:
+        if not _is_json_type(request.header(b"content-type")):
+            return error_response(415, "send the request body as JSON (Content-Type: application/json)", request_id)
+        if not request.body:
+            return error_response(400, "the request body is empty; send a JSON document", request_id)
+        try:
+            json.loads(request.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return error_response(400, f"malformed JSON in the request body: {exc}", request_id)
+        received = now_us()
+        started = time.perf_counter()
+        config = route.config
+        key = (request.header(route.sticky) if route.sticky else None) or request_id
+        candidate_share = to_candidate(key, route.salt, route.limit)
+        headers = self._forward_headers(request, request_id)
+        features = request.body.decode() if self.settings.record_features else None
+        production_target = self._target(found, config.production.model_name, request.query)
+        candidate_target = self._target(found, config.candidate.model_name, request.query)
+
+        if config.mode is TrafficMode.SHADOW:
+            mirror = None
+            if candidate_share:
+                mirror = self._mirror(route, candidate_target, headers, request.body)
+            production = await self._call(
+                route.production,
+                "production",
+                "answer",
+                b"POST",
+                production_target,
+                headers,
+                request.body,
+                config.timeout_seconds,
+            )
+            response = self._respond(production, "production", request_id, started)
+
+            def record_shadow() -> None:
+                if mirror is None or mirror.done():
+                    candidate = mirror.result() if mirror is not None else None
+                    self._record(route, received, request_id, "production", production, candidate, False, features)
+                else:
+                    mirror.add_done_callback(
+                        lambda done: self._record(
+                            route, received, request_id, "production", production, done.result(), False, features
+                        )
+                    )
+
+            response.after = record_shadow
+            return response
+
+        if not candidate_share:
+            production = await self._call(
+                route.production,
+                "production",
+                "answer",
+                b"POST",
+                production_target,
+                headers,
+                request.body,
+                config.timeout_seconds,
+            )
+            return self._answered(route, received, request_id, started, "production", production, None, False, features)
+        candidate = await self._call(
+            route.candidate,
+            "candidate",
+            "answer",
+            b"POST",
+            candidate_target,
+            headers,
+            request.body,
+            config.timeout_seconds,
+        )
+        if candidate.failed and config.fallback_to_production:
+            self.metrics.fallbacks.inc()
+            production = await self._call(
+                route.production,
+                "production",
+                "fallback",
+                b"POST",
+                production_target,
+                headers,
+                request.body,
+                config.timeout_seconds,
+            )
+            return self._answered(
+                route, received, request_id, started, "production", production, candidate, True, features
+            )
+        return self._answered(route, received, request_id, started, "candidate", None, candidate, False, features)
+
+    def _answered(
+        self,
+        route: Route,
+        received: int,
+        request_id: bytes,
+        started: float,
+        served_by: str,
+        production: Answer | None,
+        candidate: Answer | None,
+        fallback: bool,
+        features: str | None,
+    ) -> Response:
+        answer = production if served_by == "production" else candidate
+        assert answer is not None
+        response = self._respond(answer, served_by, request_id, started)
+        response.after = lambda: self._record(
+            route, received, request_id, served_by, production, candidate, fallback, features
+        )
+        return response
+
+    def _mirror(
+        self, route: Route, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> asyncio.Task[Answer] | None:
+        if len(self._mirrors) >= self.settings.mirror_concurrency:
+            self.metrics.mirror_dropped.inc()
+            return None
+        task = asyncio.get_running_loop().create_task(
+            self._call(
+                route.candidate,
+                "candidate",
+                "mirror",
+                b"POST",
+                target,
+                headers,
+                body,
+                route.config.mirror_timeout_seconds,
+            )
+        )
+        self._mirrors.add(task)
+        self.metrics.inflight.set(len(self._mirrors))
+        task.add_done_callback(self._mirror_done)
+        return task
+
+    def _mirror_done(self, task: asyncio.Task[Answer]) -> None:
+        self._mirrors.discard(task)
+        self.metrics.inflight.set(len(self._mirrors))
+
+    @staticmethod
+    def _target(found: Match, model: str, query: bytes) -> bytes:
+        path = found.template.format(model=model).encode()
+        return path + b"?" + query if query else path
+
+    @staticmethod
+    def _forward_headers(request: Request, request_id: bytes) -> list[tuple[bytes, bytes]]:
+        named_hops: set[bytes] = set()
+        connection = request.header(b"connection")
+        if connection:
+            named_hops = {token.strip().lower() for token in connection.split(b",")}
+        headers = [
+            (name, value) for name, value in request.headers if name not in _HOP_BY_HOP and name not in named_hops
+        ]
+        headers.append((_REQUEST_ID, request_id))
+        return headers
+
+    async def _call(
+        self,
+        pool: UpstreamPool,
+        side: str,
+        role: str,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        time_limit: float,
+    ) -> Answer:
+        started = time.perf_counter()
+        try:
+            response = await pool.request(method, target, headers, body, time_limit)
+        except UpstreamError as exc:
+            answer = Answer(None, exc.kind, exc.detail, (time.perf_counter() - started) * 1000, None)
+            label = exc.kind
+        else:
+            answer = Answer(response.status, None, "", (time.perf_counter() - started) * 1000, response)
+            label = str(response.status)
+        self._count(side, role, label, answer.latency_ms)
+        return answer
+
+    def _count(self, side: str, role: str, label: str, latency_ms: float) -> None:
+        counter = self._calls.get((side, role, label))
+        if counter is None:
+            counter = self._calls[(side, role, label)] = self.metrics.requests.labels(side, role, label)
+        counter.inc()
+        histogram = self._latencies.get((side, role))
+        if histogram is None:
+            histogram = self._latencies[(side, role)] = self.metrics.upstream_latency.labels(side, role)
+        histogram.observe(latency_ms / 1000)
+
+    def _respond(self, answer: Answer, side: str, request_id: bytes, started: float | None = None) -> Response:
+        upstream = answer.response
+        if upstream is None:
+            status = 504 if answer.error == TIMEOUT else 502
+            response = error_response(status, f"the {side} model server failed: {answer.detail}", request_id)
+            response.headers.append((_SERVED_BY, side.encode()))
+        else:
+            headers = [(name, value) for name, value in upstream.headers if name.lower() not in _HOP_BY_HOP]
+            headers.append((_REQUEST_ID, request_id))
+            headers.append((_SERVED_BY, side.encode()))
+            response = Response(upstream.status, upstream.body, headers)
+        counter = self._responses.get(response.status)
+        if counter is None:
+            counter = self._responses[response.status] = self.metrics.responses.labels(str(response.status))
+        counter.inc()
+        if started is not None:
+            self._request_latency[side].observe(time.perf_counter() - started)
+        return response
+
+    # recording
+    def _record(
+        self,
+        route: Route,
+        received: int,
+        request_id: bytes,
+        served_by: str,
+        production: Answer | None,
+        candidate: Answer | None,
+        fallback: bool,
+        features: str | None,
+    ) -> None:
+        config = route.config
+        row: Row = (
+            received,
+            config.namespace,
+            config.deployment,
+            request_id.decode(),
+            served_by,
+            config.mode.value,
+            config.weight,
+            route.revision,
+            *self._side(route.extractor, config.production.version, production),
+            *self._side(route.extractor, config.candidate.version, candidate),
+            fallback,
+            features,
+        )
+        self.recorder.put(row)
+
+    @staticmethod
+    def _side(
+        extract: Callable[[bytes], tuple[float | None, float | None]], version: str, answer: Answer | None
+    ) -> Row:
+        """(version, prediction, confidence, latency_ms, status, error); all None when the side was not called."""
+        if answer is None:
+            return (None, None, None, None, None, None)
+        prediction = confidence = None
+        error = answer.error
+        if answer.response is not None and 200 <= answer.status < 300:  # type: ignore[operator]
+            prediction, confidence = extract(answer.response.body)
+            if prediction is None:
+                error = NO_PREDICTION
+        return (version, prediction, confidence, round(answer.latency_ms, 3), answer.status, error)

@@ -1,0 +1,321 @@
+"""The router's HTTP/1.1 client to one model server: a pool of long-lived keep-alive connections.
+
+Why not httpx or aiohttp: on a 2-core machine the forwarding path is the router's whole cost, and a
+client built on asyncio protocols with httptools' C parser does only what a proxy needs (write one
+request, parse one response, reuse the connection). See bench/router/README.md for the measurements
+behind this choice. Every call has an overall deadline (acquiring a connection, connecting, writing and
+reading the answer), the pool has a hard connection limit, and failures come back as `UpstreamError`
+with a short `kind` that is recorded in the database and exported as a metric label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+# Error kinds, recorded in predictions.{production,candidate}_error.
+TIMEOUT = "timeout"
+CONNECT = "connect"
+CLOSED = "closed"
+BAD_RESPONSE = "bad_response"
+
+
+class UpstreamError(Exception):
+    """A model server call that produced no HTTP answer; `kind` is one of the constants above."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    """Header names as sent by the server (any case)."""
+    body: bytes
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; carries one request at a time."""
+
+    __slots__ = (
+        "_body",
+        "_content_length",
+        "_headers",
+        "_headers_done",
+        "_parser",
+        "_pool",
+        "_status",
+        "_waiter",
+        "closed",
+        "idle_since",
+        "received",
+        "transport",
+    )
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._pool = pool
+        self._parser = httptools.HttpResponseParser(self)
+        self._waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._content_length = False
+        self._headers_done = False
+        self._status = 0
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.received = False
+        self.idle_since = 0.0
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(BAD_RESPONSE, f"unparseable HTTP answer: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if self._headers_done and not self._content_length and self._status:
+                # An answer without Content-Length or chunking ends when the server closes.
+                self._complete()
+            else:
+                reason = str(exc) if exc else "the server closed the connection"
+                self._fail(UpstreamError(CLOSED, f"{reason} before answering"))
+        self._pool._forget(self)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._body = []
+        self._content_length = False
+        self._headers_done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lowered = name.lower()
+        if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+            self._content_length = True
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        self._headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._complete()
+        if not self._parser.should_keep_alive():
+            self.close()
+
+    # own
+    def _complete(self) -> None:
+        waiter = self._waiter
+        self._waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(UpstreamResponse(self._status, self._headers, b"".join(self._body)))
+
+    def _fail(self, error: UpstreamError) -> None:
+        waiter = self._waiter
+        self._waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
+        assert self.transport is not None
+        waiter: asyncio.Future[UpstreamResponse] = self._pool._loop.create_future()
+        self._waiter = waiter
+        self.received = False
+        self.transport.write(data)
+        return waiter
+
+    @property
+    def busy(self) -> bool:
+        return self._waiter is not None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamPool:
+    """Long-lived connections to one model server (scheme, host and port of `base_url`).
+
+    At most `max_connections` are open; callers beyond that wait for one to come free (within their
+    deadline). A request on a reused connection that the server closed before answering is retried once
+    on a fresh connection: model servers drop idle keep-alive connections on their own schedule, and
+    an inference call is safe to repeat when nothing of it was answered.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        max_connections: int = 256,
+        connect_timeout: float = 2.0,
+        idle_timeout: float = 30.0,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{base_url!r} is not an http(s) URL")
+        self.base_url = base_url
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.path_prefix = parts.path.rstrip("/").encode()
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        default_port = (parts.scheme == "https" and self.port == 443) or (parts.scheme == "http" and self.port == 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = (host if default_port else f"{host}:{self.port}").encode()
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self._loop = asyncio.get_running_loop()
+        self._idle: collections.deque[_Connection] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._open = 0
+        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    async def request(
+        self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, time_limit: float
+    ) -> UpstreamResponse:
+        """Send one request (target is the path and query, appended to the base URL's path).
+
+        `headers` must not contain Host, Content-Length or hop-by-hop headers; raises UpstreamError.
+        """
+        data = self._encode(method, target, headers, body)
+        try:
+            async with asyncio.timeout(time_limit):
+                connection, reused = await self._acquire()
+                try:
+                    return await self._exchange(connection, data)
+                except UpstreamError as error:
+                    if not (reused and error.kind == CLOSED and not connection.received):
+                        raise
+                # The server dropped an idle connection as we used it: once more on a new one.
+                connection = await self._connect_new()
+                return await self._exchange(connection, data)
+        except TimeoutError:
+            raise UpstreamError(TIMEOUT, f"no answer from {self.base_url} within {time_limit:g}s") from None
+
+    def _encode(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+        lines = [method, b" ", self.path_prefix, target, b" HTTP/1.1\r\nHost: ", self.host_header, b"\r\n"]
+        for name, value in headers:
+            lines += (name, b": ", value, b"\r\n")
+        if body or method not in (b"GET", b"HEAD"):
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        lines.append(b"\r\n")
+        lines.append(body)
+        return b"".join(lines)
+
+    async def _exchange(self, connection: _Connection, data: bytes) -> UpstreamResponse:
+        try:
+            response = await connection.send(data)
+        except BaseException:
+            # Cancelled (deadline) or failed mid-answer: the connection's state is unknown, drop it.
+            connection.close()
+            raise
+        self._release(connection)
+        return response
+
+    async def _acquire(self) -> tuple[_Connection, bool]:
+        while True:
+            now = time.monotonic()
+            while self._idle:
+                connection = self._idle.pop()  # the most recently used one: least likely to be dropped
+                if connection.closed:
+                    continue
+                if now - connection.idle_since > self.idle_timeout:
+                    connection.close()
+                    continue
+                return connection, True
+            if self._open < self.max_connections:
+                return await self._connect_new(), False
+            waiter: asyncio.Future[None] = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # we were woken but give up: pass the turn on
+                raise
+
+    async def _connect_new(self) -> _Connection:
+        if self._closed:
+            raise UpstreamError(CONNECT, f"the pool for {self.base_url} is closed")
+        self._open += 1
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, protocol = await self._loop.create_connection(
+                    lambda: _Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None,
+                )
+        except TimeoutError:
+            self._open -= 1
+            self._wake()
+            raise UpstreamError(CONNECT, f"connecting to {self.base_url} took over {self.connect_timeout:g}s") from None
+        except OSError as exc:
+            self._open -= 1
+            self._wake()
+            raise UpstreamError(CONNECT, f"cannot connect to {self.base_url}: {exc.strerror or exc}") from None
+        except BaseException:
+            self._open -= 1
+            self._wake()
+            raise
+        return protocol
+
+    def _release(self, connection: _Connection) -> None:
+        if connection.closed:
+            return  # _forget has done the accounting
+        if self._closed:
+            connection.close()
+            return
+        connection.idle_since = time.monotonic()
+        self._idle.append(connection)
+        self._wake()
+
+    def _forget(self, connection: _Connection) -> None:
+        """Called once per connection when it closes, whoever closed it."""
+        self._open -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        """Close idle connections now; busy ones close when their answer is in."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)

@@ -1,0 +1,221 @@
+"""A tiny but real model server for router tests and benchmarks, on loopback.
+
+It speaks the three protocols the router fronts (Open Inference Protocol v2, KServe v1, plain JSON),
+answers with a prediction that is a known function of the input (``bias + sum(inputs)``), so a test can
+tell which server answered, and can be made slow or failing on demand: at start (``--latency-ms``,
+``--error-rate``) or while running (``POST /control``), which lets one test compare a healthy and a
+sick candidate against the same production server. ``GET /stats`` says how many inference requests
+it served and the last request ids it saw.
+
+Run it as a process (``python -m tests.support.model_server --port 9001 --bias 1``) so that its CPU
+time is not shared with the router's event loop under test, or in-process with `ModelServer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import signal
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Behaviour:
+    """What the server does to each inference request; changeable at run time through /control."""
+
+    latency_ms: float = 0.0
+    error_rate: float = 0.0
+    """Share of inference requests answered with a 500."""
+    hang: bool = False
+    """Never answer (until the client gives up): a model server that is stuck."""
+    bias: float = 0.0
+    confidence: float = 0.75
+
+    def update(self, changes: dict[str, Any]) -> None:
+        for key, attribute in (
+            ("latencyMs", "latency_ms"),
+            ("errorRate", "error_rate"),
+            ("hang", "hang"),
+            ("bias", "bias"),
+            ("confidence", "confidence"),
+        ):
+            if key in changes:
+                setattr(self, attribute, type(getattr(self, attribute))(changes[key]))
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    errors: int = 0
+    request_ids: deque[str] = field(default_factory=lambda: deque(maxlen=100_000))
+
+
+def _numbers(value: Any) -> float:
+    """Sum of every number in a JSON value: the 'model'."""
+    if isinstance(value, bool):
+        return 0.0
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, list):
+        return sum(_numbers(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_numbers(item) for item in value.values())
+    return 0.0
+
+
+class ModelServer:
+    """The aiohttp application; `serve()` runs it on 127.0.0.1:port until cancelled."""
+
+    def __init__(self, model: str = "fraud", behaviour: Behaviour | None = None, seed: int = 7) -> None:
+        self.model = model
+        self.behaviour = behaviour or Behaviour()
+        self.stats = Stats()
+        self.random = random.Random(seed)
+        self.app = web.Application()
+        self.app.add_routes(
+            [
+                web.post("/v2/models/{name}/infer", self.infer_v2),
+                web.get("/v2/models/{name}/ready", self.ready_v2),
+                web.get("/v2/models/{name}", self.metadata_v2),
+                web.get("/v2/health/ready", self.health),
+                web.get("/v2/health/live", self.health),
+                web.post("/v1/models/{name}:predict", self.predict_v1),
+                web.get("/v1/models/{name}", self.status_v1),
+                web.post("/control", self.control),
+                web.get("/stats", self.get_stats),
+                web.post("/{path:.*}", self.predict_json),
+            ]
+        )
+
+    async def _infer(self, request: web.Request) -> tuple[web.Response | None, float]:
+        """Common part: count, delay, fail; returns (error response or None, prediction)."""
+        name = request.match_info.get("name")
+        if name is not None and name != self.model:
+            return web.json_response({"error": f"model {name!r} not found"}, status=404), 0.0
+        try:
+            document = await request.json()
+        except json.JSONDecodeError:
+            return web.json_response({"error": "malformed JSON"}, status=400), 0.0
+        self.stats.requests += 1
+        self.stats.request_ids.append(request.headers.get("X-Request-Id", ""))
+        behaviour = self.behaviour
+        if behaviour.hang:
+            await asyncio.Event().wait()
+        if behaviour.latency_ms > 0:
+            await asyncio.sleep(behaviour.latency_ms / 1000)
+        if behaviour.error_rate > 0 and self.random.random() < behaviour.error_rate:
+            self.stats.errors += 1
+            return web.json_response({"error": "injected failure"}, status=500), 0.0
+        return None, behaviour.bias + _numbers(document)
+
+    async def infer_v2(self, request: web.Request) -> web.Response:
+        failed, prediction = await self._infer(request)
+        if failed is not None:
+            return failed
+        return web.json_response(
+            {
+                "model_name": self.model,
+                "id": request.headers.get("X-Request-Id", ""),
+                "outputs": [
+                    {"name": "score", "shape": [1], "datatype": "FP64", "data": [prediction]},
+                    {"name": "confidence", "shape": [1], "datatype": "FP64", "data": [self.behaviour.confidence]},
+                ],
+            }
+        )
+
+    async def predict_v1(self, request: web.Request) -> web.Response:
+        failed, prediction = await self._infer(request)
+        return failed or web.json_response({"predictions": [prediction]})
+
+    async def predict_json(self, request: web.Request) -> web.Response:
+        failed, prediction = await self._infer(request)
+        if failed is not None:
+            return failed
+        confidence = self.behaviour.confidence
+        return web.json_response({"result": {"score": prediction, "probabilities": [1 - confidence, confidence]}})
+
+    async def ready_v2(self, request: web.Request) -> web.Response:
+        if request.match_info["name"] != self.model:
+            return web.json_response({"error": "model not found"}, status=404)
+        return web.json_response({"name": self.model, "ready": True})
+
+    async def metadata_v2(self, request: web.Request) -> web.Response:
+        if request.match_info["name"] != self.model:
+            return web.json_response({"error": "model not found"}, status=404)
+        return web.json_response(
+            {
+                "name": self.model,
+                "platform": "shadowgate-test",
+                "inputs": [{"name": "x", "datatype": "FP64", "shape": [-1]}],
+                "outputs": [{"name": "score", "datatype": "FP64", "shape": [1]}],
+            }
+        )
+
+    async def status_v1(self, request: web.Request) -> web.Response:
+        return web.json_response({"model_version_status": [{"version": "1", "state": "AVAILABLE"}]})
+
+    async def health(self, _: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
+
+    async def control(self, request: web.Request) -> web.Response:
+        self.behaviour.update(await request.json())
+        return web.json_response({"ok": True})
+
+    async def get_stats(self, _: web.Request) -> web.Response:
+        return web.json_response(
+            {"requests": self.stats.requests, "errors": self.stats.errors, "requestIds": list(self.stats.request_ids)}
+        )
+
+    async def serve(self, port: int, ready: asyncio.Event | None = None) -> None:
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
+        await site.start()
+        if ready is not None:
+            ready.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", default="fraud")
+    parser.add_argument("--bias", type=float, default=0.0, help="added to every prediction (tells servers apart)")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--error-rate", type=float, default=0.0)
+    parser.add_argument("--confidence", type=float, default=0.75)
+    args = parser.parse_args(argv)
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    behaviour = Behaviour(
+        latency_ms=args.latency_ms, error_rate=args.error_rate, bias=args.bias, confidence=args.confidence
+    )
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await ModelServer(args.model, behaviour).serve(args.port)
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
