@@ -605,17 +605,37 @@ class ModelMetrics(StatusModel):
     latency_p99_ms: float | None = Field(default=None, ge=0)
 
 
+class ScoreComponents(StatusModel):
+    """The parts of the overall score before weighting, each from -1 to 1."""
+
+    quality: float = Field(ge=-1, le=1)
+    """Relative improvement on the analysis metric over 5%: 0 no difference, 1 at 5% better or more."""
+    latency: float = Field(ge=-1, le=1)
+    """p99 guardrail: 1 when the candidate is no slower than production, 0 at 25% slower, -1 at 50%."""
+    errors: float = Field(ge=-1, le=1)
+    """Error guardrail: 1 when the candidate fails no more often than production, 0 at half of
+    maxErrorRate more, -1 at maxErrorRate more."""
+
+
 class AnalysisMetrics(StatusModel):
     """The latest analysis of the current step."""
 
+    step: int | None = Field(default=None, ge=0, le=19)
+    """The step (index into spec.traffic.steps) these metrics were measured in; the sequential test's
+    p-values carry over from one analysis to the next only within a step."""
     production: ModelMetrics | None = None
     candidate: ModelMetrics | None = None
     improvement: float | None = None
-    """Relative improvement of the candidate on the analysis metric (0.1 = 10% better)."""
-    overall_score: float | None = None
-    """Weighted score of quality, latency and errors; compared with the thresholds."""
+    """Relative improvement of the candidate on the analysis metric (0.1 = 10% better); for accuracy
+    and directionalAccuracy, the relative reduction of the error rate (1 - accuracy)."""
+    overall_score: float | None = Field(default=None, ge=-1, le=1)
+    """Weighted score of quality, latency and errors, from -1 to 1; compared with the thresholds."""
+    score_components: ScoreComponents | None = None
+    """The parts of the overall score before weighting."""
     p_value: float | None = Field(default=None, ge=0, le=1)
-    """Always-valid p-value of the candidate being better on quality."""
+    """Always-valid p-value of the candidate being better on quality (the smallest of the step so far)."""
+    p_value_worse: float | None = Field(default=None, ge=0, le=1)
+    """Always-valid p-value of the candidate being worse on quality (the smallest of the step so far)."""
     agreement: float | None = Field(default=None, ge=0, le=1)
     """Share of paired requests where both models predicted the same (shadow mode)."""
 
@@ -628,6 +648,7 @@ class DecisionAction(StrEnum):
     PROMOTE = "Promote"
     ROLL_BACK = "RollBack"
     RESTART = "Restart"
+    FAIL = "Fail"  # the candidate could not be judged (too few outcomes by maxStepDuration): phase Failed
 
 
 class Decision(StatusModel):

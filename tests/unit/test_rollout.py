@@ -161,8 +161,6 @@ def test_the_analysis_holds_and_says_why_without_churn() -> None:
     decision = first.status.last_decision
     assert decision is not None
     assert decision.action is DecisionAction.WAIT
-    assert decision.reason.startswith(
-        "Holding at step 1 (5% shadow): automatic analysis of outcomes is not implemented"
-    )
+    assert decision.reason == "Waiting at step 1 of 3 (5% shadow): no analysis data yet."
     again = plan_rollout(after(first), T0 + timedelta(seconds=30), analyse=True)
     assert again.status.to_dict() == first.status.to_dict()  # same decision: no new time, no status write

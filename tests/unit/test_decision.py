@@ -1,0 +1,434 @@
+"""The decision, table by table: each rule with the numbers on either side of its threshold, in both
+modes, with the original service's defaults and the example's settings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from shadowgate_operator.api import (
+    AnalysisMetrics,
+    DecisionAction,
+    Metric,
+    Phase,
+    ShadowDeploymentSpec,
+    ShadowDeploymentStatus,
+)
+from shadowgate_operator.decision import Verdict, analyse, decide, overall_score, relative_improvement
+from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
+from tests.admission_cases import load_example, merge_patch
+
+T0 = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
+LATER = T0 + timedelta(minutes=10)
+WAIT, ADVANCE, PROMOTE = DecisionAction.WAIT, DecisionAction.ADVANCE, DecisionAction.PROMOTE
+ROLL_BACK, FAIL = DecisionAction.ROLL_BACK, DecisionAction.FAIL
+
+
+def spec(analysis: dict[str, Any] | None = None, traffic: dict[str, Any] | None = None) -> ShadowDeploymentSpec:
+    """The example (steps 5/10/20, shadow) with the original defaults for the analysis unless given."""
+    document = merge_patch(load_example()["spec"], {"traffic": traffic or {}})
+    document["analysis"] = analysis or {}
+    return ShadowDeploymentSpec.model_validate(document)
+
+
+def status(step: int = 0, metrics: AnalysisMetrics | None = None) -> ShadowDeploymentStatus:
+    weight = [5, 10, 20][step]
+    return ShadowDeploymentStatus(
+        phase=Phase.PROGRESSING, current_step=step, current_weight=weight, step_started_at=T0, metrics=metrics
+    )
+
+
+def losses(n: int, mean: float, sd: float) -> Moments:
+    """n values with exactly this mean and sample standard deviation."""
+    return Moments(n, n * mean, (n - 1) * sd * sd + n * mean * mean)
+
+
+def side(
+    mean: float | None = 1.0, n: int = 0, *, requests: int = 1000, errors: int = 0, p99: float | None = 100.0
+) -> SideMetrics:
+    return SideMetrics(
+        requests=requests,
+        errors=errors,
+        latency_p50_ms=None if p99 is None else p99 / 4,
+        latency_p99_ms=p99,
+        loss=Moments() if mean is None else losses(n, mean, 0.8 * mean),
+    )
+
+
+def shadow(
+    n: int,
+    production: float = 1.0,
+    candidate: float = 1.0,
+    *,
+    noise: float = 0.5,
+    errors: int = 0,
+    requests: int = 1000,
+    p99: float = 100.0,
+) -> WindowMetrics:
+    """Shadow-mode metrics: n scored pairs, mean losses, and the spread of the per-request differences."""
+    return WindowMetrics(
+        production=side(production, n),
+        candidate=side(candidate, n, requests=requests, errors=errors, p99=p99),
+        scored=n,
+        paired=True,
+        loss_difference=losses(n, production - candidate, noise),
+        agreement=0.9,
+    )
+
+
+def canary(n_production: int, n_candidate: int, production: float = 1.0, candidate: float = 1.0) -> WindowMetrics:
+    return WindowMetrics(
+        production=side(production, n_production),
+        candidate=side(candidate, n_candidate),
+        scored=n_production + n_candidate,
+        paired=False,
+    )
+
+
+def run(
+    metrics: WindowMetrics | None,
+    *,
+    analysis: dict[str, Any] | None = None,
+    step: int = 0,
+    now: datetime = LATER,
+    previous: AnalysisMetrics | None = None,
+) -> Verdict:
+    return analyse(spec(analysis), status(step, previous), metrics, now)
+
+
+# --- no data, hard gates, minSamples -----------------------------------------------------------------
+
+
+def test_no_metrics_waits_and_says_so() -> None:
+    verdict = run(None)
+    assert (verdict.decision.action, verdict.decision.reason) == (
+        WAIT,
+        "Waiting at step 1 of 3 (5% shadow): no analysis data yet.",
+    )
+    assert (verdict.metrics, verdict.samples) == (None, 0)
+
+
+def test_no_metrics_after_max_step_duration_fails() -> None:
+    verdict = run(None, analysis={"maxStepDuration": "1h"}, now=T0 + timedelta(hours=1))
+    assert verdict.decision.action is FAIL
+    assert verdict.decision.reason.startswith("No analysis data after maxStepDuration 1h at step 1 of 3")
+
+
+@pytest.mark.parametrize(
+    ("errors", "requests", "action", "reason"),
+    [
+        (24, 200, ROLL_BACK, "Candidate error rate 12.0% (24 of 200 requests) exceeds maxErrorRate 5.0% "
+                             "at step 1 of 3 (5% shadow): rolled back."),
+        (10, 200, WAIT, "Waiting for samples"),  # 5.0% is not above 5.0%
+        (11, 200, ROLL_BACK, "Candidate error rate 5.5% (11 of 200 requests) exceeds maxErrorRate 5.0%"),
+        (2, 20, ROLL_BACK, "Candidate error rate 10.0% (2 of 20 requests) exceeds maxErrorRate 5.0%"),
+        (5, 19, WAIT, "Waiting for samples"),  # too few requests to judge an error rate
+    ],
+)  # fmt: skip
+def test_the_error_rate_gate_rolls_back_at_once_even_below_min_samples(
+    errors: int, requests: int, action: DecisionAction, reason: str
+) -> None:
+    verdict = run(shadow(10, errors=errors, requests=requests))
+    assert verdict.decision.action is action
+    assert verdict.decision.reason.startswith(reason)
+
+
+@pytest.mark.parametrize(
+    ("limit", "p99", "requests", "action"),
+    [(250, 251.0, 100, ROLL_BACK), (250, 250.0, 100, WAIT), (250, 900.0, 99, WAIT), (None, 900.0, 1000, WAIT)],
+)
+def test_the_latency_gate(limit: int | None, p99: float, requests: int, action: DecisionAction) -> None:
+    analysis = {} if limit is None else {"maxLatencyP99Ms": limit}
+    verdict = run(shadow(10, p99=p99, requests=requests), analysis=analysis)
+    assert verdict.decision.action is action
+    if action is ROLL_BACK:
+        assert verdict.decision.reason == (
+            f"Candidate p99 latency {p99:,.0f} ms (over {requests} requests) exceeds maxLatencyP99Ms {limit} ms "
+            "at step 1 of 3 (5% shadow): rolled back."
+        )
+
+
+def test_gates_come_before_a_passing_score() -> None:
+    verdict = run(shadow(5000, 1.0, 0.8, errors=80, requests=1000))
+    assert verdict.decision.action is ROLL_BACK
+    assert "error rate 8.0%" in verdict.decision.reason
+
+
+@pytest.mark.parametrize(("n", "action"), [(99, WAIT), (100, ADVANCE)])
+def test_the_original_min_samples_is_100_scored_requests(n: int, action: DecisionAction) -> None:
+    verdict = run(shadow(n, 1.0, 0.5, noise=0.1))
+    assert verdict.decision.action is action
+    assert verdict.samples == n
+    if action is WAIT:
+        assert verdict.decision.reason == (
+            "Waiting for samples at step 1 of 3 (5% shadow): 99 of minSamples 100 scored requests."
+        )
+        assert verdict.metrics is not None
+        assert verdict.metrics.p_value is None  # the test has not run: nothing to carry over
+
+
+def test_too_few_samples_by_max_step_duration_fails() -> None:
+    verdict = run(shadow(37), analysis={"maxStepDuration": "2h"}, now=T0 + timedelta(hours=2, seconds=1))
+    assert verdict.decision.action is FAIL
+    assert verdict.decision.reason == (
+        "Only 37 of minSamples 100 scored requests after maxStepDuration 2h at step 1 of 3 (5% shadow): "
+        "too few outcomes to judge the candidate (are outcomes being posted?): failed."
+    )
+
+
+def test_canary_counts_the_candidates_scored_requests() -> None:
+    verdict = run(canary(1900, 95), analysis={}, step=0)
+    assert verdict.decision.action is WAIT
+    assert verdict.samples == 95
+    assert "95 of minSamples 100 scored candidate requests" in verdict.decision.reason
+
+
+# --- the score and the test at the original defaults (0.7 / 0.3, weights 0.7 / 0.2 / 0.1) ------------
+
+
+@pytest.mark.parametrize(
+    ("candidate", "score", "action"),
+    [
+        (0.9714, 0.70, ADVANCE),  # 2.86% better: quality 0.572 -> 0.3 + 0.7 * 0.572 = 0.70
+        (0.9720, 0.69, WAIT),  # 2.80% better: 0.692
+        (0.90, 1.00, ADVANCE),
+        (1.00, 0.30, WAIT),  # equal quality, healthy latency and errors
+        (1.0420, -0.29, WAIT),  # 4.2% worse, not significant with this little data
+        (1.0429, -0.30, ROLL_BACK),
+        (1.20, -0.40, ROLL_BACK),
+    ],
+)
+def test_thresholds_at_the_original_defaults(candidate: float, score: float, action: DecisionAction) -> None:
+    # 400 pairs with per-request differences this spread: 2.8% and more is significant, 4.2% worse is not.
+    noise = 0.1 if candidate < 1.0 else 0.45
+    verdict = run(shadow(400, 1.0, candidate, noise=noise))
+    assert verdict.metrics is not None
+    assert verdict.metrics.overall_score == score
+    assert verdict.decision.action is action
+
+
+def test_advancing_says_what_passed_and_where_it_goes() -> None:
+    verdict = run(shadow(650, 0.412, 0.372, noise=0.1), analysis={"metric": "mae"})
+    assert verdict.decision.action is ADVANCE
+    reason = verdict.decision.reason
+    assert reason.startswith(
+        "Step 1 of 3 (5% shadow) passed: overall score 1.00 >= promotionThreshold 0.70 "
+        "(quality +1.00, latency +1.00, errors +1.00); mae 0.412 (production) vs 0.372 (candidate), 9.7% better, "
+        "always-valid p-value "
+    )
+    assert reason.endswith("<= 0.01 (confidence 0.99), over 650 scored requests: advancing to step 2 (10% shadow).")
+
+
+@pytest.mark.parametrize(("step", "action"), [(0, ADVANCE), (1, ADVANCE), (2, PROMOTE)])
+def test_the_last_step_promotes(step: int, action: DecisionAction) -> None:
+    verdict = run(shadow(500, 1.0, 0.9, noise=0.3), step=step)
+    assert verdict.decision.action is action
+    if action is PROMOTE:
+        assert verdict.decision.reason.startswith("Step 3 of 3 (20% shadow) passed")
+        assert verdict.decision.reason.endswith(": promoting the candidate.")
+    else:
+        assert verdict.decision.reason.endswith(f"advancing to step {step + 2} ({[5, 10, 20][step + 1]}% shadow).")
+
+
+def test_a_high_score_waits_until_it_is_significant() -> None:
+    verdict = run(shadow(120, 1.0, 0.9, noise=1.5))
+    assert verdict.decision.action is WAIT
+    assert verdict.decision.reason.startswith(
+        "Collecting at step 1 of 3 (5% shadow): overall score 1.00 >= promotionThreshold 0.70 but not yet significant"
+    )
+    assert "> 0.01 (confidence 0.99), over 120 scored requests." in verdict.decision.reason
+
+
+def test_a_significant_but_small_improvement_waits_below_the_threshold() -> None:
+    verdict = run(shadow(20_000, 1.0, 0.975, noise=0.3))
+    assert verdict.metrics is not None and verdict.metrics.p_value is not None
+    assert verdict.metrics.p_value < 0.01
+    assert verdict.decision.action is WAIT
+    assert "overall score 0.65 below promotionThreshold 0.70" in verdict.decision.reason
+
+
+def test_a_significantly_worse_candidate_is_rolled_back_before_its_score_says_so() -> None:
+    verdict = run(shadow(20_000, 1.0, 1.03, noise=0.3))
+    assert verdict.metrics is not None and verdict.metrics.overall_score is not None
+    assert verdict.metrics.overall_score > -0.3
+    assert verdict.decision.action is ROLL_BACK
+    assert verdict.decision.reason.startswith("Candidate is significantly worse on mae at step 1 of 3 (5% shadow)")
+    assert verdict.decision.reason.endswith("it cannot be shown better: rolled back.")
+
+
+def test_the_rollback_reason_names_the_score_and_threshold() -> None:
+    verdict = run(shadow(300, 0.412, 0.438, noise=1.0), analysis={"metric": "mae", "rollbackThreshold": 0.3})
+    assert verdict.decision.action is ROLL_BACK
+    assert verdict.decision.reason == (
+        "Overall score -0.40 <= -rollbackThreshold -0.30 at step 1 of 3 (5% shadow) "
+        "(quality -1.00, latency +1.00, errors +1.00); mae 0.412 (production) vs 0.438 (candidate), 6.3% worse, "
+        "over 300 scored requests: rolled back."
+    )
+
+
+# --- maxStepDuration ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "action"), [(timedelta(minutes=59), WAIT), (timedelta(hours=1), ROLL_BACK), (None, WAIT)]
+)
+def test_an_undecided_step_is_rolled_back_after_max_step_duration(
+    elapsed: timedelta | None, action: DecisionAction
+) -> None:
+    analysis = {} if elapsed is None else {"maxStepDuration": "1h"}
+    now = T0 + (elapsed or timedelta(days=30))
+    verdict = run(shadow(5000, 1.0, 1.0), analysis=analysis, now=now)
+    assert verdict.decision.action is action
+    if action is ROLL_BACK:
+        assert verdict.decision.reason.startswith(
+            "Inconclusive after maxStepDuration 1h at step 1 of 3 (5% shadow): overall score 0.30 below "
+            "promotionThreshold 0.70"
+        )
+        assert verdict.decision.reason.endswith("over 5,000 scored requests: rolled back.")
+
+
+def test_a_passing_step_still_passes_after_max_step_duration() -> None:
+    verdict = run(shadow(500, 1.0, 0.9, noise=0.3), analysis={"maxStepDuration": "1h"}, now=T0 + timedelta(hours=5))
+    assert verdict.decision.action is ADVANCE
+
+
+# --- state across looks: the running p-value ---------------------------------------------------------
+
+
+def test_the_p_value_of_earlier_looks_in_the_same_step_counts() -> None:
+    weak = shadow(400, 1.0, 0.95, noise=1.2)  # score passes, this look alone is not significant
+    assert run(weak).decision.action is WAIT
+    earlier = AnalysisMetrics(step=1, p_value=0.004, p_value_worse=0.9)
+    verdict = run(weak, step=1, previous=earlier)
+    assert verdict.decision.action is ADVANCE
+    assert "always-valid p-value 0.004 <= 0.01" in verdict.decision.reason
+    assert verdict.metrics is not None
+    assert (verdict.metrics.step, verdict.metrics.p_value) == (1, 0.004)
+
+
+def test_a_new_step_starts_without_evidence() -> None:
+    earlier_step = AnalysisMetrics(step=0, p_value=0.004, p_value_worse=0.9)
+    verdict = run(shadow(400, 1.0, 0.95, noise=1.2), step=1, previous=earlier_step)
+    assert verdict.decision.action is WAIT
+    assert verdict.metrics is not None and verdict.metrics.p_value is not None
+    assert verdict.metrics.p_value > 0.01
+
+
+def test_verdict_metrics_carry_everything_status_shows() -> None:
+    verdict = run(shadow(650, 0.4, 0.36, noise=0.1, errors=10, p99=110.0))
+    metrics = verdict.metrics
+    assert metrics is not None
+    assert metrics.step == 0
+    assert metrics.improvement == pytest.approx(0.1)
+    assert metrics.production is not None and metrics.candidate is not None
+    assert (metrics.production.metric_value, metrics.candidate.metric_value) == (pytest.approx(0.4), 0.36)
+    assert (metrics.candidate.error_rate, metrics.candidate.latency_p99_ms) == (0.01, 110.0)
+    assert metrics.score_components is not None
+    assert metrics.score_components.model_dump() == {"quality": 1.0, "latency": 0.6, "errors": 0.6}
+    assert metrics.overall_score == pytest.approx(0.7 + 0.2 * 0.6 + 0.1 * 0.6)
+    assert metrics.p_value is not None and metrics.p_value < 1e-6
+    assert metrics.p_value_worse == 1.0
+    assert metrics.agreement == 0.9
+    metrics.to_dict()  # valid for status: finite numbers within their bounds
+    assert decide(spec(), status(), shadow(650, 0.4, 0.36, noise=0.1), LATER).action is ADVANCE
+
+
+# --- canary: unpaired ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("candidate", "n_candidate", "action"),
+    [(0.9, 3000, ADVANCE), (0.9, 300, WAIT), (1.0, 3000, WAIT), (1.2, 3000, ROLL_BACK)],
+)
+def test_canary_compares_two_independent_samples(candidate: float, n_candidate: int, action: DecisionAction) -> None:
+    verdict = run(canary(3000, n_candidate, 1.0, candidate), analysis={})
+    assert verdict.decision.action is action
+    assert f"over {n_candidate:,} scored candidate requests" in verdict.decision.reason
+
+
+def test_canary_needs_more_samples_than_shadow_for_the_same_improvement() -> None:
+    # Pairing removes the noise both losses share; without it the same 10% takes longer to establish.
+    paired = run(shadow(300, 1.0, 0.9, noise=0.4))
+    unpaired = run(canary(300, 300, 1.0, 0.9))
+    assert (paired.decision.action, unpaired.decision.action) == (ADVANCE, WAIT)
+
+
+# --- the parts ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("metric", "production", "candidate", "improvement"),
+    [
+        (Metric.MAE, 0.5, 0.45, 0.1),
+        (Metric.LOG_LOSS, 0.5, 0.55, -0.1),
+        (Metric.RMSE, 1.0, 0.81, 0.1),  # mean squared errors 1.0 and 0.81: RMSE 1.0 vs 0.9
+        (Metric.ACCURACY, 0.30, 0.27, 0.1),  # accuracy 0.70 -> 0.73: 10% fewer errors
+        (Metric.DIRECTIONAL_ACCURACY, 0.4, 0.44, -0.1),
+        (Metric.MAE, 0.0, 0.0, 0.0),
+        (Metric.MAE, 0.0, 0.1, None),  # production perfect: no finite ratio
+    ],
+)
+def test_relative_improvement_per_metric(
+    metric: Metric, production: float, candidate: float, improvement: float | None
+) -> None:
+    result = relative_improvement(metric, losses(100, production, 0.1), losses(100, candidate, 0.1))
+    assert result == (None if improvement is None else pytest.approx(improvement))
+
+
+def test_accuracy_is_reported_as_accuracy_and_improves_on_its_error_rate() -> None:
+    verdict = run(shadow(2000, 0.30, 0.27, noise=0.3), analysis={"metric": "accuracy"})
+    assert "accuracy 0.7 (production) vs 0.73 (candidate), 10.0% better" in verdict.decision.reason
+
+
+def test_a_perfect_production_model_cannot_be_beaten() -> None:
+    verdict = run(shadow(500, 0.0, 0.1, noise=0.1))
+    assert verdict.metrics is not None and verdict.metrics.score_components is not None
+    assert verdict.metrics.improvement is None
+    assert verdict.metrics.score_components.quality == -1.0
+    assert verdict.decision.action is ROLL_BACK
+
+
+@pytest.mark.parametrize(
+    ("p99", "error_rates", "latency", "errors"),
+    [
+        (100.0, (0.0, 0.0), 1.0, 1.0),
+        (80.0, (0.02, 0.0), 1.0, 1.0),  # faster and fewer errors: no extra credit, guardrails are met
+        (125.0, (0.0, 0.025), 0.0, 0.0),  # 25% slower; half the 5% budget more errors
+        (150.0, (0.0, 0.05), -1.0, -1.0),
+        (400.0, (0.0, 0.04), -1.0, -0.6),
+        (None, (0.0, 0.0), 1.0, 1.0),  # unmeasured: no regression seen
+    ],
+)
+def test_score_components(p99: float | None, error_rates: tuple[float, float], latency: float, errors: float) -> None:
+    analysis = spec().analysis
+    production = SideMetrics(requests=1000, errors=round(error_rates[0] * 1000), latency_p99_ms=100.0)
+    candidate = SideMetrics(requests=1000, errors=round(error_rates[1] * 1000), latency_p99_ms=p99)
+    components, score = overall_score(analysis, 0.025, production, candidate)
+    assert (components.quality, components.latency, components.errors) == (0.5, latency, errors)
+    assert score == round(0.7 * 0.5 + 0.2 * latency + 0.1 * errors, 2)
+
+
+def test_weights_shift_the_score() -> None:
+    metrics = shadow(400, 1.0, 1.0, p99=150.0)  # equal quality, 50% slower
+    default = run(metrics).metrics
+    latency_only = run(metrics, analysis={"weights": {"quality": 0, "latency": 1, "errors": 0}}).metrics
+    assert default is not None and latency_only is not None
+    assert (default.overall_score, latency_only.overall_score) == (-0.1, -1.0)  # 0.7 * 0 + 0.2 * -1 + 0.1 * 1
+    assert run(metrics, analysis={"weights": {"quality": 0, "latency": 1, "errors": 0}}).decision.action is ROLL_BACK
+
+
+def test_scores_stay_within_bounds_for_extreme_inputs() -> None:
+    for candidate in (0.0, 1e-9, 1e9):
+        verdict = run(shadow(1000, 1.0, candidate, noise=1e-12))
+        assert verdict.metrics is not None and verdict.metrics.overall_score is not None
+        assert -1.0 <= verdict.metrics.overall_score <= 1.0
+        assert all(math.isfinite(p) for p in (verdict.metrics.p_value or 0.0, verdict.metrics.p_value_worse or 0.0))
+
+
+def test_decide_is_pure() -> None:
+    metrics = shadow(400, 1.0, 0.95)
+    assert run(metrics) == run(replace(metrics))

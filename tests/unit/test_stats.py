@@ -1,0 +1,190 @@
+"""The always-valid sequential test: closed forms against integrals, monotone in the evidence, and valid
+under continuous monitoring where a repeated fixed-sample test is not."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+
+import pytest
+
+from shadowgate_operator.metrics import Moments
+from shadowgate_operator.stats import (
+    MIN_OBSERVATIONS,
+    NO_EVIDENCE,
+    Estimate,
+    Evidence,
+    log_normal_cdf,
+    mixture_width,
+    one_sided_log_evidence,
+    paired_estimate,
+    sequential_test,
+    two_sided_log_evidence,
+    unpaired_estimate,
+)
+
+
+def moments(values: list[float]) -> Moments:
+    return Moments(len(values), sum(values), sum(v * v for v in values))
+
+
+def integrate(f: Callable[[float], float], low: float, high: float, steps: int = 20_000) -> float:
+    """Simpson's rule."""
+    h = (high - low) / steps
+    total = f(low) + f(high)
+    total += sum((4 if i % 2 else 2) * f(low + i * h) for i in range(1, steps))
+    return total * h / 3
+
+
+def mixture_by_integration(z: float, r: float, lower: float) -> float:
+    """log of the mixture of exp(theta S - theta^2 I / 2) over N(0, tau^2) restricted to theta >= lower*tau,
+    in units where tau = 1 and the information is I = r (so S = z sqrt(r))."""
+    information, score = r, z * math.sqrt(r)
+
+    def density(theta: float) -> float:
+        return math.exp(theta * score - theta * theta * information / 2 - theta * theta / 2) / math.sqrt(2 * math.pi)
+
+    mass = 0.5 * math.erfc(lower / math.sqrt(2))
+    return math.log(integrate(density, lower, lower + 40) / mass)
+
+
+@pytest.mark.parametrize(
+    ("z", "r", "lower"),
+    [(0.0, 1.0, 0.0), (2.5, 10.0, 0.0), (3.0, 40.0, 0.2), (-2.0, 5.0, 0.2), (1.0, 0.5, 1.0), (4.0, 100.0, 0.5)],
+)
+def test_the_closed_form_is_the_mixture_integral(z: float, r: float, lower: float) -> None:
+    assert one_sided_log_evidence(z, r, lower) == pytest.approx(mixture_by_integration(z, r, lower), abs=1e-7)
+
+
+def test_known_values() -> None:
+    # z = 0, half-normal: 2 * Phi(0) / sqrt(1 + r) = 1 / sqrt(1 + r)
+    assert one_sided_log_evidence(0.0, 3.0, 0.0) == pytest.approx(-math.log(2.0))
+    # Johari et al.'s two-sided mSPRT: sqrt(1/(1+r)) exp(z^2 r / (2 (1+r)))
+    assert two_sided_log_evidence(3.0, 8.0) == pytest.approx(-0.5 * math.log(9.0) + 9.0 * 8.0 / 18.0)
+    # no information, no evidence
+    assert one_sided_log_evidence(5.0, 0.0) == two_sided_log_evidence(5.0, 0.0) == 0.0
+
+
+@pytest.mark.parametrize(("z", "r"), [(0.3, 2.0), (2.0, 10.0), (-1.5, 30.0)])
+def test_the_half_normal_halves_are_the_symmetric_mixture(z: float, r: float) -> None:
+    # Phi(x) + Phi(-x) = 1: the two one-sided mixtures add up to twice the two-sided one.
+    both = math.exp(one_sided_log_evidence(z, r, 0.0)) + math.exp(one_sided_log_evidence(-z, r, 0.0))
+    assert both == pytest.approx(2 * math.exp(two_sided_log_evidence(z, r)))
+
+
+def test_one_sided_needs_less_evidence_than_two_sided_for_a_real_improvement() -> None:
+    assert one_sided_log_evidence(3.5, 12.0) > two_sided_log_evidence(3.5, 12.0)
+
+
+def test_evidence_grows_with_z_and_ignores_the_wrong_direction() -> None:
+    values = [one_sided_log_evidence(z / 4, 20.0) for z in range(-40, 41)]
+    assert values == sorted(values)
+    assert one_sided_log_evidence(-3.0, 20.0) < -3.0  # strongly the other way: no evidence for "better"
+
+
+def test_log_normal_cdf_is_accurate_and_finite_in_the_far_tail() -> None:
+    for x in (-5.0, -1.0, 0.0, 2.0):
+        assert log_normal_cdf(x) == pytest.approx(math.log(0.5 * math.erfc(-x / math.sqrt(2))))
+    assert log_normal_cdf(-30.0001) == pytest.approx(log_normal_cdf(-29.9999), rel=1e-4)
+    assert math.isfinite(log_normal_cdf(-200.0))
+
+
+def test_paired_estimate_uses_the_per_request_differences() -> None:
+    production, candidate = [3.0, 1.0, 2.0, 6.0], [2.0, 1.5, 1.0, 4.5]
+    estimate = paired_estimate(
+        moments([p - c for p, c in zip(production, candidate, strict=True)]), moments(production), moments(candidate)
+    )
+    assert estimate is not None
+    assert estimate.difference == pytest.approx(0.75)  # differences 1, -0.5, 1, 1.5
+    assert estimate.variance == pytest.approx((0.0625 + 1.5625 + 0.0625 + 0.5625) / 3 / 4)
+    assert estimate.typical_loss == pytest.approx((3.0 + 2.25) / 2)
+    assert estimate.observations == 4
+
+
+def test_unpaired_estimate_is_welch() -> None:
+    production, candidate = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [1.0, 2.0, 3.0]
+    estimate = unpaired_estimate(moments(production), moments(candidate))
+    assert estimate is not None
+    assert estimate.difference == pytest.approx(3.5 - 2.0)
+    assert estimate.variance == pytest.approx(3.5 / 6 + 1.0 / 3)
+    assert estimate.observations == 3
+
+
+def test_estimates_need_two_values_per_side() -> None:
+    assert paired_estimate(Moments(1, 1.0, 1.0), Moments(1, 2.0, 4.0), Moments(1, 1.0, 1.0)) is None
+    assert unpaired_estimate(Moments(5, 5.0, 6.0), Moments(1, 1.0, 1.0)) is None
+
+
+def test_identical_losses_give_no_evidence_and_a_constant_gain_is_certain() -> None:
+    same = paired_estimate(Moments(100, 0.0, 0.0), Moments(100, 50.0, 30.0), Moments(100, 50.0, 30.0))
+    assert sequential_test(same) == Evidence(1.0, 1.0)
+    constant = paired_estimate(Moments(100, 10.0, 1.0), Moments(100, 50.0, 30.0), Moments(100, 40.0, 20.0))
+    evidence = sequential_test(constant)
+    assert evidence.p_better < 1e-12
+    assert evidence.p_worse == 1.0
+
+
+def _estimate(difference: float, n: int, sd: float = 1.0, typical: float = 2.0) -> Estimate:
+    return Estimate(difference=difference, variance=sd * sd / n, typical_loss=typical, observations=n)
+
+
+def test_the_p_value_falls_as_a_steady_improvement_accumulates() -> None:
+    p_values = [sequential_test(_estimate(0.3, n)).p_better for n in (100, 200, 400, 800)]
+    assert p_values == sorted(p_values, reverse=True)
+    assert p_values[-1] < 1e-6 < p_values[0] < 1.0
+
+
+def test_the_p_value_is_a_running_minimum() -> None:
+    earlier = Evidence(p_better=0.004, p_worse=0.5)
+    assert sequential_test(_estimate(0.0, 500), earlier) == Evidence(0.004, 0.5)
+    stronger = sequential_test(_estimate(0.5, 500), earlier)
+    assert stronger.p_better < 0.004
+    assert stronger.p_worse == 0.5
+
+
+def test_too_few_observations_or_no_estimate_add_nothing() -> None:
+    earlier = Evidence(p_better=0.2, p_worse=0.3)
+    assert sequential_test(_estimate(5.0, MIN_OBSERVATIONS - 1), earlier) is earlier
+    assert sequential_test(None) is NO_EVIDENCE
+    assert sequential_test(_estimate(5.0, MIN_OBSERVATIONS)).p_better < 1e-6
+
+
+def test_the_mixture_width_is_relative_to_the_typical_loss() -> None:
+    assert mixture_width(_estimate(0.0, 100, sd=1.0, typical=2.0), 0.1) == pytest.approx(0.2**2 * 100)
+
+
+def _monitor(rng: random.Random, effect: float, looks: range, alpha: float) -> tuple[bool, bool]:
+    """One simulated step of paired differences looked at every interval: (mSPRT rejected, a t-test at
+    alpha repeated at every look rejected)."""
+    total = squares = 0.0
+    n = 0
+    evidence = NO_EVIDENCE
+    naive = False
+    z_alpha = 2.3263 if alpha == 0.01 else 1.6449
+    for end in looks:
+        while n < end:
+            x = effect + rng.gauss(0.0, 1.0)
+            total, squares, n = total + x, squares + x * x, n + 1
+        differences = Moments(n, total, squares)
+        estimate = paired_estimate(differences, Moments(n, 2.0 * n, 5.0 * n), Moments(n, 2.0 * n, 5.0 * n))
+        evidence = sequential_test(estimate, evidence)
+        naive = naive or (estimate is not None and estimate.z > z_alpha)
+        if evidence.p_better <= alpha and naive:
+            break
+    return evidence.p_better <= alpha, naive
+
+
+def test_continuous_monitoring_keeps_false_positives_below_alpha() -> None:
+    rng = random.Random(20260101)
+    runs = [_monitor(rng, 0.0, range(50, 2001, 25), 0.05) for _ in range(400)]
+    sequential = sum(s for s, _ in runs) / len(runs)
+    repeated = sum(n for _, n in runs) / len(runs)
+    assert sequential <= 0.05
+    assert repeated > 0.15  # the same looks with a fixed-sample test: what peeking does
+
+
+def test_a_real_improvement_is_found() -> None:
+    rng = random.Random(7)
+    found = [_monitor(rng, 0.2, range(50, 2001, 25), 0.01)[0] for _ in range(100)]
+    assert sum(found) >= 95
