@@ -1,0 +1,605 @@
+"""The metric queries: what one ShadowDeployment's current window looks like, read from `predictions`
+and `outcomes` (the `WindowMetrics` contract of metrics.py).
+
+Two ways to read the same definitions:
+
+- `window_metrics(connection, ..., since, until)` reads the whole window in one statement. Its cost grows
+  with the rows in the window (about half a second for 200,000 rows on a small machine): right for replay
+  and tests, too slow to repeat every few seconds on a busy deployment.
+- `WindowAnalysis` (and `WindowAnalyses`, one per ShadowDeployment) keeps running sums and reads only the
+  rows *recorded* since its previous run, so each interval costs what arrived in that interval, whatever
+  the size of the window or of the tables. It gives the same numbers as `window_metrics(since, until)`
+  for any `until` past every row's time.
+
+Definitions (all in SQL, portable: plain PostgreSQL 15 and TimescaleDB hypertables, compressed chunks
+included). The window is the predictions of (namespace, deployment) with `time >= since` (and
+`<= until`); a side is one model, production or candidate.
+
+- Called: the side was asked (its status or its error is set). `requests` counts them; `errors` those
+  answered with HTTP status >= 500 or not at all (timeout, connection error, bad response).
+- Answered: the side returned a prediction (not NULL, no error, status below 400).
+- Outcome: the latest by `time` among the request id's outcomes timestamped from `since - OUTCOME_LEEWAY`
+  (and up to `until`): a late correction replaces an earlier outcome. The leeway absorbs clock skew
+  between whoever stamps the prediction and the outcome; an outcome cannot precede its request.
+- Scored: shadow (paired): both sides answered and there is an outcome, so both losses are taken on the
+  same requests and `loss_difference` = production loss - candidate loss per request. Canary (unpaired):
+  each side's losses over the requests it answered that have an outcome; `scored` counts requests
+  scored on either side.
+- Per-request loss, lower is better, with x the side's prediction, c its confidence, y the outcome:
+  mae |x - y|; rmse (x - y)^2; accuracy 0/1 for (x >= 0.5) != (y >= 0.5); directionalAccuracy 0/1 for
+  sign(x) != sign(y) (a zero on either side is its own sign, so a flat outcome counts as a miss for a
+  non-zero prediction); logLoss -(y ln p + (1 - y) ln(1 - p)) with p = c if present else x (c is read
+  as the probability of outcome 1), clipped to [1e-15, 1 - 1e-15].
+- metric_value: the mean loss for mae and logLoss, its square root for rmse, 1 - mean loss (the share
+  right) for the two accuracies.
+- Agreement (shadow): among requests both sides answered (outcome or not), the share where they agree:
+  same class at 0.5 (accuracy), same class of p (logLoss), same sign (directionalAccuracy), or within
+  1e-9 relative to the larger magnitude, absolute below 1 (mae, rmse). None in canary mode.
+- Latency percentiles: over every call of the side that has a latency, failures and timeouts included
+  (a model that times out is slow). They come from a logarithmic histogram (`LatencySketch`, the
+  DDSketch mapping) with relative accuracy `LATENCY_RELATIVE_ACCURACY`: histograms add up across runs,
+  exact percentiles would need every value again each time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from functools import cache
+from typing import Any
+
+import asyncpg
+
+from shadowgate_operator.api import Metric, TrafficMode
+from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
+
+OUTCOME_LEEWAY = dt.timedelta(minutes=1)
+"""Outcomes stamped this long before the window still count (clock skew between router replicas and
+clients); older ones belong to earlier requests."""
+
+WRITER_ALLOWANCE = dt.timedelta(seconds=60)
+"""How long `WindowAnalysis` waits for a write transaction that is still open, and how old it assumes
+one to be when it may not see its start (another database role without pg_read_all_stats)."""
+
+CLOCK_SKEW = dt.timedelta(seconds=1)
+"""How far the router's clock (a prediction's `time`) may run ahead of the database's (`recorded_at`).
+An outcome is recorded after its request was made, so an outcome of a prediction made after the previous
+run (by more than this) can only have been recorded since: `WindowAnalysis` then finds it without an
+index probe. Beyond this skew, a prediction whose row is flushed after its own outcome's may go unscored."""
+
+LATENCY_RELATIVE_ACCURACY = 0.001
+"""Latency percentiles are within 0.1% of the exact value (p99 of 250 ms: 249.75 to 250.25 ms)."""
+
+LATENCY_FLOOR_MS = 0.001
+"""Latencies below 1 microsecond are counted as 1 microsecond (the histogram has no bucket for zero)."""
+
+QUANTILES = (0.5, 0.95, 0.99)
+
+WHOLE_WINDOW_WORK_MEM = "64MB"
+"""work_mem for reading a whole window: its hash join and the latest-outcome sort stay in memory."""
+
+
+# --- the latency histogram --------------------------------------------------------------------------
+
+
+@dataclass
+class LatencySketch:
+    """Counts of latencies per logarithmic bucket: bucket i holds (gamma^(i-1), gamma^i].
+
+    This is DDSketch's mapping (Masson, Rim, Lee: "DDSketch: a fast and fully-mergeable quantile sketch
+    with relative-error guarantees", VLDB 2019): every value in a bucket is within `relative_accuracy`
+    of the bucket's representative 2 gamma^i / (gamma + 1), so any percentile read from it is too.
+    Buckets are computed in SQL and merged here by adding counts.
+    """
+
+    relative_accuracy: float = LATENCY_RELATIVE_ACCURACY
+    counts: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def gamma(self) -> float:
+        return (1 + self.relative_accuracy) / (1 - self.relative_accuracy)
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts.values())
+
+    def bucket(self, value: float) -> int:
+        """The bucket of one latency, exactly as the SQL computes it (for tests and callers)."""
+        return math.ceil(math.log(max(value, LATENCY_FLOOR_MS)) / math.log(self.gamma))
+
+    def add_buckets(self, buckets: Iterable[int] | None) -> None:
+        """Count one value in each of these buckets (one per latency, as the SQL returns them)."""
+        for bucket, count in Counter(buckets or ()).items():
+            self.counts[bucket] = self.counts.get(bucket, 0) + count
+
+    def value(self, bucket: int) -> float:
+        gamma = self.gamma
+        return 2 * gamma**bucket / (gamma + 1)
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile with linear interpolation between neighbouring values, as percentile_cont
+        does, each value read as its bucket's representative. None when empty."""
+        total = self.count
+        if total == 0:
+            return None
+        rank = q * (total - 1)
+        low = math.floor(rank)
+        low_value = high_value = None
+        seen = 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if low_value is None and seen > low:
+                low_value = self.value(bucket)
+            if seen > low + 1 or seen == total:
+                high_value = self.value(bucket)
+                break
+        assert low_value is not None and high_value is not None
+        return low_value + (rank - low) * (high_value - low_value)
+
+
+# --- SQL --------------------------------------------------------------------------------------------
+# Parameters of every statement: $1 namespace, $2 deployment, $3 since, $4 since - OUTCOME_LEEWAY,
+# $5 ln(gamma) and $6 LATENCY_FLOOR_MS for the histogram; then two per variant (below).
+
+_PREDICTION_COLUMNS = """p.request_id, p.production_prediction, p.production_confidence, p.production_latency_ms,
+        p.production_status, p.production_error, p.candidate_prediction, p.candidate_confidence,
+        p.candidate_latency_ms, p.candidate_status, p.candidate_error"""
+
+# The whole window at once. $7: predictions and outcomes stamped up to this time (NULL: no bound);
+# $8: recorded up to this time (NULL: no bound; rows from before recorded_at existed count as recorded
+# at their time). Latest outcome per request: one sort by request id ("C" collation: byte order is
+# enough to group, and much cheaper than a linguistic one), then a hash join.
+_WHOLE_WINDOW = f"""
+rows AS (
+    SELECT {_PREDICTION_COLUMNS}, true AS is_new, latest.outcome AS outcome_after, NULL::float8 AS outcome_before
+    FROM predictions p
+    LEFT JOIN (
+        SELECT DISTINCT ON (o.request_id COLLATE "C") o.request_id, o.outcome
+        FROM outcomes o
+        WHERE o.namespace = $1 AND o.deployment = $2
+          AND o.time >= $4 AND o.time <= coalesce($7::timestamptz, 'infinity')
+          AND coalesce(o.recorded_at, o.time) <= coalesce($8::timestamptz, 'infinity')
+        ORDER BY o.request_id COLLATE "C", o.time DESC
+    ) latest ON latest.request_id = p.request_id
+    WHERE p.namespace = $1 AND p.deployment = $2
+      AND p.time >= $3 AND p.time <= coalesce($7::timestamptz, 'infinity')
+      AND coalesce(p.recorded_at, p.time) <= coalesce($8::timestamptz, 'infinity')
+)"""
+
+# What changed between two moments of recording, ($7, $8]: predictions recorded in between (is_new:
+# everything about them is added), and earlier predictions whose latest outcome may have changed
+# because an outcome for their request id arrived in between (only their scored part changes: the
+# loss with the latest outcome as of $8 is added, the one as of $7 taken away).
+# Finding outcomes costs an index probe per row, except for predictions made after $7 + $9 (CLOCK_SKEW):
+# their outcomes came later still, so all are among the outcomes recorded in between (a hash join).
+# Cost follows the rows recorded in between, not the window or the tables.
+_RECORDED_BETWEEN = f"""
+slice_outcomes AS MATERIALIZED (
+    SELECT o.request_id, o.time, o.outcome
+    FROM outcomes o
+    WHERE o.namespace = $1 AND o.deployment = $2 AND o.recorded_at > $7 AND o.recorded_at <= $8 AND o.time >= $4
+),
+slice_latest AS (
+    SELECT DISTINCT ON (s.request_id COLLATE "C") s.request_id, s.outcome
+    FROM slice_outcomes s
+    ORDER BY s.request_id COLLATE "C", s.time DESC
+),
+arrived AS (
+    SELECT {_PREDICTION_COLUMNS}, true AS is_new, p.time > $7 + $9::interval AS fresh
+    FROM predictions p
+    WHERE p.namespace = $1 AND p.deployment = $2 AND p.recorded_at > $7 AND p.recorded_at <= $8
+      AND p.time >= $3
+    UNION ALL
+    SELECT {_PREDICTION_COLUMNS}, false AS is_new, false AS fresh
+    FROM predictions p
+    WHERE p.namespace = $1 AND p.deployment = $2 AND p.time >= $3 AND coalesce(p.recorded_at, p.time) <= $7
+      AND p.request_id IN (SELECT s.request_id FROM slice_outcomes s)
+),
+rows AS (
+    SELECT a.*,
+        CASE WHEN a.fresh THEN slice_latest.outcome ELSE probed.outcome_after END AS outcome_after,
+        probed.outcome_before
+    FROM arrived a
+    LEFT JOIN slice_latest ON a.fresh AND slice_latest.request_id = a.request_id
+    LEFT JOIN LATERAL (
+        SELECT (array_agg(o.outcome ORDER BY o.time DESC))[1] AS outcome_after,
+               (array_agg(o.outcome ORDER BY o.time DESC)
+                   FILTER (WHERE NOT a.is_new AND coalesce(o.recorded_at, o.time) <= $7))[1] AS outcome_before
+        FROM outcomes o
+        WHERE NOT a.fresh AND o.namespace = $1 AND o.deployment = $2 AND o.request_id = a.request_id
+          AND o.time >= $4 AND coalesce(o.recorded_at, o.time) <= $8
+    ) probed ON true
+)"""
+
+# Per-request loss of one side: {x} prediction, {c} confidence, {y} outcome.
+_LOSS = {
+    Metric.MAE: "abs({x} - {y})",
+    Metric.RMSE: "({x} - {y}) * ({x} - {y})",
+    Metric.ACCURACY: "CASE WHEN ({x} >= 0.5) = ({y} >= 0.5) THEN 0::float8 ELSE 1::float8 END",
+    Metric.DIRECTIONAL_ACCURACY: "CASE WHEN sign({x}) = sign({y}) THEN 0::float8 ELSE 1::float8 END",
+    Metric.LOG_LOSS: (
+        "-({y} * ln(least(greatest(coalesce({c}, {x}), 1e-15::float8), 1 - 1e-15::float8))"
+        " + (1 - {y}) * ln(1 - least(greatest(coalesce({c}, {x}), 1e-15::float8), 1 - 1e-15::float8)))"
+    ),
+}
+
+# Whether the two sides' predictions agree, per metric.
+_AGREE = {
+    Metric.MAE: "abs(production_prediction - candidate_prediction)"
+    " <= 1e-9 * greatest(1, abs(production_prediction), abs(candidate_prediction))",
+    Metric.ACCURACY: "(production_prediction >= 0.5) = (candidate_prediction >= 0.5)",
+    Metric.DIRECTIONAL_ACCURACY: "sign(production_prediction) = sign(candidate_prediction)",
+    Metric.LOG_LOSS: "(coalesce(production_confidence, production_prediction) >= 0.5)"
+    " = (coalesce(candidate_confidence, candidate_prediction) >= 0.5)",
+}
+_AGREE[Metric.RMSE] = _AGREE[Metric.MAE]
+
+# Which requests score a side ({side}_scored) and which count as scored at all, per mode.
+_SCORED = {
+    TrafficMode.SHADOW: ("p_ok AND c_ok", "p_ok AND c_ok", "p_ok AND c_ok"),
+    TrafficMode.CANARY: ("p_ok", "c_ok", "p_ok OR c_ok"),
+}
+
+_AGGREGATE = """
+flags AS (
+    SELECT r.*,
+        (production_status IS NOT NULL OR production_error IS NOT NULL) AS p_called,
+        (coalesce(production_status >= 500, false) OR production_error IS NOT NULL) AS p_error,
+        (production_prediction IS NOT NULL AND production_error IS NULL
+            AND coalesce(production_status < 400, true)) AS p_ok,
+        (candidate_status IS NOT NULL OR candidate_error IS NOT NULL) AS c_called,
+        (coalesce(candidate_status >= 500, false) OR candidate_error IS NOT NULL) AS c_error,
+        (candidate_prediction IS NOT NULL AND candidate_error IS NULL
+            AND coalesce(candidate_status < 400, true)) AS c_ok
+    FROM rows r
+),
+losses AS (
+    SELECT f.*,
+        CASE WHEN {p_scored} AND outcome_after IS NOT NULL THEN {p_loss_after} END AS p_after,
+        CASE WHEN {p_scored} AND outcome_before IS NOT NULL THEN {p_loss_before} END AS p_before,
+        CASE WHEN {c_scored} AND outcome_after IS NOT NULL THEN {c_loss_after} END AS c_after,
+        CASE WHEN {c_scored} AND outcome_before IS NOT NULL THEN {c_loss_before} END AS c_before,
+        ({any_scored}) AS any_scored
+    FROM flags f
+)
+SELECT
+    count(*) FILTER (WHERE is_new AND p_called) AS production_requests,
+    count(*) FILTER (WHERE is_new AND p_error) AS production_errors,
+    count(*) FILTER (WHERE is_new AND c_called) AS candidate_requests,
+    count(*) FILTER (WHERE is_new AND c_error) AS candidate_errors,
+    count(*) FILTER (WHERE is_new AND p_ok AND c_ok) AS pairs,
+    count(*) FILTER (WHERE is_new AND p_ok AND c_ok AND {agree}) AS agreements,
+    count(*) FILTER (WHERE any_scored AND outcome_after IS NOT NULL)
+        - count(*) FILTER (WHERE any_scored AND outcome_before IS NOT NULL) AS scored,
+    count(p_after) - count(p_before) AS production_n,
+    coalesce(sum(p_after), 0) - coalesce(sum(p_before), 0) AS production_total,
+    coalesce(sum(p_after * p_after), 0) - coalesce(sum(p_before * p_before), 0) AS production_squares,
+    count(c_after) - count(c_before) AS candidate_n,
+    coalesce(sum(c_after), 0) - coalesce(sum(c_before), 0) AS candidate_total,
+    coalesce(sum(c_after * c_after), 0) - coalesce(sum(c_before * c_before), 0) AS candidate_squares,
+    count(p_after - c_after) - count(p_before - c_before) AS difference_n,
+    coalesce(sum(p_after - c_after), 0) - coalesce(sum(p_before - c_before), 0) AS difference_total,
+    coalesce(sum((p_after - c_after) * (p_after - c_after)), 0)
+        - coalesce(sum((p_before - c_before) * (p_before - c_before)), 0) AS difference_squares,
+    array_agg(ceil(ln(greatest(production_latency_ms::float8, $6)) / $5)::int)
+        FILTER (WHERE is_new AND p_called AND production_latency_ms IS NOT NULL) AS production_buckets,
+    array_agg(ceil(ln(greatest(candidate_latency_ms::float8, $6)) / $5)::int)
+        FILTER (WHERE is_new AND c_called AND candidate_latency_ms IS NOT NULL) AS candidate_buckets
+FROM losses"""
+
+
+@cache
+def statement(whole_window: bool, metric: Metric, mode: TrafficMode) -> str:
+    """The SQL for one variant, metric and mode: fixed fragments put together, values all parameters."""
+    loss = _LOSS[metric]
+    p_scored, c_scored, any_scored = _SCORED[mode]
+    production = {"x": "production_prediction", "c": "production_confidence"}
+    candidate = {"x": "candidate_prediction", "c": "candidate_confidence"}
+    aggregate = _AGGREGATE.format(
+        p_scored=p_scored,
+        c_scored=c_scored,
+        any_scored=any_scored,
+        p_loss_after=loss.format(**production, y="outcome_after"),
+        p_loss_before=loss.format(**production, y="outcome_before"),
+        c_loss_after=loss.format(**candidate, y="outcome_after"),
+        c_loss_before=loss.format(**candidate, y="outcome_before"),
+        agree=_AGREE[metric],
+    )
+    rows = _WHOLE_WINDOW if whole_window else _RECORDED_BETWEEN
+    return f"WITH{rows},{aggregate}"
+
+
+def _arguments(
+    namespace: str, deployment: str, since: dt.datetime, leeway: dt.timedelta, *variant: Any
+) -> tuple[Any, ...]:
+    gamma = LatencySketch().gamma
+    return (namespace, deployment, since, since - leeway, math.log(gamma), LATENCY_FLOOR_MS, *variant)
+
+
+# --- running sums -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sums:
+    """The additive part of a window: what one statement returns, and what runs add up."""
+
+    production_requests: int = 0
+    production_errors: int = 0
+    candidate_requests: int = 0
+    candidate_errors: int = 0
+    pairs: int = 0
+    agreements: int = 0
+    scored: int = 0
+    production_n: int = 0
+    production_total: float = 0.0
+    production_squares: float = 0.0
+    candidate_n: int = 0
+    candidate_total: float = 0.0
+    candidate_squares: float = 0.0
+    difference_n: int = 0
+    difference_total: float = 0.0
+    difference_squares: float = 0.0
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        for name in (each.name for each in fields(self)):
+            setattr(self, name, getattr(self, name) + row[name])
+
+
+def _moments(n: int, total: float, squares: float) -> Moments:
+    # Sums of differences between runs leave rounding dust where nothing is left.
+    return Moments(n, total, squares) if n else Moments()
+
+
+def _metric_value(metric: Metric, loss: Moments) -> float | None:
+    mean = loss.mean
+    if mean is None:
+        return None
+    if metric is Metric.RMSE:
+        return math.sqrt(max(mean, 0.0))
+    if metric in (Metric.ACCURACY, Metric.DIRECTIONAL_ACCURACY):
+        return 1.0 - mean
+    return mean
+
+
+def _side(requests: int, errors: int, latency: LatencySketch, loss: Moments, metric: Metric) -> SideMetrics:
+    p50, p95, p99 = (latency.quantile(q) for q in QUANTILES)
+    return SideMetrics(
+        requests=requests,
+        errors=errors,
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        latency_p99_ms=p99,
+        loss=loss,
+        metric_value=_metric_value(metric, loss),
+    )
+
+
+@dataclass
+class _Window:
+    """Sums and histograms of one window, turned into WindowMetrics on demand."""
+
+    metric: Metric
+    mode: TrafficMode
+    sums: _Sums = field(default_factory=_Sums)
+    production_latency: LatencySketch = field(default_factory=LatencySketch)
+    candidate_latency: LatencySketch = field(default_factory=LatencySketch)
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        self.sums.add(row)
+        self.production_latency.add_buckets(row["production_buckets"])
+        self.candidate_latency.add_buckets(row["candidate_buckets"])
+
+    def metrics(self) -> WindowMetrics:
+        s = self.sums
+        paired = self.mode is TrafficMode.SHADOW
+        return WindowMetrics(
+            production=_side(
+                s.production_requests,
+                s.production_errors,
+                self.production_latency,
+                _moments(s.production_n, s.production_total, s.production_squares),
+                self.metric,
+            ),
+            candidate=_side(
+                s.candidate_requests,
+                s.candidate_errors,
+                self.candidate_latency,
+                _moments(s.candidate_n, s.candidate_total, s.candidate_squares),
+                self.metric,
+            ),
+            scored=s.scored,
+            paired=paired,
+            loss_difference=(
+                _moments(s.difference_n, s.difference_total, s.difference_squares) if paired else Moments()
+            ),
+            agreement=(s.agreements / s.pairs if paired and s.pairs else None),
+        )
+
+
+async def _fetch_window(
+    connection: asyncpg.Connection,
+    whole_window: bool,
+    metric: Metric,
+    mode: TrafficMode,
+    arguments: tuple[Any, ...],
+) -> Mapping[str, Any]:
+    async with connection.transaction():
+        # Each run's slice differs in size by orders of magnitude (a first run reads the whole window,
+        # later ones seconds of rows): plan each with its own values, never a cached generic plan.
+        await connection.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        if whole_window:
+            await connection.execute(f"SET LOCAL work_mem = '{WHOLE_WINDOW_WORK_MEM}'")
+        row: Mapping[str, Any] = await connection.fetchrow(statement(whole_window, metric, mode), *arguments)
+    return row
+
+
+async def window_metrics(
+    connection: asyncpg.Connection,
+    namespace: str,
+    deployment: str,
+    metric: Metric,
+    mode: TrafficMode,
+    since: dt.datetime,
+    until: dt.datetime | None,
+    *,
+    outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
+) -> WindowMetrics:
+    """One deployment's window read whole: predictions stamped in [since, until], each with its latest
+    outcome stamped in [since - outcome_leeway, until] (`until` None: no upper bound).
+
+    Cost grows with the rows in the window; for an analysis repeated every interval use WindowAnalysis.
+    Replay uses this: it sees every row stamped by `until`, including rows that reached the database later.
+    """
+    window = _Window(metric, mode)
+    arguments = _arguments(namespace, deployment, since, outcome_leeway, until, None)
+    window.add(await _fetch_window(connection, True, metric, mode, arguments))
+    return window.metrics()
+
+
+# --- incremental analysis ---------------------------------------------------------------------------
+
+# Who may still commit rows stamped before now: transactions holding a write lock on either table.
+# A row's recorded_at (clock_timestamp() default) is taken after its statement holds that lock, so a
+# row stamped before a moment T comes either from a transaction that had finished by T, or from one
+# that still holds the lock and started before the row. Writers never waited for beyond the allowance;
+# one whose start we may not see (another role, without pg_read_all_stats) is taken as that old.
+_OPEN_WRITERS = """
+SELECT min(greatest(activity.xact_start, clock_timestamp() - $1::interval))
+FROM pg_locks l
+LEFT JOIN pg_stat_activity activity ON activity.pid = l.pid
+WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'RowExclusiveLock'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.relation IN (to_regclass('predictions'), to_regclass('outcomes'))
+  AND l.pid IS DISTINCT FROM pg_backend_pid()
+"""
+
+
+async def recorded_horizon(connection: asyncpg.Connection, allowance: dt.timedelta = WRITER_ALLOWANCE) -> dt.datetime:
+    """The latest moment up to which every row recorded in `predictions` and `outcomes` is committed
+    (or rolled back) and visible to the next statement.
+
+    The clock is read before the locks: a writer that takes its lock after the clock read stamps its
+    rows later than it. Run outside a REPEATABLE READ transaction, so the next statement sees a newer
+    snapshot than this one.
+    """
+    now: dt.datetime = await connection.fetchval("SELECT clock_timestamp()")
+    oldest_writer: dt.datetime | None = await connection.fetchval(_OPEN_WRITERS, allowance)
+    return now if oldest_writer is None else min(now, oldest_writer)
+
+
+class WindowAnalysis:
+    """One ShadowDeployment's window, kept up to date by reading only the rows recorded since the last run.
+
+    The first `refresh` reads the window as recorded up to the horizon (`recorded_horizon`) in one go;
+    each later one reads the predictions and outcomes recorded between the previous horizon and the new
+    one (indexes on (namespace, deployment, recorded_at)) and adds the change to running sums: new
+    requests in full, and for requests whose latest outcome changed, the new loss minus the old one.
+    Latency histograms add up the same way. Memory is the sums plus two histograms (a few thousand
+    buckets at most), whatever the window's size.
+
+    Equal to `window_metrics(since, until)` for an `until` past every row's time, under two conditions
+    stated where they are relied on: writers leave `recorded_at` to its default, and no write transaction
+    stays open longer than WRITER_ALLOWANCE (the router commits each batch at once; one held open longer
+    and committed later is missed until the analysis starts over, e.g. at the next step or restart).
+
+    A new step, metric or mode is a new window: make a new WindowAnalysis (WindowAnalyses does).
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        deployment: str,
+        metric: Metric,
+        mode: TrafficMode,
+        since: dt.datetime,
+        *,
+        outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
+        writer_allowance: dt.timedelta = WRITER_ALLOWANCE,
+    ):
+        self.namespace, self.deployment, self.metric, self.mode, self.since = (
+            namespace,
+            deployment,
+            metric,
+            mode,
+            since,
+        )
+        self.outcome_leeway = outcome_leeway
+        self.writer_allowance = writer_allowance
+        self.horizon: dt.datetime | None = None
+        """Every row recorded up to here is in the sums; None before the first refresh."""
+        self.runs = 0
+        self._window = _Window(metric, mode)
+
+    async def refresh(self, connection: asyncpg.Connection) -> WindowMetrics:
+        """Read what was recorded since the previous run and return the window's metrics.
+
+        On an error nothing changes: the next refresh reads the same rows again.
+        """
+        horizon = await recorded_horizon(connection, self.writer_allowance)
+        if self.horizon is not None and horizon <= self.horizon:
+            return self.metrics()
+        if self.horizon is None:
+            # No time bound: the window is open-ended; record time bounds this slice.
+            arguments = _arguments(self.namespace, self.deployment, self.since, self.outcome_leeway, None, horizon)
+            row = await _fetch_window(connection, True, self.metric, self.mode, arguments)
+        else:
+            arguments = _arguments(
+                self.namespace, self.deployment, self.since, self.outcome_leeway, self.horizon, horizon, CLOCK_SKEW
+            )
+            row = await _fetch_window(connection, False, self.metric, self.mode, arguments)
+        self._window.add(row)
+        self.horizon = horizon
+        self.runs += 1
+        return self.metrics()
+
+    def metrics(self) -> WindowMetrics:
+        """The window as of the last refresh."""
+        return self._window.metrics()
+
+
+class WindowAnalyses:
+    """The operator's WindowAnalysis per ShadowDeployment, started over when its window changes
+    (a new step moves `since`; a new metric or mode changes what is summed)."""
+
+    def __init__(
+        self, *, outcome_leeway: dt.timedelta = OUTCOME_LEEWAY, writer_allowance: dt.timedelta = WRITER_ALLOWANCE
+    ):
+        self.outcome_leeway = outcome_leeway
+        self.writer_allowance = writer_allowance
+        self._analyses: dict[tuple[str, str], WindowAnalysis] = {}
+
+    def analysis(
+        self, namespace: str, deployment: str, metric: Metric, mode: TrafficMode, since: dt.datetime
+    ) -> WindowAnalysis:
+        current = self._analyses.get((namespace, deployment))
+        if current is None or (current.metric, current.mode, current.since) != (metric, mode, since):
+            current = WindowAnalysis(
+                namespace,
+                deployment,
+                metric,
+                mode,
+                since,
+                outcome_leeway=self.outcome_leeway,
+                writer_allowance=self.writer_allowance,
+            )
+            self._analyses[(namespace, deployment)] = current
+        return current
+
+    async def window_metrics(
+        self,
+        connection: asyncpg.Connection,
+        namespace: str,
+        deployment: str,
+        metric: Metric,
+        mode: TrafficMode,
+        since: dt.datetime,
+    ) -> WindowMetrics:
+        """The current window of one deployment, read incrementally."""
+        return await self.analysis(namespace, deployment, metric, mode, since).refresh(connection)
+
+    def forget(self, namespace: str, deployment: str) -> None:
+        """Drop a deleted or finished deployment's sums."""
+        self._analyses.pop((namespace, deployment), None)
