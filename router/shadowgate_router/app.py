@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Mapping
@@ -113,6 +114,10 @@ class RouterApp:
         self.server = HttpServer(self.handle, body_limit=settings.body_limit)
         await self.server.start(settings.host, settings.port)
         self._source_task = asyncio.get_running_loop().create_task(source.run(), name="config-source")
+        # Everything allocated so far lives as long as the process: keep the collector from re-scanning
+        # it, which otherwise shows up as 20-30 ms pauses in the tail latency.
+        gc.collect()
+        gc.freeze()
         log.info("router listening on %s:%d", settings.host, self.server.port)
 
     @property

@@ -31,6 +31,8 @@ MAX_HEADERS = 100
 MAX_HEADER_BYTES = 65536
 MAX_PIPELINED = 16
 """Requests parsed ahead of the one being answered before the connection stops reading."""
+LINGER_SECONDS = 2.0
+"""After refusing a request, how long the rest of what the client sends is read and dropped."""
 
 
 @dataclass(slots=True)
@@ -225,12 +227,14 @@ class HttpConnection(asyncio.Protocol):
             self._task = self.server.loop.create_task(self._answer())
 
     def reject(self, status: int, message: str) -> None:
-        """Answer with an error after whatever is already queued, then close; stop reading."""
+        """Answer with an error after whatever is already queued, then close.
+
+        What the client still sends (the rest of a body too large to take) is read and dropped until the
+        close: closing a socket with unread data makes the kernel reset the connection, and the client
+        would see "connection reset" instead of the 4xx that says why.
+        """
         self._rejected = True
         self.reading_since = None
-        if self.transport is not None and not self._paused:
-            self._paused = True
-            self.transport.pause_reading()
         self._enqueue(error_response(status, message))
 
     async def _answer(self) -> None:
@@ -239,7 +243,8 @@ class HttpConnection(asyncio.Protocol):
                 item = self._queue.popleft()
                 if isinstance(item, Response):
                     self._write(item, keep_alive=False)
-                    break
+                    self._linger()
+                    return
                 if self._paused and not self._rejected and len(self._queue) <= MAX_PIPELINED // 2:
                     self._paused = False
                     if self.transport is not None:
@@ -279,6 +284,15 @@ class HttpConnection(asyncio.Protocol):
         parts.append(b"\r\n")
         parts.append(response.body)
         self.transport.write(b"".join(parts))
+
+    def _linger(self) -> None:
+        """Half-close after a refusal, keep dropping input for a moment, then close for good."""
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.server.loop.call_later(LINGER_SECONDS, self.close)
 
     @property
     def idle(self) -> bool:

@@ -79,6 +79,7 @@ class ModelServer:
         self.behaviour = behaviour or Behaviour()
         self.stats = Stats()
         self.random = random.Random(seed)
+        self.unhung = asyncio.Event()
         self.app = web.Application()
         self.app.add_routes(
             [
@@ -108,7 +109,7 @@ class ModelServer:
         self.stats.request_ids.append(request.headers.get("X-Request-Id", ""))
         behaviour = self.behaviour
         if behaviour.hang:
-            await asyncio.Event().wait()
+            await self.unhung.wait()  # until /control turns hang off (or the client goes away)
         if behaviour.latency_ms > 0:
             await asyncio.sleep(behaviour.latency_ms / 1000)
         if behaviour.error_rate > 0 and self.random.random() < behaviour.error_rate:
@@ -167,6 +168,10 @@ class ModelServer:
 
     async def control(self, request: web.Request) -> web.Response:
         self.behaviour.update(await request.json())
+        if self.behaviour.hang:
+            self.unhung.clear()
+        else:
+            self.unhung.set()
         return web.json_response({"ok": True})
 
     async def get_stats(self, _: web.Request) -> web.Response:
@@ -175,7 +180,11 @@ class ModelServer:
         )
 
     async def serve(self, port: int, ready: asyncio.Event | None = None) -> None:
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # Like most model servers, stop working on a request whose client has gone (a router's timeout),
+        # and do not wait long for stuck requests when stopping.
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=1.0
+        )
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
         await site.start()
