@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup binaries test test-unit lint format crds demo clean dev-up dev-down
+.PHONY: help setup binaries test test-unit lint format crds demo clean dev-up dev-down bench-decision
 
 help:
 	@echo "make test    set up everything, then run the whole test suite (real API server and PostgreSQL)"
@@ -47,6 +47,10 @@ format: $(INSTALLED)
 
 demo: binaries
 	$(BIN)/shadowgate demo
+
+# 1,000 simulated rollouts per scenario: false promotions of identical models, samples to promote a better one.
+bench-decision: $(INSTALLED)
+	$(BIN)/python bench/decision/run.py
 
 dev-up: binaries
 	$(BIN)/shadowgate dev up

@@ -609,7 +609,8 @@ class ScoreComponents(StatusModel):
     """The parts of the overall score before weighting, each from -1 to 1."""
 
     quality: float = Field(ge=-1, le=1)
-    """Relative improvement on the analysis metric over 5%: 0 no difference, 1 at 5% better or more."""
+    """Relative improvement on the analysis metric over 5% (1 at 5% better or more, -1 at 5% worse),
+    times the evidence for it (1 - its always-valid p-value): 0 until the difference is established."""
     latency: float = Field(ge=-1, le=1)
     """p99 guardrail: 1 when the candidate is no slower than production, 0 at 25% slower, -1 at 50%."""
     errors: float = Field(ge=-1, le=1)

@@ -16,8 +16,9 @@ The rules, in order (the first that applies wins):
    Fail: the candidate could not be judged (are outcomes arriving?). Shadow mode counts scored pairs;
    canary mode counts the candidate's own scored requests (the smaller side, the one that limits the
    comparison).
-4. overall score <= -rollbackThreshold -> RollBack (the point estimate is enough to stop: rolling back
-   is the safe direction, and in canary mode users are getting the worse answers).
+4. overall score <= -rollbackThreshold -> RollBack. Quality counts in the score as far as the evidence
+   goes (below), so a noisy early estimate does not roll back a good candidate, while a clear
+   regression is stopped before it is significant at `confidence`.
 5. The candidate is significantly *worse* on quality (always-valid p-value <= 1 - confidence) ->
    RollBack: it can no longer be shown better, waiting only prolongs it.
 6. overall score >= promotionThreshold AND the candidate significantly better on quality (always-valid
@@ -29,9 +30,14 @@ The score. The overall score is the weighted sum of three components, each in [-
 `analysis.weights` normalised (so the score is in [-1, 1] too). Quality is what a new model is for, so
 it is scored on improvement; latency and errors are guardrails, scored on not getting worse:
 
-- quality = improvement / 5%, clipped: 0 for no difference, 1 for 5% better or more, -1 for 5% worse.
-  improvement = (production - candidate) / production on the metric as users know it (MAE, RMSE, log
-  loss), and on the error rate (1 - accuracy) for accuracy and directionalAccuracy.
+- quality = evidence * improvement / 5%, clipped: 0 for no difference, 1 for 5% better or more, -1 for
+  5% worse. improvement = (production - candidate) / production on the metric as users know it (MAE,
+  RMSE, log loss), and on the error rate (1 - accuracy) for accuracy and directionalAccuracy.
+  evidence = 1 - the always-valid p-value of the direction the estimate points in (stats.py): an
+  improvement or a regression counts in full once it is established and not at all before the test
+  has run. This keeps a noisy early estimate from rolling back a good candidate: without it, at 100
+  scored requests a canary 10% better was rolled back in about a fifth of simulated runs, and an
+  identical one in two thirds.
 - latency = 1 - slowdown / 25%, clipped, with slowdown = max(0, p99 candidate / p99 production - 1):
   1 when the candidate's p99 is no slower, 0 at 25% slower, -1 at 50% slower or more.
 - errors = 1 - 2 * excess / maxErrorRate, clipped, with excess = max(0, error rate candidate - error
@@ -42,11 +48,12 @@ Why this scale: the original service scored raw relative improvements, so a 10%-
 0.07 and never reached the 0.7 threshold. Scoring the guardrails on "no worse" gives the defaults
 (weights 0.7/0.2/0.1, thresholds 0.7/0.3) a plain meaning: with healthy latency and errors the score
 is 0.3 + 0.7 * quality, so promotionThreshold 0.7 asks for about 3% better (and significantly better),
-a candidate 5% better scores 1.0, an equal one 0.3, and rollbackThreshold 0.3 rolls back at about 4%
-worse, or sooner when it is also slower or failing more. A regression on a guardrail costs score
-without blocking promotion outright (a 10%-better model 25% slower scores 0.8), so there are no cliffs
-from noise in a p99. The score says how large the difference is; the sequential test (stats.py) says
-whether it is real: promotion always needs the quality test, latency and errors are not tested.
+a candidate 5% better scores 1.0 once established, an equal one 0.3, and rollbackThreshold 0.3 rolls
+back at about 4% worse with fair evidence (an always-valid p-value up to about 0.14), or sooner when it
+is also slower or failing more. A regression on a guardrail costs score without blocking promotion
+outright (a 10%-better model 25% slower scores 0.8), so noise in a p99 makes no cliffs. The score says
+how large the difference is; the sequential test (stats.py) says whether it is real: promotion always
+needs the quality test, latency and errors are not tested.
 
 State across looks: the always-valid p-values are running minima within a step. They are read from
 `status.metrics` when it belongs to the current step (`AnalysisMetrics.step`), so the caller only has
@@ -103,6 +110,9 @@ class Verdict:
     it back: the next analysis of the same step reads its p-values from there."""
     samples: int
     """Scored requests the decision counted against minSamples (for status.samples)."""
+    gate: str | None = None
+    """The hard gate the candidate failed, in words with its value and threshold (for a GateFailed Event),
+    e.g. "Candidate error rate 12.0% (24 of 200 requests) exceeds maxErrorRate 5.0%"; None otherwise."""
 
 
 def decide(
@@ -141,7 +151,7 @@ def analyse(
     evidence = sequential_test(estimate, previous) if ready else previous
     tested = evidence is not NO_EVIDENCE  # a look that ran the test returns a new Evidence
     improvement = relative_improvement(analysis.metric, metrics.production.loss, metrics.candidate.loss)
-    components, score = overall_score(analysis, improvement, metrics.production, metrics.candidate)
+    components, score = overall_score(analysis, improvement, metrics.production, metrics.candidate, evidence)
     measured = AnalysisMetrics(
         step=step,
         production=_model_metrics(analysis.metric, metrics.production),
@@ -155,7 +165,8 @@ def analyse(
     )
 
     if gate is not None:
-        return verdict(DecisionAction.ROLL_BACK, f"{gate} at {where}: rolled back.", measured, samples)
+        reason = f"{gate} at {where}: rolled back."
+        return Verdict(Decision(action=DecisionAction.ROLL_BACK, reason=reason, time=now), measured, samples, gate)
 
     counted = "scored requests" if metrics.paired else "scored candidate requests"
     if not ready:
@@ -231,7 +242,11 @@ def relative_improvement(metric: Metric, production: Moments, candidate: Moments
 
 
 def overall_score(
-    analysis: Analysis, improvement: float | None, production: SideMetrics, candidate: SideMetrics
+    analysis: Analysis,
+    improvement: float | None,
+    production: SideMetrics,
+    candidate: SideMetrics,
+    evidence: Evidence = NO_EVIDENCE,
 ) -> tuple[ScoreComponents, float]:
     """The score components and their weighted sum, rounded to two decimals (the value compared with
     the thresholds is the one shown)."""
@@ -239,6 +254,7 @@ def overall_score(
         quality = _clip(improvement / QUALITY_FULL_MARKS)
     else:  # production perfect and the candidate not, or nothing scored on a side yet
         quality = -1.0 if production.loss.mean is not None and candidate.loss.mean is not None else 0.0
+    quality *= 1.0 - (evidence.p_better if quality > 0 else evidence.p_worse)
     latency = 1.0
     if production.latency_p99_ms and candidate.latency_p99_ms is not None:
         slowdown = max(0.0, candidate.latency_p99_ms / production.latency_p99_ms - 1.0)
@@ -248,9 +264,12 @@ def overall_score(
         budget = max(analysis.max_error_rate, ERRORS_BUDGET_FLOOR)
         excess = max(0.0, candidate.error_rate - production.error_rate)
         errors = _clip(1.0 - 2.0 * excess / budget)
-    components = ScoreComponents(quality=round(quality, 3), latency=round(latency, 3), errors=round(errors, 3))
+    # + 0.0 turns a -0.0 (a negative estimate with no evidence) into 0.0 for people reading status.
+    components = ScoreComponents(
+        quality=round(quality, 3) + 0.0, latency=round(latency, 3) + 0.0, errors=round(errors, 3) + 0.0
+    )
     w_quality, w_latency, w_errors = analysis.weights.normalized()
-    score = round(w_quality * quality + w_latency * latency + w_errors * errors, 2)
+    score = round(w_quality * quality + w_latency * latency + w_errors * errors, 2) + 0.0
     return components, _clip(score)
 
 

@@ -20,6 +20,7 @@ from shadowgate_operator.api import (
 )
 from shadowgate_operator.decision import Verdict, analyse, decide, overall_score, relative_improvement
 from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
+from shadowgate_operator.stats import NO_EVIDENCE, Evidence
 from tests.admission_cases import load_example, merge_patch
 
 T0 = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
@@ -135,6 +136,9 @@ def test_the_error_rate_gate_rolls_back_at_once_even_below_min_samples(
     verdict = run(shadow(10, errors=errors, requests=requests))
     assert verdict.decision.action is action
     assert verdict.decision.reason.startswith(reason)
+    assert (verdict.gate is not None) == (action is ROLL_BACK)
+    if verdict.gate is not None:
+        assert verdict.decision.reason == f"{verdict.gate} at step 1 of 3 (5% shadow): rolled back."
 
 
 @pytest.mark.parametrize(
@@ -191,24 +195,35 @@ def test_canary_counts_the_candidates_scored_requests() -> None:
 
 
 @pytest.mark.parametrize(
-    ("candidate", "score", "action"),
+    ("candidate", "noise", "score", "action", "reason"),
     [
-        (0.9714, 0.70, ADVANCE),  # 2.86% better: quality 0.572 -> 0.3 + 0.7 * 0.572 = 0.70
-        (0.9720, 0.69, WAIT),  # 2.80% better: 0.692
-        (0.90, 1.00, ADVANCE),
-        (1.00, 0.30, WAIT),  # equal quality, healthy latency and errors
-        (1.0420, -0.29, WAIT),  # 4.2% worse, not significant with this little data
-        (1.0429, -0.30, ROLL_BACK),
-        (1.20, -0.40, ROLL_BACK),
+        # 2.86% better: quality 0.572 -> 0.3 + 0.7 * 0.572 = 0.70
+        (0.9714, 0.1, 0.70, ADVANCE, "Step 1 of 3 (5% shadow) passed: overall score 0.70 >= promotionThreshold 0.70"),
+        (0.9720, 0.1, 0.69, WAIT, "Collecting at step 1 of 3 (5% shadow): overall score 0.69 below promotionThreshold"),
+        (0.90, 0.1, 1.00, ADVANCE, "Step 1 of 3 (5% shadow) passed: overall score 1.00"),
+        (1.00, 0.1, 0.30, WAIT, "Collecting at step 1 of 3 (5% shadow): overall score 0.30 below"),  # equal
+        (1.0429, 0.1, -0.30, ROLL_BACK, "Overall score -0.30 <= -rollbackThreshold -0.30"),
+        (1.0420, 0.1, -0.29, ROLL_BACK, "Candidate is significantly worse on mae"),  # above -0.30, but certain
+        (1.0300, 0.45, 0.30, WAIT, "Collecting"),  # 3% worse, no evidence yet: no verdict on noise
+        (1.20, 0.1, -0.40, ROLL_BACK, "Overall score -0.40 <= -rollbackThreshold -0.30"),
     ],
 )
-def test_thresholds_at_the_original_defaults(candidate: float, score: float, action: DecisionAction) -> None:
-    # 400 pairs with per-request differences this spread: 2.8% and more is significant, 4.2% worse is not.
-    noise = 0.1 if candidate < 1.0 else 0.45
+def test_thresholds_at_the_original_defaults(
+    candidate: float, noise: float, score: float, action: DecisionAction, reason: str
+) -> None:
     verdict = run(shadow(400, 1.0, candidate, noise=noise))
     assert verdict.metrics is not None
     assert verdict.metrics.overall_score == score
     assert verdict.decision.action is action
+    assert verdict.decision.reason.startswith(reason)
+
+
+def test_an_early_noisy_regression_is_not_rolled_back_on_its_point_estimate() -> None:
+    # A canary 10% worse on its first 100 scored requests is within the noise of an equal one.
+    verdict = run(canary(100, 100, 1.0, 1.1))
+    assert verdict.metrics is not None and verdict.metrics.improvement == pytest.approx(-0.1)
+    assert verdict.metrics.overall_score is not None and verdict.metrics.overall_score > -0.3
+    assert verdict.decision.action is WAIT
 
 
 def test_advancing_says_what_passed_and_where_it_goes() -> None:
@@ -235,12 +250,12 @@ def test_the_last_step_promotes(step: int, action: DecisionAction) -> None:
 
 
 def test_a_high_score_waits_until_it_is_significant() -> None:
-    verdict = run(shadow(120, 1.0, 0.9, noise=1.5))
+    verdict = run(shadow(400, 1.0, 0.9, noise=0.7))
     assert verdict.decision.action is WAIT
     assert verdict.decision.reason.startswith(
-        "Collecting at step 1 of 3 (5% shadow): overall score 1.00 >= promotionThreshold 0.70 but not yet significant"
+        "Collecting at step 1 of 3 (5% shadow): overall score 0.98 >= promotionThreshold 0.70 but not yet significant"
     )
-    assert "> 0.01 (confidence 0.99), over 120 scored requests." in verdict.decision.reason
+    assert "always-valid p-value 0.034 > 0.01 (confidence 0.99), over 400 scored requests." in verdict.decision.reason
 
 
 def test_a_significant_but_small_improvement_waits_below_the_threshold() -> None:
@@ -261,7 +276,7 @@ def test_a_significantly_worse_candidate_is_rolled_back_before_its_score_says_so
 
 
 def test_the_rollback_reason_names_the_score_and_threshold() -> None:
-    verdict = run(shadow(300, 0.412, 0.438, noise=1.0), analysis={"metric": "mae", "rollbackThreshold": 0.3})
+    verdict = run(shadow(300, 0.412, 0.438, noise=0.1), analysis={"metric": "mae", "rollbackThreshold": 0.3})
     assert verdict.decision.action is ROLL_BACK
     assert verdict.decision.reason == (
         "Overall score -0.40 <= -rollbackThreshold -0.30 at step 1 of 3 (5% shadow) "
@@ -407,9 +422,24 @@ def test_score_components(p99: float | None, error_rates: tuple[float, float], l
     analysis = spec().analysis
     production = SideMetrics(requests=1000, errors=round(error_rates[0] * 1000), latency_p99_ms=100.0)
     candidate = SideMetrics(requests=1000, errors=round(error_rates[1] * 1000), latency_p99_ms=p99)
-    components, score = overall_score(analysis, 0.025, production, candidate)
+    components, score = overall_score(analysis, 0.025, production, candidate, Evidence(p_better=0.0, p_worse=1.0))
     assert (components.quality, components.latency, components.errors) == (0.5, latency, errors)
     assert score == round(0.7 * 0.5 + 0.2 * latency + 0.1 * errors, 2)
+
+
+@pytest.mark.parametrize(
+    ("improvement", "evidence", "quality"),
+    [
+        (0.025, NO_EVIDENCE, 0.0),  # nothing tested yet: the estimate does not count
+        (0.025, Evidence(p_better=0.2, p_worse=1.0), 0.4),
+        (0.10, Evidence(p_better=0.5, p_worse=1.0), 0.5),
+        (-0.10, Evidence(p_better=1.0, p_worse=0.1), -0.9),
+        (-0.10, Evidence(p_better=0.001, p_worse=1.0), 0.0),  # evidence for the other direction: none for this one
+    ],
+)
+def test_quality_counts_as_far_as_the_evidence_goes(improvement: float, evidence: Evidence, quality: float) -> None:
+    components, _ = overall_score(spec().analysis, improvement, SideMetrics(), SideMetrics(), evidence)
+    assert components.quality == quality
 
 
 def test_weights_shift_the_score() -> None:
