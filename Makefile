@@ -60,3 +60,8 @@ dev-down: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Analysis cost with 1M and 10M prediction rows (200k in the window) on a throwaway PostgreSQL; ~10 min.
+.PHONY: bench-analysis
+bench-analysis: $(INSTALLED)
+	$(BIN)/python bench/analysis/run.py $(BENCH_ARGS)

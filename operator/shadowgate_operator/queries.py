@@ -142,11 +142,14 @@ class LatencySketch:
 
 # --- SQL --------------------------------------------------------------------------------------------
 # Parameters of every statement: $1 namespace, $2 deployment, $3 since, $4 since - OUTCOME_LEEWAY,
-# $5 ln(gamma) and $6 LATENCY_FLOOR_MS for the histogram; then two per variant (below).
+# $5 ln(gamma) and $6 LATENCY_FLOOR_MS for the histogram; then those of each variant (below).
 
-_PREDICTION_COLUMNS = """p.request_id, p.production_prediction, p.production_confidence, p.production_latency_ms,
-        p.production_status, p.production_error, p.candidate_prediction, p.candidate_confidence,
-        p.candidate_latency_ms, p.candidate_status, p.candidate_error"""
+_COLUMNS = (
+    "request_id, production_prediction, production_confidence, production_latency_ms, production_status, "
+    "production_error, candidate_prediction, candidate_confidence, candidate_latency_ms, candidate_status, "
+    "candidate_error"
+)
+_PREDICTION_COLUMNS = ", ".join(f"p.{column}" for column in _COLUMNS.split(", "))
 
 # The whole window at once. $7: predictions and outcomes stamped up to this time (NULL: no bound);
 # $8: recorded up to this time (NULL: no bound; rows from before recorded_at existed count as recorded
@@ -173,9 +176,11 @@ rows AS (
 # everything about them is added), and earlier predictions whose latest outcome may have changed
 # because an outcome for their request id arrived in between (only their scored part changes: the
 # loss with the latest outcome as of $8 is added, the one as of $7 taken away).
-# Finding outcomes costs an index probe per row, except for predictions made after $7 + $9 (CLOCK_SKEW):
-# their outcomes came later still, so all are among the outcomes recorded in between (a hash join).
-# Cost follows the rows recorded in between, not the window or the tables.
+# Predictions made after $7 + $9 (CLOCK_SKEW) find their outcomes among those recorded in between (they
+# came later still) with a hash join; every other lookup is an index probe, written as LATERAL. The
+# statement runs with nested loops disabled (see _settings), so its shape does not depend on row
+# estimates, which are poor for rows recorded after the last ANALYZE: probes where written, hash joins
+# elsewhere. Cost follows the rows recorded in between, not the window or the tables.
 _RECORDED_BETWEEN = f"""
 slice_outcomes AS MATERIALIZED (
     SELECT o.request_id, o.time, o.outcome
@@ -194,9 +199,13 @@ arrived AS (
       AND p.time >= $3
     UNION ALL
     SELECT {_PREDICTION_COLUMNS}, false AS is_new, false AS fresh
-    FROM predictions p
-    WHERE p.namespace = $1 AND p.deployment = $2 AND p.time >= $3 AND coalesce(p.recorded_at, p.time) <= $7
-      AND p.request_id IN (SELECT s.request_id FROM slice_outcomes s)
+    FROM slice_latest s
+    CROSS JOIN LATERAL (
+        SELECT {_COLUMNS} FROM predictions q
+        WHERE q.namespace = $1 AND q.deployment = $2 AND q.request_id = s.request_id
+          AND q.time >= $3 AND coalesce(q.recorded_at, q.time) <= $7
+        OFFSET 0  -- a probe per request id: keeps the planner from flattening this into a join
+    ) p
 ),
 rows AS (
     SELECT a.*,
@@ -312,11 +321,88 @@ def statement(whole_window: bool, metric: Metric, mode: TrafficMode) -> str:
     return f"WITH{rows},{aggregate}"
 
 
-def _arguments(
-    namespace: str, deployment: str, since: dt.datetime, leeway: dt.timedelta, *variant: Any
-) -> tuple[Any, ...]:
+@dataclass(frozen=True)
+class Query:
+    """One statement of the analysis with its arguments: what runs, and what `explain` shows."""
+
+    sql: str
+    arguments: tuple[Any, ...]
+    whole_window: bool
+
+
+def _common(namespace: str, deployment: str, since: dt.datetime, leeway: dt.timedelta) -> tuple[Any, ...]:
     gamma = LatencySketch().gamma
-    return (namespace, deployment, since, since - leeway, math.log(gamma), LATENCY_FLOOR_MS, *variant)
+    return (namespace, deployment, since, since - leeway, math.log(gamma), LATENCY_FLOOR_MS)
+
+
+def whole_window_query(
+    namespace: str,
+    deployment: str,
+    metric: Metric,
+    mode: TrafficMode,
+    since: dt.datetime,
+    until: dt.datetime | None,
+    *,
+    recorded_until: dt.datetime | None = None,
+    outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
+) -> Query:
+    """The window in one statement: stamped in [since, until], recorded by `recorded_until` (None: no bound)."""
+    return Query(
+        statement(True, metric, mode),
+        (*_common(namespace, deployment, since, outcome_leeway), until, recorded_until),
+        whole_window=True,
+    )
+
+
+def recorded_between_query(
+    namespace: str,
+    deployment: str,
+    metric: Metric,
+    mode: TrafficMode,
+    since: dt.datetime,
+    after: dt.datetime,
+    upto: dt.datetime,
+    *,
+    outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
+) -> Query:
+    """What changed in the window [since, ...) between two moments of recording, (after, upto]."""
+    return Query(
+        statement(False, metric, mode),
+        (*_common(namespace, deployment, since, outcome_leeway), after, upto, CLOCK_SKEW),
+        whole_window=False,
+    )
+
+
+# Each run's slice differs in size by orders of magnitude (a first run reads the whole window, later
+# ones seconds of rows): plan each with its own values, never a cached generic plan.
+_WHOLE_WINDOW_SETTINGS = (
+    f"SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL work_mem = '{WHOLE_WINDOW_WORK_MEM}'"
+)
+# Slices: LATERAL subqueries stay nested loops (nothing else can run them); every other join becomes a
+# hash join. Rows recorded since the last ANALYZE are estimated at a handful, and a nested loop over a
+# few thousand of them is quadratic. The penalty this puts on the plan's cost must not make PostgreSQL
+# compile it (JIT takes a second; the statement runs in milliseconds).
+_SLICE_SETTINGS = "SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL enable_nestloop = off; SET LOCAL jit = off"
+
+
+async def _settings(connection: asyncpg.Connection, query: Query) -> None:
+    await connection.execute(_WHOLE_WINDOW_SETTINGS if query.whole_window else _SLICE_SETTINGS)
+
+
+async def _fetch(connection: asyncpg.Connection, query: Query) -> Mapping[str, Any]:
+    async with connection.transaction():
+        await _settings(connection, query)
+        row: Mapping[str, Any] = await connection.fetchrow(query.sql, *query.arguments)
+    return row
+
+
+async def explain(connection: asyncpg.Connection, query: Query) -> list[str]:
+    """EXPLAIN (ANALYZE, BUFFERS) of a query, run as the analysis runs it: for benchmarks and for
+    finding out why an analysis is slow. It executes the query (read-only)."""
+    async with connection.transaction():
+        await _settings(connection, query)
+        rows = await connection.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {query.sql}", *query.arguments)
+    return [row[0] for row in rows]
 
 
 # --- running sums -----------------------------------------------------------------------------------
@@ -419,23 +505,6 @@ class _Window:
         )
 
 
-async def _fetch_window(
-    connection: asyncpg.Connection,
-    whole_window: bool,
-    metric: Metric,
-    mode: TrafficMode,
-    arguments: tuple[Any, ...],
-) -> Mapping[str, Any]:
-    async with connection.transaction():
-        # Each run's slice differs in size by orders of magnitude (a first run reads the whole window,
-        # later ones seconds of rows): plan each with its own values, never a cached generic plan.
-        await connection.execute("SET LOCAL plan_cache_mode = force_custom_plan")
-        if whole_window:
-            await connection.execute(f"SET LOCAL work_mem = '{WHOLE_WINDOW_WORK_MEM}'")
-        row: Mapping[str, Any] = await connection.fetchrow(statement(whole_window, metric, mode), *arguments)
-    return row
-
-
 async def window_metrics(
     connection: asyncpg.Connection,
     namespace: str,
@@ -454,8 +523,8 @@ async def window_metrics(
     Replay uses this: it sees every row stamped by `until`, including rows that reached the database later.
     """
     window = _Window(metric, mode)
-    arguments = _arguments(namespace, deployment, since, outcome_leeway, until, None)
-    window.add(await _fetch_window(connection, True, metric, mode, arguments))
+    query = whole_window_query(namespace, deployment, metric, mode, since, until, outcome_leeway=outcome_leeway)
+    window.add(await _fetch(connection, query))
     return window.metrics()
 
 
@@ -464,30 +533,33 @@ async def window_metrics(
 # Who may still commit rows stamped before now: transactions holding a write lock on either table.
 # A row's recorded_at (clock_timestamp() default) is taken after its statement holds that lock, so a
 # row stamped before a moment T comes either from a transaction that had finished by T, or from one
-# that still holds the lock and started before the row. Writers never waited for beyond the allowance;
-# one whose start we may not see (another role, without pg_read_all_stats) is taken as that old.
-_OPEN_WRITERS = """
-SELECT min(greatest(activity.xact_start, clock_timestamp() - $1::interval))
-FROM pg_locks l
-LEFT JOIN pg_stat_activity activity ON activity.pid = l.pid
-WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'RowExclusiveLock'
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.relation IN (to_regclass('predictions'), to_regclass('outcomes'))
-  AND l.pid IS DISTINCT FROM pg_backend_pid()
+# that still holds the lock and started before the row. Writers are never waited for beyond the
+# allowance; one whose start we may not see (another role, without pg_read_all_stats) is taken as that
+# old. The clock is read before the locks (the lock scan depends on it, so it runs after): a writer that
+# takes its lock after the clock read stamps its rows later than it.
+_HORIZON = """
+SELECT least(clock.now, writers.oldest)
+FROM (SELECT clock_timestamp() AS now OFFSET 0) clock
+CROSS JOIN LATERAL (
+    SELECT min(greatest(activity.xact_start, clock.now - $1::interval)) AS oldest
+    FROM pg_locks l
+    LEFT JOIN pg_stat_activity activity ON activity.pid = l.pid
+    WHERE l.locktype = 'relation' AND l.granted AND l.mode = 'RowExclusiveLock'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.relation IN (to_regclass('predictions'), to_regclass('outcomes'))
+      AND l.pid IS DISTINCT FROM pg_backend_pid()
+) writers
 """
 
 
 async def recorded_horizon(connection: asyncpg.Connection, allowance: dt.timedelta = WRITER_ALLOWANCE) -> dt.datetime:
     """The latest moment up to which every row recorded in `predictions` and `outcomes` is committed
-    (or rolled back) and visible to the next statement.
+    (or rolled back) and so visible to the next statement.
 
-    The clock is read before the locks: a writer that takes its lock after the clock read stamps its
-    rows later than it. Run outside a REPEATABLE READ transaction, so the next statement sees a newer
-    snapshot than this one.
+    Run outside a REPEATABLE READ transaction, so the next statement sees a newer snapshot than this one.
     """
-    now: dt.datetime = await connection.fetchval("SELECT clock_timestamp()")
-    oldest_writer: dt.datetime | None = await connection.fetchval(_OPEN_WRITERS, allowance)
-    return now if oldest_writer is None else min(now, oldest_writer)
+    horizon: dt.datetime = await connection.fetchval(_HORIZON, allowance)
+    return horizon
 
 
 class WindowAnalysis:
@@ -541,19 +613,37 @@ class WindowAnalysis:
         horizon = await recorded_horizon(connection, self.writer_allowance)
         if self.horizon is not None and horizon <= self.horizon:
             return self.metrics()
-        if self.horizon is None:
-            # No time bound: the window is open-ended; record time bounds this slice.
-            arguments = _arguments(self.namespace, self.deployment, self.since, self.outcome_leeway, None, horizon)
-            row = await _fetch_window(connection, True, self.metric, self.mode, arguments)
-        else:
-            arguments = _arguments(
-                self.namespace, self.deployment, self.since, self.outcome_leeway, self.horizon, horizon, CLOCK_SKEW
-            )
-            row = await _fetch_window(connection, False, self.metric, self.mode, arguments)
+        row = await _fetch(connection, self.query(self.horizon, horizon))
         self._window.add(row)
         self.horizon = horizon
         self.runs += 1
         return self.metrics()
+
+    def query(self, after: dt.datetime | None, upto: dt.datetime) -> Query:
+        """The statement a refresh runs to go from rows recorded by `after` (None: nothing read yet,
+        the whole window) to rows recorded by `upto`."""
+        if after is None:
+            # Open-ended in time: the record time bounds what is read.
+            return whole_window_query(
+                self.namespace,
+                self.deployment,
+                self.metric,
+                self.mode,
+                self.since,
+                None,
+                recorded_until=upto,
+                outcome_leeway=self.outcome_leeway,
+            )
+        return recorded_between_query(
+            self.namespace,
+            self.deployment,
+            self.metric,
+            self.mode,
+            self.since,
+            after,
+            upto,
+            outcome_leeway=self.outcome_leeway,
+        )
 
     def metrics(self) -> WindowMetrics:
         """The window as of the last refresh."""

@@ -1,0 +1,399 @@
+"""bench/analysis: how long one ShadowDeployment's analysis takes with millions of rows in the tables.
+
+Starts its own throwaway PostgreSQL, loads prediction and outcome rows with generate_series, and measures
+at two table sizes (default 1 million and 10 million prediction rows, the same 200,000 in the current
+window; outcomes for about 95% of them, 2% corrected once):
+
+- the whole-window query (`window_metrics`, what replay uses): it reads every row of the window;
+- the first refresh of a `WindowAnalysis` (what the operator pays once per step, or after a restart);
+- steady state: while a writer inserts predictions and outcomes as routers do (for the measured
+  deployment and two others), the analysis refreshes every interval and reads only what was recorded
+  since its previous run. This is the figure the operator pays every interval.
+
+At the end of each size the incremental result is checked against the whole-window query, and the plans
+of both statements (EXPLAIN ANALYZE, BUFFERS) are printed. Timings are medians of repeated runs; the
+machine's load average is printed beside them, since other work on the machine skews them.
+
+    make bench-analysis                                 # 1M and 10M rows, about 10 minutes
+    .venv/bin/python bench/analysis/run.py --sizes 1000000 --runs 6    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from shadowgate_operator.api import Metric, TrafficMode
+from shadowgate_operator.localenv import Postgres
+from shadowgate_operator.metrics import WindowMetrics
+from shadowgate_operator.migrate import migrate
+from shadowgate_operator.queries import WindowAnalysis, explain, whole_window_query, window_metrics
+
+NAMESPACE, TARGET = "bench", "target"
+OTHERS = tuple(f"model-{i}" for i in range(1, 10))
+LIVE_OTHERS = OTHERS[:2]
+"""Deployments that keep writing while the target is measured: rows outside its window, growing."""
+WINDOW_SPAN = dt.timedelta(minutes=10)
+TICK = 0.1
+"""The writer inserts every TICK seconds, like a router flushing its batches."""
+OUTCOME_DELAY_TICKS = 20
+"""Live outcomes arrive 2 s after their predictions (plus a few in the same batch)."""
+
+# One INSERT per segment: `count` rows of `deployment` stamped evenly over [start, end), recorded
+# half a second after their time. UUID request ids, as routers mint them: index probes land anywhere.
+_PREDICTIONS = """
+INSERT INTO predictions (time, recorded_at, namespace, deployment, request_id, served_by, mode, weight,
+    production_version, production_prediction, production_confidence, production_latency_ms, production_status,
+    production_error, candidate_version, candidate_prediction, candidate_confidence, candidate_latency_ms,
+    candidate_status, candidate_error)
+SELECT t, t + interval '0.5 s', $1, $2, gen_random_uuid()::text, 'production', 'shadow', 20,
+    'v1', random(), CASE WHEN i % 2 = 0 THEN random() END, 3 + 20 * random() ^ 3, 200, NULL,
+    'v2', random(), CASE WHEN i % 2 = 0 THEN random() END, 4 + 30 * random() ^ 3,
+    CASE WHEN i % 97 = 0 THEN 503 WHEN i % 211 = 0 THEN NULL ELSE 200 END,
+    CASE WHEN i % 211 = 0 THEN 'timeout' END
+FROM (SELECT i, $3::timestamptz + (i * ($4::timestamptz - $3::timestamptz) / $5) AS t
+      FROM generate_series(0, $5 - 1) AS i) AS stamped
+"""
+
+# Outcomes for the predictions of [start, end): 95% get one, 0 to 60 s later; 2% a later correction.
+# Outcomes not yet due at `now` are left out (they have not happened).
+_OUTCOMES = """
+WITH due AS (
+    SELECT namespace, deployment, request_id, time + random() * interval '60 s' AS at, random() AS roll
+    FROM predictions
+    WHERE time >= $1 AND time < $2
+)
+INSERT INTO outcomes (time, recorded_at, namespace, deployment, request_id, outcome)
+SELECT at, at + interval '0.2 s', namespace, deployment, request_id, round(random()) FROM due
+WHERE roll < 0.95 AND at < $3
+UNION ALL
+SELECT at + interval '30 s', at + interval '30.2 s', namespace, deployment, request_id, round(random()) FROM due
+WHERE roll < 0.02 AND at + interval '30 s' < $3
+"""
+
+_LIVE_PREDICTIONS = """
+INSERT INTO predictions (time, namespace, deployment, request_id, served_by, mode, weight,
+    production_prediction, production_latency_ms, production_status,
+    candidate_prediction, candidate_latency_ms, candidate_status)
+SELECT clock_timestamp() - random() * interval '50 ms', $1, $2, $3 || '-' || i, 'production', 'shadow', 20,
+    random(), 3 + 20 * random() ^ 3, 200, random(), 4 + 30 * random() ^ 3, CASE WHEN i % 97 = 0 THEN 503 ELSE 200 END
+FROM generate_series(1, $4) AS i
+"""
+
+_LIVE_OUTCOMES = """
+INSERT INTO outcomes (time, namespace, deployment, request_id, outcome)
+SELECT clock_timestamp(), $1, $2, $3 || '-' || i, round(random())
+FROM generate_series(1, $4) AS i
+WHERE random() < $5
+"""
+
+
+@dataclass
+class Figures:
+    rows: int
+    window_rows: int
+    whole_window_ms: list[float]
+    first_refresh_ms: list[float]
+    refresh_ms: list[float]
+    arrivals_per_run: float
+    window_rows_after: int
+    load: tuple[float, float]
+    matches: bool
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def p90(values: Sequence[float]) -> float:
+    return statistics.quantiles(values, n=10)[-1] if len(values) >= 2 else math.nan
+
+
+async def _indexes(connection: asyncpg.Connection) -> list[tuple[str, str]]:
+    rows = await connection.fetch(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename IN ('predictions', 'outcomes') ORDER BY 1"
+    )
+    return [(row["indexname"], row["indexdef"]) for row in rows]
+
+
+async def load(
+    connection: asyncpg.Connection, segments: list[tuple[str, dt.datetime, dt.datetime, int]], now: dt.datetime
+) -> None:
+    """Insert prediction segments and their outcomes with the indexes dropped, then rebuild them: a bulk
+    load takes a few minutes this way instead of an hour of random index inserts."""
+    indexes = await _indexes(connection)
+    for name, _ in indexes:
+        await connection.execute(f'DROP INDEX "{name}"')
+    await connection.execute("SET maintenance_work_mem = '1GB'")
+    started = time.monotonic()
+    for deployment, start, end, count in segments:
+        await connection.execute(_PREDICTIONS, NAMESPACE, deployment, start, end, count)
+    low = min(start for _, start, _, _ in segments)
+    high = max(end for _, _, end, _ in segments)
+    await connection.execute(_OUTCOMES, low, high, now)
+    log(f"  inserted in {time.monotonic() - started:.0f}s; rebuilding {len(indexes)} indexes")
+    for _, definition in indexes:
+        await connection.execute(definition)
+    await connection.execute("VACUUM ANALYZE predictions")
+    await connection.execute("VACUUM ANALYZE outcomes")
+    log(f"  loaded in {time.monotonic() - started:.0f}s")
+
+
+def plan_lines(lines: list[str]) -> list[str]:
+    """The plan's nodes (with their actual times, rows and loops, estimates left out), buffers of the
+    top node, and the planning and execution times."""
+    kept = []
+    for index, line in enumerate(lines):
+        if "actual time" in line:
+            head, _, actual = line.partition("(cost=")
+            kept.append(f"{head.rstrip()}  ({actual.split(') (', 1)[-1]}" if ") (" in actual else line)
+        elif (index == 1 and "Buffers" in line) or line.startswith(("Planning Time", "Execution Time")):
+            kept.append(line)
+    return kept
+
+
+async def measure(
+    dsn: str, rows: int, window_rows: int, since: dt.datetime, args: argparse.Namespace
+) -> tuple[Figures, list[str], list[str]]:
+    connection = await asyncpg.connect(dsn)
+    writer = await asyncpg.connect(dsn)
+    load_before = os.getloadavg()[0]
+    try:
+        whole = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            await window_metrics(connection, NAMESPACE, TARGET, Metric.MAE, TrafficMode.SHADOW, since, None)
+            whole.append((time.perf_counter() - started) * 1000)
+        log(f"  whole-window query: median {median(whole):.0f} ms over {len(whole)} runs")
+
+        first = []
+        analysis = WindowAnalysis(NAMESPACE, TARGET, Metric.MAE, TrafficMode.SHADOW, since)
+        for _ in range(args.repeats):
+            analysis = WindowAnalysis(NAMESPACE, TARGET, Metric.MAE, TrafficMode.SHADOW, since)
+            started = time.perf_counter()
+            await analysis.refresh(connection)
+            first.append((time.perf_counter() - started) * 1000)
+        log(f"  first refresh: median {median(first):.0f} ms over {len(first)} runs")
+
+        per_tick = max(1, round(args.per_run * TICK / args.interval))
+        stop = asyncio.Event()
+        inserted = 0
+
+        async def write() -> None:
+            nonlocal inserted
+            tick = 0
+            tag = f"live-{rows}-{time.time_ns()}"
+            started = time.monotonic()
+            while not stop.is_set():
+                for deployment in (TARGET, *LIVE_OTHERS):
+                    await writer.execute(_LIVE_PREDICTIONS, NAMESPACE, deployment, f"{tag}-{tick}", per_tick)
+                    if tick >= OUTCOME_DELAY_TICKS:
+                        delayed = f"{tag}-{tick - OUTCOME_DELAY_TICKS}"
+                        await writer.execute(_LIVE_OUTCOMES, NAMESPACE, deployment, delayed, per_tick, 0.9)
+                        if tick % 50 == 0:  # now and then a correction of an earlier outcome
+                            await writer.execute(_LIVE_OUTCOMES, NAMESPACE, deployment, delayed, per_tick, 0.5)
+                    # A few outcomes land in the same batch as their prediction.
+                    await writer.execute(_LIVE_OUTCOMES, NAMESPACE, deployment, f"{tag}-{tick}", per_tick, 0.05)
+                inserted += per_tick
+                tick += 1
+                # On a fixed schedule: the rate holds however long the inserts take.
+                await asyncio.sleep(max(0.0, started + tick * TICK - time.monotonic()))
+
+        refreshes = []
+        slices: list[tuple[dt.datetime | None, dt.datetime]] = []
+        task = asyncio.create_task(write())
+        try:
+            for _ in range(args.runs):
+                await asyncio.sleep(args.interval)
+                before = analysis.horizon
+                started = time.perf_counter()
+                await analysis.refresh(connection)
+                refreshes.append((time.perf_counter() - started) * 1000)
+                assert analysis.horizon is not None
+                slices.append((before, analysis.horizon))
+        finally:
+            stop.set()
+            await task
+        load_after = os.getloadavg()[0]
+        log(
+            f"  steady refresh: median {median(refreshes):.1f} ms, p90 {p90(refreshes):.1f} ms over "
+            f"{len(refreshes)} runs, {inserted / len(refreshes):.0f} predictions per run"
+        )
+
+        incremental = await analysis.refresh(connection)
+        whole_now = await window_metrics(connection, NAMESPACE, TARGET, Metric.MAE, TrafficMode.SHADOW, since, None)
+        matches = _same(incremental, whole_now)
+        window_after = incremental.production.requests
+
+        steady_plan = plan_lines(await explain(connection, analysis.query(*slices[len(slices) // 2])))
+        whole_plan = plan_lines(
+            await explain(
+                connection, whole_window_query(NAMESPACE, TARGET, Metric.MAE, TrafficMode.SHADOW, since, None)
+            )
+        )
+        figures = Figures(
+            rows=rows,
+            window_rows=window_rows,
+            whole_window_ms=whole,
+            first_refresh_ms=first,
+            refresh_ms=refreshes,
+            arrivals_per_run=inserted / len(refreshes),
+            window_rows_after=window_after,
+            load=(load_before, load_after),
+            matches=matches,
+        )
+        return figures, steady_plan, whole_plan
+    finally:
+        await writer.close()
+        await connection.close()
+
+
+def _same(a: WindowMetrics, b: WindowMetrics) -> bool:
+    """Equal counts, sums equal to rounding (the incremental sums are added in another order)."""
+
+    def close(x: float | None, y: float | None) -> bool:
+        return (x is None and y is None) or (x is not None and y is not None and math.isclose(x, y, rel_tol=1e-9))
+
+    return (
+        (a.scored, a.production.requests, a.candidate.requests, a.production.errors, a.candidate.errors)
+        == (b.scored, b.production.requests, b.candidate.requests, b.production.errors, b.candidate.errors)
+        and a.loss_difference.n == b.loss_difference.n
+        and close(a.loss_difference.total, b.loss_difference.total)
+        and close(a.production.latency_p99_ms, b.production.latency_p99_ms)
+        and close(a.candidate.metric_value, b.candidate.metric_value)
+        and close(a.agreement, b.agreement)
+    )
+
+
+async def bench(dsn: str, args: argparse.Namespace) -> int:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await migrate(connection)
+        now: dt.datetime = await connection.fetchval("SELECT now()")
+        settings = await connection.fetch(
+            "SELECT name, setting, unit FROM pg_settings WHERE name IN "
+            "('shared_buffers', 'work_mem', 'max_parallel_workers_per_gather', 'server_version')"
+        )
+    finally:
+        await connection.close()
+    log("PostgreSQL: " + ", ".join(f"{row['name']}={row['setting']}{row['unit'] or ''}" for row in settings))
+    since = now - WINDOW_SPAN
+    window = args.window
+
+    results: list[Figures] = []
+    loaded = 0
+    for size in sorted(args.sizes):
+        log(f"\n== {size:,} prediction rows, {window:,} in the current window ==")
+        segments: list[tuple[str, dt.datetime, dt.datetime, int]] = []
+        if loaded == 0:
+            # The window: the target, and two other deployments writing at the same time.
+            segments.append((TARGET, since, now, window))
+            for other in LIVE_OTHERS:
+                segments.append((other, since, now, window))
+            loaded = window * (1 + len(LIVE_OTHERS))
+        # Everything else before the window: earlier days, all deployments, the target's earlier steps.
+        rest = size - loaded
+        days = 7
+        older_end = since - dt.timedelta(days=days * len(results))
+        older_start = older_end - dt.timedelta(days=days)
+        per_deployment = rest // (len(OTHERS) + 1)
+        for deployment in (TARGET, *OTHERS):
+            segments.append((deployment, older_start, older_end, per_deployment))
+        loaded += per_deployment * (len(OTHERS) + 1)
+        connection = await asyncpg.connect(dsn)
+        try:
+            await load(connection, segments, now)
+            total = await connection.fetchval("SELECT count(*) FROM predictions")
+            outcomes = await connection.fetchval("SELECT count(*) FROM outcomes")
+        finally:
+            await connection.close()
+        log(f"  tables: {total:,} predictions, {outcomes:,} outcomes")
+        figures, steady_plan, whole_plan = await measure(dsn, total, window, since, args)
+        results.append(figures)
+        log("  plan of a steady-state refresh (rows recorded in one interval):")
+        for line in steady_plan:
+            log(f"    {line}")
+        log("  plan of the whole-window query:")
+        for line in whole_plan:
+            log(f"    {line}")
+        log(f"  incremental result equals the whole-window query: {'yes' if figures.matches else 'NO'}")
+
+    log("\n== summary (median ms; load average before/after the steady-state runs) ==")
+    log(
+        f"{'predictions':>12} {'window':>8} {'whole-window':>13} {'first refresh':>14} "
+        f"{'refresh':>8} {'p90':>6} {'per run':>8} {'load':>10}  same"
+    )
+    for f in results:
+        log(
+            f"{f.rows:>12,} {f.window_rows:>8,} {median(f.whole_window_ms):>13.0f} {median(f.first_refresh_ms):>14.0f} "
+            f"{median(f.refresh_ms):>8.1f} {p90(f.refresh_ms):>6.1f} {f.arrivals_per_run:>8.0f} "
+            f"{f.load[0]:>4.1f}/{f.load[1]:<4.1f}  {'yes' if f.matches else 'NO'}"
+        )
+    budget_met = all(median(f.refresh_ms) <= args.budget_ms for f in results)
+    log(
+        f"\nsteady-state refresh {'within' if budget_met else 'OVER'} {args.budget_ms:.0f} ms at every size "
+        f"({args.per_run:,} predictions and about as many outcomes recorded per run, one run every "
+        f"{args.interval:g}s; the window ends at about {results[-1].window_rows_after:,} requests)"
+    )
+    return 0 if budget_met and all(f.matches for f in results) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000], help="prediction rows in the tables"
+    )
+    parser.add_argument("--window", type=int, default=200_000, help="the target's rows in its current window")
+    parser.add_argument(
+        "--per-run",
+        type=int,
+        default=3300,
+        help="predictions recorded per analysis run (3300: 110 requests/s at the default 30s interval, "
+        "200,000 requests in a 30-minute step)",
+    )
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between analysis runs in the bench")
+    parser.add_argument("--runs", type=int, default=12, help="steady-state refreshes per size")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the whole-window query and first refresh")
+    parser.add_argument("--budget-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--shared-buffers",
+        default="1GB",
+        help="PostgreSQL shared_buffers ('default' keeps the built-in 128MB, small for a 5 GB dataset)",
+    )
+    args = parser.parse_args(argv)
+    with Postgres() as postgres:
+        if args.shared_buffers != "default":
+            asyncio.run(_configure(postgres.dsn, args.shared_buffers))
+            postgres.stop()
+            postgres.start()
+        log(f"throwaway PostgreSQL at {postgres.dsn}")
+        return asyncio.run(bench(postgres.dsn, args))
+
+
+async def _configure(dsn: str, shared_buffers: str) -> None:
+    if not re.fullmatch(r"[0-9]+(kB|MB|GB)", shared_buffers):
+        raise SystemExit(f"--shared-buffers: {shared_buffers!r} is not a size like 512MB or 1GB")
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(f"ALTER SYSTEM SET shared_buffers = '{shared_buffers}'")
+    finally:
+        await connection.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
