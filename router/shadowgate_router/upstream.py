@@ -14,11 +14,14 @@ import asyncio
 import collections
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
 import httptools
+
+T = TypeVar("T")
 
 # Error kinds, recorded in predictions.{production,candidate}_error.
 TIMEOUT = "timeout"
@@ -138,6 +141,10 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
 
+    def expire(self, detail: str) -> None:
+        """The call's deadline passed: fail it as a timeout (the caller then closes the connection)."""
+        self._fail(UpstreamError(TIMEOUT, detail))
+
     def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
         waiter: asyncio.Future[UpstreamResponse] = self._pool._loop.create_future()
@@ -205,17 +212,25 @@ class UpstreamPool:
         `headers` must not contain Host, Content-Length or hop-by-hop headers; raises UpstreamError.
         """
         data = self._encode(method, target, headers, body)
+        deadline = self._loop.time() + time_limit
+        connection = self._take_idle()
+        reused = connection is not None
+        if connection is None:
+            connection, reused = await self._within(deadline, time_limit, self._acquire())
         try:
-            async with asyncio.timeout(time_limit):
-                connection, reused = await self._acquire()
-                try:
-                    return await self._exchange(connection, data)
-                except UpstreamError as error:
-                    if not (reused and error.kind == CLOSED and not connection.received):
-                        raise
-                # The server dropped an idle connection as we used it: once more on a new one.
-                connection = await self._connect_new()
-                return await self._exchange(connection, data)
+            return await self._exchange(connection, data, deadline, time_limit)
+        except UpstreamError as error:
+            if not (reused and error.kind == CLOSED and not connection.received):
+                raise
+        # The server dropped an idle connection as we used it: once more on a new one.
+        connection = await self._within(deadline, time_limit, self._connect_new())
+        return await self._exchange(connection, data, deadline, time_limit)
+
+    async def _within(self, deadline: float, time_limit: float, step: Awaitable[T]) -> T:
+        """Waiting for a connection (the slow path) under the call's deadline."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await step
         except TimeoutError:
             raise UpstreamError(TIMEOUT, f"no answer from {self.base_url} within {time_limit:g}s") from None
 
@@ -229,26 +244,42 @@ class UpstreamPool:
         lines.append(body)
         return b"".join(lines)
 
-    async def _exchange(self, connection: _Connection, data: bytes) -> UpstreamResponse:
+    async def _exchange(
+        self, connection: _Connection, data: bytes, deadline: float, time_limit: float
+    ) -> UpstreamResponse:
+        # A plain timer rather than asyncio.timeout(): this is the hot path, and on expiry the connection is
+        # closed anyway (its state is unknown), which is all a timeout has to do here.
+        waiter = connection.send(data)
+        timer = self._loop.call_at(
+            deadline, connection.expire, f"no answer from {self.base_url} within {time_limit:g}s"
+        )
         try:
-            response = await connection.send(data)
+            response = await waiter
         except BaseException:
-            # Cancelled (deadline) or failed mid-answer: the connection's state is unknown, drop it.
+            # Timed out, cancelled, or failed mid-answer: the connection's state is unknown, drop it.
             connection.close()
             raise
+        finally:
+            timer.cancel()
         self._release(connection)
         return response
 
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()  # the most recently used one: least likely to be dropped
+            if connection.closed:
+                continue
+            if now - connection.idle_since > self.idle_timeout:
+                connection.close()
+                continue
+            return connection
+        return None
+
     async def _acquire(self) -> tuple[_Connection, bool]:
         while True:
-            now = time.monotonic()
-            while self._idle:
-                connection = self._idle.pop()  # the most recently used one: least likely to be dropped
-                if connection.closed:
-                    continue
-                if now - connection.idle_since > self.idle_timeout:
-                    connection.close()
-                    continue
+            connection = self._take_idle()
+            if connection is not None:
                 return connection, True
             if self._open < self.max_connections:
                 return await self._connect_new(), False

@@ -142,3 +142,24 @@ def test_configmap_changes_apply_within_a_second_with_only_the_routers_rights(
         assert answer.status_code == 200 and answer.json()["outputs"][0]["data"][0] == 1
     finally:
         router.stop()
+
+
+def test_a_kubeconfig_with_a_client_certificate_works_too(
+    kubectl: Kubectl,
+    kubeconfig: str,
+    namespace: str,
+    servers: tuple[ModelServer, ModelServer],
+    tmp_path: Path,
+    dsn: str,
+) -> None:
+    """How a developer runs a router against a cluster: their own kubeconfig (here the admin's client cert)."""
+    sd = shadow_deployment(namespace, servers, weight=5)
+    configmap = builders.config_map(sd)
+    apply(kubectl, configmap)
+    router = Router(
+        tmp_path, dsn, "--configmap", sd.router_name, "--namespace", namespace, "--kubeconfig", kubeconfig
+    ).start(ready=False)
+    try:
+        wait_for_revision(router, RouterConfig.from_configmap_data(configmap["data"]).revision, 10)
+    finally:
+        router.stop()

@@ -301,7 +301,7 @@ async def test_v1_and_plain_json_are_forwarded_untouched_and_read(
     body: dict[str, Any],
 ) -> None:
     config = config_for(servers, deployment, protocol=protocol, **{"confidencePath": None, **paths})
-    router = start_router(config)
+    router = start_router(config, "--record-features")
     raw = json.dumps(body, indent=3).encode()  # odd spacing: proves the bytes are not re-encoded
     async with httpx.AsyncClient(timeout=10) as client:
         via_router = await client.post(router.url + path, content=raw, headers={"Content-Type": "application/json"})
@@ -312,6 +312,7 @@ async def test_v1_and_plain_json_are_forwarded_untouched_and_read(
     assert (row["production_prediction"], row["candidate_prediction"]) == (5.0, 105.0)
     expected_confidence = 0.75 if protocol == "json" else None
     assert row["production_confidence"] == expected_confidence
+    assert json.loads(row["features"]) == body, "--record-features keeps the request"
 
 
 async def test_readiness_and_metadata_pass_through(

@@ -1,0 +1,106 @@
+"""The recorder against a real PostgreSQL: rows survive a router restart during an outage (through the spool),
+a replayed batch lands once, and a row the database refuses is set aside instead of blocking the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from shadowgate_operator.localenv import Postgres
+from shadowgate_operator.migrate import migrate
+from shadowgate_router.metrics import RouterMetrics
+from shadowgate_router.recorder import OUTCOME_COLUMNS, Recorder, now_us
+from shadowgate_router.spool import Spool
+
+pytestmark = pytest.mark.database
+
+
+@pytest.fixture
+async def own_database() -> AsyncIterator[Postgres]:
+    postgres = Postgres()
+    await asyncio.to_thread(postgres.start)
+    connection = await asyncpg.connect(postgres.dsn)
+    await migrate(connection)
+    await connection.close()
+    yield postgres
+    await asyncio.to_thread(postgres.stop)
+    postgres.cleanup()
+
+
+def outcome_rows(deployment: str, count: int) -> list[tuple[object, ...]]:
+    start = now_us()
+    return [(start + n, "ns", deployment, f"r-{n}", float(n)) for n in range(count)]
+
+
+async def copies(dsn: str, deployment: str) -> dict[str, int]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        found = await connection.fetch(
+            "SELECT request_id, count(*) AS n FROM outcomes WHERE deployment = $1 GROUP BY 1", deployment
+        )
+    finally:
+        await connection.close()
+    return {row["request_id"]: row["n"] for row in found}
+
+
+def recorder(postgres: Postgres, spool: Path, **options: int) -> Recorder:
+    return Recorder("outcomes", OUTCOME_COLUMNS, postgres.dsn, spool, RouterMetrics(), flush_interval=0.05, **options)
+
+
+async def test_rows_outlive_a_restart_during_an_outage_and_land_once(own_database: Postgres, tmp_path: Path) -> None:
+    deployment = f"restart-{secrets.token_hex(3)}"
+    rows = outcome_rows(deployment, 1000)
+    await asyncio.to_thread(own_database.stop)
+
+    first = recorder(own_database, tmp_path, memory_rows=100)
+    first.start()
+    for row in rows:
+        first.put(row)
+    await asyncio.sleep(0.5)
+    assert first.spool.rows >= 900, "beyond the memory bound, rows go to disk"
+    await first.close(1.0)  # the database is still away: everything ends up on disk
+    assert Spool(tmp_path, "outcomes").rows == 1000
+
+    await asyncio.to_thread(own_database.start)
+    second = recorder(own_database, tmp_path)
+    second.start()
+    for _ in range(100):
+        if not second.pending:
+            break
+        await asyncio.sleep(0.05)
+    await second.close(5.0)
+    assert await copies(own_database.dsn, deployment) == {f"r-{n}": 1 for n in range(1000)}
+
+
+async def test_a_batch_replayed_after_a_crash_lands_once(own_database: Postgres, tmp_path: Path) -> None:
+    deployment = f"replay-{secrets.token_hex(3)}"
+    rows = outcome_rows(deployment, 50)
+    Spool(tmp_path / "a", "outcomes").append(rows)
+    Spool(tmp_path / "b", "outcomes").append(rows)  # the same rows, as if written but never marked done
+    for directory in ("a", "b"):
+        writer = recorder(own_database, tmp_path / directory)
+        writer.start()
+        await writer.close(5.0)
+    assert await copies(own_database.dsn, deployment) == {f"r-{n}": 1 for n in range(50)}
+
+
+async def test_a_row_the_database_refuses_is_set_aside(own_database: Postgres, tmp_path: Path) -> None:
+    deployment = f"refused-{secrets.token_hex(3)}"
+    rows = outcome_rows(deployment, 5)
+    poisoned = (rows[2][0], "ns", deployment, "nul\x00byte", 2.0)  # text columns cannot hold NUL
+    rows[2] = poisoned
+    writer = recorder(own_database, tmp_path)
+    writer.start()
+    for row in rows:
+        writer.put(row)
+    await writer.close(5.0)
+    assert set(await copies(own_database.dsn, deployment)) == {"r-0", "r-1", "r-3", "r-4"}
+    rejected = [json.loads(line) for line in (tmp_path / "outcomes.rejected.jsonl").read_text().splitlines()]
+    assert rejected == [list(poisoned)]
+    assert writer.metrics.rows_rejected.labels("outcomes")._value.get() == 1
