@@ -65,3 +65,8 @@ clean:
 .PHONY: bench-analysis
 bench-analysis: $(INSTALLED)
 	$(BIN)/python bench/analysis/run.py $(BENCH_ARGS)
+
+# Router latency added at 500 req/s and maximum rate, against nginx with `mirror`; installs nginx and wrk (root).
+.PHONY: bench-router
+bench-router: $(INSTALLED)
+	$(BIN)/python bench/router/run.py $(BENCH_ARGS)

@@ -136,7 +136,9 @@ class HttpConnection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # A request in flight still finishes (its prediction is recorded); its answer goes nowhere.
+        # A request in flight still finishes (its prediction is recorded); its answer goes nowhere. Requests
+        # pipelined behind it are dropped: nobody is left to read their answers.
+        self._queue.clear()
         self.server.connections.discard(self)
         self.server.settled.set()
         self.transport = None
@@ -256,7 +258,7 @@ class HttpConnection(asyncio.Protocol):
                     log.exception("handler failed on %s %s", item.method, item.path)
                     response = error_response(500, "internal error in the router")
                 keep_alive = item.keep_alive and not self.server.closing
-                self._write(response, keep_alive)
+                self._write(response, keep_alive, head=item.method == "HEAD")
                 if response.after is not None:
                     try:
                         response.after()
@@ -273,7 +275,7 @@ class HttpConnection(asyncio.Protocol):
             self.last_activity = time.monotonic()
             self.server.settled.set()
 
-    def _write(self, response: Response, keep_alive: bool) -> None:
+    def _write(self, response: Response, keep_alive: bool, head: bool = False) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         parts = [_status_line(response.status)]
@@ -283,7 +285,8 @@ class HttpConnection(asyncio.Protocol):
         if not keep_alive:
             parts.append(b"Connection: close\r\n")
         parts.append(b"\r\n")
-        parts.append(response.body)
+        if not head:  # an answer to HEAD has the headers of the body it does not carry
+            parts.append(response.body)
         self.transport.write(b"".join(parts))
 
     def _linger(self) -> None:

@@ -99,6 +99,15 @@ async def test_http_1_0_closes_after_the_answer(server: HttpServer) -> None:
     assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
 
 
+async def test_an_answer_to_head_has_no_body(server: HttpServer) -> None:
+    answer = await exchange(
+        server.port, b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Content-Length: " in head
+    assert rest.startswith(b"HTTP/1.1 200 OK"), "the next answer follows the headers directly"
+
+
 async def test_shutdown_lets_a_request_in_flight_finish(server: HttpServer) -> None:
     port = server.port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -1,0 +1,394 @@
+"""bench/router: the latency the router adds, and its maximum rate, against nginx with `mirror` as a peer.
+
+Everything runs on this machine over loopback: a throwaway PostgreSQL (recording is on), two model servers
+(tests/support/model_server.py: production and candidate), `shadowgate router` in shadow mode mirroring
+every request (the same work as nginx's `mirror`, plus a row per request in the database), and nginx
+(Debian's package, one worker process: the same one-core budget as the router's one event loop) with
+`mirror` in front of the same two servers.
+
+1. Fixed rate: open-loop load at --rate requests/s (default 500) against the production server directly,
+   through nginx and through the router, interleaved in rounds so that other work on the machine lands on
+   all three alike. Latency counts from each request's scheduled start. Added latency = percentile through
+   the proxy minus the same percentile direct. Targets: router adds <= 1 ms at p50 and <= 5 ms at p99.
+2. Maximum rate: wrk (Debian's package; C, so the load generator takes as little of the 2 cores as
+   possible) with 16 connections against each of the three. Target: router >= half of nginx-with-mirror.
+
+It installs nginx and wrk with apt-get when they are missing (as root). Traffic goes to 127.0.0.1 only and
+every phase is bounded in time. Take figures when `uptime` shows the machine otherwise idle: the load
+average is printed before and after.
+
+    make bench-router
+    .venv/bin/python bench/router/run.py --seconds 6 --rounds 2 --max-seconds 5   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import uvloop
+
+from shadowgate_operator.localenv import Postgres
+from shadowgate_operator.migrate import migrate
+from shadowgate_router.upstream import UpstreamError, UpstreamPool
+
+REPO = Path(__file__).resolve().parents[2]
+BODY = json.dumps({"inputs": [{"name": "x", "shape": [4], "datatype": "FP64", "data": [0.1, 0.2, 0.3, 0.4]}]})
+PATH = "/v2/models/fraud/infer"
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream production {{ server 127.0.0.1:{production}; keepalive 256; }}
+    upstream candidate {{ server 127.0.0.1:{candidate}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=2048;
+        location / {{
+            mirror /mirror;
+            mirror_request_body on;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://production;
+        }}
+        location = /mirror {{
+            internal;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://candidate$request_uri;
+        }}
+    }}
+}}
+"""
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def ensure_tools() -> None:
+    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        sys.exit(f"bench/router needs {' and '.join(missing)}: apt-get install {' '.join(missing)} (as root)")
+    print(f"installing {' '.join(missing)} from Debian's packages", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", *missing]
+    if subprocess.run(install, env=env, check=False, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=True, capture_output=True)
+        subprocess.run(install, env=env, check=True, capture_output=True)
+
+
+def wait_http(url: str, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    sys.exit(f"{what} did not come up at {url}")
+
+
+class Processes(ExitStack):
+    """Child processes, stopped (SIGTERM, then SIGKILL) when the stack closes."""
+
+    def __init__(self, logs: Path) -> None:
+        super().__init__()
+        self.logs = logs
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("ab")
+        self.callback(log.close)
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})}
+        )
+        self.callback(self._stop, process)
+        return process
+
+    @staticmethod
+    def _stop(process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    max_rate: list[float] = field(default_factory=list)
+    max_latency: list[tuple[float, float]] = field(default_factory=list)
+
+    def percentile(self, fraction: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def fixed_rate(target: Target, rate: float, seconds: float, pool: UpstreamPool, record: bool = True) -> None:
+    """Open loop: request i starts at i/rate whatever the others are doing; latency from that moment."""
+    headers = [(b"Content-Type", b"application/json")]
+    body = BODY.encode()
+    count = int(rate * seconds)
+    started = time.perf_counter()
+
+    async def one(index: int) -> None:
+        scheduled = started + index / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        try:
+            response = await pool.request(b"POST", PATH.encode(), headers, body, 10)
+            ok = response.status == 200
+        except UpstreamError:
+            ok = False
+        if not record:
+            return
+        if ok:
+            target.latencies.append((time.perf_counter() - scheduled) * 1000)
+        else:
+            target.errors += 1
+
+    await asyncio.gather(*(one(index) for index in range(count)))
+
+
+async def fixed_rate_rounds(targets: list[Target], rate: float, seconds: float, rounds: int) -> None:
+    """One warm connection pool per target for the whole phase, targets taking turns in each round."""
+    pools = [UpstreamPool(target.url, max_connections=512) for target in targets]
+    for target, pool in zip(targets, pools, strict=True):
+        await fixed_rate(target, rate, 1.0, pool, record=False)  # warm up connections and code paths
+    for _ in range(rounds):
+        for target, pool in zip(targets, pools, strict=True):
+            await fixed_rate(target, rate, seconds, pool)
+    for pool in pools:
+        await pool.close()
+
+
+def wrk(target: Target, seconds: float, connections: int, script: Path) -> None:
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script), target.url + PATH],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 30,
+    )
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", result.stdout)
+    if rate is None:
+        sys.exit(f"cannot read wrk's output:\n{result.stdout}")
+    if non_2xx:
+        target.errors += int(non_2xx.group(1))
+    target.max_rate.append(float(rate.group(1)))
+    target.max_latency.append((_wrk_ms(result.stdout, "50%"), _wrk_ms(result.stdout, "99%")))
+
+
+def _wrk_ms(output: str, label: str) -> float:
+    found = re.search(rf"^\s+{re.escape(label)}\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+    if found is None:
+        return float("nan")
+    value, unit = float(found.group(1)), found.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+async def count_rows(dsn: str, deployment: str) -> int:
+    connection = await asyncpg.connect(dsn)
+    try:
+        count: int = await connection.fetchval("SELECT count(*) FROM predictions WHERE deployment = $1", deployment)
+        return count
+    finally:
+        await connection.close()
+
+
+def router_pending(url: str) -> float:
+    total = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(("shadowgate_router_record_queue_rows", "shadowgate_router_spool_rows")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=500, help="requests/s of the fixed-rate phase")
+    parser.add_argument("--seconds", type=float, default=10, help="seconds per target per fixed-rate round")
+    parser.add_argument("--rounds", type=int, default=3, help="fixed-rate rounds (targets interleaved)")
+    parser.add_argument("--max-seconds", type=float, default=10, help="seconds per target per wrk run")
+    parser.add_argument("--max-rounds", type=int, default=2, help="wrk runs per target (interleaved; best kept)")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections")
+    parser.add_argument("--weight", type=int, default=100, help="share mirrored by the router (nginx mirrors all)")
+    parser.add_argument("--model-latency-ms", type=float, default=0.0, help="model servers' own latency")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    ensure_tools()
+    print(f"load average before: {load_average()} (2 cores; other work skews every figure)", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="shadowgate-bench-router-"))
+    deployment = f"bench-{int(time.time())}"
+    with Postgres() as postgres, Processes(work) as processes:
+        asyncio.run(_migrate(postgres.dsn))
+        ports = {name: free_port() for name in ("production", "candidate", "router", "nginx")}
+        for name, bias in (("production", 0), ("candidate", 100)):
+            processes.start(
+                name,
+                [sys.executable, "-m", "tests.support.model_server", "--port", str(ports[name]), "--bias", str(bias),
+                 "--latency-ms", str(args.model_latency_ms)],
+            )  # fmt: skip
+            wait_http(f"http://127.0.0.1:{ports[name]}/v2/health/ready", f"the {name} model server")
+        config = {
+            "deployment": deployment,
+            "namespace": "bench",
+            "mode": "shadow",
+            "weight": args.weight,
+            "phase": "Progressing",
+            "protocol": "v2",
+            "predictionPath": "outputs[0].data[0]",
+            "confidencePath": "outputs[1].data[0]",
+            "production": {"name": "v1", "version": "1", "url": f"http://127.0.0.1:{ports['production']}",
+                           "modelName": "fraud"},
+            "candidate": {"name": "v2", "version": "2", "url": f"http://127.0.0.1:{ports['candidate']}",
+                          "modelName": "fraud"},
+            "fallbackToProduction": True,
+            "timeoutSeconds": 10,
+            "mirrorTimeoutSeconds": 10,
+        }  # fmt: skip
+        (work / "router.json").write_text(json.dumps(config))
+        processes.start(
+            "router",
+            [sys.executable, "-m", "shadowgate_operator.cli", "router", "--config-file", str(work / "router.json"),
+             "--listen", f"127.0.0.1:{ports['router']}", "--dsn", postgres.dsn, "--spool-dir", str(work / "spool"),
+             "--log-level", "WARNING"],
+            env={"SHADOWGATE_OUTCOME_TOKEN": "bench"},
+        )  # fmt: skip
+        wait_http(f"http://127.0.0.1:{ports['router']}/readyz", "the router")
+        nginx_dir = work / "nginx"
+        nginx_dir.mkdir()
+        (nginx_dir / "nginx.conf").write_text(
+            NGINX_CONF.format(dir=nginx_dir, port=ports["nginx"], production=ports["production"],
+                              candidate=ports["candidate"])
+        )  # fmt: skip
+        processes.start("nginx", ["nginx", "-c", str(nginx_dir / "nginx.conf"), "-p", str(nginx_dir)])
+        wait_http(f"http://127.0.0.1:{ports['nginx']}/v2/health/ready", "nginx")
+        script = work / "post.lua"
+        script.write_text(WRK_SCRIPT.format(body=BODY))
+
+        targets = [
+            Target("direct to production", f"http://127.0.0.1:{ports['production']}"),
+            Target("nginx with mirror", f"http://127.0.0.1:{ports['nginx']}"),
+            Target("shadowgate router", f"http://127.0.0.1:{ports['router']}"),
+        ]
+        router = targets[2]
+        print(f"fixed rate: {args.rate:g} req/s, {args.rounds} rounds of {args.seconds:g} s per target", flush=True)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(fixed_rate_rounds(targets, args.rate, args.seconds, args.rounds))
+        print(f"maximum rate: wrk, {args.connections} connections, {args.max_rounds} x {args.max_seconds:g} s",
+              flush=True)  # fmt: skip
+        for _ in range(args.max_rounds):
+            for target in targets:
+                wrk(target, args.max_seconds, args.connections, script)
+                time.sleep(1)
+
+        deadline = time.monotonic() + 60
+        while router_pending(router.url) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        recorded = asyncio.run(count_rows(postgres.dsn, deployment))
+        print(f"load average after: {load_average()}")
+        return report(targets, args, recorded)
+
+
+async def _migrate(dsn: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await migrate(connection)
+    finally:
+        await connection.close()
+
+
+def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> int:
+    direct, nginx, router = targets
+    print()
+    print(f"{'':24}{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}{'errors':>8}   {'max req/s':>10}{'(p50, p99 ms)':>16}")
+    for target in targets:
+        best = max(range(len(target.max_rate)), key=lambda index: target.max_rate[index])
+        p50, p99 = target.max_latency[best]
+        print(
+            f"{target.name:24}{target.percentile(0.5):9.2f}{target.percentile(0.99):9.2f}"
+            f"{target.percentile(0.999):10.2f}{target.errors:8d}   {target.max_rate[best]:10.0f}"
+            f"{f'({p50:.1f}, {p99:.1f})':>16}"
+        )
+    figures: dict[str, Any] = {"rate": args.rate, "weight": args.weight, "recorded_rows": recorded}
+    verdicts = []
+    for proxy in (nginx, router):
+        added50 = proxy.percentile(0.5) - direct.percentile(0.5)
+        added99 = proxy.percentile(0.99) - direct.percentile(0.99)
+        figures[proxy.name] = {"added_p50_ms": added50, "added_p99_ms": added99, "max_rps": max(proxy.max_rate)}
+        print(f"added by {proxy.name} at {args.rate:g} req/s: p50 +{added50:.2f} ms, p99 +{added99:.2f} ms")
+    ratio = max(router.max_rate) / max(nginx.max_rate)
+    figures["direct"] = {"p50_ms": direct.percentile(0.5), "p99_ms": direct.percentile(0.99),
+                         "max_rps": max(direct.max_rate)}  # fmt: skip
+    figures["router_vs_nginx_max_rps"] = ratio
+    router_added, nginx_added = figures[router.name], figures[nginx.name]
+    print(
+        f"router / nginx: added p50 {router_added['added_p50_ms'] / max(nginx_added['added_p50_ms'], 1e-9):.2f}x, "
+        f"added p99 {router_added['added_p99_ms'] / max(nginx_added['added_p99_ms'], 1e-9):.2f}x, "
+        f"max rate {ratio:.2f}x"
+    )
+    verdicts.append(("router adds <= 1 ms at p50", router_added["added_p50_ms"] <= 1.0))
+    verdicts.append(("router adds <= 5 ms at p99", router_added["added_p99_ms"] <= 5.0))
+    verdicts.append(("router max rate >= half of nginx-with-mirror's", ratio >= 0.5))
+    verdicts.append(("no errors", all(target.errors == 0 for target in targets)))
+    print(f"rows recorded by the router: {recorded} (recording was on throughout)")
+    for what, ok in verdicts:
+        print(f"  {'PASS' if ok else 'FAIL'}  {what}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0 if all(ok for _, ok in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
