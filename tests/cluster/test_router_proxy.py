@@ -379,3 +379,17 @@ async def test_sigterm_finishes_shadow_copies_and_flushes_before_exiting(
     recorded = await rows(db, deployment, 100)
     assert all(row["candidate_status"] == 200 for row in recorded), "every mirror finished and was recorded"
     assert "shutting down" in router.log()
+
+
+async def test_shadow_copies_beyond_the_concurrency_limit_are_dropped_and_counted(
+    servers: tuple[ModelServer, ModelServer], start_router: StartRouter, db: asyncpg.Connection, deployment: str
+) -> None:
+    servers[1].control(latencyMs=300)
+    router = start_router(config_for(servers, deployment, weight=100), "--mirror-concurrency", "2")
+    results = await run_load(f"{router.url}/v2/models/fraud/infer", 40, rate=200)
+    assert {(result.status, result.served_by) for result in results} == {(200, "production")}
+    recorded = await rows(db, deployment, 40)
+    mirrored = sum(row["candidate_status"] == 200 for row in recorded)
+    dropped = router.metric("shadowgate_router_mirror_dropped_total")
+    assert 2 <= mirrored < 40 and mirrored + dropped == 40
+    assert all(row["candidate_version"] is None for row in recorded if row["candidate_status"] is None)
