@@ -213,9 +213,10 @@ class UpstreamPool:
         """
         data = self._encode(method, target, headers, body)
         deadline = self._loop.time() + time_limit
-        connection = self._take_idle()
-        reused = connection is not None
-        if connection is None:
+        idle = self._take_idle()
+        if idle is not None:
+            connection, reused = idle, True
+        else:
             connection, reused = await self._within(deadline, time_limit, self._acquire())
         try:
             return await self._exchange(connection, data, deadline, time_limit)
