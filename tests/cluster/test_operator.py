@@ -129,7 +129,7 @@ def test_example_gets_its_router_status_conditions_and_events(
     assert status["currentStep"] == 0
     assert status["currentWeight"] == 5
     assert status["observedGeneration"] == 1
-    assert "not implemented yet" in status["lastDecision"]["reason"]
+    assert status["lastDecision"]["reason"].startswith("Waiting")  # no outcomes recorded yet
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Progressing"]["status"] == "True"
     assert conditions["Progressing"]["reason"] == "AnalysisStarted"
