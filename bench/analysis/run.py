@@ -50,36 +50,35 @@ TICK = 0.1
 OUTCOME_DELAY_TICKS = 20
 """Live outcomes arrive 2 s after their predictions (plus a few in the same batch)."""
 
-# One INSERT per segment: `count` rows of `deployment` stamped evenly over [start, end), recorded
-# half a second after their time. UUID request ids, as routers mint them: index probes land anywhere.
-_PREDICTIONS = """
-INSERT INTO predictions (time, recorded_at, namespace, deployment, request_id, served_by, mode, weight,
-    production_version, production_prediction, production_confidence, production_latency_ms, production_status,
-    production_error, candidate_version, candidate_prediction, candidate_confidence, candidate_latency_ms,
-    candidate_status, candidate_error)
-SELECT t, t + interval '0.5 s', $1, $2, gen_random_uuid()::text, 'production', 'shadow', 20,
-    'v1', random(), CASE WHEN i % 2 = 0 THEN random() END, 3 + 20 * random() ^ 3, 200, NULL,
-    'v2', random(), CASE WHEN i % 2 = 0 THEN random() END, 4 + 30 * random() ^ 3,
-    CASE WHEN i % 97 = 0 THEN 503 WHEN i % 211 = 0 THEN NULL ELSE 200 END,
-    CASE WHEN i % 211 = 0 THEN 'timeout' END
-FROM (SELECT i, $3::timestamptz + (i * ($4::timestamptz - $3::timestamptz) / $5) AS t
-      FROM generate_series(0, $5 - 1) AS i) AS stamped
-"""
-
-# Outcomes for the predictions of [start, end): 95% get one, 0 to 60 s later; 2% a later correction.
-# Outcomes not yet due at `now` are left out (they have not happened).
-_OUTCOMES = """
-WITH due AS (
+# One statement per segment: `count` predictions of `deployment` stamped evenly over [start, end) and
+# recorded half a second later, with UUID request ids as routers mint them (index probes land anywhere);
+# then their outcomes: 95% get one, 0 to 60 s later, 2% a correction 30 s after that, none that would
+# fall after `now` (they have not happened yet).
+_SEGMENT = """
+WITH inserted AS (
+    INSERT INTO predictions (time, recorded_at, namespace, deployment, request_id, served_by, mode, weight,
+        production_version, production_prediction, production_confidence, production_latency_ms,
+        production_status, production_error, candidate_version, candidate_prediction, candidate_confidence,
+        candidate_latency_ms, candidate_status, candidate_error)
+    SELECT t, t + interval '0.5 s', $1, $2, gen_random_uuid()::text, 'production', 'shadow', 20,
+        'v1', random(), CASE WHEN i % 2 = 0 THEN random() END, 3 + 20 * random() ^ 3, 200, NULL,
+        'v2', random(), CASE WHEN i % 2 = 0 THEN random() END, 4 + 30 * random() ^ 3,
+        CASE WHEN i % 97 = 0 THEN 503 WHEN i % 211 = 0 THEN NULL ELSE 200 END,
+        CASE WHEN i % 211 = 0 THEN 'timeout' END
+    FROM (SELECT i, $3::timestamptz + (i * ($4::timestamptz - $3::timestamptz) / $5) AS t
+          FROM generate_series(0, $5 - 1) AS i) AS stamped
+    RETURNING namespace, deployment, request_id, time
+),
+due AS (
     SELECT namespace, deployment, request_id, time + random() * interval '60 s' AS at, random() AS roll
-    FROM predictions
-    WHERE time >= $1 AND time < $2
+    FROM inserted
 )
 INSERT INTO outcomes (time, recorded_at, namespace, deployment, request_id, outcome)
 SELECT at, at + interval '0.2 s', namespace, deployment, request_id, round(random()) FROM due
-WHERE roll < 0.95 AND at < $3
+WHERE roll < 0.95 AND at < $6
 UNION ALL
 SELECT at + interval '30 s', at + interval '30.2 s', namespace, deployment, request_id, round(random()) FROM due
-WHERE roll < 0.02 AND at + interval '30 s' < $3
+WHERE roll < 0.02 AND at + interval '30 s' < $6
 """
 
 _LIVE_PREDICTIONS = """
@@ -142,10 +141,7 @@ async def load(
     await connection.execute("SET maintenance_work_mem = '1GB'")
     started = time.monotonic()
     for deployment, start, end, count in segments:
-        await connection.execute(_PREDICTIONS, NAMESPACE, deployment, start, end, count)
-    low = min(start for _, start, _, _ in segments)
-    high = max(end for _, _, end, _ in segments)
-    await connection.execute(_OUTCOMES, low, high, now)
+        await connection.execute(_SEGMENT, NAMESPACE, deployment, start, end, count, now)
     log(f"  inserted in {time.monotonic() - started:.0f}s; rebuilding {len(indexes)} indexes")
     for _, definition in indexes:
         await connection.execute(definition)
@@ -168,7 +164,7 @@ def plan_lines(lines: list[str]) -> list[str]:
 
 
 async def measure(
-    dsn: str, rows: int, window_rows: int, since: dt.datetime, args: argparse.Namespace
+    dsn: str, target: str, rows: int, window_rows: int, since: dt.datetime, args: argparse.Namespace
 ) -> tuple[Figures, list[str], list[str]]:
     connection = await asyncpg.connect(dsn)
     writer = await asyncpg.connect(dsn)
@@ -177,14 +173,14 @@ async def measure(
         whole = []
         for _ in range(args.repeats):
             started = time.perf_counter()
-            await window_metrics(connection, NAMESPACE, TARGET, Metric.MAE, TrafficMode.SHADOW, since, None)
+            await window_metrics(connection, NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, None)
             whole.append((time.perf_counter() - started) * 1000)
         log(f"  whole-window query: median {median(whole):.0f} ms over {len(whole)} runs")
 
         first = []
-        analysis = WindowAnalysis(NAMESPACE, TARGET, Metric.MAE, TrafficMode.SHADOW, since)
+        analysis = WindowAnalysis(NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since)
         for _ in range(args.repeats):
-            analysis = WindowAnalysis(NAMESPACE, TARGET, Metric.MAE, TrafficMode.SHADOW, since)
+            analysis = WindowAnalysis(NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since)
             started = time.perf_counter()
             await analysis.refresh(connection)
             first.append((time.perf_counter() - started) * 1000)
@@ -200,7 +196,7 @@ async def measure(
             tag = f"live-{rows}-{time.time_ns()}"
             started = time.monotonic()
             while not stop.is_set():
-                for deployment in (TARGET, *LIVE_OTHERS):
+                for deployment in (target, *LIVE_OTHERS):
                     await writer.execute(_LIVE_PREDICTIONS, NAMESPACE, deployment, f"{tag}-{tick}", per_tick)
                     if tick >= OUTCOME_DELAY_TICKS:
                         delayed = f"{tag}-{tick - OUTCOME_DELAY_TICKS}"
@@ -236,14 +232,14 @@ async def measure(
         )
 
         incremental = await analysis.refresh(connection)
-        whole_now = await window_metrics(connection, NAMESPACE, TARGET, Metric.MAE, TrafficMode.SHADOW, since, None)
+        whole_now = await window_metrics(connection, NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, None)
         matches = _same(incremental, whole_now)
         window_after = incremental.production.requests
 
         steady_plan = plan_lines(await explain(connection, analysis.query(*slices[len(slices) // 2])))
         whole_plan = plan_lines(
             await explain(
-                connection, whole_window_query(NAMESPACE, TARGET, Metric.MAE, TrafficMode.SHADOW, since, None)
+                connection, whole_window_query(NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, None)
             )
         )
         figures = Figures(
@@ -286,35 +282,38 @@ async def bench(dsn: str, args: argparse.Namespace) -> int:
         await migrate(connection)
         now: dt.datetime = await connection.fetchval("SELECT now()")
         settings = await connection.fetch(
-            "SELECT name, setting, unit FROM pg_settings WHERE name IN "
+            "SELECT name, current_setting(name) AS setting FROM pg_settings WHERE name IN "
             "('shared_buffers', 'work_mem', 'max_parallel_workers_per_gather', 'server_version')"
         )
     finally:
         await connection.close()
-    log("PostgreSQL: " + ", ".join(f"{row['name']}={row['setting']}{row['unit'] or ''}" for row in settings))
-    since = now - WINDOW_SPAN
+    log("PostgreSQL: " + ", ".join(f"{row['name']}={row['setting']}" for row in settings))
     window = args.window
 
     results: list[Figures] = []
     loaded = 0
-    for size in sorted(args.sizes):
-        log(f"\n== {size:,} prediction rows, {window:,} in the current window ==")
-        segments: list[tuple[str, dt.datetime, dt.datetime, int]] = []
-        if loaded == 0:
-            # The window: the target, and two other deployments writing at the same time.
-            segments.append((TARGET, since, now, window))
-            for other in LIVE_OTHERS:
-                segments.append((other, since, now, window))
-            loaded = window * (1 + len(LIVE_OTHERS))
-        # Everything else before the window: earlier days, all deployments, the target's earlier steps.
-        rest = size - loaded
-        days = 7
-        older_end = since - dt.timedelta(days=days * len(results))
-        older_start = older_end - dt.timedelta(days=days)
-        per_deployment = rest // (len(OTHERS) + 1)
-        for deployment in (TARGET, *OTHERS):
-            segments.append((deployment, older_start, older_end, per_deployment))
-        loaded += per_deployment * (len(OTHERS) + 1)
+    oldest = now - WINDOW_SPAN
+    for phase, size in enumerate(sorted(args.sizes)):
+        # Each size measures a deployment of its own whose window holds exactly `window` rows; the
+        # previous size's target and its live rows are then just more rows outside the window.
+        target = f"{TARGET}-{phase + 1}"
+        connection = await asyncpg.connect(dsn)
+        try:
+            now = await connection.fetchval("SELECT now()")
+        finally:
+            await connection.close()
+        since = now - WINDOW_SPAN
+        log(f"\n== {size:,} prediction rows, {window:,} in the current window of {target} ==")
+        segments = [(target, since, now, window)]
+        if phase == 0:  # two deployments busy during the window too: their rows interleave on disk
+            segments += [(other, since, now, window) for other in LIVE_OTHERS]
+        # Everything else is older: a week per size, all deployments (the target's earlier steps too).
+        inside = sum(count for _, _, _, count in segments)
+        per_deployment = max(0, size - loaded - inside) // (len(OTHERS) + 1)
+        older_end = oldest
+        oldest = older_end - dt.timedelta(days=7)
+        segments += [(deployment, oldest, older_end, per_deployment) for deployment in (target, *OTHERS)]
+        loaded += inside + per_deployment * (len(OTHERS) + 1)
         connection = await asyncpg.connect(dsn)
         try:
             await load(connection, segments, now)
@@ -323,7 +322,7 @@ async def bench(dsn: str, args: argparse.Namespace) -> int:
         finally:
             await connection.close()
         log(f"  tables: {total:,} predictions, {outcomes:,} outcomes")
-        figures, steady_plan, whole_plan = await measure(dsn, total, window, since, args)
+        figures, steady_plan, whole_plan = await measure(dsn, target, total, window, since, args)
         results.append(figures)
         log("  plan of a steady-state refresh (rows recorded in one interval):")
         for line in steady_plan:

@@ -68,7 +68,9 @@ CLOCK_SKEW = dt.timedelta(seconds=1)
 """How far the router's clock (a prediction's `time`) may run ahead of the database's (`recorded_at`).
 An outcome is recorded after its request was made, so an outcome of a prediction made after the previous
 run (by more than this) can only have been recorded since: `WindowAnalysis` then finds it without an
-index probe. Beyond this skew, a prediction whose row is flushed after its own outcome's may go unscored."""
+index probe; and a prediction recorded by a moment was made by that moment plus this. Beyond this skew,
+a prediction whose row is flushed after its own outcome, or whose outcome arrives in a later run, may go
+unscored by `WindowAnalysis` (`window_metrics` is not affected)."""
 
 LATENCY_RELATIVE_ACCURACY = 0.001
 """Latency percentiles are within 0.1% of the exact value (p99 of 250 ms: 249.75 to 250.25 ms)."""
@@ -177,7 +179,9 @@ rows AS (
 # because an outcome for their request id arrived in between (only their scored part changes: the
 # loss with the latest outcome as of $8 is added, the one as of $7 taken away).
 # Predictions made after $7 + $9 (CLOCK_SKEW) find their outcomes among those recorded in between (they
-# came later still) with a hash join; every other lookup is an index probe, written as LATERAL. The
+# came later still) with a hash join; every other lookup is an index probe, written as LATERAL. A
+# prediction recorded by $7 was made by $7 + $9, which lets the index alone turn away the requests whose
+# only prediction arrived in between. The
 # statement runs with nested loops disabled (see _settings), so its shape does not depend on row
 # estimates, which are poor for rows recorded after the last ANALYZE: probes where written, hash joins
 # elsewhere. Cost follows the rows recorded in between, not the window or the tables.
@@ -203,7 +207,7 @@ arrived AS (
     CROSS JOIN LATERAL (
         SELECT {_COLUMNS} FROM predictions q
         WHERE q.namespace = $1 AND q.deployment = $2 AND q.request_id = s.request_id
-          AND q.time >= $3 AND coalesce(q.recorded_at, q.time) <= $7
+          AND q.time >= $3 AND q.time <= $7 + $9::interval AND coalesce(q.recorded_at, q.time) <= $7
         OFFSET 0  -- a probe per request id: keeps the planner from flattening this into a join
     ) p
 ),
