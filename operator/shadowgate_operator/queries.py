@@ -212,19 +212,22 @@ arrived AS (
     ) p
 ),
 rows AS (
-    SELECT a.*,
-        CASE WHEN a.fresh THEN slice_latest.outcome ELSE probed.outcome_after END AS outcome_after,
-        probed.outcome_before
+    SELECT a.*, slice_latest.outcome AS outcome_after, NULL::float8 AS outcome_before
     FROM arrived a
-    LEFT JOIN slice_latest ON a.fresh AND slice_latest.request_id = a.request_id
-    LEFT JOIN LATERAL (
+    LEFT JOIN slice_latest ON slice_latest.request_id = a.request_id
+    WHERE a.fresh
+    UNION ALL
+    SELECT a.*, probed.outcome_after, probed.outcome_before
+    FROM arrived a
+    CROSS JOIN LATERAL (
         SELECT (array_agg(o.outcome ORDER BY o.time DESC))[1] AS outcome_after,
                (array_agg(o.outcome ORDER BY o.time DESC)
                    FILTER (WHERE NOT a.is_new AND coalesce(o.recorded_at, o.time) <= $7))[1] AS outcome_before
         FROM outcomes o
-        WHERE NOT a.fresh AND o.namespace = $1 AND o.deployment = $2 AND o.request_id = a.request_id
+        WHERE o.namespace = $1 AND o.deployment = $2 AND o.request_id = a.request_id
           AND o.time >= $4 AND coalesce(o.recorded_at, o.time) <= $8
-    ) probed ON true
+    ) probed
+    WHERE NOT a.fresh
 )"""
 
 # Per-request loss of one side: {x} prediction, {c} confidence, {y} outcome.

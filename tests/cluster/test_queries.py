@@ -541,20 +541,29 @@ async def test_the_incremental_analysis_equals_the_whole_window_after_every_batc
         predictions.extend(new_predictions)
         outcomes.extend(new_outcomes)
 
-    # 1. The first run reads whatever is there: a quarter of the requests, some with outcomes.
+    # 1. The first run reads whatever is there: a quarter of the requests, some with outcomes, and one
+    #    stamped by a router whose clock runs half a second ahead of the database's.
     first = window_predictions[:60]
-    await add(first + extra_predictions, [o for p in first[:30] for o in by_request.get(p.request_id, [])[:1]])
+    clock: dt.datetime = await connection.fetchval("SELECT clock_timestamp()")
+    answer = Side(prediction=0.75, confidence=0.8, latency_ms=4.5, status=200)
+    ahead = Prediction(
+        clock + dt.timedelta(seconds=0.5), "ahead", answer, replace(answer, prediction=-0.25), deployment=deployment
+    )
+    by_request["ahead"] = [Outcome(clock + dt.timedelta(seconds=1), "ahead", 1.0, deployment=deployment)]
+    await add(
+        [*first, ahead, *extra_predictions], [o for p in first[:30] for o in by_request.get(p.request_id, [])[:1]]
+    )
     await _check(connection, analysis, predictions, outcomes, metric, mode)
 
     # 2. Outcomes for earlier predictions (rescored), and outcomes ahead of predictions not yet flushed.
-    await add([], [o for p in first[30:] for o in by_request.get(p.request_id, [])[:1]])
-    ahead = window_predictions[60:100]
-    await add([], [o for p in ahead for o in by_request.get(p.request_id, [])])
+    await add([], [o for p in [*first[30:], ahead] for o in by_request.get(p.request_id, [])[:1]])
+    early = window_predictions[60:100]
+    await add([], [o for p in early for o in by_request.get(p.request_id, [])])
     await _check(connection, analysis, predictions, outcomes, metric, mode)
 
     # 3. The predictions whose outcomes came first; corrections (newer, which win, and older, which lose)
     #    for step 1's requests; a spooled prediction stamped long ago (inside the window) with its outcome.
-    await add(ahead, [o for p in first for o in by_request.get(p.request_id, [])[1:]])
+    await add(early, [o for p in first for o in by_request.get(p.request_id, [])[1:]])
     spooled = replace(window_predictions[100], time=since + dt.timedelta(seconds=1))
     await add([spooled], by_request.get(spooled.request_id, []))
     await _check(connection, analysis, predictions, outcomes, metric, mode)
