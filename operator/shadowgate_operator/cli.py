@@ -17,6 +17,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: tuple[str, ...] = (
     "shadowgate_operator.run",
     "shadowgate_operator.migrate",
+    "shadowgate_operator.replay",
     "shadowgate_operator.demo",
     "shadowgate_operator.localenv.cli",
     "shadowgate_operator.crd",

@@ -16,6 +16,7 @@ from shadowgate_operator.api import ACTION_ANNOTATION, GROUP, PLURAL, VERSION
 from shadowgate_operator.builders import OperatorSettings
 from shadowgate_operator.kube import REPORTING_COMPONENT, Kube, KubeError
 from shadowgate_operator.service import Reconciler
+from shadowgate_operator.store import Databases
 
 RESOURCE = (GROUP, VERSION, PLURAL)
 
@@ -33,7 +34,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.reporting_component = REPORTING_COMPONENT
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    memo.reconciler = Reconciler(kube=Kube.from_environment(), settings=OperatorSettings.from_env())
+    # `shadowgate operator` puts its settings in the memo; anything else running these handlers gets defaults.
+    memo.reconciler = Reconciler(
+        kube=Kube.from_environment(),
+        settings=getattr(memo, "operator_settings", None) or OperatorSettings.from_env(),
+        databases=Databases(run_migrations=getattr(memo, "run_migrations", True)),
+    )
 
 
 @kopf.on.cleanup()

@@ -7,6 +7,7 @@ Objects are plain dicts (what the builders return).
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import ssl
@@ -35,6 +36,7 @@ _PLURALS = {
     "Role": "roles",
     "RoleBinding": "rolebindings",
     "Event": "events",
+    "Secret": "secrets",
 }
 
 
@@ -167,6 +169,13 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
+
+    async def get_secret_value(self, namespace: str, name: str, key: str) -> str | None:
+        """One key of a Secret, decoded; None when the Secret or the key does not exist."""
+        secret = await self.get("v1", "Secret", namespace, name)
+        if secret is None or key not in (secret.get("data") or {}):
+            return None
+        return base64.b64decode(secret["data"][key]).decode()
 
     async def post_event(
         self, involved: dict[str, Any], event_type: str, reason: str, message: str, now: dt.datetime

@@ -26,7 +26,8 @@ from shadowgate_operator.api import (
     ShadowDeploymentStatus,
 )
 from shadowgate_operator.conditions import set_condition, transition
-from shadowgate_operator.decision import decide
+from shadowgate_operator.decision import analyse as analyse_window
+from shadowgate_operator.metrics import WindowMetrics
 
 EventType = Literal["Normal", "Warning"]
 
@@ -170,13 +171,48 @@ def _conditions(
     return status.model_copy(update={"conditions": conditions})
 
 
+def apply_decision(
+    spec: ShadowDeploymentSpec, status: ShadowDeploymentStatus, decision: Decision, now: dt.datetime
+) -> tuple[ShadowDeploymentStatus, list[Notice]]:
+    """Carry out what the analysis decided: the next step, promotion, rollback, or nothing."""
+    action = decision.action
+    if action is DecisionAction.ADVANCE and (status.current_step or 0) + 1 < len(spec.traffic.steps):
+        advanced = status.model_copy(
+            update={"current_step": (status.current_step or 0) + 1, "step_started_at": now, "samples": 0,
+                    "last_decision": decision}
+        )  # fmt: skip
+        message = f"Progressing: {_describe_step(spec, advanced)}."
+        advanced = advanced.model_copy(update={"current_weight": weight_for(spec, advanced), "message": message})
+        return advanced, [Notice("Normal", "StepAdvanced", f"{decision.reason} Now {_describe_step(spec, advanced)}.")]
+    if action in (DecisionAction.ADVANCE, DecisionAction.PROMOTE):
+        promoted = _finish(spec, status, Phase.PROMOTED, DecisionAction.PROMOTE, decision.reason, now)
+        return promoted, [Notice("Normal", "Promoted", decision.reason)]
+    if action is DecisionAction.ROLL_BACK:
+        rolled_back = _finish(spec, status, Phase.ROLLED_BACK, DecisionAction.ROLL_BACK, decision.reason, now)
+        return rolled_back, [Notice("Warning", "RolledBack", decision.reason)]
+    if action is DecisionAction.FAIL:
+        failed = _finish(spec, status, Phase.FAILED, DecisionAction.FAIL, decision.reason, now)
+        return failed, [Notice("Warning", "Failed", decision.reason)]
+    last = status.last_decision
+    if last is None or (last.action, last.reason) != (decision.action, decision.reason):
+        status = status.model_copy(update={"last_decision": decision})
+    return status, []
+
+
 def plan_rollout(
-    sd: ShadowDeployment, now: dt.datetime, *, analyse: bool = False, router: RouterState | None = None
+    sd: ShadowDeployment,
+    now: dt.datetime,
+    *,
+    analyse: bool = False,
+    router: RouterState | None = None,
+    metrics: WindowMetrics | None = None,
+    data_problem: str | None = None,
 ) -> Plan:
     """The status `sd` should have now and the Events that announce the change.
 
-    `analyse` runs the decision (once per analysis interval); `router` is what the router Deployment
-    reports, for the Ready condition.
+    `analyse` runs the decision (once per analysis interval) on `metrics`, the current step's window;
+    `data_problem` says why there are none (the database is away); `router` is what the router
+    Deployment reports, for the Ready condition.
     """
     spec, status = sd.spec, sd.status
     notices: list[Notice] = []
@@ -214,13 +250,19 @@ def plan_rollout(
     # The weight always follows the phase and step (new steps in spec apply at once; Paused keeps its own).
     status = status.model_copy(update={"current_weight": weight_for(spec, status)})
     if status.phase is Phase.PROGRESSING and analyse:
-        decision = decide(spec, status, None, now)
-        last = status.last_decision
-        if last is None or (last.action, last.reason) != (decision.action, decision.reason):
-            status = status.model_copy(update={"last_decision": decision})
+        if data_problem is not None:
+            decision = Decision(action=DecisionAction.WAIT, reason=f"Waiting for data: {data_problem}", time=now)
+        else:
+            verdict = analyse_window(spec, status, metrics, now)
+            decision = verdict.decision
+            # The step's numbers go to status first: the next analysis reads its evidence from there.
+            status = status.model_copy(update={"metrics": verdict.metrics, "samples": verdict.samples})
+            if verdict.gate is not None:
+                notices.append(Notice("Warning", "GateFailed", verdict.gate))
+        status, decided = apply_decision(spec, status, decision, now)
+        notices += decided
 
-    transition_reason = notices[-1].reason if notices and notices[-1].type == "Normal" else None
-    if transition_reason == "ActionIgnored":
-        transition_reason = None
+    transitions = [notice.reason for notice in notices if notice.reason not in ("ActionIgnored", "InvalidAction")]
+    transition_reason = transitions[-1] if transitions else None
     status = _conditions(status, sd.metadata.generation, now, router, transition_reason)
     return Plan(status=status, notices=tuple(notices))

@@ -23,14 +23,16 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from shadowgate_operator import handlers
+    from shadowgate_operator.builders import OperatorSettings
 
     del handlers  # imported for its registrations
     namespaces = list(args.namespace) or [
         ns.strip() for ns in os.environ.get("WATCH_NAMESPACE", "").split(",") if ns.strip()
     ]
     clusterwide = args.all_namespaces or not namespaces
+    settings = OperatorSettings.from_env()
     if args.router_image:
-        os.environ["SHADOWGATE_ROUTER_IMAGE"] = args.router_image
+        settings = settings.model_copy(update={"router_image": args.router_image})
     priority = args.priority
     if args.peering is not None and priority is None:
         # kopf pauses every replica when the highest priority is shared: draw one that is not.
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         peering_name=args.peering,
         priority=priority,
         liveness_endpoint=args.liveness,
+        memo=kopf.Memo(operator_settings=settings, run_migrations=not args.no_migrate),
     )
     return 0
 
@@ -70,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--router-image", help="router image (default: SHADOWGATE_ROUTER_IMAGE or the release image)")
     parser.add_argument(
         "--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8081/healthz"
+    )
+    parser.add_argument(
+        "--no-migrate", action="store_true", help="do not apply pending database migrations on first connection"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log every handler and API call")
     parser.set_defaults(func=run)

@@ -1,8 +1,12 @@
-"""Reconcile one ShadowDeployment: read it, plan, apply the router's objects, write status, record Events.
+"""Reconcile one ShadowDeployment: read it, measure, plan, write status, apply the router's objects, record.
 
-The Reconciler is the only place where the pure parts (rollout plan, builders) meet the Kubernetes API.
-Calls for one object are serialised by a lock, and each starts from a fresh read of the object, so a
-change handler and the analysis timer never act on a stale status.
+The Reconciler is the only place where the pure parts (rollout plan, decision, builders) meet the
+Kubernetes API and the database. Calls for one object are serialised by a lock, and each starts from a
+fresh read of the object, so a change handler and the analysis loop never act on a stale status.
+
+Order matters for restarts: the planned status is written first (it is the record of what was
+decided), then the router's objects are made to follow it, then Events and rows are recorded. An
+operator killed in between finds the decision in status and completes it; it never decides twice.
 """
 
 from __future__ import annotations
@@ -15,17 +19,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 from pydantic import ValidationError
 
-from shadowgate_operator.api import ShadowDeployment
+from shadowgate_operator.api import Phase, ShadowDeployment
 from shadowgate_operator.builders import OperatorSettings, router_objects
 from shadowgate_operator.kube import Kube, KubeError
-from shadowgate_operator.rollout import Plan, RouterState, plan_rollout
+from shadowgate_operator.metrics import WindowMetrics
+from shadowgate_operator.queries import WindowAnalyses
+from shadowgate_operator.rollout import Notice, Plan, RouterState, plan_rollout
+from shadowgate_operator.store import (
+    Databases,
+    DatabaseUnavailable,
+    EventRow,
+    MetricsRow,
+    record_events,
+    record_metrics,
+    record_spec,
+)
 
 logger = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 CONFLICT_RETRIES = 5
+# Warnings that repeat while their cause stays: recorded once per distinct message and object.
+_ONCE = frozenset({"InvalidAction", "DatabaseUnavailable"})
 
 
 def utcnow() -> dt.datetime:
@@ -37,12 +55,16 @@ def utcnow() -> dt.datetime:
 class Reconciler:
     kube: Kube
     settings: OperatorSettings
+    databases: Databases = field(default_factory=Databases)
+    analyses: WindowAnalyses = field(default_factory=WindowAnalyses)
     clock: Callable[[], dt.datetime] = utcnow
     _locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     _next_analysis: dict[Key, float] = field(default_factory=dict)
+    _recorded_generation: dict[Key, int] = field(default_factory=dict)
     _warned: set[tuple[str, str]] = field(default_factory=set)
 
     async def close(self) -> None:
+        await self.databases.close()
         await self.kube.close()
 
     async def analyse_if_due(self, namespace: str, name: str) -> float:
@@ -72,8 +94,9 @@ class Reconciler:
         key = (namespace, name)
         body = await self.kube.get_shadowdeployment(namespace, name)
         if body is None:  # deleted meanwhile; its children go with it (owner references)
-            self._locks.pop(key, None)
-            self._next_analysis.pop(key, None)
+            for memory in (self._locks, self._next_analysis, self._recorded_generation):
+                memory.pop(key, None)
+            self.analyses.forget(namespace, name)
             return None
         try:
             sd = ShadowDeployment.model_validate(body)
@@ -81,15 +104,81 @@ class Reconciler:
             # Admission validation makes this rare (e.g. an object stored before a CRD upgrade).
             logger.error("ShadowDeployment %s/%s is invalid, not reconciled: %s", namespace, name, exc)
             return None
-        plan = plan_rollout(sd, self.clock(), analyse=analyse, router=await self._router_state(sd))
+        now = self.clock()
+        if analyse and key not in self._next_analysis:
+            analyse = self._first_analysis_due(key, sd, now)
+        pool, data_problem = await self._database(sd)
+        window = None
+        if analyse and pool is not None and sd.status.phase is Phase.PROGRESSING:
+            window, data_problem = await self._measure(pool, sd, now)
+        plan = plan_rollout(
+            sd, now, analyse=analyse, router=await self._router_state(sd), metrics=window, data_problem=data_problem
+        )
+        await self._write_status(body, sd, plan)
         planned = sd.model_copy(update={"status": plan.status})
         for child in router_objects(planned, self.settings):
             await self.kube.apply(child)
-        await self._write_status(body, sd, plan)
         if analyse:
             self._next_analysis[key] = time.monotonic() + sd.spec.analysis.interval_seconds
-        await self._record(body, plan)
+        notices = list(plan.notices)
+        if data_problem is not None:
+            notices.append(Notice("Warning", "DatabaseUnavailable", data_problem))
+        await self._record(body, planned, notices, pool)
+        if window is not None and pool is not None:
+            await self._record_analysis(pool, sd, plan, now)
         return plan
+
+    def _first_analysis_due(self, key: Key, sd: ShadowDeployment, now: dt.datetime) -> bool:
+        """After a (re)start, keep the interval since the last decision in status instead of analysing
+        at once: a restart is invisible, and many resources do not all query the database together."""
+        last = sd.status.last_decision
+        interval = sd.spec.analysis.interval_seconds
+        waited = (now - last.time).total_seconds() if last is not None else interval
+        if waited >= interval:
+            return True
+        self._next_analysis[key] = time.monotonic() + interval - waited
+        return False
+
+    async def _database(self, sd: ShadowDeployment) -> tuple[asyncpg.Pool | None, str | None]:
+        """The pool for this resource's database, or why there is none."""
+        reference = sd.spec.database.secret_ref
+        try:
+            dsn = await self.kube.get_secret_value(sd.namespace, reference.name, reference.key)
+        except KubeError as exc:
+            return None, f"cannot read Secret {reference.name}: {exc.reason}"
+        if dsn is None:
+            return (
+                None,
+                f"Secret {sd.namespace}/{reference.name} has no key {reference.key!r} (spec.database.secretRef)",
+            )
+        try:
+            pool = await self.databases.pool(dsn)
+        except DatabaseUnavailable as exc:
+            return None, str(exc)
+        key = (sd.namespace, sd.name)
+        generation = sd.metadata.generation or 0
+        if self._recorded_generation.get(key) != generation:
+            try:
+                spec = sd.spec.to_dict()
+                await record_spec(pool, sd.namespace, sd.name, generation, sd.spec.candidate_revision(), spec)
+                self._recorded_generation[key] = generation
+            except (OSError, asyncpg.PostgresError) as exc:
+                return None, f"cannot write to the database: {exc}"
+        return pool, None
+
+    async def _measure(
+        self, pool: asyncpg.Pool, sd: ShadowDeployment, now: dt.datetime
+    ) -> tuple[WindowMetrics | None, str | None]:
+        """The current step's window, read incrementally (only rows recorded since the last analysis)."""
+        since = sd.status.step_started_at or sd.status.analysis_started_at or now
+        try:
+            async with pool.acquire() as connection:
+                window = await self.analyses.window_metrics(
+                    connection, sd.namespace, sd.name, sd.spec.analysis.metric, sd.spec.traffic.mode, since
+                )
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            return None, f"cannot query the database: {type(exc).__name__}: {exc}"
+        return window, None
 
     async def _router_state(self, sd: ShadowDeployment) -> RouterState | None:
         deployment = await self.kube.get("apps/v1", "Deployment", sd.namespace, sd.router_name)
@@ -107,15 +196,58 @@ class Reconciler:
             return  # nothing changed: no write, no churn
         await self.kube.replace_status({**body, "status": new_status})
 
-    async def _record(self, body: dict[str, Any], plan: Plan) -> None:
+    async def _record_analysis(self, pool: asyncpg.Pool, sd: ShadowDeployment, plan: Plan, now: dt.datetime) -> None:
+        """One deployment_metrics row per analysis: the step it judged and what it decided."""
+        measured, decision = plan.status.metrics, plan.status.last_decision
+        if decision is None:
+            return
+        row = MetricsRow(
+            time=now,
+            namespace=sd.namespace,
+            deployment=sd.name,
+            step=sd.status.current_step or 0,
+            weight=sd.status.current_weight or 0,
+            samples=plan.status.samples or 0,
+            metric=sd.spec.analysis.metric.value,
+            production_value=measured.production.metric_value if measured and measured.production else None,
+            candidate_value=measured.candidate.metric_value if measured and measured.candidate else None,
+            improvement=measured.improvement if measured else None,
+            overall_score=measured.overall_score if measured else None,
+            p_value=measured.p_value if measured else None,
+            decision=decision.action.value,
+            reason=decision.reason,
+            metrics=measured.to_dict() if measured else None,
+        )
+        try:
+            await record_metrics(pool, row)
+        except (OSError, asyncpg.PostgresError) as exc:
+            logger.warning("could not record the analysis in deployment_metrics: %s", exc)
+
+    async def _record(
+        self, body: dict[str, Any], sd: ShadowDeployment, notices: list[Notice], pool: asyncpg.Pool | None
+    ) -> None:
+        """Kubernetes Events and deployment_events rows for what this reconcile did."""
         uid = body["metadata"]["uid"]
-        for notice in plan.notices:
-            if notice.reason == "InvalidAction":
-                # The annotation stays until someone fixes it: warn once per value, not every interval.
+        now = self.clock()
+        rows: list[EventRow] = []
+        for notice in notices:
+            if notice.reason in _ONCE:
+                # The cause stays until someone fixes it: say it once per message, not every interval.
                 if (uid, notice.message) in self._warned:
                     continue
                 self._warned.add((uid, notice.message))
             try:
-                await self.kube.post_event(body, notice.type, notice.reason, notice.message, self.clock())
+                await self.kube.post_event(body, notice.type, notice.reason, notice.message, now)
             except KubeError as exc:  # an Event is worth a log line, not a failed reconcile
                 logger.warning("could not record Event %s: %s", notice.reason, exc)
+            status = sd.status
+            rows.append(
+                # Full precision (not the status clock's seconds): rows of one reconcile keep their order.
+                EventRow(dt.datetime.now(dt.UTC), sd.namespace, sd.name, notice.reason, status.phase_or_pending.value,
+                         status.current_step, status.current_weight, notice.message)
+            )  # fmt: skip
+        if pool is not None and rows:
+            try:
+                await record_events(pool, rows)
+            except (OSError, asyncpg.PostgresError) as exc:
+                logger.warning("could not record %d deployment_events rows: %s", len(rows), exc)

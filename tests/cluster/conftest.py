@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import REPO_ROOT, Kubectl
-from tests.support.operator import OperatorProcess
+from tests.support.operator import OperatorProcess, apply
 
 CRD_NAME = "shadowdeployments.shadowgate.io"
 
@@ -19,6 +20,26 @@ def shadow_crd(kubectl: Kubectl) -> str:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
     kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
     return CRD_NAME
+
+
+ApplyShadow = Callable[[str, dict[str, Any]], None]
+
+
+@pytest.fixture
+def apply_shadow(kubectl: Kubectl, dsn: str) -> ApplyShadow:
+    """apply_shadow(namespace, manifest): the Secrets it names (database DSN, outcome token), then it."""
+
+    def run(namespace: str, manifest: dict[str, Any]) -> None:
+        spec = manifest["spec"]
+        for secret, key, value in (
+            (spec["database"]["secretRef"]["name"], "dsn", dsn),
+            (spec["outcomes"]["tokenSecretRef"]["name"], "token", "test-token"),
+        ):
+            document = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret}, "stringData": {key: value}}
+            apply(kubectl, namespace, document)
+        apply(kubectl, namespace, manifest)
+
+    return run
 
 
 StartOperator = Callable[..., OperatorProcess]

@@ -12,7 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 T = TypeVar("T")
+Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
 
 class OperatorProcess:
@@ -60,7 +63,7 @@ def eventually(probe: Callable[[], T | None], timeout: float, what: str, interva
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
-def get_json(kubectl: Callable[..., subprocess.CompletedProcess[str]], *args: str) -> Any:
+def get_json(kubectl: Kubectl, *args: str) -> Any:
     result = kubectl("get", *args, "-o", "json", check=False)
     return json.loads(result.stdout) if result.returncode == 0 else None
 
@@ -77,3 +80,41 @@ def events_for(
     items: list[dict[str, Any]] = listing["items"] if listing else []
     # resourceVersion orders them exactly (timestamps have one-second resolution).
     return sorted(items, key=lambda event: int(event["metadata"]["resourceVersion"]))
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "shadowdeployment.yaml"
+
+
+def example(name: str = "fraud-detector", **spec_changes: Any) -> dict[str, Any]:
+    """examples/shadowdeployment.yaml under another name, with top-level spec fields replaced."""
+    manifest: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    manifest["metadata"]["name"] = name
+    manifest["spec"].update(spec_changes)
+    return manifest
+
+
+def apply(kubectl: Kubectl, namespace: str, manifest: dict[str, Any]) -> None:
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+
+def shadow(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = get_json(kubectl, "shadowdeployment", name, "-n", namespace)
+    return found
+
+
+def wait_phase(kubectl: Kubectl, namespace: str, name: str, phase: str, timeout: float = 30) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        obj = get_json(kubectl, "shadowdeployment", name, "-n", namespace)
+        return obj if obj and obj.get("status", {}).get("phase") == phase else None
+
+    return eventually(reached, timeout, f"{namespace}/{name} to reach phase {phase}")
+
+
+def router_config(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    configmap = get_json(kubectl, "configmap", f"{name}-router", "-n", namespace)
+    loaded: dict[str, Any] = json.loads(configmap["data"]["config.json"])
+    return loaded
+
+
+def reasons(kubectl: Kubectl, namespace: str, name: str) -> list[str]:
+    return [event["reason"] for event in events_for(kubectl, namespace, name)]
