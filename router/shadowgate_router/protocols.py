@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from shadowgate_router.config import Protocol, RouterConfig, parse_json_path
 
@@ -91,6 +92,14 @@ def served_names(config: RouterConfig) -> frozenset[str]:
     return frozenset({config.production.model_name, config.candidate.model_name, config.deployment})
 
 
+_DECODER = json.JSONDecoder()
+
+
+def decode_json(body: bytes) -> Any:
+    """json.loads for UTF-8 bytes without its encoding sniffing: two fewer Python calls on the hot path."""
+    return _DECODER.decode(body.decode())
+
+
 class Extractor:
     """Reads the prediction (and confidence) out of a model server's JSON answer for recording."""
 
@@ -101,8 +110,8 @@ class Extractor:
     def __call__(self, body: bytes) -> tuple[float | None, float | None]:
         """(prediction, confidence); None where the answer has no number there (or is not JSON)."""
         try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+            document = decode_json(body)
+        except ValueError:  # UnicodeDecodeError is one too
             return None, None
         confidence = _number(_walk(document, self.confidence)) if self.confidence else None
         return _number(_walk(document, self.prediction)), confidence

@@ -13,7 +13,6 @@ handed to the socket (`Response.after`), and for a mirrored request only once th
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +23,16 @@ from shadowgate_router.config import RouterConfig, TrafficMode
 from shadowgate_router.hashing import salt_for, threshold, to_candidate
 from shadowgate_router.httpserver import Request, Response, error_response
 from shadowgate_router.metrics import RouterMetrics
-from shadowgate_router.protocols import Extractor, Kind, Match, UnknownPath, WrongMethod, match, served_names
+from shadowgate_router.protocols import (
+    Extractor,
+    Kind,
+    Match,
+    UnknownPath,
+    WrongMethod,
+    decode_json,
+    match,
+    served_names,
+)
 from shadowgate_router.recorder import Recorder, now_us
 from shadowgate_router.spool import Row
 from shadowgate_router.upstream import TIMEOUT, UpstreamError, UpstreamPool, UpstreamResponse
@@ -123,6 +131,7 @@ class Proxy:
         self._latencies: dict[tuple[str, str], Any] = {}
         self._responses: dict[int, Any] = {}
         self._request_latency = {side: metrics.request_latency.labels(side) for side in ("production", "candidate")}
+        metrics.inflight.set_function(lambda: len(self._mirrors))
 
     # configuration
     def apply(self, config: RouterConfig) -> None:
@@ -219,7 +228,7 @@ class Proxy:
         if not request.body:
             return error_response(400, "the request body is empty; send a JSON document", request_id)
         try:
-            json.loads(request.body)
+            decode_json(request.body)
         except (ValueError, UnicodeDecodeError) as exc:
             return error_response(400, f"malformed JSON in the request body: {exc}", request_id)
         received = now_us()
@@ -340,13 +349,8 @@ class Proxy:
             )
         )
         self._mirrors.add(task)
-        self.metrics.inflight.set(len(self._mirrors))
-        task.add_done_callback(self._mirror_done)
+        task.add_done_callback(self._mirrors.discard)
         return task
-
-    def _mirror_done(self, task: asyncio.Task[Answer]) -> None:
-        self._mirrors.discard(task)
-        self.metrics.inflight.set(len(self._mirrors))
 
     @staticmethod
     def _target(found: Match, model: str, query: bytes) -> bytes:
@@ -405,7 +409,7 @@ class Proxy:
             response = error_response(status, f"the {side} model server failed: {answer.detail}", request_id)
             response.headers.append((_SERVED_BY, side.encode()))
         else:
-            headers = [(name, value) for name, value in upstream.headers if name.lower() not in _HOP_BY_HOP]
+            headers = [(name, value) for name, value in upstream.headers if name not in _HOP_BY_HOP]
             headers.append((_REQUEST_ID, request_id))
             headers.append((_SERVED_BY, side.encode()))
             response = Response(upstream.status, upstream.body, headers)

@@ -43,7 +43,7 @@ class UpstreamError(Exception):
 class UpstreamResponse:
     status: int
     headers: list[tuple[bytes, bytes]]
-    """Header names as sent by the server (any case)."""
+    """Header names lower-cased (as HTTP/2 and most proxies send them), values as sent."""
     body: bytes
 
 
@@ -114,7 +114,7 @@ class _Connection(asyncio.Protocol):
         lowered = name.lower()
         if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
             self._content_length = True
-        self._headers.append((name, value))
+        self._headers.append((lowered, value))
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
