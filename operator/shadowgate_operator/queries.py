@@ -178,10 +178,11 @@ rows AS (
 # everything about them is added), and earlier predictions whose latest outcome may have changed
 # because an outcome for their request id arrived in between (only their scored part changes: the
 # loss with the latest outcome as of $8 is added, the one as of $7 taken away).
-# Predictions made after $7 + $9 (CLOCK_SKEW) find their outcomes among those recorded in between (they
-# came later still) with a hash join; every other lookup is an index probe, written as LATERAL. A
-# prediction recorded by $7 was made by $7 + $9, which lets the index alone turn away the requests whose
-# only prediction arrived in between. The
+# A request's latest outcome as of $8 is the later of the latest recorded in between (`latest`, a hash
+# join) and the latest recorded by $7 (`earlier`, an index probe, which is also the one as of $7).
+# Predictions made after $7 + $9 (CLOCK_SKEW) skip the probe: their outcomes came later still. A
+# prediction recorded by $7 was made by $7 + $9, which lets the index alone turn away the requests
+# whose only prediction arrived in between. The
 # statement runs with nested loops disabled (see _settings), so its shape does not depend on row
 # estimates, which are poor for rows recorded after the last ANALYZE: probes where written, hash joins
 # elsewhere. Cost follows the rows recorded in between, not the window or the tables.
@@ -192,7 +193,7 @@ slice_outcomes AS MATERIALIZED (
     WHERE o.namespace = $1 AND o.deployment = $2 AND o.recorded_at > $7 AND o.recorded_at <= $8 AND o.time >= $4
 ),
 slice_latest AS (
-    SELECT DISTINCT ON (s.request_id COLLATE "C") s.request_id, s.outcome
+    SELECT DISTINCT ON (s.request_id COLLATE "C") s.request_id, s.time, s.outcome
     FROM slice_outcomes s
     ORDER BY s.request_id COLLATE "C", s.time DESC
 ),
@@ -212,22 +213,18 @@ arrived AS (
     ) p
 ),
 rows AS (
-    SELECT a.*, slice_latest.outcome AS outcome_after, NULL::float8 AS outcome_before
+    SELECT a.*,
+        CASE WHEN earlier.time IS NULL OR latest.time > earlier.time THEN latest.outcome ELSE earlier.outcome END
+            AS outcome_after,
+        CASE WHEN NOT a.is_new THEN earlier.outcome END AS outcome_before
     FROM arrived a
-    LEFT JOIN slice_latest ON slice_latest.request_id = a.request_id
-    WHERE a.fresh
-    UNION ALL
-    SELECT a.*, probed.outcome_after, probed.outcome_before
-    FROM arrived a
-    CROSS JOIN LATERAL (
-        SELECT (array_agg(o.outcome ORDER BY o.time DESC))[1] AS outcome_after,
-               (array_agg(o.outcome ORDER BY o.time DESC)
-                   FILTER (WHERE NOT a.is_new AND coalesce(o.recorded_at, o.time) <= $7))[1] AS outcome_before
-        FROM outcomes o
-        WHERE o.namespace = $1 AND o.deployment = $2 AND o.request_id = a.request_id
-          AND o.time >= $4 AND coalesce(o.recorded_at, o.time) <= $8
-    ) probed
-    WHERE NOT a.fresh
+    LEFT JOIN slice_latest latest ON latest.request_id = a.request_id
+    LEFT JOIN LATERAL (
+        SELECT o.time, o.outcome FROM outcomes o
+        WHERE NOT a.fresh AND o.namespace = $1 AND o.deployment = $2 AND o.request_id = a.request_id
+          AND o.time >= $4 AND coalesce(o.recorded_at, o.time) <= $7
+        ORDER BY o.time DESC LIMIT 1
+    ) earlier ON true
 )"""
 
 # Per-request loss of one side: {x} prediction, {c} confidence, {y} outcome.
