@@ -39,6 +39,8 @@ from shadowgate_router.upstream import TIMEOUT, UpstreamError, UpstreamPool, Ups
 
 log = logging.getLogger(__name__)
 
+CANCELLED = "cancelled"
+"""Recorded as the candidate's error for a shadow copy cut short by shutdown."""
 NO_PREDICTION = "no_prediction"
 """Recorded as the side's error when it answered 2xx but the configured path held no number."""
 
@@ -104,6 +106,13 @@ class Route:
     production: UpstreamPool
     candidate: UpstreamPool
     is_json: bool
+
+
+def _mirrored(task: asyncio.Task[Answer]) -> Answer:
+    """A finished copy's answer; one cut short (the process stopping) is recorded as such."""
+    if task.cancelled():
+        return Answer(None, CANCELLED, "the router stopped before the candidate answered", 0.0, None)
+    return task.result()
 
 
 def valid_request_id(value: bytes) -> bool:
@@ -257,16 +266,12 @@ class Proxy:
             )
             response = self._respond(production, "production", request_id, started)
 
-            def record_shadow() -> None:
-                if mirror is None or mirror.done():
-                    candidate = mirror.result() if mirror is not None else None
-                    self._record(route, received, request_id, "production", production, candidate, False, features)
-                else:
-                    mirror.add_done_callback(
-                        lambda done: self._record(
-                            route, received, request_id, "production", production, done.result(), False, features
-                        )
-                    )
+            def record_shadow(done: asyncio.Task[Answer] | None = None) -> None:
+                if mirror is not None and not mirror.done():
+                    mirror.add_done_callback(record_shadow)
+                    return
+                candidate = _mirrored(mirror) if mirror is not None else None
+                self._record(route, received, request_id, "production", production, candidate, False, features)
 
             response.after = record_shadow
             return response
