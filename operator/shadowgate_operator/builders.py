@@ -48,14 +48,18 @@ class OperatorSettings(BaseModel):
     router_image: str = Field(default_factory=_default_router_image, min_length=1)
     """Image for router pods unless spec.router.image overrides it; the operator's own image by default."""
     image_pull_policy: str = "IfNotPresent"
+    cluster_role: str = Field(default="shadowgate-operator", min_length=1)
+    """The ClusterRole the operator runs with (manifests/base/rbac.yaml): named when a permission is missing."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:
-        """Settings from SHADOWGATE_ROUTER_IMAGE and SHADOWGATE_IMAGE_PULL_POLICY, defaults otherwise."""
+        """Settings from SHADOWGATE_ROUTER_IMAGE, SHADOWGATE_IMAGE_PULL_POLICY and SHADOWGATE_CLUSTER_ROLE,
+        defaults otherwise."""
         env = os.environ if environ is None else environ
         values = {
             "router_image": env.get("SHADOWGATE_ROUTER_IMAGE"),
             "image_pull_policy": env.get("SHADOWGATE_IMAGE_PULL_POLICY"),
+            "cluster_role": env.get("SHADOWGATE_CLUSTER_ROLE"),
         }
         return cls.model_validate({key: value for key, value in values.items() if value})
 

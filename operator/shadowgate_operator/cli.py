@@ -32,10 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
             "Roll out a candidate ML model beside production: shadow or canary it, score it on real "
             "outcomes, and promote or roll it back automatically."
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    missing = []
     for module_name in SUBCOMMANDS:
-        importlib.import_module(module_name).register(subparsers)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # The image installs shadowgate without the [dev] extra: the local control plane and the demo
+            # need packages (cryptography, ...) that operator and router never use. Say so instead of failing.
+            if exc.name is None or exc.name.partition(".")[0] in ("shadowgate_operator", "shadowgate_router"):
+                raise
+            missing.append(f"  {module_name}: needs {exc.name} (pip install 'shadowgate[dev]')")
+            continue
+        module.register(subparsers)
+    if missing:
+        parser.epilog = "Not available in this installation:\n" + "\n".join(missing)
     return parser
 
 

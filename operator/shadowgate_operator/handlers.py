@@ -14,11 +14,13 @@ import kopf
 
 from shadowgate_operator.api import ACTION_ANNOTATION, GROUP, PLURAL, VERSION
 from shadowgate_operator.builders import OperatorSettings
+from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import REPORTING_COMPONENT, Kube, KubeError
 from shadowgate_operator.service import Reconciler
 from shadowgate_operator.store import Databases
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+PEERING_PLURALS = ("clusterkopfpeerings", "kopfpeerings")
 
 
 @kopf.on.startup()
@@ -34,11 +36,16 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.reporting_component = REPORTING_COMPONENT
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    if not settings.peering.standalone and settings.peering.name:
+        # Watch only our own peering object, so the ClusterRole grants the peering resources by name alone.
+        for plural in PEERING_PLURALS:
+            settings.watching.field_selectors["kopf.dev", plural] = f"metadata.name={settings.peering.name}"
     # `shadowgate operator` puts its settings in the memo; anything else running these handlers gets defaults.
     memo.reconciler = Reconciler(
         kube=Kube.from_environment(),
         settings=getattr(memo, "operator_settings", None) or OperatorSettings.from_env(),
         databases=Databases(run_migrations=getattr(memo, "run_migrations", True)),
+        metrics=getattr(memo, "operator_metrics", None) or OperatorMetrics(),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import hashlib
+import re
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,17 @@ class KubeError(RuntimeError):
     @property
     def forbidden(self) -> bool:
         return self.status == 403
+
+    @property
+    def permission_denied(self) -> bool:
+        """Refused because the operator's ServiceAccount lacks a permission (RBAC), not for another reason."""
+        return self.forbidden and _RBAC_REFUSAL.search(self.reason) is not None
+
+
+# How the API server words a refusal by RBAC: the authorizer ("User ... cannot patch resource ...") and
+# escalation prevention (a Role granting what its creator does not hold). Other 403s (a namespace being
+# deleted, a quota, an admission webhook) are not about the operator's rights.
+_RBAC_REFUSAL = re.compile(r"\bcannot [a-z]+ resource\b|attempting to grant RBAC permissions not currently held")
 
 
 def _object_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:

@@ -147,7 +147,10 @@ def _manual_action(
     return status.model_copy(update={"last_action": handled}), notice
 
 
-def _ready(router: RouterState | None) -> tuple[ConditionStatus, str, str]:
+def _ready(router: RouterState | None, permission_problem: str | None) -> tuple[ConditionStatus, str, str]:
+    if permission_problem is not None:
+        # The router cannot be kept in shape (or the analysis cannot read its data) until someone grants it.
+        return ConditionStatus.FALSE, "PermissionDenied", permission_problem
     if router is None:
         return ConditionStatus.UNKNOWN, "RouterPending", "The router has not been created yet."
     if router.available:
@@ -161,13 +164,15 @@ def _conditions(
     now: dt.datetime,
     router: RouterState | None,
     transition_reason: str | None,
+    permission_problem: str | None,
 ) -> ShadowDeploymentStatus:
     """Conditions follow the phase; a transition in this plan gives its reason, otherwise the reason stays."""
     phase = status.phase_or_pending
     existing = status.condition(ConditionType.PROGRESSING)
     reason = transition_reason or (existing.reason if existing is not None else phase.value)
     status = transition(status, phase, reason=reason, message=status.message or "", generation=generation, now=now)
-    conditions = set_condition(status.conditions, ConditionType.READY, *_ready(router), generation, now)
+    ready = _ready(router, permission_problem)
+    conditions = set_condition(status.conditions, ConditionType.READY, *ready, generation, now)
     return status.model_copy(update={"conditions": conditions})
 
 
@@ -207,12 +212,14 @@ def plan_rollout(
     router: RouterState | None = None,
     metrics: WindowMetrics | None = None,
     data_problem: str | None = None,
+    permission_problem: str | None = None,
 ) -> Plan:
     """The status `sd` should have now and the Events that announce the change.
 
     `analyse` runs the decision (once per analysis interval) on `metrics`, the current step's window;
     `data_problem` says why there are none (the database is away); `router` is what the router
-    Deployment reports, for the Ready condition.
+    Deployment reports, for the Ready condition; `permission_problem` says which API call the operator
+    is not allowed to make (Ready is then False with reason PermissionDenied).
     """
     spec, status = sd.spec, sd.status
     notices: list[Notice] = []
@@ -264,5 +271,5 @@ def plan_rollout(
 
     transitions = [notice.reason for notice in notices if notice.reason not in ("ActionIgnored", "InvalidAction")]
     transition_reason = transitions[-1] if transitions else None
-    status = _conditions(status, sd.metadata.generation, now, router, transition_reason)
+    status = _conditions(status, sd.metadata.generation, now, router, transition_reason, permission_problem)
     return Plan(status=status, notices=tuple(notices))

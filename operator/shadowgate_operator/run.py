@@ -15,7 +15,8 @@ promote or roll back, and report in status, conditions and Events.
 Namespaces: --namespace (repeatable) or WATCH_NAMESPACE (comma-separated); --all-namespaces, or
 neither, watches the whole cluster. Credentials: in-cluster service account, else KUBECONFIG.
 High availability: run replicas with the same --peering name; one works, the others stand by
-(needs the KopfPeering CRDs in crds/kopf-peering.yaml).
+(needs the peering CRDs in crds/kopf.dev_peerings.yaml and a ClusterKopfPeering, or a KopfPeering in
+each watched namespace, of that name). manifests/ deploys it this way.
 """
 
 
@@ -24,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     from shadowgate_operator import handlers
     from shadowgate_operator.builders import OperatorSettings
+    from shadowgate_operator.exporter import OperatorMetrics
 
     del handlers  # imported for its registrations
     namespaces = list(args.namespace) or [
@@ -37,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     if args.peering is not None and priority is None:
         # kopf pauses every replica when the highest priority is shared: draw one that is not.
         priority = secrets.randbelow(1_000_000) + 1
+    metrics = OperatorMetrics()
+    if args.metrics:
+        metrics.serve(args.metrics)
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.FULL)
     if not args.verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per API call otherwise
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         peering_name=args.peering,
         priority=priority,
         liveness_endpoint=args.liveness,
-        memo=kopf.Memo(operator_settings=settings, run_migrations=not args.no_migrate),
+        memo=kopf.Memo(operator_settings=settings, operator_metrics=metrics, run_migrations=not args.no_migrate),
     )
     return 0
 
@@ -73,6 +78,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("--router-image", help="router image (default: SHADOWGATE_ROUTER_IMAGE or the release image)")
     parser.add_argument(
         "--liveness", metavar="URL", help="serve kopf's liveness probe, e.g. http://0.0.0.0:8081/healthz"
+    )
+    parser.add_argument(
+        "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on /metrics here, e.g. 0.0.0.0:9090"
     )
     parser.add_argument(
         "--no-migrate", action="store_true", help="do not apply pending database migrations on first connection"

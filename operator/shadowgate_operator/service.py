@@ -7,6 +7,11 @@ fresh read of the object, so a change handler and the analysis loop never act on
 Order matters for restarts: the planned status is written first (it is the record of what was
 decided), then the router's objects are made to follow it, then Events and rows are recorded. An
 operator killed in between finds the decision in status and completes it; it never decides twice.
+
+An API call refused for lack of rights (RBAC) does not stop the reconcile: the other children are
+still applied (a rollback's weight reaches the router even when, say, Deployments are refused), Ready
+becomes False with reason PermissionDenied naming the call and the ClusterRole to fix, a Warning Event
+says the same once, and the next reconcile tries again.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import asyncpg
 from pydantic import ValidationError
 
 from shadowgate_operator.api import Phase, ShadowDeployment
-from shadowgate_operator.builders import OperatorSettings, router_objects
+from shadowgate_operator.builders import Manifest, OperatorSettings, router_objects
+from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import Kube, KubeError
 from shadowgate_operator.metrics import WindowMetrics
 from shadowgate_operator.queries import WindowAnalyses
@@ -43,12 +49,28 @@ logger = logging.getLogger(__name__)
 Key = tuple[str, str]
 CONFLICT_RETRIES = 5
 # Warnings that repeat while their cause stays: recorded once per distinct message and object.
-_ONCE = frozenset({"InvalidAction", "DatabaseUnavailable"})
+_ONCE = frozenset({"InvalidAction", "DatabaseUnavailable", "PermissionDenied"})
 
 
 def utcnow() -> dt.datetime:
     # Whole seconds: status timestamps are RFC 3339 without fractions, so a re-read compares equal.
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+@dataclass
+class _Denials:
+    """API calls refused for lack of rights in one reconcile, each as a message naming what to grant."""
+
+    reads: list[str] = field(default_factory=list)
+    """The DSN Secret, the router Deployment's state: known before planning."""
+    applies: list[str] = field(default_factory=list)
+    """Children that could not be applied: known only after the status is written."""
+
+    def all(self) -> list[str]:
+        return [*self.reads, *self.applies]
+
+    def problem(self) -> str | None:
+        return " ".join(self.all()) or None
 
 
 @dataclass
@@ -58,10 +80,12 @@ class Reconciler:
     databases: Databases = field(default_factory=Databases)
     analyses: WindowAnalyses = field(default_factory=WindowAnalyses)
     clock: Callable[[], dt.datetime] = utcnow
+    metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     _locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     _next_analysis: dict[Key, float] = field(default_factory=dict)
     _recorded_generation: dict[Key, int] = field(default_factory=dict)
     _warned: set[tuple[str, str]] = field(default_factory=set)
+    _denied: dict[Key, _Denials] = field(default_factory=dict)
 
     async def close(self) -> None:
         await self.databases.close()
@@ -94,9 +118,10 @@ class Reconciler:
         key = (namespace, name)
         body = await self.kube.get_shadowdeployment(namespace, name)
         if body is None:  # deleted meanwhile; its children go with it (owner references)
-            for memory in (self._locks, self._next_analysis, self._recorded_generation):
+            for memory in (self._locks, self._next_analysis, self._recorded_generation, self._denied):
                 memory.pop(key, None)
             self.analyses.forget(namespace, name)
+            self.metrics.forget(namespace, name)
             return None
         try:
             sd = ShadowDeployment.model_validate(body)
@@ -107,22 +132,36 @@ class Reconciler:
         now = self.clock()
         if analyse and key not in self._next_analysis:
             analyse = self._first_analysis_due(key, sd, now)
-        pool, data_problem = await self._database(sd)
+        earlier = self._denied.get(key, _Denials())
+        denials = _Denials()  # what this reconcile is refused, read by read
+        pool, data_problem = await self._database(sd, denials)
         window = None
         if analyse and pool is not None and sd.status.phase is Phase.PROGRESSING:
             window, data_problem = await self._measure(pool, sd, now)
+        router = await self._router_state(sd, denials)
+        # Applying comes after the status write: expect the refusals the last apply met.
+        expected = _Denials(reads=denials.reads, applies=earlier.applies)
         plan = plan_rollout(
-            sd, now, analyse=analyse, router=await self._router_state(sd), metrics=window, data_problem=data_problem
-        )
-        await self._write_status(body, sd, plan)
+            sd, now, analyse=analyse, router=router, metrics=window, data_problem=data_problem,
+            permission_problem=expected.problem(),
+        )  # fmt: skip
+        body = await self._write_status(body, sd, plan)
         planned = sd.model_copy(update={"status": plan.status})
         for child in router_objects(planned, self.settings):
-            await self.kube.apply(child)
+            await self._apply(child, denials)
+        if denials.problem() != expected.problem():
+            # Ready must say so now, not one interval later: plan again (pure; only Ready can differ).
+            again = plan_rollout(planned, now, router=router, permission_problem=denials.problem())
+            body = await self._write_status(body, planned, again)
+            planned = planned.model_copy(update={"status": again.status})
+        self._remember_denials(key, body["metadata"]["uid"], earlier, denials)
         if analyse:
             self._next_analysis[key] = time.monotonic() + sd.spec.analysis.interval_seconds
         notices = list(plan.notices)
-        if data_problem is not None:
+        if data_problem is not None and data_problem not in denials.reads:
             notices.append(Notice("Warning", "DatabaseUnavailable", data_problem))
+        notices += [Notice("Warning", "PermissionDenied", problem) for problem in denials.all()]
+        self.metrics.observe(namespace, name, planned.status)
         await self._record(body, planned, notices, pool)
         if window is not None and pool is not None:
             await self._record_analysis(pool, sd, plan, now)
@@ -139,12 +178,41 @@ class Reconciler:
         self._next_analysis[key] = time.monotonic() + interval - waited
         return False
 
-    async def _database(self, sd: ShadowDeployment) -> tuple[asyncpg.Pool | None, str | None]:
+    def _permission_problem(self, exc: KubeError) -> str:
+        """What was refused and who can fix it, in words: the Ready condition's message and the Event's."""
+        self.metrics.permission_denied.labels(exc.verb, exc.what.partition(" ")[0]).inc()
+        return (
+            f"The operator may not {exc.verb} {exc.what}: {exc.reason}. "
+            f"Grant it in the ClusterRole {self.settings.cluster_role} (manifests/base/rbac.yaml)."
+        )
+
+    async def _apply(self, child: Manifest, denials: _Denials) -> None:
+        """Server-side apply one child; a refusal by RBAC is noted and the next child still applied."""
+        try:
+            await self.kube.apply(child)
+        except KubeError as exc:
+            if not exc.permission_denied:
+                raise
+            denials.applies.append(self._permission_problem(exc))
+
+    def _remember_denials(self, key: Key, uid: str, earlier: _Denials, now: _Denials) -> None:
+        if now.all():
+            self._denied[key] = now
+        else:
+            self._denied.pop(key, None)
+        for resolved in set(earlier.all()) - set(now.all()):
+            self._warned.discard((uid, resolved))  # refused again later: say so again
+
+    async def _database(self, sd: ShadowDeployment, denials: _Denials) -> tuple[asyncpg.Pool | None, str | None]:
         """The pool for this resource's database, or why there is none."""
         reference = sd.spec.database.secret_ref
         try:
             dsn = await self.kube.get_secret_value(sd.namespace, reference.name, reference.key)
         except KubeError as exc:
+            if exc.permission_denied:
+                problem = self._permission_problem(exc)
+                denials.reads.append(problem)
+                return None, problem
             return None, f"cannot read Secret {reference.name}: {exc.reason}"
         if dsn is None:
             return (
@@ -180,8 +248,14 @@ class Reconciler:
             return None, f"cannot query the database: {type(exc).__name__}: {exc}"
         return window, None
 
-    async def _router_state(self, sd: ShadowDeployment) -> RouterState | None:
-        deployment = await self.kube.get("apps/v1", "Deployment", sd.namespace, sd.router_name)
+    async def _router_state(self, sd: ShadowDeployment, denials: _Denials) -> RouterState | None:
+        try:
+            deployment = await self.kube.get("apps/v1", "Deployment", sd.namespace, sd.router_name)
+        except KubeError as exc:
+            if not exc.permission_denied:
+                raise
+            denials.reads.append(self._permission_problem(exc))
+            return None
         if deployment is None:
             return None
         status = deployment.get("status") or {}
@@ -190,11 +264,12 @@ class Reconciler:
             desired_replicas=int((deployment.get("spec") or {}).get("replicas") or 0),
         )
 
-    async def _write_status(self, body: dict[str, Any], sd: ShadowDeployment, plan: Plan) -> None:
+    async def _write_status(self, body: dict[str, Any], sd: ShadowDeployment, plan: Plan) -> dict[str, Any]:
+        """The object as stored after writing the planned status (`body` itself when nothing changed)."""
         new_status = plan.status.to_dict()
         if new_status == sd.status.to_dict():
-            return  # nothing changed: no write, no churn
-        await self.kube.replace_status({**body, "status": new_status})
+            return body  # nothing changed: no write, no churn
+        return await self.kube.replace_status({**body, "status": new_status})
 
     async def _record_analysis(self, pool: asyncpg.Pool, sd: ShadowDeployment, plan: Plan, now: dt.datetime) -> None:
         """One deployment_metrics row per analysis: the step it judged and what it decided."""
@@ -236,6 +311,7 @@ class Reconciler:
                 if (uid, notice.message) in self._warned:
                     continue
                 self._warned.add((uid, notice.message))
+            self.metrics.events.labels(notice.type, notice.reason).inc()
             try:
                 await self.kube.post_event(body, notice.type, notice.reason, notice.message, now)
             except KubeError as exc:  # an Event is worth a log line, not a failed reconcile

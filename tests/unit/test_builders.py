@@ -161,3 +161,8 @@ def test_settings_from_environment() -> None:
     settings = OperatorSettings.from_env({"SHADOWGATE_ROUTER_IMAGE": "r/x:1", "SHADOWGATE_IMAGE_PULL_POLICY": ""})
     assert (settings.router_image, settings.image_pull_policy) == ("r/x:1", "IfNotPresent")
     assert OperatorSettings.from_env({}).router_image.startswith("shadowgate:")
+
+
+def test_the_cluster_role_named_in_permission_problems() -> None:
+    assert OperatorSettings.from_env({}).cluster_role == "shadowgate-operator"
+    assert OperatorSettings.from_env({"SHADOWGATE_CLUSTER_ROLE": "ops-shadowgate"}).cluster_role == "ops-shadowgate"

@@ -164,3 +164,16 @@ def test_the_analysis_holds_and_says_why_without_churn() -> None:
     assert decision.reason == "Waiting at step 1 of 3 (5% shadow): no analysis data yet."
     again = plan_rollout(after(first), T0 + timedelta(seconds=30), analyse=True)
     assert again.status.to_dict() == first.status.to_dict()  # same decision: no new time, no status write
+
+
+def test_a_refused_api_call_makes_ready_false_and_leaves_the_rollout_alone() -> None:
+    problem = "The operator may not apply Deployment models/fraud-detector-router: ... Grant it in the ClusterRole x."
+    router = RouterState(available_replicas=2, desired_replicas=2)
+    denied = plan_rollout(after(started()), T0 + timedelta(seconds=1), router=router, permission_problem=problem)
+    assert condition(denied, ConditionType.READY) == ("False", "PermissionDenied")
+    ready = denied.status.condition(ConditionType.READY)
+    assert ready is not None and ready.message == problem
+    assert reasons(denied) == []  # the Reconciler records the Warning: it knows which call was refused
+    assert (denied.status.phase, denied.status.current_weight) == (Phase.PROGRESSING, 5)
+    healed = plan_rollout(after(denied), T0 + timedelta(seconds=2), router=router)
+    assert condition(healed, ConditionType.READY) == ("True", "RouterAvailable")
