@@ -12,7 +12,7 @@ help:
 	@echo "make test    set up everything, then run the whole test suite (real API server and PostgreSQL)"
 	@echo "make demo    bring up the local control plane and database and run the demo"
 	@echo "make lint    ruff, mypy and the stale-CRD check"
-	@echo "make crds    regenerate crds/ from the pydantic types"
+	@echo "make crds    regenerate crds/ (and manifests/crds/) from the pydantic types"
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
@@ -40,6 +40,7 @@ lint: $(INSTALLED)
 
 crds: $(INSTALLED)
 	$(BIN)/shadowgate crd
+	cp crds/*.yaml manifests/crds/  # kustomize reads nothing outside manifests/
 
 format: $(INSTALLED)
 	$(BIN)/ruff check --fix .

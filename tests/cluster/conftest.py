@@ -51,12 +51,14 @@ def start_operator(
 ) -> Iterator[StartOperator]:
     """start_operator("--namespace", ns) runs `shadowgate operator` for this test; stopped at its end.
 
+    As the admin unless given another `kubeconfig` (e.g. a ServiceAccount's); `env` adds variables.
     Its log is printed when the test fails.
     """
     started: list[OperatorProcess] = []
 
-    def start(*args: str) -> OperatorProcess:
-        process = OperatorProcess(kubeconfig, tmp_path / f"operator-{len(started)}.log", *args).start()
+    def start(*args: str, kubeconfig: str = kubeconfig, env: dict[str, str] | None = None) -> OperatorProcess:
+        log = tmp_path / f"operator-{len(started)}.log"
+        process = OperatorProcess(kubeconfig, log, *args, env=env).start()
         started.append(process)
         return process
 

@@ -1,0 +1,179 @@
+"""What can be checked of the image and the manifests without building or applying them.
+
+There is no Docker engine on the test machines: the Dockerfile is checked for what must hold (the user
+the pods run as, every path it copies exists and gets past .dockerignore, no compiler in the final
+stage, the migrations shipped where SHADOWGATE_MIGRATIONS says). tests/cluster/test_manifests.py builds
+every kustomization and has the API server accept it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from shadowgate_operator import builders
+from shadowgate_operator.cli import build_parser
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO_ROOT / "manifests"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (REPO_ROOT / "Dockerfile").read_text())
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, arguments = line.partition(" ")
+            found.append((instruction.upper(), " ".join(arguments.split())))
+    return found
+
+
+def stages() -> list[list[tuple[str, str]]]:
+    split: list[list[tuple[str, str]]] = []
+    for instruction, arguments in dockerfile_instructions():
+        if instruction == "FROM":
+            split.append([])
+        if split:
+            split[-1].append((instruction, arguments))
+    return split
+
+
+def dockerignore_allows(path: str) -> bool:
+    """The last matching .dockerignore pattern decides (a leading ! re-includes), as Docker does."""
+    allowed = True
+    for pattern in (REPO_ROOT / ".dockerignore").read_text().splitlines():
+        pattern = pattern.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        parts = Path(path).parts
+        prefixes = ["/".join(parts[: index + 1]) for index in range(len(parts))]
+        if any(fnmatch.fnmatch(prefix, pattern) for prefix in prefixes):
+            allowed = negated
+    return allowed
+
+
+def test_the_final_image_runs_as_the_user_the_pods_ask_for() -> None:
+    final = stages()[-1]
+    users = [arguments for instruction, arguments in final if instruction == "USER"]
+    assert users == [f"{builders.RUN_AS_USER}:{builders.RUN_AS_USER}"]
+    operator = yaml.safe_load((MANIFESTS / "base" / "deployment.yaml").read_text())
+    pod = operator["spec"]["template"]["spec"]["securityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"], pod["runAsNonRoot"]) == (
+        builders.RUN_AS_USER,
+        builders.RUN_AS_USER,
+        True,
+    )
+
+
+def test_every_path_the_dockerfile_copies_exists_and_is_sent_to_the_build() -> None:
+    copied = []
+    for instruction, arguments in dockerfile_instructions():
+        if instruction == "COPY" and "--from=" not in arguments:
+            *sources, _destination = shlex.split(arguments)
+            copied += sources
+    assert {"pyproject.toml", "operator/", "router/", "migrations/"} <= set(copied)
+    for source in copied:
+        assert (REPO_ROOT / source).exists(), f"COPY {source}: no such path"
+        assert dockerignore_allows(source.rstrip("/")), f"COPY {source}: excluded by .dockerignore"
+    # What the build must not see.
+    for kept_out in (".venv", ".git", "tests", "shadowgate.egg-info", "operator/shadowgate_operator/__pycache__"):
+        assert not dockerignore_allows(kept_out), kept_out
+
+
+def test_the_final_stage_has_no_compiler_and_ships_the_migrations() -> None:
+    build, final = stages()
+    assert any("build-essential" in arguments for instruction, arguments in build if instruction == "RUN")
+    assert not any(
+        word in arguments for instruction, arguments in final if instruction == "RUN" for word in ("apt-get", "gcc")
+    )
+    assert ("ENTRYPOINT", '["shadowgate"]') in final
+    environment = " ".join(arguments for instruction, arguments in final if instruction == "ENV")
+    migrations = re.search(r"SHADOWGATE_MIGRATIONS=(\S+)", environment)
+    assert migrations is not None
+    assert ("COPY", f"migrations/ {migrations.group(1)}/") in final
+    assert "PATH=/opt/shadowgate/bin:" in environment  # `shadowgate` as the router pods' command finds it
+    assert any(arguments.startswith("--from=build /opt/shadowgate ") for instruction, arguments in final)
+
+
+def test_the_operator_deployment_args_are_accepted_by_the_command() -> None:
+    operator = yaml.safe_load((MANIFESTS / "base" / "deployment.yaml").read_text())
+    container = operator["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert (args.command, args.all_namespaces, args.peering) == ("operator", True, "shadowgate")
+    assert args.liveness == "http://0.0.0.0:8080/healthz" and args.metrics == "0.0.0.0:9090"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"health": 8080, "metrics": 9090}
+    peering = yaml.safe_load((MANIFESTS / "base" / "peering.yaml").read_text())
+    assert peering["metadata"]["name"] == args.peering
+    rbac = list(yaml.safe_load_all((MANIFESTS / "base" / "rbac.yaml").read_text()))
+    role = next(document for document in rbac if document["kind"] == "ClusterRole")
+    named = [rule["resourceNames"] for rule in role["rules"] if "resourceNames" in rule]
+    assert named == [[args.peering]]
+    environment = {variable["name"]: variable.get("value") for variable in container["env"]}
+    assert environment["SHADOWGATE_CLUSTER_ROLE"] == role["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", ["shadowgate.io_shadowdeployments.yaml", "kopf.dev_peerings.yaml"])
+def test_the_kustomize_crds_are_copies_of_crds(name: str) -> None:
+    copy = MANIFESTS / "crds" / name
+    assert copy.read_text() == (REPO_ROOT / "crds" / name).read_text(), f"{copy} is stale: run `make crds`"
+
+
+def containers(path: Path) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, pod spec, container) for every workload in a manifest file."""
+    found = []
+    for document in yaml.safe_load_all(path.read_text()):
+        if document and document.get("kind") in ("Deployment", "StatefulSet"):
+            pod = document["spec"]["template"]["spec"]
+            for container in pod["containers"]:
+                found.append((f"{path.name}: {document['metadata']['name']}", pod, container))
+    return found
+
+
+def test_every_container_is_unprivileged_with_a_read_only_root() -> None:
+    found = [entry for path in sorted(MANIFESTS.rglob("*.yaml")) for entry in containers(path)]
+    assert len(found) == 5  # the operator, TimescaleDB, two sample models, the sample clients
+    for where, pod, container in found:
+        security = container["securityContext"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert security["readOnlyRootFilesystem"] is True, where
+        assert security["allowPrivilegeEscalation"] is False, where
+        assert security["capabilities"] == {"drop": ["ALL"]}, where
+        assert "memory" in container["resources"]["limits"], where
+
+
+# What `pip install shadowgate` leaves out (the [dev] extra): the image has none of it.
+DEV_ONLY = ("cryptography", "pytest", "pytest_asyncio", "pytest_timeout", "ruff", "mypy")
+
+
+def without_dev_extra(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`shadowgate ARGV` in a Python where the dev-only packages cannot be imported."""
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in DEV_ONLY)
+    program = f"import sys; {blocked}; from shadowgate_operator.cli import main; sys.exit(main({list(argv)!r}))"
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("command", ["operator", "router", "migrate"])
+def test_the_image_commands_work_without_the_dev_extra(command: str) -> None:
+    run = without_dev_extra(command, "--help")
+    assert run.returncode == 0, run.stderr
+    assert f"usage: shadowgate {command}" in run.stdout
+
+
+def test_commands_that_need_the_dev_extra_say_so_instead_of_failing() -> None:
+    listing = without_dev_extra("--help")
+    assert listing.returncode == 0, listing.stderr
+    assert "Not available in this installation:" in listing.stdout
+    assert "needs cryptography (pip install 'shadowgate[dev]')" in listing.stdout
