@@ -55,6 +55,7 @@ def test_every_verb_steers_the_operator_and_status_shows_it(
     apply_shadow: ApplyShadow,
     tmp_path: Path,
 ) -> None:
+    assert (PLUGIN_DIR / "kubectl-shadow").exists(), "kubectl-shadow is not installed: run `make setup`"
     start_operator("--namespace", namespace)
     apply_shadow(namespace, example("plug"))
 
