@@ -15,7 +15,6 @@ RUN apt-get update \
     && apt-get install --yes --no-install-recommends build-essential \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Dependencies first: this layer is reused until pyproject.toml changes.
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY router/ router/
