@@ -44,6 +44,8 @@ class Settings:
     memory_rows: int = 100_000
     batch_rows: int = 2_000
     flush_interval: float = 0.2
+    spool_max_bytes: int = 400 * 1024 * 1024
+    """Per table; beyond it rows are dropped and counted (two tables fit the operator's 1 GiB emptyDir)."""
     drain_seconds: float = 20.0
     """How long shutdown waits for requests and shadow copies in flight, and again for the final flush."""
 
@@ -105,6 +107,7 @@ class RouterApp:
                 memory_rows=settings.memory_rows,
                 batch_rows=settings.batch_rows,
                 flush_interval=settings.flush_interval,
+                spool_max_bytes=settings.spool_max_bytes,
             )
             for table, columns in (("predictions", PREDICTION_COLUMNS), ("outcomes", OUTCOME_COLUMNS))
         )

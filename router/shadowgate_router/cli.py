@@ -115,6 +115,12 @@ def register(subparsers: Any) -> None:
         default=100_000,
         help="rows per table kept in memory while the database is away before spooling",
     )
+    recording.add_argument(
+        "--spool-limit-mb",
+        type=int,
+        default=400,
+        help="disk the spool may use per table (predictions, outcomes); beyond it rows are dropped and counted",
+    )
     recording.add_argument("--batch-rows", type=int, default=2_000, help="rows per COPY batch")
     recording.add_argument(
         "--flush-interval", type=float, default=0.2, help="seconds between writes when batches are not full"
@@ -165,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
         memory_rows=args.memory_rows,
         batch_rows=args.batch_rows,
         flush_interval=args.flush_interval,
+        spool_max_bytes=args.spool_limit_mb * 1024 * 1024,
         drain_seconds=args.drain_seconds,
     )
     app = RouterApp(settings)

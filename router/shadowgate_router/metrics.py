@@ -74,6 +74,12 @@ class RouterMetrics:
             ["table"],
             registry=registry,
         )
+        self.rows_dropped = Counter(
+            "shadowgate_router_rows_dropped",
+            "Rows lost because the database stayed away until the spool reached --spool-limit-mb.",
+            ["table"],
+            registry=registry,
+        )
         self.database_errors = Counter(
             "shadowgate_router_database_errors",
             "Failed attempts to write to the database.",

@@ -87,6 +87,7 @@ class Recorder:
         batch_rows: int = 2_000,
         flush_interval: float = 0.2,
         spill_rows: int = 250,
+        spool_max_bytes: int = 400 * 1024 * 1024,
         connect_timeout: float = 3.0,
         write_timeout: float = 10.0,
         max_backoff: float = 2.0,
@@ -101,6 +102,7 @@ class Recorder:
         self.batch_rows = batch_rows
         self.flush_interval = flush_interval
         self.spill_rows = spill_rows
+        self.spool_max_bytes = spool_max_bytes
         self.connect_timeout = connect_timeout
         self.write_timeout = write_timeout
         self.max_backoff = max_backoff
@@ -119,6 +121,8 @@ class Recorder:
         self._written = metrics.rows_written.labels(table)
         self._errors = metrics.database_errors.labels(table)
         self._rejected = metrics.rows_rejected.labels(table)
+        self._dropped = metrics.rows_dropped.labels(table)
+        self._last_drop_complaint = 0.0
         self._update_gauges()
 
     # the hot path
@@ -190,7 +194,7 @@ class Recorder:
                 len(self._memory),
                 self.spool.path,
             )
-            self.spool.append(list(self._memory))
+            self._to_spool(list(self._memory))
             self._memory.clear()
         self._update_gauges()
         if self._connection is not None:
@@ -222,9 +226,28 @@ class Recorder:
         # a few hundred rows encode in about a millisecond, so requests barely notice.
         while len(self._memory) > self.memory_rows:
             count = min(self.spill_rows, len(self._memory) - self.memory_rows)
-            self.spool.append([self._memory.popleft() for _ in range(count)])
+            self._to_spool([self._memory.popleft() for _ in range(count)])
             await asyncio.sleep(0)
         self._update_gauges()
+
+    def _to_spool(self, rows: list[Row]) -> None:
+        """Append to the spool unless its disk budget is spent; then drop the rows, count them and say so.
+
+        The last resort of a very long outage: a spool that filled its volume (the router's emptyDir has a
+        size limit) would get the pod evicted, and everything in memory and on disk with it.
+        """
+        if self.spool.bytes < self.spool_max_bytes:
+            self.spool.append(rows)
+            return
+        self._dropped.inc(len(rows))
+        now = time.monotonic()
+        if now - self._last_drop_complaint > 30:
+            self._last_drop_complaint = now
+            log.error(
+                "%s: the spool holds %d bytes, its limit; dropping rows until the database is back",
+                self.table,
+                self.spool.bytes,
+            )
 
     async def _drain(self) -> None:
         connection = await self._connect()
