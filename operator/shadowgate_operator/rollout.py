@@ -60,6 +60,9 @@ class RouterState:
 class Plan:
     status: ShadowDeploymentStatus
     notices: tuple[Notice, ...] = field(default=())
+    judged_samples: int | None = None
+    """Scored requests the analysis judged, when one ran (for its deployment_metrics row): status.samples
+    starts again at 0 when the decision advances to the next step."""
 
     @property
     def weight(self) -> int:
@@ -256,6 +259,7 @@ def plan_rollout(
 
     # The weight always follows the phase and step (new steps in spec apply at once; Paused keeps its own).
     status = status.model_copy(update={"current_weight": weight_for(spec, status)})
+    judged_samples = None
     if status.phase is Phase.PROGRESSING and analyse:
         if data_problem is not None:
             decision = Decision(action=DecisionAction.WAIT, reason=f"Waiting for data: {data_problem}", time=now)
@@ -264,6 +268,7 @@ def plan_rollout(
             decision = verdict.decision
             # The step's numbers go to status first: the next analysis reads its evidence from there.
             status = status.model_copy(update={"metrics": verdict.metrics, "samples": verdict.samples})
+            judged_samples = verdict.samples
             if verdict.gate is not None:
                 notices.append(Notice("Warning", "GateFailed", verdict.gate))
         status, decided = apply_decision(spec, status, decision, now)
@@ -272,4 +277,4 @@ def plan_rollout(
     transitions = [notice.reason for notice in notices if notice.reason not in ("ActionIgnored", "InvalidAction")]
     transition_reason = transitions[-1] if transitions else None
     status = _conditions(status, sd.metadata.generation, now, router, transition_reason, permission_problem)
-    return Plan(status=status, notices=tuple(notices))
+    return Plan(status=status, notices=tuple(notices), judged_samples=judged_samples)

@@ -282,7 +282,7 @@ class Reconciler:
             deployment=sd.name,
             step=sd.status.current_step or 0,
             weight=sd.status.current_weight or 0,
-            samples=plan.status.samples or 0,
+            samples=plan.judged_samples if plan.judged_samples is not None else plan.status.samples or 0,
             metric=sd.spec.analysis.metric.value,
             production_value=measured.production.metric_value if measured and measured.production else None,
             candidate_value=measured.candidate.metric_value if measured and measured.candidate else None,

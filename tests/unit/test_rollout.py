@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from shadowgate_operator.api import ConditionType, DecisionAction, Phase, ShadowDeployment
+from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
 from shadowgate_operator.rollout import Plan, RouterState, plan_rollout
 from tests.admission_cases import load_example, merge_patch
 
@@ -164,6 +165,21 @@ def test_the_analysis_holds_and_says_why_without_churn() -> None:
     assert decision.reason == "Waiting at step 1 of 3 (5% shadow): no analysis data yet."
     again = plan_rollout(after(first), T0 + timedelta(seconds=30), analyse=True)
     assert again.status.to_dict() == first.status.to_dict()  # same decision: no new time, no status write
+
+
+def test_an_advance_reports_the_samples_it_judged_though_the_next_step_starts_at_zero() -> None:
+    n = 400
+    metrics = WindowMetrics(
+        production=SideMetrics(requests=n, latency_p99_ms=10.0, loss=Moments(n, 0.7 * n, 0.7 * 0.7 * n + n)),
+        candidate=SideMetrics(requests=n, latency_p99_ms=10.0, loss=Moments(n, 0.5 * n, 0.5 * 0.5 * n + n)),
+        scored=n,
+        paired=True,
+        loss_difference=Moments(n, 0.2 * n, 0.2 * 0.2 * n + 0.25 * n),
+    )
+    advanced = plan_rollout(after(started()), T0 + timedelta(seconds=30), analyse=True, metrics=metrics)
+    assert reasons(advanced) == ["StepAdvanced"]
+    assert (advanced.status.current_step, advanced.status.samples, advanced.judged_samples) == (1, 0, n)
+    assert plan_rollout(after(advanced), T0 + timedelta(seconds=31)).judged_samples is None  # no analysis, no count
 
 
 def test_a_refused_api_call_makes_ready_false_and_leaves_the_rollout_alone() -> None:
