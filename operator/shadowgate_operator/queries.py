@@ -3,13 +3,20 @@ and `outcomes` (the `WindowMetrics` contract of metrics.py).
 
 Two ways to read the same definitions:
 
-- `window_metrics(connection, ..., since, until)` reads the whole window in one statement. Its cost grows
-  with the rows in the window (about half a second for 200,000 rows on a small machine): right for replay
+- `window_metrics(connection, ..., since, until)` reads the whole window in one statement: every
+  prediction stamped in it, hash-joined to the latest outcome per request id. Its cost grows with the
+  rows in the window (one to two seconds for 200,000 rows on a small shared machine): right for replay
   and tests, too slow to repeat every few seconds on a busy deployment.
-- `WindowAnalysis` (and `WindowAnalyses`, one per ShadowDeployment) keeps running sums and reads only the
-  rows *recorded* since its previous run, so each interval costs what arrived in that interval, whatever
-  the size of the window or of the tables. It gives the same numbers as `window_metrics(since, until)`
-  for any `until` past every row's time.
+- `WindowAnalysis` (and `WindowAnalyses`, one per ShadowDeployment, what the operator uses) keeps
+  running sums and each run reads only the rows *recorded* since its previous run (`recorded_at`,
+  migration 0003), up to a horizon that no open write transaction can still fall behind. New requests
+  are added in full; a request whose latest outcome changed has its loss with the old outcome taken
+  away and the new one added. Latency percentiles come from histograms, which add up. So a run costs
+  what arrived since the last one (index probes and hash joins over those rows), whatever the size of
+  the window or of the tables; the first run of a window reads it whole. It gives the same numbers as
+  `window_metrics(since, until)` for any `until` past every row's time (bench/analysis checks this
+  under load, tests/cluster/test_queries.py batch by batch), given the assumptions stated at
+  WRITER_ALLOWANCE and CLOCK_SKEW.
 
 Definitions (all in SQL, portable: plain PostgreSQL 15 and TimescaleDB hypertables, compressed chunks
 included). The window is the predictions of (namespace, deployment) with `time >= since` (and
