@@ -665,3 +665,43 @@ async def test_analyses_start_over_when_the_window_changes(connection: asyncpg.C
     assert analyses.analysis(NS, deployment, Metric.RMSE, TrafficMode.SHADOW, step_two) is not first
     analyses.forget(NS, deployment)
     assert analyses.analysis(NS, deployment, Metric.RMSE, TrafficMode.SHADOW, step_two).horizon is None
+
+
+async def test_a_writer_the_analysis_cannot_see_into_is_taken_as_old_as_the_allowance(
+    connection: asyncpg.Connection, queries_dsn: str
+) -> None:
+    """Without pg_read_all_stats another role's transaction start is hidden: the horizon then assumes the
+    writer has been open for the whole allowance, rather than trusting the clock."""
+    suffix = secrets.token_hex(3)
+    writer_role, analyst_role = f"sg_writer_{suffix}", f"sg_analyst_{suffix}"
+    for role in (writer_role, analyst_role):
+        await connection.execute(f'CREATE ROLE "{role}" LOGIN')
+        await connection.execute(f'GRANT SELECT, INSERT ON predictions, outcomes TO "{role}"')
+
+    def as_role(role: str) -> str:
+        parts = urlsplit(queries_dsn)
+        return urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}"))
+
+    writer = await asyncpg.connect(as_role(writer_role))
+    analyst = await asyncpg.connect(as_role(analyst_role))
+    try:
+        transaction = writer.transaction()
+        await transaction.start()
+        started: dt.datetime = await writer.fetchval("SELECT now()")
+        ok = Side(prediction=1.0, latency_ms=2.0, status=200)
+        await insert(writer, [Prediction(started, "hidden", ok, ok, deployment="hidden-writer")])
+        allowance = dt.timedelta(minutes=5)
+
+        hidden = await recorded_horizon(analyst, allowance)
+        clock: dt.datetime = await analyst.fetchval("SELECT clock_timestamp()")
+        assert clock - allowance - dt.timedelta(seconds=5) <= hidden <= clock - allowance
+        # The superuser sees the writer's start and waits for exactly that.
+        assert await recorded_horizon(connection, allowance) == started
+        await transaction.rollback()
+        assert await recorded_horizon(analyst, allowance) >= clock
+    finally:
+        await writer.close()
+        await analyst.close()
+        for role in (writer_role, analyst_role):
+            await connection.execute(f'REVOKE ALL ON predictions, outcomes FROM "{role}"')
+            await connection.execute(f'DROP ROLE "{role}"')
