@@ -120,7 +120,8 @@ def test_configmap_changes_apply_within_a_second_with_only_the_routers_rights(
             wanted = RouterConfig.from_configmap_data(changed["data"]).revision
             started = time.monotonic()
             apply(kubectl, changed)
-            elapsed = wait_for_revision(router, wanted, 5) + (time.monotonic() - started)
+            wait_for_revision(router, wanted, 5)
+            elapsed = time.monotonic() - started
             # Counted from before kubectl even started: the change is applied in well under a second.
             assert elapsed < 1.0, f"weight {weight}% took {elapsed:.2f}s"
             print(f"weight {weight}%: applied {elapsed * 1000:.0f} ms after kubectl apply started")

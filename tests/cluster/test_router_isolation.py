@@ -83,9 +83,11 @@ async def test_a_slow_failing_or_hung_candidate_does_not_touch_production(
     p99 = {name: statistics.median(p99 for _, p99 in values) for name, values in rounds.items()}
     healthy = sorted(p99 for _, p99 in rounds["healthy"])
     noise = max(healthy[-2] - healthy[1], 3.0)  # spread of the healthy rounds, their extremes left out
+    healthy_p50 = sorted(p50 for p50, _ in rounds["healthy"])
+    noise_p50 = max(healthy_p50[-2] - healthy_p50[1], 1.0)  # the same for the median, at least 1 ms
     report = ", ".join(f"{name}: p50 {p50[name]:.1f} ms p99 {p99[name]:.1f} ms" for name in SCENARIOS)
     print(f"production through the router, {RATE:g} req/s all mirrored (median of {ROUNDS} rounds): {report}")
     assert timeouts > 0, "the hung candidate's copies should have been recorded as timeouts"
     for name in ("10x slower", "answering 500", "hung"):
         assert p99[name] <= p99["healthy"] + noise, f"{name}: {report}; noise {noise:.1f} ms; rounds {rounds}"
-        assert p50[name] <= p50["healthy"] + 1.0, f"{name}: {report}; rounds {rounds}"
+        assert p50[name] <= p50["healthy"] + noise_p50, f"{name}: {report}; noise {noise_p50:.1f} ms; rounds {rounds}"
