@@ -5,12 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
+SCENARIO ?= promote
 
 .PHONY: help setup binaries test test-unit lint format crds demo clean dev-up dev-down bench-decision
 
 help:
 	@echo "make test    set up everything, then run the whole test suite (real API server and PostgreSQL)"
-	@echo "make demo    bring up the local control plane and database and run the demo"
+	@echo "make demo    the whole story on one machine: a candidate shadowed and promoted (SCENARIO=rollback: rolled back)"
 	@echo "make lint    ruff, mypy and the stale-CRD check"
 	@echo "make crds    regenerate crds/ (and manifests/crds/) from the pydantic types"
 
@@ -18,7 +19,7 @@ $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,demo]'
 	@touch $@
 
 setup: $(INSTALLED)
@@ -46,8 +47,9 @@ format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# SCENARIO=promote (shadow a better model, promoted) or SCENARIO=rollback (canary a worse one, rolled back).
 demo: binaries
-	$(BIN)/shadowgate demo
+	$(BIN)/shadowgate demo --scenario $(SCENARIO)
 
 # 1,000 simulated rollouts per scenario: false promotions of identical models, samples to promote a better one.
 bench-decision: $(INSTALLED)

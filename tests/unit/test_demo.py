@@ -1,0 +1,134 @@
+"""The demo's parts without a cluster: the synthetic market and its models, the model server's request
+parsing, the scenarios' ShadowDeployments, and the live table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+
+import numpy as np
+import pytest
+
+from shadowgate_operator.api import ShadowDeployment
+from shadowgate_operator.demo.progress import Counters, Progress
+from shadowgate_operator.demo.scenarios import SCENARIOS, Pace, manifest
+from shadowgate_operator.demo.story import prometheus_sum
+from trading import market
+from trading.models import MODELS, TrainedModel, train
+from trading.server import BadRequest, features_from
+from trading.traffic import infer_body
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, TrainedModel]:
+    return {name: train(name) for name in MODELS}
+
+
+def test_the_better_candidate_is_truly_better_and_the_worse_one_truly_worse(models: dict[str, TrainedModel]) -> None:
+    """On fresh trades (not the training window), by the metric the demo's ShadowDeployments judge on."""
+    features, outcomes = market.history(20_000, seed=2024)
+    loss = {name: market.log_loss(outcomes, model.predict(features)) for name, model in models.items()}
+    best_possible = market.log_loss(outcomes, market.probability(features))
+    assert best_possible < loss["v2"] < loss["v1"] < loss["v3"]
+    assert (loss["v1"] - loss["v2"]) / loss["v1"] > 0.15, loss  # the promote story needs a clear gain
+    assert (loss["v3"] - loss["v1"]) / loss["v1"] > 0.25, loss  # and the rollback story a clear loss
+
+
+def test_trades_are_reproducible_and_their_outcomes_follow_the_true_probability() -> None:
+    first, second = market.Market(seed=5), market.Market(seed=5)
+    trades = [first.next_trade() for _ in range(4_000)]
+    assert [t.trade_id for t in trades[:3]] == ["T-0000001", "T-0000002", "T-0000003"]
+    assert trades[:50] == [second.next_trade() for _ in range(50)]
+    assert all(1 <= t.hold_seconds <= 4 and t.account.startswith("ACC-") for t in trades)
+    won = sum(t.outcome for t in trades)
+    expected = sum(t.probability for t in trades)
+    assert abs(won - expected) < 4 * np.sqrt(expected)
+
+
+def test_a_model_server_reads_named_tensors_or_one_matrix() -> None:
+    trade = market.Market(seed=1).next_trade()
+    named = features_from(json.loads(infer_body(trade)))
+    assert named.shape == (1, len(market.FEATURES))
+    assert list(named[0]) == [trade.features[name] for name in market.FEATURES]
+    matrix = {"inputs": [{"name": "x", "shape": [2, 5], "datatype": "FP64", "data": list(range(10))}]}
+    assert features_from(matrix).tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+
+@pytest.mark.parametrize(
+    ("document", "says"),
+    [
+        ({}, "send {"),
+        ({"inputs": [{"name": "rsi", "data": [1]}]}, "missing macd, volume_ratio, volatility, momentum"),
+        ({"inputs": [{"name": "x", "shape": [1, 3], "data": [1, 2, 3]}]}, "shape [n, 5]"),
+        ({"inputs": [{"name": "x", "shape": [2, 5], "data": [1]}]}, "does not hold 1 values"),
+        ({"inputs": [{"name": "x", "shape": [1, 5], "data": ["a", 1, 2, 3, 4]}]}, "must be numbers"),
+    ],
+)
+def test_a_model_server_says_what_is_wrong_with_a_request(document: dict[str, object], says: str) -> None:
+    with pytest.raises(BadRequest) as refused:
+        features_from(document)
+    assert says in str(refused.value)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_each_scenario_is_a_valid_shadowdeployment_pointed_at_the_local_servers(name: str) -> None:
+    scenario = SCENARIOS[name]
+    pace = Pace(analysis={"minSamples": 150}, traffic={"steps": [10, 50]})
+    document = manifest(scenario, "http://127.0.0.1:1001", "http://127.0.0.1:1002", pace)
+    sd = ShadowDeployment.model_validate({**document, "metadata": {**document["metadata"], "namespace": "demo"}})
+    assert sd.spec.production.url == "http://127.0.0.1:1001" and sd.spec.candidate.url == "http://127.0.0.1:1002"
+    assert sd.spec.analysis.min_samples == 150 and sd.spec.traffic.steps == [10, 50]
+    assert sd.spec.candidate.name.endswith(scenario.candidate_model)
+    assert scenario.load()["spec"]["traffic"]["steps"] == [5, 20, 50]  # the file itself is untouched
+
+
+def test_the_live_table_shows_each_analysis_and_the_reason_of_a_transition() -> None:
+    out = io.StringIO()
+    started = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
+    progress = Progress(
+        out,
+        started=started.timestamp(),
+        steps=3,
+        min_samples=200,
+        names=("trade-signal-v1", "trade-signal-v2"),
+        mode="shadow",
+        metric="logLoss",
+    )
+    row = {
+        "time": started + dt.timedelta(seconds=23),
+        "step": 0,
+        "weight": 5,
+        "samples": 204,
+        "production_value": 0.6439,
+        "candidate_value": 0.4668,
+        "improvement": 0.275,
+        "overall_score": 1.0,
+        "p_value": 0.00036,
+        "p_value_worse": 1.0,
+        "decision": "Advance",
+        "reason": "Step 1 of 3 (5% shadow) passed: advancing to step 2 (20% shadow).",
+    }
+    progress.analysis(row, Counters(production=4_000, candidate=212))
+    header, line, reason = out.getvalue().splitlines()
+    assert header.split() == [
+        "time", "step", "weight", "to", "cand.", "scored", "logLoss", "v1", "/", "v2", "change", "p-value", "score",
+        "decision",
+    ]  # fmt: skip
+    assert line.split() == ["0:23", "1/3", "5%", "5.3%", "204/200", "0.644", "/", "0.467", "+27.5%", "0.00036",
+                            "+1.00", "Advance"]  # fmt: skip
+    assert reason.strip() == row["reason"]
+    worse = {**row, "improvement": -0.5, "p_value": 1.0, "p_value_worse": 0.002, "decision": "Wait"}
+    progress.analysis(worse, Counters(production=8_000, candidate=412))
+    assert out.getvalue().splitlines()[-1].split()[8:11] == ["-50.0%", "0.002", "+1.00"]  # the worse side's p
+
+
+def test_prometheus_sums_every_sample_of_one_metric_only() -> None:
+    exposition = (
+        "# HELP shadowgate_router_responses_total Answers.\n"
+        'shadowgate_router_responses_total{status="200"} 10.0\n'
+        'shadowgate_router_responses_total{status="502"} 2.0\n'
+        "shadowgate_router_responses_created 1.7e9\n"
+        "shadowgate_router_responses_total_other 5.0\n"
+    )
+    assert prometheus_sum(exposition, "shadowgate_router_responses_total") == 12.0
