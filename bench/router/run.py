@@ -284,10 +284,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight", type=int, default=100, help="share mirrored by the router (nginx mirrors all)")
     parser.add_argument("--model-latency-ms", type=float, default=0.0, help="model servers' own latency")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="niceness for the whole bench and every process it starts (all targets alike); a negative value "
+        "(root) lets a shared machine's other work wait instead of skewing the figures",
+    )
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)  # inherited by the model servers, PostgreSQL, the router, nginx and wrk
 
     ensure_tools()
-    print(f"load average before: {load_average()} (2 cores; other work skews every figure)", flush=True)
+    print(f"load average before: {load_average()} (2 cores; other work skews every figure); niceness "
+          f"{os.getpriority(os.PRIO_PROCESS, 0)}", flush=True)  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="shadowgate-bench-router-"))
     deployment = f"bench-{int(time.time())}"
     with Postgres() as postgres, Processes(work) as processes:
@@ -384,7 +394,7 @@ def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> in
             f"{target.percentile(0.999):9.2f}{target.errors:7d}   |{target.round_median(0.5):8.2f}"
             f"{target.round_median(0.99):8.2f}   |{target.max_rate[best]:8.0f}{p50:8.1f}{p99:8.1f}"
         )
-    figures: dict[str, Any] = {"rate": args.rate, "weight": args.weight, "recorded_rows": recorded}
+    figures: dict[str, Any] = {"rate": args.rate, "weight": args.weight, "recorded_rows": recorded, "nice": args.nice}
     for target in targets:
         figures[target.name] = {
             "p50_ms": target.percentile(0.5),
