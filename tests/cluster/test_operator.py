@@ -196,7 +196,14 @@ def test_resources_in_two_namespaces_are_reconciled_independently(
         ):
             obj = wait_phase(kubectl, ns, name, "Progressing")
             assert obj["status"]["currentWeight"] == weight
-            config = router_config(kubectl, ns, name)
+            # Status is written first, the router's ConfigMap right after: wait for it.
+            config = eventually(
+                lambda ns=ns, name=name: (
+                    get_json(kubectl, "configmap", f"{name}-router", "-n", ns) and router_config(kubectl, ns, name)
+                ),
+                10,
+                f"{ns}/{name}-router",
+            )
             assert (config["deployment"], config["namespace"], config["weight"], config["mode"]) == (
                 name,
                 ns,
