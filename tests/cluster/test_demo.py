@@ -133,7 +133,8 @@ def check_records(result: StoryResult, dsn: str) -> tuple[list[dict[str, Any]], 
     predictions = rows(
         dsn,
         """SELECT request_id, served_by, mode, weight, fallback, production_prediction, candidate_prediction,
-                  candidate_status, candidate_error, production_version, candidate_version
+                  production_status, production_error, candidate_status, candidate_error, production_version,
+                  candidate_version
            FROM predictions WHERE namespace = $1 AND deployment = $2""",
         *key,
     )
@@ -142,6 +143,8 @@ def check_records(result: StoryResult, dsn: str) -> tuple[list[dict[str, Any]], 
     assert sorted(p["request_id"] for p in predictions) == sorted(t["trade"] for t in answered)
     called_candidate = {p["request_id"] for p in predictions if p["candidate_status"] or p["candidate_error"]}
     assert called_candidate == set(result.candidate_ids), "the router's rows disagree with the candidate's server"
+    called_production = {p["request_id"] for p in predictions if p["production_status"] or p["production_error"]}
+    assert called_production == set(result.production_ids), "the router's rows disagree with production's server"
     served = {t["trade"]: t["servedBy"] for t in answered}
     assert all(p["served_by"] == served[p["request_id"]] for p in predictions)
     assert not any(p["fallback"] for p in predictions)

@@ -20,11 +20,9 @@ from typing import Any
 import httpx
 import yaml
 
-from shadowgate_operator.localenv.binaries import REPO_ROOT
+from shadowgate_operator.demo.scenarios import EXAMPLES
 from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.process import ManagedProcess, port_is_free
-
-EXAMPLES = REPO_ROOT / "examples"
+from shadowgate_operator.localenv.process import ManagedProcess, free_port, port_is_free
 
 
 @dataclass(frozen=True)
@@ -38,11 +36,7 @@ class Environment:
     workdir: Path
     """Logs, the router's credentials and spool, the traffic log."""
 
-    def kubectl_run(
-        self, *args: str, input: str | None = None, check: bool = True, echo: bool = False
-    ) -> subprocess.CompletedProcess[str]:
-        if echo:
-            print(f"$ kubectl {' '.join(args)}", flush=True)
+    def kubectl_run(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [str(self.kubectl), *args],
             env={**os.environ, "KUBECONFIG": str(self.kubeconfig)},
@@ -66,9 +60,7 @@ def python_env(**extra: str) -> dict[str, str]:
 
 
 def pick_port(preferred: int, taken: set[int]) -> int:
-    """`preferred` when nothing listens there, else any free port."""
-    from shadowgate_operator.localenv.process import free_port
-
+    """`preferred` when nothing listens there, else any free port; remembered in `taken`."""
     port = preferred if preferred not in taken and port_is_free(preferred) else free_port()
     while port in taken:
         port = free_port()

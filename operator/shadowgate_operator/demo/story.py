@@ -45,13 +45,15 @@ from shadowgate_operator.demo.stack import (
     wait_http,
 )
 from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.process import free_port
+from shadowgate_operator.localenv.process import ManagedProcess, free_port
 from shadowgate_operator.migrate import migrate
 from shadowgate_router import kubeapi
 
 FINISHED = ("Promoted", "RolledBack", "Failed")
 DECIDED = ("Promote", "RollBack", "Fail")
 POLL_SECONDS = 0.5
+ROUTER_PORT = 8500
+"""The router's port when it is free (and the story may use fixed ports)."""
 METRICS_ROWS = """
     SELECT time, step, weight, samples, production_value, candidate_value, improvement, overall_score, p_value,
            (metrics ->> 'pValueWorse')::float8 AS p_value_worse, decision, reason
@@ -112,160 +114,252 @@ async def tell(
     out: TextIO = sys.stdout,
     fixed_ports: bool = False,
 ) -> StoryResult:
-    """Run `scenario` to its end on `environment`; everything it starts is stopped when it returns."""
-    stack = Stack(environment)
+    """Run `scenario` to its end on `environment`; everything it starts is stopped when it returns.
+
+    `fixed_ports` uses the ports the manifest names (and 8500 for the router) when they are free.
+    """
+    story = _Story(Stack(environment), environment, scenario, pace or Pace(), out, fixed_ports)
     try:
-        return await _tell(stack, environment, scenario, pace or Pace(), out, fixed_ports)
+        return await story.tell()
     finally:
-        stack.stop()
+        story.stack.stop()
 
 
-async def _tell(
-    stack: Stack, environment: Environment, scenario: Scenario, pace: Pace, out: TextIO, fixed_ports: bool
-) -> StoryResult:
-    def say(message: str) -> None:
-        print(f"==> {message}", file=out, flush=True)
+@dataclass
+class _Model:
+    process: ManagedProcess
+    url: str
 
-    started = time.monotonic()
-    environment.workdir.mkdir(parents=True, exist_ok=True)
-    connection = await asyncpg.connect(environment.dsn)
-    try:
-        applied = await migrate(connection)
-    finally:
-        await connection.close()
-    say(f"database migrated ({len(applied)} migrations applied)" if applied else "database schema is current")
 
-    taken: set[int] = set()
-    production_port, candidate_port = (
-        (pick_port(port, taken) for port in scenario.default_ports) if fixed_ports else (free_port(), free_port())
-    )
-    production_url, candidate_url = f"http://127.0.0.1:{production_port}", f"http://127.0.0.1:{candidate_port}"
-    production = stack.start(
-        f"model-{scenario.production_model}",
-        model_server_argv(scenario.production_model, production_port, pace.latency_ms, 0.0),
-    )
-    candidate_latency = pace.latency_ms if pace.candidate_latency_ms is None else pace.candidate_latency_ms
-    candidate = stack.start(
-        f"model-{scenario.candidate_model}",
-        model_server_argv(scenario.candidate_model, candidate_port, candidate_latency, pace.candidate_error_rate),
-    )
-    async with httpx.AsyncClient() as http:
-        await asyncio.gather(
-            wait_http(http, f"{production_url}/v2/health/ready", production, "ready", within=120),
-            wait_http(http, f"{candidate_url}/v2/health/ready", candidate, "ready", within=120),
+@dataclass
+class _Story:
+    stack: Stack
+    environment: Environment
+    scenario: Scenario
+    pace: Pace
+    out: TextIO
+    fixed_ports: bool
+    taken: set[int] = field(default_factory=set)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def say(self, message: str) -> None:
+        print(f"==> {message}", file=self.out, flush=True)
+
+    def port(self, preferred: int) -> int:
+        return pick_port(preferred, self.taken) if self.fixed_ports else free_port()
+
+    async def tell(self) -> StoryResult:
+        started = time.monotonic()
+        environment = self.environment
+        environment.workdir.mkdir(parents=True, exist_ok=True)
+        await self.migrate()
+        production, candidate = await self.start_model_servers()
+        document = manifest(self.scenario, production.url, candidate.url, self.pace)
+        token = self.create_secrets(document)
+        self.stack.start(
+            "operator", operator_argv(environment.namespace), env=python_env(KUBECONFIG=str(environment.kubeconfig))
         )
-    for process, url in ((production, production_url), (candidate, candidate_url)):
-        trained = next((line for line in process.log_path.read_text().splitlines() if line.startswith("trained")), "")
-        say(f"model server at {url}: {trained}")
+        self.say(f"operator started, watching namespace {environment.namespace}")
+        shown = self.scenario.manifest.relative_to(self.scenario.manifest.parents[2])
+        self.say(f"kubectl apply -n {environment.namespace} -f {shown}  (urls: the model servers above)")
+        print(environment.apply(document).strip(), file=self.out, flush=True)
+        applied_at = time.time()
 
-    document = manifest(scenario, production_url, candidate_url, pace)
-    spec = document["spec"]
-    name = document["metadata"]["name"]
-    token = secrets.token_hex(16)
-    token_file = environment.workdir / "outcome-token"
-    token_file.touch(mode=0o600)
-    token_file.write_text(token)
-    environment.apply(
-        secret(spec["database"]["secretRef"]["name"], "dsn", environment.dsn),
-        secret(spec["outcomes"]["tokenSecretRef"]["name"], "token", token),
-    )
-    stack.start(
-        "operator", operator_argv(environment.namespace), env=python_env(KUBECONFIG=str(environment.kubeconfig))
-    )
-    say(f"operator started, watching namespace {environment.namespace}")
-    shown = scenario.manifest.relative_to(scenario.manifest.parents[2])
-    say(f"kubectl apply -n {environment.namespace} -f {shown}  (urls: the model servers above)")
-    print(environment.apply(document).strip(), file=out, flush=True)
-    applied_at = time.time()
+        name = document["metadata"]["name"]
+        access = kubeapi.load(str(environment.kubeconfig))
+        async with (
+            httpx.AsyncClient(base_url=access.server, verify=access.ssl_context, timeout=10.0) as api,
+            httpx.AsyncClient(timeout=5.0) as http,
+        ):
+            kube = _Kube(api, access, environment.namespace, self.stack)
+            router, router_url = await self.start_router(kube, http, name, token)
+            traffic_log = environment.workdir / "trades.jsonl"
+            traffic = self.stack.start(
+                "traffic",
+                traffic_argv(router_url, environment.workdir / "outcome-token", self.pace.rate, traffic_log, "T"),
+            )
+            self.say(
+                f"trading: {self.pace.rate:.0f} trades/s through the router (X-Request-Id = trade id, sticky "
+                "X-Account-Id); each outcome posted to /outcomes when the trade closes, 1-4 s later"
+            )
+            self.timings["model servers, operator, router"] = time.monotonic() - started
 
-    access = kubeapi.load(str(environment.kubeconfig))
-    async with (
-        httpx.AsyncClient(base_url=access.server, verify=access.ssl_context, timeout=10.0) as api,
-        httpx.AsyncClient(timeout=5.0) as http,
-    ):
+            rollout_started = time.monotonic()
+            progress = _progress(self.out, document, applied_at)
+            urls = (router_url, production.url, candidate.url)
+            shadow = await self.watch(kube, http, progress, name, urls)
+            decided_at = time.time()
+            self.timings["rollout until the decision"] = time.monotonic() - rollout_started
+
+            # What clients see once the decision is in force, then a clean stop: no trade without its
+            # outcome, no row left unwritten.
+            winding_down = time.monotonic()
+            await asyncio.sleep(self.pace.after_end)
+            self.stack.stop_one(traffic, timeout=30.0)
+            await _wait_flushed(http, router_url)
+            production_ids, candidate_ids = [
+                (await http.get(f"{model.url}/stats", params={"ids": "1"})).json()["requestIds"]
+                for model in (production, candidate)
+            ]
+            self.stack.stop_one(router, timeout=30.0)
+            final = await kube.get(kube.shadow_path(name))
+            self.timings["traffic after it, flush, stop"] = time.monotonic() - winding_down
+        return StoryResult(
+            scenario=self.scenario,
+            environment=environment,
+            name=name,
+            manifest=document,
+            shadow=final or shadow,
+            applied_at=applied_at,
+            decided_at=decided_at,
+            traffic_log=traffic_log,
+            traffic=last_json_line(traffic.log_path),
+            production_ids=production_ids,
+            candidate_ids=candidate_ids,
+            timings=self.timings,
+        )
+
+    async def migrate(self) -> None:
+        connection = await asyncpg.connect(self.environment.dsn)
+        try:
+            applied = await migrate(connection)
+        finally:
+            await connection.close()
+        self.say(f"database migrated ({len(applied)} migrations applied)" if applied else "database schema is current")
+
+    async def start_model_servers(self) -> tuple[_Model, _Model]:
+        """Production's and the candidate's servers, each ready (its model trained)."""
+        pace, scenario = self.pace, self.scenario
+        candidate_latency = pace.latency_ms if pace.candidate_latency_ms is None else pace.candidate_latency_ms
+        models: list[_Model] = []
+        for version, preferred, latency, error_rate in (
+            (scenario.production_model, scenario.default_ports[0], pace.latency_ms, 0.0),
+            (scenario.candidate_model, scenario.default_ports[1], candidate_latency, pace.candidate_error_rate),
+        ):
+            port = self.port(preferred)
+            process = self.stack.start(f"model-{version}", model_server_argv(version, port, latency, error_rate))
+            models.append(_Model(process, f"http://127.0.0.1:{port}"))
+        async with httpx.AsyncClient() as http:
+            await asyncio.gather(
+                *(wait_http(http, f"{m.url}/v2/health/ready", m.process, "ready", within=120) for m in models)
+            )
+        for model in models:
+            lines = model.process.log_path.read_text().splitlines()
+            self.say(f"model server at {model.url}: {next((x for x in lines if x.startswith('trained')), '')}")
+        return models[0], models[1]
+
+    def create_secrets(self, document: dict[str, Any]) -> str:
+        """The Secrets the ShadowDeployment names: the database's DSN and a new outcome token (returned,
+        and written to outcome-token in the work directory for the clients)."""
+        spec = document["spec"]
+        token = secrets.token_hex(16)
+        token_file = self.environment.workdir / "outcome-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(token)
+        self.environment.apply(
+            secret(spec["database"]["secretRef"]["name"], "dsn", self.environment.dsn),
+            secret(spec["outcomes"]["tokenSecretRef"]["name"], "token", token),
+        )
+        return token
+
+    async def start_router(
+        self, kube: _Kube, http: httpx.AsyncClient, name: str, token: str
+    ) -> tuple[ManagedProcess, str]:
+        """The router as its pod would run: once the operator has made its ServiceAccount and ConfigMap,
+        with that ServiceAccount's token, watching that ConfigMap, with the Secrets' DSN and token."""
         router_name = f"{name}-router"
         for kind in ("serviceaccounts", "configmaps"):
-            await _wait_exists(api, access, f"/api/v1/namespaces/{environment.namespace}/{kind}/{router_name}", stack)
-        credentials = service_account_kubeconfig(environment, router_name, environment.workdir / "router.kubeconfig")
-        router_port = pick_port(8500, taken) if fixed_ports else free_port()
-        router_url = f"http://127.0.0.1:{router_port}"
-        router = stack.start(
+            await kube.wait_exists(f"/api/v1/namespaces/{self.environment.namespace}/{kind}/{router_name}")
+        credentials = service_account_kubeconfig(
+            self.environment, router_name, self.environment.workdir / "router.kubeconfig"
+        )
+        port = self.port(ROUTER_PORT)
+        url = f"http://127.0.0.1:{port}"
+        router = self.stack.start(
             "router",
-            router_argv(environment, router_name, credentials, router_port),
+            router_argv(self.environment, router_name, credentials, port),
             env=python_env(SHADOWGATE_OUTCOME_TOKEN=token),
         )
-        await wait_http(http, f"{router_url}/readyz", router, "ready", within=30)
-        say(
-            f"router at {router_url}, as ServiceAccount {router_name}: watching ConfigMap {router_name}, "
+        await wait_http(http, f"{url}/readyz", router, "ready", within=30)
+        self.say(
+            f"router at {url}, as ServiceAccount {router_name}: watching ConfigMap {router_name}, "
             "recording to PostgreSQL"
         )
-        traffic_log = environment.workdir / "trades.jsonl"
-        traffic = stack.start("traffic", traffic_argv(router_url, token_file, pace.rate, traffic_log, "T"))
-        say(
-            f"trading: {pace.rate:.0f} trades/s through the router (X-Request-Id = trade id, sticky "
-            "X-Account-Id); each outcome posted to /outcomes when the trade closes, 1-4 s later"
-        )
-        timings = {"model servers, operator, router": time.monotonic() - started}
+        return router, url
 
-        progress = Progress(
-            out,
-            started=applied_at,
-            steps=len(spec["traffic"]["steps"]),
-            min_samples=int(spec["analysis"]["minSamples"]),
-            names=(spec["production"]["name"], spec["candidate"]["name"]),
-            mode=spec["traffic"]["mode"],
-            metric=spec["analysis"]["metric"],
-        )
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{environment.namespace}/{PLURAL}/{name}"
-        rollout_started = time.monotonic()
-        database = await asyncpg.connect(environment.dsn)
+    async def watch(
+        self, kube: _Kube, http: httpx.AsyncClient, progress: Progress, name: str, urls: tuple[str, str, str]
+    ) -> dict[str, Any]:
+        """Show each analysis until the rollout has finished; returns the ShadowDeployment at the end."""
+        deadline = time.monotonic() + self.pace.timeout
+        finished_at: float | None = None
+        shown = 0
+        database = await asyncpg.connect(self.environment.dsn)
         try:
-            shadow = await _watch(
-                stack, api, access, http, database, progress, environment, name, path, pace,
-                (router_url, production_url, candidate_url),
-            )  # fmt: skip
+            while True:
+                self.stack.check()
+                shadow = await kube.get(kube.shadow_path(name))
+                status = shadow.get("status") or {}
+                counters = await _counters(http, *urls)
+                rows = await database.fetch(METRICS_ROWS, self.environment.namespace, name)
+                for row in rows[shown:]:
+                    progress.analysis(dict(row), counters)
+                shown = len(rows)
+                if status.get("phase") in FINISHED:
+                    finished_at = finished_at or time.monotonic()
+                    # The analysis writes its row just after the status: wait for it (not for a manual verb's).
+                    if (rows and rows[-1]["decision"] in DECIDED) or time.monotonic() - finished_at > 5:
+                        return shadow
+                elif time.monotonic() > deadline:
+                    raise ComponentError(
+                        "demo",
+                        f"{name} is still {status.get('phase')} after {self.pace.timeout:.0f}s: "
+                        f"{status.get('message', '')}",
+                    )
+                progress.status(status, counters)
+                await asyncio.sleep(POLL_SECONDS)
         finally:
             await database.close()
-        decided_at = time.time()
-        timings["rollout until the decision"] = time.monotonic() - rollout_started
 
-        # What clients see once the decision is in force, then a clean stop: no trade without its
-        # outcome, no row left unwritten.
-        winding_down = time.monotonic()
-        await asyncio.sleep(pace.after_end)
-        stack.stop_one(traffic, timeout=30.0)
-        summary = last_json_line(traffic.log_path)
-        await _wait_flushed(http, router_url)
-        production_ids, candidate_ids = [
-            (await http.get(f"{url}/stats", params={"ids": "1"})).json()["requestIds"]
-            for url in (production_url, candidate_url)
-        ]
-        stack.stop_one(router, timeout=30.0)
-        final = (await api.get(path, headers=access.headers())).json()
-        timings["traffic after it, flush, stop"] = time.monotonic() - winding_down
-    return StoryResult(
-        scenario=scenario,
-        environment=environment,
-        name=name,
-        manifest=document,
-        shadow=final or shadow,
-        applied_at=applied_at,
-        decided_at=decided_at,
-        traffic_log=traffic_log,
-        traffic=summary,
-        production_ids=production_ids,
-        candidate_ids=candidate_ids,
-        timings=timings,
+
+@dataclass
+class _Kube:
+    """The few reads the story makes from the API server, with the kubeconfig's credentials."""
+
+    api: httpx.AsyncClient
+    access: kubeapi.KubeAccess
+    namespace: str
+    stack: Stack
+
+    def shadow_path(self, name: str) -> str:
+        return f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}/{name}"
+
+    async def get(self, path: str) -> dict[str, Any]:
+        """The object, or {} when it does not exist."""
+        answer = await self.api.get(path, headers=self.access.headers())
+        found: dict[str, Any] = answer.json() if answer.status_code == 200 else {}
+        return found
+
+    async def wait_exists(self, path: str, within: float = 60.0) -> None:
+        deadline = time.monotonic() + within
+        while not await self.get(path):
+            self.stack.check()
+            if time.monotonic() > deadline:
+                raise ComponentError("operator", f"did not create {path} within {within:.0f}s")
+            await asyncio.sleep(0.2)
+
+
+def _progress(out: TextIO, document: dict[str, Any], applied_at: float) -> Progress:
+    spec = document["spec"]
+    return Progress(
+        out,
+        started=applied_at,
+        steps=len(spec["traffic"]["steps"]),
+        min_samples=int(spec["analysis"]["minSamples"]),
+        names=(spec["production"]["name"], spec["candidate"]["name"]),
+        mode=spec["traffic"]["mode"],
+        metric=spec["analysis"]["metric"],
     )
-
-
-async def _wait_exists(api: httpx.AsyncClient, access: kubeapi.KubeAccess, path: str, stack: Stack) -> None:
-    deadline = time.monotonic() + 60
-    while (await api.get(path, headers=access.headers())).status_code != 200:
-        stack.check()
-        if time.monotonic() > deadline:
-            raise ComponentError("operator", f"did not create {path} within 60s")
-        await asyncio.sleep(0.2)
 
 
 async def _counters(http: httpx.AsyncClient, router: str, production: str, candidate: str) -> Counters:
@@ -277,46 +371,6 @@ async def _counters(http: httpx.AsyncClient, router: str, production: str, candi
         production=int(production_stats["requests"]),
         candidate=int(candidate_stats["requests"]),
     )
-
-
-async def _watch(
-    stack: Stack,
-    api: httpx.AsyncClient,
-    access: kubeapi.KubeAccess,
-    http: httpx.AsyncClient,
-    database: asyncpg.Connection,
-    progress: Progress,
-    environment: Environment,
-    name: str,
-    path: str,
-    pace: Pace,
-    urls: tuple[str, str, str],
-) -> dict[str, Any]:
-    """Show each analysis until the rollout has finished; returns the ShadowDeployment at the end."""
-    deadline = time.monotonic() + pace.timeout
-    finished_at: float | None = None
-    shown = 0
-    while True:
-        stack.check()
-        shadow: dict[str, Any] = (await api.get(path, headers=access.headers())).json()
-        status = shadow.get("status") or {}
-        counters = await _counters(http, *urls)
-        rows = await database.fetch(METRICS_ROWS, environment.namespace, name)
-        for row in rows[shown:]:
-            progress.analysis(dict(row), counters)
-        shown = len(rows)
-        if status.get("phase") in FINISHED:
-            finished_at = finished_at or time.monotonic()
-            # The analysis writes its row just after the status: wait for it (not for a manual verb's).
-            if (rows and rows[-1]["decision"] in DECIDED) or time.monotonic() - finished_at > 5:
-                return shadow
-        elif time.monotonic() > deadline:
-            raise ComponentError(
-                "demo",
-                f"{name} is still {status.get('phase')} after {pace.timeout:.0f}s: {status.get('message', '')}",
-            )
-        progress.status(status, counters)
-        await asyncio.sleep(POLL_SECONDS)
 
 
 async def _wait_flushed(http: httpx.AsyncClient, router: str, within: float = 15.0) -> None:
