@@ -96,9 +96,9 @@ def write_chart(result: StoryResult, metrics: list[dict[str, Any]], events: list
     figure, (weight_axis, score_axis, loss_axis) = plt.subplots(
         3, 1, figsize=(10, 8), sharex=True, gridspec_kw={"height_ratios": [1, 1.2, 1.2]}
     )
+    how = {"shadow": "shadowed", "canary": "canaried"}.get(traffic["mode"], traffic["mode"])
     figure.suptitle(
-        f"{result.name}: {spec['candidate']['name']} {traffic['mode']}ed beside {spec['production']['name']} "
-        f"- {result.phase}",
+        f"{result.name}: {spec['candidate']['name']} {how} beside {spec['production']['name']} - {result.phase}",
         fontsize=13,
     )
 
