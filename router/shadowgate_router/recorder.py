@@ -174,8 +174,14 @@ class Recorder:
         deadline = time.monotonic() + grace
         if self._task is not None:
             # On timeout wait_for cancels it mid-write: what was not committed is still in memory or spool.
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._task, grace)
+            except TimeoutError:
+                # Cancelled mid-statement, the connection is unusable ("another operation is in progress"):
+                # drop it, so the final drain below starts on a fresh one instead of failing.
+                if self._connection is not None:
+                    self._connection.terminate()
+                    self._connection = None
             self._task = None
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
