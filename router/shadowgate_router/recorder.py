@@ -165,6 +165,10 @@ class Recorder:
                 await self._drain()
             except _Unavailable as exc:
                 self._failed(exc)
+            except Exception as exc:
+                # A bug must not end the task: rows would then wait forever, unwritten and unreported.
+                log.exception("%s: unexpected error while writing; retrying", self.table)
+                self._failed(exc)
             self._update_gauges()
 
     async def close(self, grace: float) -> None:

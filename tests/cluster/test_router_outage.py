@@ -17,9 +17,8 @@ import httpx
 import pytest
 
 from shadowgate_operator.localenv import Postgres
-from shadowgate_operator.migrate import migrate
 from tests.support.load import Result, client_session, percentile, run_load
-from tests.support.router import ModelServer, Router, router_config, wait_until
+from tests.support.router import ModelServer, Router, migrated_postgres, model_pair, router_config, wait_until
 
 pytestmark = pytest.mark.database
 
@@ -29,24 +28,14 @@ BEFORE, OUTAGE, AFTER = 5.0, 30.0, 5.0
 
 @pytest.fixture
 async def own_database() -> AsyncIterator[Postgres]:
-    postgres = Postgres()
-    await asyncio.to_thread(postgres.start)
-    connection = await asyncpg.connect(postgres.dsn)
-    await migrate(connection)
-    await connection.close()
-    yield postgres
-    await asyncio.to_thread(postgres.stop)
-    postgres.cleanup()
+    async with migrated_postgres() as postgres:
+        yield postgres
 
 
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[tuple[ModelServer, ModelServer]]:
-    production, candidate = ModelServer(tmp_path, bias=0), ModelServer(tmp_path, bias=100)
-    production.start()
-    candidate.start()
-    yield production, candidate
-    production.stop()
-    candidate.stop()
+    with model_pair(tmp_path) as pair:
+        yield pair
 
 
 async def send_outcomes(router: Router, results: list[Result], done: asyncio.Event) -> list[str]:
@@ -117,7 +106,10 @@ async def test_a_30_second_outage_loses_and_doubles_nothing(
         assert percentile(during, 0.99) < 250, "requests waited while the database was away"
         assert max(spooled) > 0, "the outage should have overflowed memory into the spool"
         assert router.metric("shadowgate_router_database_errors_total") > 0
-        wait_until(lambda: router.pending_rows() == 0, 60, "the router to write everything it held")
+        try:
+            wait_until(lambda: router.pending_rows() == 0, 60, "the router to write everything it held")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\nrouter log:\n{router.log()[-6000:]}") from None
     finally:
         router.stop()
 
