@@ -12,8 +12,10 @@ import asyncio
 import os
 import re
 import sys
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -118,16 +120,22 @@ async def _run(dsn: str) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def run_with_database(args: argparse.Namespace, work: Callable[[str], Coroutine[Any, Any, int]]) -> int:
+    """What the database subcommands share: the DSN from --dsn or $SHADOWGATE_DSN (exit 2 without one),
+    then `work(dsn)`, with a database that cannot be reached or refuses reported in one line (exit 1)."""
     dsn = args.dsn or os.environ.get("SHADOWGATE_DSN")
     if not dsn:
         print("error: give --dsn or set SHADOWGATE_DSN (postgresql://user@host:port/database)", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_run(dsn))
+        return asyncio.run(work(dsn))
     except (OSError, asyncpg.PostgresError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_with_database(args, _run)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

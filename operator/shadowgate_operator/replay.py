@@ -9,10 +9,8 @@ the candidate's share at each moment was the one the real rollout gave it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
-import os
 import sys
 from dataclasses import dataclass
 
@@ -27,6 +25,7 @@ from shadowgate_operator.api import (
     ShadowDeploymentStatus,
 )
 from shadowgate_operator.decision import decide
+from shadowgate_operator.migrate import run_with_database
 from shadowgate_operator.rollout import apply_decision
 
 
@@ -174,18 +173,10 @@ async def _run(args: argparse.Namespace, dsn: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    dsn = args.dsn or os.environ.get("SHADOWGATE_DSN")
-    if not dsn:
-        print("error: give --dsn or set SHADOWGATE_DSN", file=sys.stderr)
-        return 2
     if "/" not in args.resource:
         print("error: name the resource as NAMESPACE/NAME", file=sys.stderr)
         return 2
-    try:
-        return asyncio.run(_run(args, dsn))
-    except (OSError, asyncpg.PostgresError) as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    return run_with_database(args, lambda dsn: _run(args, dsn))
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

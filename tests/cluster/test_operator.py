@@ -230,7 +230,10 @@ def test_manual_verbs_are_acted_on_once(
     apply_shadow(namespace, example("verbs"))
     wait_phase(kubectl, namespace, "verbs", "Progressing")
 
-    kubectl("annotate", "shadowdeployment", "verbs", "-n", namespace, "shadowgate.io/action=promote")
+    def act(verb: str) -> None:
+        kubectl("annotate", "--overwrite", "shadowdeployment", "verbs", "-n", namespace, f"shadowgate.io/action={verb}")
+
+    act("promote")
     promoted = wait_phase(kubectl, namespace, "verbs", "Promoted")
     assert promoted["status"]["currentWeight"] == 100
     assert promoted["status"]["lastAction"]["verb"] == "promote"
@@ -240,15 +243,15 @@ def test_manual_verbs_are_acted_on_once(
     assert conditions["Progressing"]["status"] == "False"
 
     # The same annotation value is not acted on twice; retry (with a nonce) restarts the analysis.
-    kubectl("annotate", "--overwrite", "shadowdeployment", "verbs", "-n", namespace, "shadowgate.io/action=retry:1")
+    act("retry:1")
     restarted = wait_phase(kubectl, namespace, "verbs", "Progressing")
     assert (restarted["status"]["currentStep"], restarted["status"]["currentWeight"]) == (0, 5)
-    kubectl("annotate", "--overwrite", "shadowdeployment", "verbs", "-n", namespace, "shadowgate.io/action=abort")
+    act("abort")
     rolled_back = wait_phase(kubectl, namespace, "verbs", "RolledBack")
     assert rolled_back["status"]["currentWeight"] == 0
     eventually(lambda: router_config(kubectl, namespace, "verbs")["weight"] == 0, 10, "the router at 0%")
 
-    kubectl("annotate", "--overwrite", "shadowdeployment", "verbs", "-n", namespace, "shadowgate.io/action=launch")
+    act("launch")
     eventually(lambda: "InvalidAction" in reasons(kubectl, namespace, "verbs"), 10, "a warning about the bad verb")
     warning = next(e for e in events_for(kubectl, namespace, "verbs") if e["reason"] == "InvalidAction")
     assert warning["type"] == "Warning"

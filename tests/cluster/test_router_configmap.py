@@ -18,20 +18,15 @@ from shadowgate_operator.api import ShadowDeployment
 from shadowgate_router.config import CONFIG_KEY, RouterConfig
 from tests.admission_cases import load_example, merge_patch
 from tests.conftest import Kubectl
-from tests.support.router import ModelServer, Router, wait_until
+from tests.support.router import ModelServer, Router, model_pair, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.database]
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModelServer, ModelServer]]:
-    log_dir = tmp_path_factory.mktemp("models")
-    production, candidate = ModelServer(log_dir, bias=0), ModelServer(log_dir, bias=100)
-    production.start()
-    candidate.start()
-    yield production, candidate
-    production.stop()
-    candidate.stop()
+    with model_pair(tmp_path_factory.mktemp("models")) as pair:
+        yield pair
 
 
 def shadow_deployment(namespace: str, servers: tuple[ModelServer, ModelServer], weight: int) -> ShadowDeployment:

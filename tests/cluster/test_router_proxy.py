@@ -19,7 +19,7 @@ import pytest
 from shadowgate_operator.migrate import migrate
 from shadowgate_router.hashing import salt_for, threshold, to_candidate
 from tests.support.load import Result, run_load
-from tests.support.router import ModelServer, Router, free_port, router_config, wait_until
+from tests.support.router import ModelServer, Router, free_port, model_pair, router_config, wait_until
 
 pytestmark = pytest.mark.database
 
@@ -27,13 +27,8 @@ pytestmark = pytest.mark.database
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModelServer, ModelServer]]:
     """Production (prediction = sum of the request's numbers) and candidate (the same + 100)."""
-    log_dir = tmp_path_factory.mktemp("models")
-    production, candidate = ModelServer(log_dir, bias=0), ModelServer(log_dir, bias=100)
-    production.start()
-    candidate.start()
-    yield production, candidate
-    production.stop()
-    candidate.stop()
+    with model_pair(tmp_path_factory.mktemp("models")) as pair:
+        yield pair
 
 
 @pytest.fixture(autouse=True)

@@ -13,24 +13,18 @@ import asyncpg
 import pytest
 
 from shadowgate_operator.localenv import Postgres
-from shadowgate_operator.migrate import migrate
 from shadowgate_router.metrics import RouterMetrics
 from shadowgate_router.recorder import OUTCOME_COLUMNS, Recorder, now_us
 from shadowgate_router.spool import Spool
+from tests.support.router import migrated_postgres
 
 pytestmark = pytest.mark.database
 
 
 @pytest.fixture
 async def own_database() -> AsyncIterator[Postgres]:
-    postgres = Postgres()
-    await asyncio.to_thread(postgres.start)
-    connection = await asyncpg.connect(postgres.dsn)
-    await migrate(connection)
-    await connection.close()
-    yield postgres
-    await asyncio.to_thread(postgres.stop)
-    postgres.cleanup()
+    async with migrated_postgres() as postgres:
+        yield postgres
 
 
 def outcome_rows(deployment: str, count: int) -> list[tuple[object, ...]]:

@@ -6,6 +6,7 @@ and it must not share a loop (or a GIL) with the load generator or the model ser
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,11 +15,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 
+from shadowgate_operator.localenv import Postgres
+from shadowgate_operator.migrate import migrate
 from shadowgate_router.config import CONFIG_KEY, RouterConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -118,6 +124,36 @@ class ModelServer(Process):
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = httpx.get(f"{self.url}/stats").json()
         return result
+
+
+@contextmanager
+def model_pair(log_dir: Path) -> Iterator[tuple[ModelServer, ModelServer]]:
+    """Production (prediction = sum of the request's numbers) and candidate (the same + 100), running."""
+    production, candidate = ModelServer(log_dir, bias=0), ModelServer(log_dir, bias=100)
+    production.start()
+    candidate.start()
+    try:
+        yield production, candidate
+    finally:
+        production.stop()
+        candidate.stop()
+
+
+@asynccontextmanager
+async def migrated_postgres() -> AsyncIterator[Postgres]:
+    """A PostgreSQL of one's own, migrated: for tests that stop and start the database."""
+    postgres = Postgres()
+    await asyncio.to_thread(postgres.start)
+    try:
+        connection = await asyncpg.connect(postgres.dsn)
+        try:
+            await migrate(connection)
+        finally:
+            await connection.close()
+        yield postgres
+    finally:
+        await asyncio.to_thread(postgres.stop)
+        postgres.cleanup()
 
 
 def router_config(production: str, candidate: str, **changes: Any) -> dict[str, Any]:
