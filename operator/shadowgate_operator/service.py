@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 from pydantic import ValidationError
 
-from shadowgate_operator.api import Phase, ShadowDeployment
+from shadowgate_operator.api import Metric, Phase, ShadowDeployment, TrafficMode
 from shadowgate_operator.builders import Manifest, OperatorSettings, router_objects
 from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import Kube, KubeError
@@ -73,6 +73,16 @@ class _Denials:
         return " ".join(self.all()) or None
 
 
+@dataclass(frozen=True)
+class _Window:
+    """Where a progressing deployment's sums are read from, and which window they are for."""
+
+    pool: asyncpg.Pool
+    metric: Metric
+    mode: TrafficMode
+    since: dt.datetime
+
+
 @dataclass
 class Reconciler:
     kube: Kube
@@ -86,6 +96,7 @@ class Reconciler:
     _recorded_generation: dict[Key, int] = field(default_factory=dict)
     _warned: set[tuple[str, str]] = field(default_factory=set)
     _denied: dict[Key, _Denials] = field(default_factory=dict)
+    _progressing: dict[Key, _Window] = field(default_factory=dict)
 
     async def close(self) -> None:
         await self.databases.close()
@@ -99,7 +110,29 @@ class Reconciler:
         key = (namespace, name)
         if time.monotonic() >= self._next_analysis.get(key, 0.0):
             await self.reconcile(namespace, name, analyse=True)
-        return max(0.5, self._next_analysis.get(key, time.monotonic() + 5.0) - time.monotonic())
+        else:
+            await self.catch_up(namespace, name)
+        due = self._next_analysis.get(key, time.monotonic() + 5.0) - time.monotonic()
+        if key in self._progressing:
+            # Catch the sums up in between: the analysis then reads seconds of arrivals, not an interval's.
+            due = min(due, self.analyses.catch_up_seconds(namespace, name))
+        return max(0.5, due)
+
+    async def catch_up(self, namespace: str, name: str) -> None:
+        """Bring a progressing deployment's running sums up to what was recorded (no decision, no writes
+        but the saved sums). Errors are left for the next analysis to report."""
+        key = (namespace, name)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            window = self._progressing.get(key)
+            if window is None:
+                return
+            try:
+                async with window.pool.acquire() as connection:
+                    await self.analyses.window_metrics(
+                        connection, namespace, name, window.metric, window.mode, window.since
+                    )
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                logger.debug("%s/%s: sums not caught up: %s", namespace, name, exc)
 
     async def reconcile(self, namespace: str, name: str, *, analyse: bool = False) -> Plan | None:
         key = (namespace, name)
@@ -118,7 +151,13 @@ class Reconciler:
         key = (namespace, name)
         body = await self.kube.get_shadowdeployment(namespace, name)
         if body is None:  # deleted meanwhile; its children go with it (owner references)
-            for memory in (self._locks, self._next_analysis, self._recorded_generation, self._denied):
+            for memory in (
+                self._locks,
+                self._next_analysis,
+                self._recorded_generation,
+                self._denied,
+                self._progressing,
+            ):
                 memory.pop(key, None)
             self.analyses.forget(namespace, name)
             self.metrics.forget(namespace, name)
@@ -157,6 +196,12 @@ class Reconciler:
         self._remember_denials(key, body["metadata"]["uid"], earlier, denials)
         if analyse:
             self._next_analysis[key] = time.monotonic() + sd.spec.analysis.interval_seconds
+        started = planned.status.step_started_at or planned.status.analysis_started_at
+        if pool is not None and started is not None and planned.status.phase is Phase.PROGRESSING:
+            spec = planned.spec
+            self._progressing[key] = _Window(pool, spec.analysis.metric, spec.traffic.mode, started)
+        else:
+            self._progressing.pop(key, None)
         notices = list(plan.notices)
         if data_problem is not None and data_problem not in denials.reads:
             notices.append(Notice("Warning", "DatabaseUnavailable", data_problem))

@@ -143,3 +143,29 @@ def test_a_candidate_failing_ten_percent_is_rolled_back_by_the_gate_within_one_i
     reason = rolled_back["status"]["lastDecision"]["reason"]
     assert "error rate" in reason and "5.0%" in reason
     assert "GateFailed" in reasons(kubectl, namespace, "flaky")
+
+
+def test_the_sums_catch_up_between_analyses(
+    kubectl: Kubectl, namespace: str, migrated: str, start_operator: StartOperator, apply_shadow: ApplyShadow
+) -> None:
+    """With a long interval the running sums are still read every few seconds (and saved), so the read
+    an analysis waits for covers seconds of arrivals, not the whole interval's."""
+    start_operator("--namespace", namespace)
+    apply_shadow(namespace, example("patient", analysis={**FAST, "interval": "60s"}))
+    wait_phase(kubectl, namespace, "patient", "Progressing")
+    saved = "SELECT horizon, state FROM analysis_windows WHERE namespace = $1 AND deployment = $2"
+    with Seeder(migrated, namespace, "patient", production=Model(error_scale=1.0), candidate=Model(error_scale=1.0)):
+        first = eventually(lambda: rows(migrated, saved, namespace, "patient"), 20, "the first saved sums")[0]
+        horizons = {first["horizon"]}
+        eventually(
+            lambda: (
+                len(horizons.update(r["horizon"] for r in rows(migrated, saved, namespace, "patient")) or horizons) >= 3
+            ),
+            20,
+            "two catch-ups after the first analysis",
+        )
+        latest = rows(migrated, saved, namespace, "patient")[0]
+    # Caught up without deciding: at most one analysis so far (the 60 s interval has not come round again).
+    assert len(rows(migrated, DECISIONS, namespace, "patient")) <= 1
+    requests = json.loads(latest["state"])["sums"]["production_requests"]
+    assert requests > json.loads(first["state"])["sums"]["production_requests"]

@@ -582,7 +582,10 @@ async def test_the_incremental_analysis_equals_the_whole_window_after_every_batc
     ]
     await add(fresh, fresh_outcomes)
     await add([], [replace(o, deployment="someone-else") for o in fresh_outcomes])
+    #    And the operator restarts: a new analysis goes on from the sums the last run saved.
+    analysis = WindowAnalysis(NS, deployment, metric, mode, since)
     result = await _check(connection, analysis, predictions, outcomes, metric, mode)
+    assert analysis.resumed
 
     # 5. Nothing new: the same answer, without reading the window again.
     runs = analysis.runs
@@ -641,6 +644,38 @@ async def test_rows_from_before_recorded_at_existed_are_read(connection: asyncpg
     await insert(connection, [], [correction])
     outcomes.append(correction)
     await _check(connection, analysis, predictions, outcomes, Metric.ACCURACY, TrafficMode.SHADOW)
+
+
+async def test_a_restarted_analysis_goes_on_from_the_saved_sums(connection: asyncpg.Connection) -> None:
+    deployment = "restarts"
+    now: dt.datetime = await connection.fetchval("SELECT clock_timestamp()")
+    since = now - dt.timedelta(minutes=10)
+    ok = Side(prediction=1.0, latency_ms=2.0, status=200)
+    await insert(connection, [Prediction(now - dt.timedelta(minutes=2), "a", ok, ok, deployment=deployment)])
+    first = WindowAnalysis(NS, deployment, Metric.MAE, TrafficMode.SHADOW, since)
+    assert (await first.refresh(connection)).production.requests == 1
+    await insert(connection, [Prediction(now - dt.timedelta(minutes=1), "b", ok, ok, deployment=deployment)])
+    assert (await first.refresh(connection)).production.requests == 2
+    # Take "a" away behind the analysis's back: only sums carried over from the saved run still count it.
+    await connection.execute("DELETE FROM predictions WHERE deployment = $1 AND request_id = 'a'", deployment)
+    await insert(connection, [Prediction(now, "c", ok, ok, deployment=deployment)])
+
+    restarted = WindowAnalysis(NS, deployment, Metric.MAE, TrafficMode.SHADOW, since)
+    assert (await restarted.refresh(connection)).production.requests == 3
+    assert restarted.resumed and restarted.runs == 1
+
+    # A late save from the first operator cannot take the saved horizon back.
+    assert first.horizon is not None and restarted.horizon is not None and first.horizon < restarted.horizon
+    await first._save(connection)
+    saved = await connection.fetchval("SELECT horizon FROM analysis_windows WHERE deployment = $1", deployment)
+    assert saved == restarted.horizon
+
+    # Another window (here another metric; a new step alike) does not reuse them: it reads the window whole.
+    other = WindowAnalysis(NS, deployment, Metric.RMSE, TrafficMode.SHADOW, since)
+    assert (await other.refresh(connection)).production.requests == 2
+    assert not other.resumed
+    unsaved = WindowAnalysis(NS, deployment, Metric.RMSE, TrafficMode.SHADOW, since, saved=False)
+    assert (await unsaved.refresh(connection)).production.requests == 2 and not unsaved.resumed
 
 
 async def test_analyses_start_over_when_the_window_changes(connection: asyncpg.Connection) -> None:
