@@ -68,6 +68,11 @@ def _to_record(row: Row) -> Row:
     return (EPOCH + timedelta(microseconds=row[0]), *row[1:])
 
 
+# What a database that is away, restarting or killed mid-statement raises. InternalClientError covers
+# asyncpg's ProtocolError, seen when the server goes away in the middle of a COPY.
+_DATABASE_GONE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
 class _Unavailable(Exception):
     """The database cannot take rows now; try again later."""
 
@@ -281,7 +286,7 @@ class Recorder:
             return self._connection
         try:
             connection = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _DATABASE_GONE as exc:
             raise _Unavailable(f"connect: {exc}") from None
         try:
             await connection.execute(
@@ -289,7 +294,7 @@ class Recorder:
                 "ON COMMIT DELETE ROWS",
                 timeout=self.write_timeout,
             )
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _DATABASE_GONE as exc:
             connection.terminate()
             hint = " (has `shadowgate migrate` run?)" if isinstance(exc, asyncpg.UndefinedTableError) else ""
             raise _Unavailable(f"prepare: {exc}{hint}") from None
@@ -302,7 +307,7 @@ class Recorder:
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             log.warning("%s: the database refused a batch (%s); writing its rows one by one", self.table, exc)
             written = await self._write_one_by_one(connection, rows)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _DATABASE_GONE as exc:
             raise _Unavailable(f"write: {exc}") from None
         else:
             written = len(rows)
@@ -328,7 +333,7 @@ class Recorder:
             except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
                 log.error("%s: row refused by the database, set aside in %s: %s", self.table, self.rejected_path, exc)
                 refused.append(row)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except _DATABASE_GONE as exc:
                 raise _Unavailable(f"write: {exc}") from None
         if refused:
             with self.rejected_path.open("a") as rejected:
