@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,16 +254,7 @@ class Proxy:
             mirror = None
             if candidate_share:
                 mirror = self._mirror(route, candidate_target, headers, request.body)
-            production = await self._call(
-                route.production,
-                "production",
-                "answer",
-                b"POST",
-                production_target,
-                headers,
-                request.body,
-                config.timeout_seconds,
-            )
+            production = await self._infer_call(route, "production", "answer", production_target, headers, request.body)
             response = self._respond(production, "production", request_id, started)
 
             def record_shadow(done: asyncio.Task[Answer] | None = None) -> None:
@@ -277,38 +268,13 @@ class Proxy:
             return response
 
         if not candidate_share:
-            production = await self._call(
-                route.production,
-                "production",
-                "answer",
-                b"POST",
-                production_target,
-                headers,
-                request.body,
-                config.timeout_seconds,
-            )
+            production = await self._infer_call(route, "production", "answer", production_target, headers, request.body)
             return self._answered(route, received, request_id, started, "production", production, None, False, features)
-        candidate = await self._call(
-            route.candidate,
-            "candidate",
-            "answer",
-            b"POST",
-            candidate_target,
-            headers,
-            request.body,
-            config.timeout_seconds,
-        )
+        candidate = await self._infer_call(route, "candidate", "answer", candidate_target, headers, request.body)
         if candidate.failed and config.fallback_to_production:
             self.metrics.fallbacks.inc()
-            production = await self._call(
-                route.production,
-                "production",
-                "fallback",
-                b"POST",
-                production_target,
-                headers,
-                request.body,
-                config.timeout_seconds,
+            production = await self._infer_call(
+                route, "production", "fallback", production_target, headers, request.body
             )
             return self._answered(
                 route, received, request_id, started, "production", production, candidate, True, features
@@ -373,6 +339,13 @@ class Proxy:
         ]
         headers.append((_REQUEST_ID, request_id))
         return headers
+
+    def _infer_call(
+        self, route: Route, side: str, role: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> Coroutine[Any, Any, Answer]:
+        """A call that answers an inference request (or falls back for one): POST, the answer's time limit."""
+        pool = route.production if side == "production" else route.candidate
+        return self._call(pool, side, role, b"POST", target, headers, body, route.config.timeout_seconds)
 
     async def _call(
         self,
