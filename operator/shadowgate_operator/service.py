@@ -39,8 +39,7 @@ from shadowgate_operator.store import (
     DatabaseUnavailable,
     EventRow,
     MetricsRow,
-    record_events,
-    record_metrics,
+    Outbox,
     record_spec,
 )
 
@@ -97,6 +96,7 @@ class Reconciler:
     _warned: set[tuple[str, str]] = field(default_factory=set)
     _denied: dict[Key, _Denials] = field(default_factory=dict)
     _progressing: dict[Key, _Window] = field(default_factory=dict)
+    outbox: Outbox = field(default_factory=Outbox)
 
     async def close(self) -> None:
         await self.databases.close()
@@ -133,6 +133,9 @@ class Reconciler:
                     )
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 logger.debug("%s/%s: sums not caught up: %s", namespace, name, exc)
+                return
+            if self.outbox.waiting(key):
+                await self._write_rows(window.pool, key)
 
     async def reconcile(self, namespace: str, name: str, *, analyse: bool = False) -> Plan | None:
         key = (namespace, name)
@@ -161,6 +164,7 @@ class Reconciler:
                 memory.pop(key, None)
             self.analyses.forget(namespace, name)
             self.metrics.forget(namespace, name)
+            self.outbox.forget(key)
             return None
         try:
             sd = ShadowDeployment.model_validate(body)
@@ -207,9 +211,11 @@ class Reconciler:
             notices.append(Notice("Warning", "DatabaseUnavailable", data_problem))
         notices += [Notice("Warning", "PermissionDenied", problem) for problem in denials.all()]
         self.metrics.observe(namespace, name, planned.status)
-        await self._record(body, planned, notices, pool)
-        if window is not None and pool is not None:
-            await self._record_analysis(pool, sd, plan, now)
+        await self._record(body, planned, notices)
+        if window is not None:
+            self._record_analysis(sd, plan, now)
+        if pool is not None:
+            await self._write_rows(pool, key)
         return plan
 
     def _first_analysis_due(self, key: Key, sd: ShadowDeployment, now: dt.datetime) -> bool:
@@ -316,8 +322,17 @@ class Reconciler:
             return body  # nothing changed: no write, no churn
         return await self.kube.replace_status({**body, "status": new_status})
 
-    async def _record_analysis(self, pool: asyncpg.Pool, sd: ShadowDeployment, plan: Plan, now: dt.datetime) -> None:
-        """One deployment_metrics row per analysis: the step it judged and what it decided."""
+    async def _write_rows(self, pool: asyncpg.Pool, key: Key) -> None:
+        """deployment_events and deployment_metrics rows of this reconcile and of earlier ones that found
+        the database away (the Outbox keeps them until it is back)."""
+        try:
+            await self.outbox.flush(pool, key)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            logger.warning("%s/%s: %d rows wait for the database: %s", *key, self.outbox.waiting(key), exc)
+
+    def _record_analysis(self, sd: ShadowDeployment, plan: Plan, now: dt.datetime) -> None:
+        """One deployment_metrics row per analysis: the step it judged and what it decided (written by
+        `_write_rows`)."""
         measured, decision = plan.status.metrics, plan.status.last_decision
         if decision is None:
             return
@@ -338,14 +353,9 @@ class Reconciler:
             reason=decision.reason,
             metrics=measured.to_dict() if measured else None,
         )
-        try:
-            await record_metrics(pool, row)
-        except (OSError, asyncpg.PostgresError) as exc:
-            logger.warning("could not record the analysis in deployment_metrics: %s", exc)
+        self.outbox.add((sd.namespace, sd.name), metrics=[row])
 
-    async def _record(
-        self, body: dict[str, Any], sd: ShadowDeployment, notices: list[Notice], pool: asyncpg.Pool | None
-    ) -> None:
+    async def _record(self, body: dict[str, Any], sd: ShadowDeployment, notices: list[Notice]) -> None:
         """Kubernetes Events and deployment_events rows for what this reconcile did."""
         uid = body["metadata"]["uid"]
         now = self.clock()
@@ -367,8 +377,4 @@ class Reconciler:
                 EventRow(dt.datetime.now(dt.UTC), sd.namespace, sd.name, notice.reason, status.phase_or_pending.value,
                          status.current_step, status.current_weight, notice.message)
             )  # fmt: skip
-        if pool is not None and rows:
-            try:
-                await record_events(pool, rows)
-            except (OSError, asyncpg.PostgresError) as exc:
-                logger.warning("could not record %d deployment_events rows: %s", len(rows), exc)
+        self.outbox.add((sd.namespace, sd.name), events=rows)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 
 from shadowgate_operator.migrate import database_problems, migrate
+
+logger = logging.getLogger(__name__)
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -117,6 +121,55 @@ async def record_metrics(pool: asyncpg.Pool, row: MetricsRow) -> None:
         row.production_value, row.candidate_value, row.improvement, row.overall_score, row.p_value,
         row.decision, row.reason, json.dumps(row.metrics) if row.metrics is not None else None,
     )  # fmt: skip
+
+
+@dataclass
+class Outbox:
+    """deployment_events and deployment_metrics rows the database has not taken yet, per ShadowDeployment.
+
+    A database that is away delays these rows, it does not lose them: each reconcile that reaches the
+    database writes what waits first, oldest first, each row with its own time. Memory is bounded by
+    `limit` rows per deployment (the oldest go first, with a log line); rows still waiting when the
+    operator stops are lost, while the Events and status that say the same remain.
+    """
+
+    limit: int = 10_000
+    _events: dict[tuple[str, str], list[EventRow]] = field(default_factory=dict)
+    _metrics: dict[tuple[str, str], list[MetricsRow]] = field(default_factory=dict)
+
+    def add(self, key: tuple[str, str], events: Sequence[EventRow] = (), metrics: Sequence[MetricsRow] = ()) -> None:
+        for waiting, new in ((self._events, events), (self._metrics, metrics)):
+            if not new:
+                continue
+            rows: list[Any] = waiting.setdefault(key, [])
+            rows.extend(new)
+            if len(rows) > self.limit:
+                logger.error(
+                    "%s/%s: %d rows waited too long for the database; dropping the oldest", *key, len(rows) - self.limit
+                )
+                del rows[: len(rows) - self.limit]
+
+    def waiting(self, key: tuple[str, str]) -> int:
+        return len(self._events.get(key, ())) + len(self._metrics.get(key, ()))
+
+    async def flush(self, pool: asyncpg.Pool, key: tuple[str, str]) -> None:
+        """Write what waits for this deployment; on an error, what was not written keeps waiting."""
+        events = self._events.get(key)
+        if events:
+            await record_events(pool, events)
+            del self._events[key]
+        metrics = self._metrics.get(key)
+        while metrics:
+            await record_metrics(pool, metrics[0])
+            metrics.pop(0)
+        self._metrics.pop(key, None)
+
+    def forget(self, key: tuple[str, str]) -> None:
+        dropped = self.waiting(key)
+        if dropped:
+            logger.warning("%s/%s is gone; %d of its rows never reached the database", *key, dropped)
+        self._events.pop(key, None)
+        self._metrics.pop(key, None)
 
 
 async def record_spec(

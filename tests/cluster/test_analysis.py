@@ -10,16 +10,18 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import pytest
 
+from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.migrate import migrate
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import Kubectl
-from tests.support.operator import eventually, example, reasons, shadow, wait_phase
+from tests.support.operator import apply, eventually, example, reasons, shadow, wait_phase
 from tests.support.seeder import Model, Seeder
 
 pytestmark = [pytest.mark.cluster, pytest.mark.database]
@@ -31,14 +33,7 @@ FAST = {"interval": "5s", "minSamples": 100, "maxErrorRate": 0.05, "maxStepDurat
 
 @pytest.fixture
 def migrated(dsn: str) -> str:
-    async def run() -> None:
-        connection = await asyncpg.connect(dsn)
-        try:
-            await migrate(connection)
-        finally:
-            await connection.close()
-
-    asyncio.run(run())
+    asyncio.run(_migrate(dsn))
     return dsn
 
 
@@ -169,3 +164,52 @@ def test_the_sums_catch_up_between_analyses(
     assert len(rows(migrated, DECISIONS, namespace, "patient")) <= 1
     requests = json.loads(latest["state"])["sums"]["production_requests"]
     assert requests > json.loads(first["state"])["sums"]["production_requests"]
+
+
+def test_rows_wait_for_a_database_that_is_away(kubectl: Kubectl, namespace: str, start_operator: StartOperator) -> None:
+    """A decision taken while the database is down (here a manual promote) is in status and Events at
+    once, and its deployment_events row is written once the database is back: delayed, not dropped."""
+    postgres = Postgres()
+    postgres.start()
+    try:
+        asyncio.run(_migrate(postgres.dsn))
+        manifest = example("outbox", analysis=FAST)
+        spec = manifest["spec"]
+        for secret, key, value in (
+            (spec["database"]["secretRef"]["name"], "dsn", postgres.dsn),
+            (spec["outcomes"]["tokenSecretRef"]["name"], "token", "test-token"),
+        ):
+            apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret},
+                                       "stringData": {key: value}})  # fmt: skip
+        start_operator("--namespace", namespace)
+        apply(kubectl, namespace, manifest)
+        wait_phase(kubectl, namespace, "outbox", "Progressing")
+        eventually(lambda: rows(postgres.dsn, EVENTS, namespace, "outbox"), 10, "the AnalysisStarted row")
+
+        postgres.stop()
+        kubectl("annotate", "shadowdeployment", "outbox", "-n", namespace, "shadowgate.io/action=promote")
+        wait_phase(kubectl, namespace, "outbox", "Promoted")
+        assert "Promoted" in reasons(kubectl, namespace, "outbox")
+        time.sleep(6)  # an analysis interval with the database still away
+        postgres.start()
+
+        written = eventually(
+            lambda: (
+                (found := [r["event"] for r in rows(postgres.dsn, EVENTS, namespace, "outbox")])[-1:] == ["Promoted"]
+                and found
+            ),
+            30,
+            "the Promoted row once the database is back",
+        )
+        assert written.count("Promoted") == 1 and written[0] == "AnalysisStarted"
+    finally:
+        postgres.stop()
+        postgres.cleanup()
+
+
+async def _migrate(dsn: str) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await migrate(connection)
+    finally:
+        await connection.close()
