@@ -5,6 +5,13 @@ predicted number sits in an answer.
 Bodies are never rewritten: the router forwards the client's bytes and returns the server's bytes.
 Only the model name in the path changes (the client calls the router by the production model's name,
 the candidate may know the model under another one), and the number is read for recording.
+
+Open Inference Protocol details followed here: model versions in the path
+(``/v2/models/{name}/versions/{version}/infer``: the version is production's, so the candidate is called
+without one, i.e. its server's default), and the binary tensor data extension (KServe / Triton): a body
+that starts with a JSON header of ``Inference-Header-Content-Length`` bytes followed by raw tensors, as
+tritonclient sends by default. Such bodies are forwarded untouched; only their JSON header is checked,
+and a binary answer's outputs are decoded (little-endian, row-major) to record the prediction.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -33,6 +41,12 @@ class Match:
     """The model name in the client's path (v1, v2); None when the path has none."""
     template: str
     """The path for a model server, with ``{model}`` where that server's model name goes."""
+    unversioned: str = ""
+    """The same for the candidate when the client named a (production) model version; else the template."""
+
+    @property
+    def candidate_template(self) -> str:
+        return self.unversioned or self.template
 
 
 class UnknownPath(ValueError):
@@ -43,7 +57,7 @@ class WrongMethod(ValueError):
     """The path exists but not for this method."""
 
 
-_V2_MODEL = re.compile(r"^/v2/models/([^/]+)(/infer|/ready)?$")
+_V2_MODEL = re.compile(r"^/v2/models/([^/]+)(/versions/[^/]+)?(/infer|/ready)?$")
 _V2_SERVER = {"/v2", "/v2/health/live", "/v2/health/ready"}
 _V1_MODEL = re.compile(r"^/v1/models/([^/:]+)(:predict)?$")
 _RESERVED = ("/outcomes", "/healthz", "/readyz", "/metrics")
@@ -54,15 +68,16 @@ def match(protocol: Protocol, method: str, path: str) -> Match:
     if protocol is Protocol.V2:
         found = _V2_MODEL.match(path)
         if found:
-            name, suffix = found.group(1), found.group(2) or ""
-            if suffix == "/infer":
-                return _need(method, "POST", Match(Kind.INFER, name, "/v2/models/{model}/infer"))
-            return _need(method, "GET", Match(Kind.PASSTHROUGH, name, "/v2/models/{model}" + suffix))
+            name, version, suffix = found.group(1), found.group(2) or "", found.group(3) or ""
+            version = version.replace("{", "{{").replace("}", "}}")
+            kind, wanted = (Kind.INFER, "POST") if suffix == "/infer" else (Kind.PASSTHROUGH, "GET")
+            template = "/v2/models/{model}" + version + suffix
+            return _need(method, wanted, Match(kind, name, template, "/v2/models/{model}" + suffix))
         if path in _V2_SERVER:
             return _need(method, "GET", Match(Kind.PASSTHROUGH, None, path))
         raise UnknownPath(
-            "Open Inference Protocol (v2) paths: POST /v2/models/{name}/infer, GET /v2/models/{name}, "
-            "GET /v2/models/{name}/ready, GET /v2/health/live, GET /v2/health/ready"
+            "Open Inference Protocol (v2) paths: POST /v2/models/{name}[/versions/{version}]/infer, "
+            "GET /v2/models/{name}[/versions/{version}][/ready], GET /v2/health/live, GET /v2/health/ready"
         )
     if protocol is Protocol.V1:
         found = _V1_MODEL.match(path)
@@ -100,18 +115,91 @@ def decode_json(body: bytes) -> Any:
     return _DECODER.decode(body.decode())
 
 
+INFERENCE_HEADER = b"inference-header-content-length"
+"""The binary tensor data extension's header: how many bytes of the body are its JSON part."""
+
+_TENSOR_FORMATS = {
+    "BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q", "INT8": "b", "INT16": "h",
+    "INT32": "i", "INT64": "q", "FP16": "e", "FP32": "f", "FP64": "d",
+}  # fmt: skip
+MAX_DECODED = 1024
+"""Elements decoded per binary output: enough for any prediction path, bounded for huge tensors."""
+
+
+def json_header_length(value: bytes, body_length: int) -> int:
+    """The Inference-Header-Content-Length of a body of `body_length` bytes; ValueError says what is wrong."""
+    try:
+        length = int(value)
+    except ValueError:
+        raise ValueError(f"Inference-Header-Content-Length must be a number of bytes, not {value[:40]!r}") from None
+    if not 0 < length <= body_length:
+        raise ValueError(
+            f"Inference-Header-Content-Length {length} does not fit a body of {body_length} bytes: it counts the "
+            "JSON header at the start of the body"
+        )
+    return length
+
+
+def header_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The JSON part's length of an answer using the binary extension (lower-cased header names)."""
+    for name, value in headers:
+        if name == INFERENCE_HEADER:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _decode_binary_outputs(document: object, binary: bytes) -> None:
+    """Give each output sent as binary data (``parameters.binary_data_size``) its ``data``, in order."""
+    outputs = document.get("outputs") if isinstance(document, dict) else None
+    if not isinstance(outputs, list):
+        return
+    offset = 0
+    for output in outputs:
+        parameters = output.get("parameters") if isinstance(output, dict) else None
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if not isinstance(size, int) or size < 0:
+            continue
+        chunk, offset = binary[offset : offset + size], offset + size
+        output["data"] = _tensor(output.get("datatype"), chunk)
+
+
+def _tensor(datatype: object, chunk: bytes) -> list[object]:
+    if datatype == "BYTES":  # each element: a 4-byte little-endian length, then its bytes
+        items: list[object] = []
+        at = 0
+        while at + 4 <= len(chunk) and len(items) < MAX_DECODED:
+            (length,) = struct.unpack_from("<I", chunk, at)
+            items.append(chunk[at + 4 : at + 4 + length].decode(errors="replace"))
+            at += 4 + length
+        return items
+    code = _TENSOR_FORMATS.get(datatype) if isinstance(datatype, str) else None
+    if code is None:
+        return []
+    count = min(len(chunk) // struct.calcsize(code), MAX_DECODED)
+    return list(struct.unpack_from(f"<{count}{code}", chunk))
+
+
 class Extractor:
-    """Reads the prediction (and confidence) out of a model server's JSON answer for recording."""
+    """Reads the prediction (and confidence) out of a model server's answer for recording: JSON, or the
+    JSON header and binary outputs of the binary tensor data extension."""
 
     def __init__(self, prediction_path: str, confidence_path: str | None) -> None:
         self.prediction = parse_json_path(prediction_path)
         self.confidence = parse_json_path(confidence_path) if confidence_path else None
 
-    def __call__(self, body: bytes) -> tuple[float | None, float | None]:
-        """(prediction, confidence); None where the answer has no number there (or is not JSON)."""
+    def __call__(self, body: bytes, json_length: int | None = None) -> tuple[float | None, float | None]:
+        """(prediction, confidence); None where the answer has no number there (or is not JSON).
+        `json_length`: the answer's Inference-Header-Content-Length, when it has one."""
         try:
-            document = decode_json(body)
-        except ValueError:  # UnicodeDecodeError is one too
+            if json_length is None:
+                document = decode_json(body)
+            else:
+                document = decode_json(body[:json_length])
+                _decode_binary_outputs(document, body[json_length:])
+        except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError too
             return None, None
         confidence = _number(_walk(document, self.confidence)) if self.confidence else None
         return _number(_walk(document, self.prediction)), confidence

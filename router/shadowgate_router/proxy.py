@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +24,15 @@ from shadowgate_router.hashing import salt_for, threshold, to_candidate
 from shadowgate_router.httpserver import Request, Response, error_response
 from shadowgate_router.metrics import RouterMetrics
 from shadowgate_router.protocols import (
+    INFERENCE_HEADER,
     Extractor,
     Kind,
     Match,
     UnknownPath,
     WrongMethod,
     decode_json,
+    header_length,
+    json_header_length,
     match,
     served_names,
 )
@@ -218,7 +221,8 @@ class Proxy:
             if promoted
             else ("production", route.production, config.production)
         )
-        target = self._target(found, upstream.model_name, request.query)
+        template = found.candidate_template if promoted else found.template
+        target = self._target(template, upstream.model_name, request.query)
         answer = await self._call(
             pool,
             side,
@@ -232,12 +236,24 @@ class Proxy:
         return self._respond(answer, side, request_id)
 
     async def _infer(self, route: Route, request: Request, found: Match, request_id: bytes) -> Response:
-        if not _is_json_type(request.header(b"content-type")):
-            return error_response(415, "send the request body as JSON (Content-Type: application/json)", request_id)
-        if not request.body:
+        document = request.body
+        binary_header = request.header(INFERENCE_HEADER)
+        if binary_header is not None:  # binary tensor data extension: a JSON header, then raw tensors
+            try:
+                document = request.body[: json_header_length(binary_header, len(request.body))]
+            except ValueError as exc:
+                return error_response(400, str(exc), request_id)
+        elif not _is_json_type(request.header(b"content-type")):
+            return error_response(
+                415,
+                "send the request body as JSON (Content-Type: application/json), or as a JSON header and "
+                "binary tensors with Inference-Header-Content-Length",
+                request_id,
+            )
+        if not document:
             return error_response(400, "the request body is empty; send a JSON document", request_id)
         try:
-            decode_json(request.body)
+            decode_json(document)
         except (ValueError, UnicodeDecodeError) as exc:
             return error_response(400, f"malformed JSON in the request body: {exc}", request_id)
         received = now_us()
@@ -247,8 +263,8 @@ class Proxy:
         candidate_share = to_candidate(key, route.salt, route.limit)
         headers = self._forward_headers(request, request_id)
         features = request.body.decode() if self.settings.record_features else None
-        production_target = self._target(found, config.production.model_name, request.query)
-        candidate_target = self._target(found, config.candidate.model_name, request.query)
+        production_target = self._target(found.template, config.production.model_name, request.query)
+        candidate_target = self._target(found.candidate_template, config.candidate.model_name, request.query)
 
         if config.mode is TrafficMode.SHADOW:
             mirror = None
@@ -324,8 +340,8 @@ class Proxy:
         return task
 
     @staticmethod
-    def _target(found: Match, model: str, query: bytes) -> bytes:
-        path = found.template.format(model=model).encode()
+    def _target(template: str, model: str, query: bytes) -> bytes:
+        path = template.format(model=model).encode()
         return path + b"?" + query if query else path
 
     @staticmethod
@@ -429,16 +445,15 @@ class Proxy:
         self.recorder.put(row)
 
     @staticmethod
-    def _side(
-        extract: Callable[[bytes], tuple[float | None, float | None]], version: str, answer: Answer | None
-    ) -> Row:
+    def _side(extract: Extractor, version: str, answer: Answer | None) -> Row:
         """(version, prediction, confidence, latency_ms, status, error); all None when the side was not called."""
         if answer is None:
             return (None, None, None, None, None, None)
         prediction = confidence = None
         error = answer.error
         if answer.response is not None and 200 <= answer.status < 300:  # type: ignore[operator]
-            prediction, confidence = extract(answer.response.body)
+            response = answer.response
+            prediction, confidence = extract(response.body, header_length(response.headers))
             if prediction is None:
                 error = NO_PREDICTION
         return (version, prediction, confidence, round(answer.latency_ms, 3), answer.status, error)

@@ -14,7 +14,9 @@ from typing import Any
 
 import asyncpg
 import httpx
+import numpy
 import pytest
+import tritonclient.http as triton
 
 from shadowgate_operator.migrate import migrate
 from shadowgate_router.hashing import salt_for, threshold, to_candidate
@@ -209,7 +211,7 @@ async def test_a_model_server_down_or_slow_gets_502_or_504_with_a_reason(
         ("POST", "/v2/models/fraud/infer", {"Content-Type": "text/plain"}, b"{}", 415, "Content-Type"),
         ("POST", "/v2/models/fraud/infer", {}, b"[" + b"1," * 600_000 + b"1]", 413, "the limit is 1048576"),
         ("POST", "/v2/models/other/infer", {}, b"{}", 404, "model 'other' is not served here; call it 'fraud'"),
-        ("POST", "/predict", {}, b"{}", 404, "POST /v2/models/{name}/infer"),
+        ("POST", "/predict", {}, b"{}", 404, "POST /v2/models/{name}[/versions/{version}]/infer"),
         ("GET", "/v2/models/fraud/infer", {}, b"", 405, "use POST"),
         ("POST", "/v2/models/fraud/infer", {"X-Request-Id": "has space"}, b"{}", 400, "X-Request-Id must be"),
     ],
@@ -388,3 +390,56 @@ async def test_shadow_copies_beyond_the_concurrency_limit_are_dropped_and_counte
     dropped = router.metric("shadowgate_router_mirror_dropped_total")
     assert 2 <= mirrored < 40 and mirrored + dropped == 40
     assert all(row["candidate_version"] is None for row in recorded if row["candidate_status"] is None)
+
+
+async def test_a_triton_client_with_binary_tensors_and_a_model_version(
+    servers: tuple[ModelServer, ModelServer], start_router: StartRouter, db: asyncpg.Connection, deployment: str
+) -> None:
+    """NVIDIA's tritonclient, as users call Triton: inputs and outputs as binary tensor data (its default)
+    and production's model version in the path. The bytes pass untouched both ways; the recorded
+    predictions are decoded from the binary answers; the candidate is called without the version."""
+    router = start_router(config_for(servers, deployment, mode="shadow", weight=100))
+    client = triton.InferenceServerClient(url=router.url.removeprefix("http://"))
+    try:
+        assert await asyncio.to_thread(client.is_server_live)
+        assert await asyncio.to_thread(client.is_model_ready, "fraud", "1")
+        metadata = await asyncio.to_thread(client.get_model_metadata, "fraud", "1")
+        assert metadata["name"] == "fraud"
+
+        def infer(index: int) -> float:
+            tensor = triton.InferInput("x", [1, 3], "FP32")
+            tensor.set_data_from_numpy(numpy.array([[index, 1.5, 2.5]], dtype=numpy.float32))  # binary by default
+            wanted = [triton.InferRequestedOutput("score")]  # binary by default
+            answer = client.infer(
+                "fraud", [tensor], model_version="1", outputs=wanted, headers={"X-Request-Id": f"triton-{index}"}
+            )
+            assert answer.get_output("score")["parameters"]["binary_data_size"] == 4
+            return float(answer.as_numpy("score")[0])
+
+        answers = [await asyncio.to_thread(infer, index) for index in range(5)]
+    finally:
+        client.close()
+    assert answers == [index + 4.0 for index in range(5)]
+    recorded = {row["request_id"]: row for row in await rows(db, deployment, 5)}
+    for index in range(5):
+        row = recorded[f"triton-{index}"]
+        assert row["production_prediction"] == index + 4.0 and row["production_status"] == 200
+        assert row["candidate_prediction"] == index + 104.0 and row["candidate_status"] == 200
+        assert row["production_confidence"] == 0.75  # a JSON output beside the binary one
+
+
+async def test_a_wrong_binary_header_length_gets_a_400_saying_why(
+    servers: tuple[ModelServer, ModelServer], start_router: StartRouter, deployment: str
+) -> None:
+    router = start_router(config_for(servers, deployment, mode="shadow", weight=100))
+    body = b'{"inputs": []}'
+    octet_stream = {"Content-Type": "application/octet-stream"}
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(
+            f"{router.url}/v2/models/fraud/infer",
+            content=body,
+            headers={"Inference-Header-Content-Length": str(len(body) + 10), **octet_stream},
+        )
+        octets = await http.post(f"{router.url}/v2/models/fraud/infer", content=body, headers=octet_stream)
+    assert answer.status_code == 400 and "does not fit a body of 14 bytes" in answer.text
+    assert octets.status_code == 415 and "Inference-Header-Content-Length" in octets.text

@@ -1,6 +1,7 @@
 """A tiny but real model server for router tests and benchmarks, on loopback.
 
-It speaks the three protocols the router fronts (Open Inference Protocol v2, KServe v1, plain JSON),
+It speaks the three protocols the router fronts (Open Inference Protocol v2, KServe v1, plain JSON;
+v2 with model versions in the path and the binary tensor data extension, as tritonclient uses them),
 answers with a prediction that is a known function of the input (``bias + sum(inputs)``), so a test can
 tell which server answered, and can be made slow or failing on demand: at start (``--latency-ms``,
 ``--error-rate``) or while running (``POST /control``), which lets one test compare a healthy and a
@@ -19,6 +20,7 @@ import contextlib
 import json
 import random
 import signal
+import struct
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -71,6 +73,35 @@ def _numbers(value: Any) -> float:
     return 0.0
 
 
+_FORMATS = {"FP32": "f", "FP64": "d", "INT32": "i", "INT64": "q"}
+
+
+def _binary_inputs(header: dict[str, Any], raw: bytes) -> list[Any]:
+    """The inputs' numbers: JSON ``data``, or little-endian values of ``binary_data_size`` bytes in order."""
+    values: list[Any] = []
+    offset = 0
+    for tensor in header.get("inputs", []):
+        size = tensor.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            values.append(tensor.get("data"))
+            continue
+        code = _FORMATS[tensor["datatype"]]
+        values.append(list(struct.unpack_from(f"<{size // struct.calcsize(code)}{code}", raw, offset)))
+        offset += size
+    return values
+
+
+def _wants_binary(header_length: str | None, body: bytes) -> bool:
+    """Whether the client asked for binary outputs (``binary_data`` on an output, or binary_data_output)."""
+    try:
+        document = json.loads(body[: int(header_length)] if header_length else body)
+    except ValueError:
+        return False
+    if document.get("parameters", {}).get("binary_data_output"):
+        return True
+    return any(output.get("parameters", {}).get("binary_data") for output in document.get("outputs", []))
+
+
 class ModelServer:
     """The aiohttp application; `serve()` runs it on 127.0.0.1:port until cancelled."""
 
@@ -84,8 +115,11 @@ class ModelServer:
         self.app.add_routes(
             [
                 web.post("/v2/models/{name}/infer", self.infer_v2),
+                web.post("/v2/models/{name}/versions/{version}/infer", self.infer_v2),
                 web.get("/v2/models/{name}/ready", self.ready_v2),
+                web.get("/v2/models/{name}/versions/{version}/ready", self.ready_v2),
                 web.get("/v2/models/{name}", self.metadata_v2),
+                web.get("/v2/models/{name}/versions/{version}", self.metadata_v2),
                 web.get("/v2/health/ready", self.health),
                 web.get("/v2/health/live", self.health),
                 web.post("/v1/models/{name}:predict", self.predict_v1),
@@ -101,9 +135,15 @@ class ModelServer:
         name = request.match_info.get("name")
         if name is not None and name != self.model:
             return web.json_response({"error": f"model {name!r} not found"}, status=404), 0.0
+        body = await request.read()
+        header_length = request.headers.get("Inference-Header-Content-Length")
         try:
-            document = await request.json()
-        except json.JSONDecodeError:
+            if header_length is None:
+                document: Any = json.loads(body)
+            else:  # the binary tensor data extension: a JSON header, then the inputs' raw bytes
+                document = json.loads(body[: int(header_length)])
+                document = {"inputs": _binary_inputs(document, body[int(header_length) :])}
+        except (ValueError, struct.error):
             return web.json_response({"error": "malformed JSON"}, status=400), 0.0
         self.stats.requests += 1
         self.stats.request_ids.append(request.headers.get("X-Request-Id", ""))
@@ -121,6 +161,22 @@ class ModelServer:
         failed, prediction = await self._infer(request)
         if failed is not None:
             return failed
+        if _wants_binary(request.headers.get("Inference-Header-Content-Length"), await request.read()):
+            header = json.dumps(
+                {
+                    "model_name": self.model,
+                    "id": request.headers.get("X-Request-Id", ""),
+                    "outputs": [
+                        {"name": "score", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}},
+                        {"name": "confidence", "shape": [1], "datatype": "FP64", "data": [self.behaviour.confidence]},
+                    ],
+                }
+            ).encode()
+            return web.Response(
+                body=header + struct.pack("<f", prediction),
+                content_type="application/octet-stream",
+                headers={"Inference-Header-Content-Length": str(len(header))},
+            )
         return web.json_response(
             {
                 "model_name": self.model,

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import pytest
 
 from shadowgate_router.config import Protocol
-from shadowgate_router.protocols import Extractor, Kind, UnknownPath, WrongMethod, match
+from shadowgate_router.protocols import (
+    Extractor,
+    Kind,
+    UnknownPath,
+    WrongMethod,
+    header_length,
+    json_header_length,
+    match,
+)
 
 
 @pytest.mark.parametrize(
@@ -28,6 +37,37 @@ def test_paths(protocol: Protocol, method: str, path: str, kind: Kind, model: st
     assert (found.kind, found.model, found.template) == (kind, model, template)
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "kind", "production", "candidate"),
+    [
+        (
+            "POST",
+            "/v2/models/fraud/versions/3/infer",
+            Kind.INFER,
+            "/v2/models/p/versions/3/infer",
+            "/v2/models/c/infer",
+        ),
+        (
+            "GET",
+            "/v2/models/fraud/versions/3/ready",
+            Kind.PASSTHROUGH,
+            "/v2/models/p/versions/3/ready",
+            "/v2/models/c/ready",
+        ),
+        ("GET", "/v2/models/fraud/versions/3", Kind.PASSTHROUGH, "/v2/models/p/versions/3", "/v2/models/c"),
+        ("POST", "/v2/models/fraud/infer", Kind.INFER, "/v2/models/p/infer", "/v2/models/c/infer"),
+    ],
+)
+def test_a_version_in_the_path_is_production_s(
+    method: str, path: str, kind: Kind, production: str, candidate: str
+) -> None:
+    """The client names production's version; the candidate is called without one (its default)."""
+    found = match(Protocol.V2, method, path)
+    assert found.kind is kind and found.model == "fraud"
+    assert found.template.format(model="p") == production
+    assert found.candidate_template.format(model="c") == candidate
+
+
 def test_json_paths_with_braces_survive_the_template() -> None:
     assert match(Protocol.JSON, "POST", "/a{b}").template.format(model="x") == "/a{b}"
 
@@ -35,7 +75,14 @@ def test_json_paths_with_braces_survive_the_template() -> None:
 @pytest.mark.parametrize(
     ("protocol", "method", "path", "error", "says"),
     [
-        (Protocol.V2, "POST", "/v1/models/fraud:predict", UnknownPath, "POST /v2/models/{name}/infer"),
+        (
+            Protocol.V2,
+            "POST",
+            "/v1/models/fraud:predict",
+            UnknownPath,
+            "POST /v2/models/{name}[/versions/{version}]/infer",
+        ),
+        (Protocol.V2, "GET", "/v2/models/fraud/versions/3/infer", WrongMethod, "use POST"),
         (Protocol.V2, "POST", "/v2/models/fraud/explain", UnknownPath, "v2"),
         (Protocol.V2, "GET", "/v2/models/fraud/infer", WrongMethod, "use POST"),
         (Protocol.V2, "POST", "/v2/models/fraud/ready", WrongMethod, "use GET"),
@@ -86,3 +133,65 @@ def test_extraction(
 @pytest.mark.parametrize("body", [b"", b"not json", b"\xff\xfe", b'{"predictions": [NaN]}'])
 def test_non_json_or_non_finite_answers_have_no_number(body: bytes) -> None:
     assert Extractor("predictions[0]", None)(body) == (None, None)
+
+
+def binary_answer(outputs: list[tuple[str, str, bytes]]) -> tuple[bytes, int]:
+    """An answer in the binary tensor data extension: JSON header, then each output's raw bytes."""
+    header = json.dumps(
+        {
+            "model_name": "fraud",
+            "outputs": [
+                {"name": name, "datatype": datatype, "shape": [1], "parameters": {"binary_data_size": len(raw)}}
+                for name, datatype, raw in outputs
+            ],
+        }
+    ).encode()
+    return header + b"".join(raw for _, _, raw in outputs), len(header)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "raw", "expected"),
+    [
+        ("FP32", struct.pack("<2f", 0.25, 0.75), 0.25),
+        ("FP64", struct.pack("<d", -1.5), -1.5),
+        ("FP16", struct.pack("<e", 0.5), 0.5),
+        ("INT64", struct.pack("<q", 7), 7.0),
+        ("UINT8", bytes([3]), 3.0),
+        ("BOOL", bytes([1]), 1.0),
+        ("BYTES", struct.pack("<I", 5) + b"0.125", 0.125),
+        ("BF16", b"\x80\x3f", None),  # not decoded: no number, recorded as such
+    ],
+)
+def test_binary_outputs_are_read_little_endian(datatype: str, raw: bytes, expected: float | None) -> None:
+    body, length = binary_answer([("score", datatype, raw)])
+    assert Extractor("outputs[0].data[0]", None)(body, length) == (expected, None)
+
+
+def test_binary_outputs_are_read_in_order_beside_json_ones() -> None:
+    body, length = binary_answer(
+        [("score", "FP32", struct.pack("<f", 2.0)), ("p", "FP64", struct.pack("<2d", 0.1, 0.9))]
+    )
+    assert Extractor("outputs[0].data[0]", "outputs[1].data[1]")(body, length) == (2.0, 0.9)
+    assert (
+        header_length(
+            [(b"content-type", b"application/octet-stream"), (b"inference-header-content-length", str(length).encode())]
+        )
+        == length
+    )
+    assert header_length([(b"content-type", b"application/json")]) is None
+
+
+def test_a_truncated_binary_answer_has_no_prediction() -> None:
+    body, length = binary_answer([("score", "FP64", struct.pack("<d", 2.0))])
+    assert Extractor("outputs[0].data[0]", None)(body[:-3], length) == (None, None)
+    assert Extractor("outputs[0].data[0]", None)(body, length + 5) == (None, None)  # header length wrong
+
+
+@pytest.mark.parametrize(
+    ("value", "size", "says"),
+    [(b"abc", 10, "must be a number of bytes"), (b"0", 10, "does not fit"), (b"11", 10, "does not fit")],
+)
+def test_a_wrong_json_header_length_is_explained(value: bytes, size: int, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        json_header_length(value, size)
+    assert json_header_length(b"10", 10) == 10
