@@ -399,26 +399,29 @@ async def test_a_triton_client_with_binary_tensors_and_a_model_version(
     and production's model version in the path. The bytes pass untouched both ways; the recorded
     predictions are decoded from the binary answers; the candidate is called without the version."""
     router = start_router(config_for(servers, deployment, mode="shadow", weight=100))
-    client = triton.InferenceServerClient(url=router.url.removeprefix("http://"))
-    try:
-        assert await asyncio.to_thread(client.is_server_live)
-        assert await asyncio.to_thread(client.is_model_ready, "fraud", "1")
-        metadata = await asyncio.to_thread(client.get_model_metadata, "fraud", "1")
-        assert metadata["name"] == "fraud"
 
-        def infer(index: int) -> float:
-            tensor = triton.InferInput("x", [1, 3], "FP32")
-            tensor.set_data_from_numpy(numpy.array([[index, 1.5, 2.5]], dtype=numpy.float32))  # binary by default
-            wanted = [triton.InferRequestedOutput("score")]  # binary by default
-            answer = client.infer(
-                "fraud", [tensor], model_version="1", outputs=wanted, headers={"X-Request-Id": f"triton-{index}"}
-            )
-            assert answer.get_output("score")["parameters"]["binary_data_size"] == 4
-            return float(answer.as_numpy("score")[0])
+    def use_triton() -> list[float]:
+        # One thread from start to end: the client runs on gevent, whose hub belongs to one thread.
+        client = triton.InferenceServerClient(url=router.url.removeprefix("http://"))
+        try:
+            assert client.is_server_live()
+            assert client.is_model_ready("fraud", "1")
+            assert client.get_model_metadata("fraud", "1")["name"] == "fraud"
+            answers = []
+            for index in range(5):
+                tensor = triton.InferInput("x", [1, 3], "FP32")
+                tensor.set_data_from_numpy(numpy.array([[index, 1.5, 2.5]], dtype=numpy.float32))  # binary
+                wanted = [triton.InferRequestedOutput("score")]  # binary by default
+                answer = client.infer(
+                    "fraud", [tensor], model_version="1", outputs=wanted, headers={"X-Request-Id": f"triton-{index}"}
+                )
+                assert answer.get_output("score")["parameters"]["binary_data_size"] == 4
+                answers.append(float(answer.as_numpy("score")[0]))
+            return answers
+        finally:
+            client.close()
 
-        answers = [await asyncio.to_thread(infer, index) for index in range(5)]
-    finally:
-        client.close()
+    answers = await asyncio.to_thread(use_triton)
     assert answers == [index + 4.0 for index in range(5)]
     recorded = {row["request_id"]: row for row in await rows(db, deployment, 5)}
     for index in range(5):
