@@ -48,7 +48,7 @@ import httpx
 import uvloop
 
 from shadowgate_operator.localenv import Postgres
-from shadowgate_operator.migrate import migrate
+from shadowgate_operator.migrate import migrate_dsn
 from shadowgate_router.upstream import UpstreamError, UpstreamPool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="shadowgate-bench-router-"))
     deployment = f"bench-{int(time.time())}"
     with Postgres() as postgres, Processes(work) as processes:
-        asyncio.run(_migrate(postgres.dsn))
+        asyncio.run(migrate_dsn(postgres.dsn))
         ports = {name: free_port() for name in ("production", "candidate", "router", "nginx")}
         for name, bias in (("production", 0), ("candidate", 100)):
             processes.start(
@@ -369,14 +369,6 @@ def main(argv: list[str] | None = None) -> int:
         recorded = asyncio.run(count_rows(postgres.dsn, deployment))
         print(f"load average after: {load_average()}")
         return report(targets, args, recorded)
-
-
-async def _migrate(dsn: str) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        await migrate(connection)
-    finally:
-        await connection.close()
 
 
 def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> int:

@@ -84,6 +84,15 @@ async def migrate(connection: asyncpg.Connection, directory: Path | None = None)
         await connection.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
 
 
+async def migrate_dsn(dsn: str) -> list[Migration]:
+    """`migrate` on a connection of its own: for tests, benchmarks and the demo."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        return await migrate(connection)
+    finally:
+        await connection.close()
+
+
 async def database_problems(connection: asyncpg.Connection) -> list[str]:
     """What makes this database unsafe to analyse on, in words (empty when fine).
 

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from shadowgate_operator.localenv import Postgres
-from shadowgate_operator.migrate import migrate
+from shadowgate_operator.migrate import migrate_dsn
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import Kubectl
 from tests.support.operator import apply, eventually, example, reasons, shadow, wait_phase
@@ -33,7 +33,7 @@ FAST = {"interval": "5s", "minSamples": 100, "maxErrorRate": 0.05, "maxStepDurat
 
 @pytest.fixture
 def migrated(dsn: str) -> str:
-    asyncio.run(_migrate(dsn))
+    asyncio.run(migrate_dsn(dsn))
     return dsn
 
 
@@ -172,7 +172,7 @@ def test_rows_wait_for_a_database_that_is_away(kubectl: Kubectl, namespace: str,
     postgres = Postgres()
     postgres.start()
     try:
-        asyncio.run(_migrate(postgres.dsn))
+        asyncio.run(migrate_dsn(postgres.dsn))
         manifest = example("outbox", analysis=FAST)
         spec = manifest["spec"]
         for secret, key, value in (
@@ -205,11 +205,3 @@ def test_rows_wait_for_a_database_that_is_away(kubectl: Kubectl, namespace: str,
     finally:
         postgres.stop()
         postgres.cleanup()
-
-
-async def _migrate(dsn: str) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        await migrate(connection)
-    finally:
-        await connection.close()

@@ -25,7 +25,7 @@ import pytest
 
 from shadowgate_operator.api import Metric, TrafficMode
 from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
-from shadowgate_operator.migrate import migrate
+from shadowgate_operator.migrate import migrate_dsn
 from shadowgate_operator.queries import (
     LATENCY_RELATIVE_ACCURACY,
     OUTCOME_LEEWAY,
@@ -62,11 +62,7 @@ def queries_dsn(dsn: str) -> Iterator[str]:
             await admin.execute(f'CREATE DATABASE "{name}"')
         finally:
             await admin.close()
-        connection = await asyncpg.connect(_with_database(dsn, name))
-        try:
-            await migrate(connection)
-        finally:
-            await connection.close()
+        await migrate_dsn(_with_database(dsn, name))
 
     async def drop() -> None:
         admin = await asyncpg.connect(dsn)

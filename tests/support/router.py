@@ -20,11 +20,10 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 
 from shadowgate_operator.localenv import Postgres
-from shadowgate_operator.migrate import migrate
+from shadowgate_operator.migrate import migrate_dsn
 from shadowgate_router.config import CONFIG_KEY, RouterConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -145,11 +144,7 @@ async def migrated_postgres() -> AsyncIterator[Postgres]:
     postgres = Postgres()
     await asyncio.to_thread(postgres.start)
     try:
-        connection = await asyncpg.connect(postgres.dsn)
-        try:
-            await migrate(connection)
-        finally:
-            await connection.close()
+        await migrate_dsn(postgres.dsn)
         yield postgres
     finally:
         await asyncio.to_thread(postgres.stop)

@@ -46,7 +46,7 @@ from shadowgate_operator.demo.stack import (
 )
 from shadowgate_operator.localenv.errors import ComponentError
 from shadowgate_operator.localenv.process import ManagedProcess, free_port
-from shadowgate_operator.migrate import migrate
+from shadowgate_operator.migrate import migrate_dsn
 from shadowgate_router import kubeapi
 
 FINISHED = ("Promoted", "RolledBack", "Failed")
@@ -220,11 +220,7 @@ class _Story:
         )
 
     async def migrate(self) -> None:
-        connection = await asyncpg.connect(self.environment.dsn)
-        try:
-            applied = await migrate(connection)
-        finally:
-            await connection.close()
+        applied = await migrate_dsn(self.environment.dsn)
         self.say(f"database migrated ({len(applied)} migrations applied)" if applied else "database schema is current")
 
     async def start_model_servers(self) -> tuple[_Model, _Model]:
