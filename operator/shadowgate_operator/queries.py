@@ -18,7 +18,7 @@ Two ways to read the same definitions:
   under load, tests/cluster/test_queries.py batch by batch), given the assumptions stated at
   WRITER_ALLOWANCE and CLOCK_SKEW.
 
-Two things keep every read the operator makes small (bench/analysis: some 15-25 ms with 10 million rows
+Two things keep every read the operator makes small (bench/analysis: some 15-30 ms with 10 million rows
 in the tables and 200,000 in the window): the sums are saved after each run (table analysis_windows), so
 a restarted operator or a replica taking over goes on from them instead of reading the window whole; and
 between analyses the operator catches a progressing window's sums up every few seconds
