@@ -14,14 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 import pytest
 
 from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.migrate import migrate_dsn
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import Kubectl
-from tests.support.operator import apply, eventually, example, reasons, shadow, wait_phase
+from tests.support.operator import apply, eventually, example, reasons, rows, shadow, wait_phase
 from tests.support.seeder import Model, Seeder
 
 pytestmark = [pytest.mark.cluster, pytest.mark.database]
@@ -37,15 +36,15 @@ def migrated(dsn: str) -> str:
     return dsn
 
 
-def rows(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
-    async def run() -> list[dict[str, Any]]:
-        connection = await asyncpg.connect(dsn)
-        try:
-            return [dict(row) for row in await connection.fetch(sql, *args)]
-        finally:
-            await connection.close()
+def recorded_until(dsn: str, sql: str, namespace: str, name: str, last: str, timeout: float) -> list[str]:
+    """The first column of EVENTS or DECISIONS once its last row is `last`: the operator writes its rows
+    after the status that records the decision, so they are waited for."""
 
-    return asyncio.run(run())
+    def ended() -> list[str] | None:
+        found = [next(iter(row.values())) for row in rows(dsn, sql, namespace, name)]
+        return found if found[-1:] == [last] else None
+
+    return eventually(ended, timeout, f"the {last} row of {name} ({sql})")
 
 
 def replay(dsn: str, *args: str) -> str:
@@ -84,22 +83,9 @@ def test_a_better_candidate_is_promoted_through_every_step(
     assert status["metrics"]["overallScore"] >= 0.7
     assert reasons(kubectl, namespace, "better") == ["AnalysisStarted", "StepAdvanced", "Promoted"]
     # Rows are written after status (status is the record of the decision): wait for them.
-    events = eventually(
-        lambda: (
-            (found := [r["event"] for r in rows(migrated, EVENTS, namespace, "better")])[-1:] == ["Promoted"] and found
-        ),
-        10,
-        "the Promoted row in deployment_events",
-    )
+    events = recorded_until(migrated, EVENTS, namespace, "better", "Promoted", 10)
     assert events == ["AnalysisStarted", "StepAdvanced", "Promoted"]
-    decisions = eventually(
-        lambda: (
-            (found := [r["decision"] for r in rows(migrated, DECISIONS, namespace, "better")])[-1:] == ["Promote"]
-            and found
-        ),
-        10,
-        "the Promote row in deployment_metrics",
-    )
+    decisions = recorded_until(migrated, DECISIONS, namespace, "better", "Promote", 10)
     assert decisions[-2:] == ["Advance", "Promote"]
     assert all(d == "Wait" for d in decisions[:-2])
     config = json.loads(kubectl("get", "configmap", "better-router", "-n", namespace, "-o",
@@ -193,14 +179,7 @@ def test_rows_wait_for_a_database_that_is_away(kubectl: Kubectl, namespace: str,
         time.sleep(6)  # an analysis interval with the database still away
         postgres.start()
 
-        written = eventually(
-            lambda: (
-                (found := [r["event"] for r in rows(postgres.dsn, EVENTS, namespace, "outbox")])[-1:] == ["Promoted"]
-                and found
-            ),
-            30,
-            "the Promoted row once the database is back",
-        )
+        written = recorded_until(postgres.dsn, EVENTS, namespace, "outbox", "Promoted", 30)
         assert written.count("Promoted") == 1 and written[0] == "AnalysisStarted"
     finally:
         postgres.stop()

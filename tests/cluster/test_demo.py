@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from shadowgate_operator.demo.report import print_report
@@ -34,7 +33,7 @@ from shadowgate_operator.demo.story import StoryResult, tell
 from shadowgate_operator.localenv.binaries import KUBERNETES
 from shadowgate_router.hashing import salt_for, threshold, to_candidate
 from tests.conftest import REPO_ROOT, Kubectl
-from tests.support.operator import events_for, router_config
+from tests.support.operator import events_for, router_config, rows
 
 pytestmark = [pytest.mark.cluster, pytest.mark.database]
 
@@ -46,17 +45,6 @@ MARGIN = 1.0
 """Seconds around each transition left out of the split checks: the router applies a new weight within
 milliseconds of the operator writing it, and the deployment_events row is written just after."""
 ACCOUNTS = 5_000
-
-
-def rows(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
-    async def run() -> list[dict[str, Any]]:
-        connection = await asyncpg.connect(dsn)
-        try:
-            return [dict(row) for row in await connection.fetch(sql, *args)]
-        finally:
-            await connection.close()
-
-    return asyncio.run(run())
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import yaml
 
 T = TypeVar("T")
@@ -118,3 +120,16 @@ def router_config(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]
 
 def reasons(kubectl: Kubectl, namespace: str, name: str) -> list[str]:
     return [event["reason"] for event in events_for(kubectl, namespace, name)]
+
+
+def rows(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    """The rows a query returns, as dicts: what the operator (or the router) wrote to the database."""
+
+    async def run() -> list[dict[str, Any]]:
+        connection = await asyncpg.connect(dsn)
+        try:
+            return [dict(row) for row in await connection.fetch(sql, *args)]
+        finally:
+            await connection.close()
+
+    return asyncio.run(run())
