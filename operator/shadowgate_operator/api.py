@@ -10,12 +10,15 @@ descriptions `kubectl explain` shows.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
+from fractions import Fraction as Exact
 from itertools import pairwise
 from typing import Annotated, Any, ClassVar, Final, Literal, Self, TypeVar
 
@@ -25,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     GetJsonSchemaHandler,
+    StrictBool,
     StringConstraints,
     model_validator,
 )
@@ -117,6 +121,189 @@ def _within(text: str | None, low: str, high: str) -> bool:
     return text is None or parse_duration(low) <= parse_duration(text) <= parse_duration(high)
 
 
+def cel_matches(pattern: str, text: str) -> bool:
+    """CEL's ``matches`` in Python: an RE2 search, where a final ``$`` means the end of the text (Python's
+    ``$`` would also match before a final newline). The patterns here use only what both engines read alike."""
+    if pattern.endswith("$"):
+        pattern = pattern[:-1] + r"\Z"
+    return re.search(pattern, text) is not None
+
+
+# --- model URLs: every accepted URL parses and could be connected to ---------------------------------
+# One grammar, read the same by RE2 (CEL) and Python; CEL gets it in raw strings (r'...'), so a
+# backslash means to the regex what it means in Python. Checked as a chain: each rule runs only when the ones
+# before it hold, so a person sees the first thing wrong with a URL, in words.
+
+_URL_SCHEME = "^https?://"
+_DNS_NAME = "[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?([.][A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*"
+_IPV6_LITERAL = r"\[[0-9A-Fa-f:.]+\]"
+_URL_HOST = f"({_DNS_NAME}|{_IPV6_LITERAL})"
+_URL_PORT = (
+    "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9][0-9]|6[0-4][0-9][0-9][0-9]|[1-5][0-9][0-9][0-9][0-9]"
+    "|[1-9][0-9]?[0-9]?[0-9]?)"
+)
+_URL_PATH = "(/([-A-Za-z0-9._~!$&()*+,;=:@/]|%[0-9A-Fa-f][0-9A-Fa-f])*)?"
+# A host whose last label is a number is an IPv4 address to URL parsers and resolvers (inet_aton reads
+# 2852039166 and 0xa9fea9fe as 169.254.169.254): it must then be written as one, a.b.c.d.
+_NUMERIC_HOST = "([-A-Za-z0-9]*[.])*([0-9]+|0[xX][0-9A-Fa-f]*)"
+# The host of a URL the grammar accepted, without url(): the API server estimates the size of
+# url(...).getHostname() as unbounded and refuses any rule using it as too costly.
+_HOST_CEL = (
+    r"(URL.matches(r'^https?://\[') ? URL.find(r'\[[^]]*\]').replace('[', '').replace(']', '')"
+    " : URL.split('/')[2].split(':')[0])"
+)
+METADATA_HOSTS = ("metadata.google.internal", "metadata.goog")
+METADATA_ADDRESSES = ("fd00:ec2::254", "100.100.100.200")
+"""Cloud metadata services outside the link-local ranges (AWS over IPv6, Alibaba Cloud); the rest
+(169.254.169.254 of AWS, GCP, Azure, OpenStack) are link-local and refused as such."""
+
+
+def _url_hostname(url: str) -> str:
+    found = re.match(r"https?://(\[[^\]/?#]*\]|[^:/?#]*)", url)
+    host = found.group(1) if found else ""
+    return host[1:-1] if host.startswith("[") else host
+
+
+def _is_ip(text: str) -> bool:
+    """CEL's ``isIP``: an IPv4 or IPv6 address, without a zone and not IPv4-mapped."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return not (isinstance(address, ipaddress.IPv6Address) and (address.ipv4_mapped or address.scope_id))
+
+
+def _is_ipv6(text: str) -> bool:
+    return _is_ip(text) and ipaddress.ip_address(text).version == 6
+
+
+def _may_connect(host: str) -> bool:
+    """Not a link-local, multicast, broadcast or unspecified address, nor a metadata service (loopback is
+    allowed: a model server beside the router in its pod)."""
+    if host.lower() in METADATA_HOSTS:
+        return False
+    if not _is_ip(host):
+        return True
+    address = ipaddress.ip_address(host)
+    if address.is_loopback:
+        return True
+    # Go's netip.Addr.IsGlobalUnicast, which CEL's isGlobalUnicast() calls: private ranges count as unicast.
+    unicast = not (
+        address.is_unspecified
+        or address.is_multicast
+        or address.is_link_local
+        or address == ipaddress.IPv4Address("255.255.255.255")
+    )
+    return unicast and address not in {ipaddress.ip_address(metadata) for metadata in METADATA_ADDRESSES}
+
+
+_ROUTABLE_CEL = (
+    f"!({_HOST_CEL}.lowerAscii() in {list(METADATA_HOSTS)})"
+    f" && (!isIP({_HOST_CEL}) || ip({_HOST_CEL}).isLoopback() || (ip({_HOST_CEL}).isGlobalUnicast()"
+    # cidr(...).containsIP, not ip(...) != ip(...): the API server estimates IP equality as unbounded.
+    + "".join(
+        f" && !cidr('{address}/{128 if ':' in address else 32}').containsIP({_HOST_CEL})"
+        for address in METADATA_ADDRESSES
+    )
+    + "))"
+)
+
+# (CEL condition on URL, the same in Python, the message when it fails), in the order they are checked.
+URL_CHECKS: tuple[tuple[str, Callable[[str], bool], str], ...] = (
+    (
+        f"URL.matches(r'{_URL_SCHEME}')",
+        lambda url: cel_matches(_URL_SCHEME, url),
+        "url must start with http:// or https://",
+    ),
+    (
+        "!URL.matches(r'^https?://[^/?#]*@')",
+        lambda url: not cel_matches("^https?://[^/?#]*@", url),
+        "url must not contain a user name or password (user:password@host): the router's ConfigMap would "
+        "show it to anyone who may read ConfigMaps in the namespace",
+    ),
+    (
+        "!URL.matches(r'^https?://([:/?#]|$)')",
+        lambda url: not cel_matches("^https?://([:/?#]|$)", url),
+        "url must name a host, e.g. http://models.example:8080",
+    ),
+    (
+        f"URL.matches(r'^https?://{_URL_HOST}([:/?#]|$)')",
+        lambda url: cel_matches(f"^https?://{_URL_HOST}([:/?#]|$)", url),
+        "url's host must be a DNS name (letters, digits, '-' and '.'), an IPv4 address, or an IPv6 address "
+        "in closed brackets, e.g. http://[fd00::7]:8080",
+    ),
+    (
+        f"!URL.matches(r'^https?://{_URL_HOST}:') || URL.matches(r'^https?://{_URL_HOST}:{_URL_PORT}([/?#]|$)')",
+        lambda url: (
+            not cel_matches(f"^https?://{_URL_HOST}:", url)
+            or cel_matches(f"^https?://{_URL_HOST}:{_URL_PORT}([/?#]|$)", url)
+        ),
+        "url's port must be a number from 1 to 65535",
+    ),
+    (
+        f"URL.matches(r'^https?://{_URL_HOST}(:{_URL_PORT})?{_URL_PATH}$')",
+        lambda url: cel_matches(f"^https?://{_URL_HOST}(:{_URL_PORT})?{_URL_PATH}$", url),
+        "url must be a base URL with at most a path (no query ? or fragment #, no spaces), "
+        "other characters percent-encoded",
+    ),
+    (
+        rf"!URL.matches(r'^https?://\[') || (isIP({_HOST_CEL}) && ip({_HOST_CEL}).family() == 6)",
+        lambda url: not cel_matches(r"^https?://\[", url) or _is_ipv6(_url_hostname(url)),
+        "url's host in brackets must be an IPv6 address (not IPv4-mapped), e.g. http://[fd00::7]:8080",
+    ),
+    (
+        f"!URL.matches(r'^https?://{_NUMERIC_HOST}([:/]|$)') || isIP({_HOST_CEL})",
+        lambda url: not cel_matches(f"^https?://{_NUMERIC_HOST}([:/]|$)", url) or _is_ip(_url_hostname(url)),
+        "url's host ends in a number, so it is read as an IPv4 address, but is not one: "
+        "write four numbers from 0 to 255, e.g. http://10.0.0.7:8080",
+    ),
+    (
+        _ROUTABLE_CEL,
+        lambda url: _may_connect(_url_hostname(url)),
+        "url must not point at a link-local, multicast, broadcast or unspecified address or a cloud "
+        "metadata service (169.254.0.0/16, fe80::/10, fd00:ec2::254, 100.100.100.200, metadata.google.internal)",
+    ),
+)
+
+
+_URL_GRAMMAR_CHECK = 5
+"""Index in URL_CHECKS of the check of the whole grammar (scheme, no credentials, host, port, path)."""
+
+
+def url_problems(url: str) -> list[str]:
+    """What is wrong with a model URL, first problem only (the chain stops there); [] when it is fine."""
+    for _cel, check, message in URL_CHECKS:
+        if not check(url):
+            return [message]
+    return []
+
+
+def _url_rules(field: str) -> tuple[Rule, ...]:
+    """The URL chain as rules of the model holding an optional URL in `field` (camelCase on the wire)."""
+    rules = []
+    for index, (cel, _check, message) in enumerate(URL_CHECKS):
+        # The whole-grammar check implies every check before it, and the host checks after it pass
+        # whatever the other host checks say: after it, CEL's guard is that check alone (the same
+        # chain, at a cost the API server accepts).
+        guard = (
+            URL_CHECKS[_URL_GRAMMAR_CHECK : _URL_GRAMMAR_CHECK + 1]
+            if index > _URL_GRAMMAR_CHECK
+            else URL_CHECKS[:index]
+        )
+        earlier = " && ".join(f"({condition})" for condition, _, _ in guard)
+        expression = f"!has(self.{field})" + (f" || !({earlier})" if earlier else "") + f" || ({cel})"
+
+        def check(model: Any, index: int = index) -> bool:
+            url = getattr(model, field)
+            if url is None or not all(earlier_check(url) for _, earlier_check, _ in URL_CHECKS[:index]):
+                return True
+            return URL_CHECKS[index][1](url)
+
+        cel_text = expression.replace("URL", f"self.{field}")
+        rules.append(Rule(cel=cel_text, message=message, check=check, field_path=f".{field}"))
+    return tuple(rules)
+
+
 class ApiModel(BaseModel):
     """Base of the spec types: camelCase on the wire, unknown fields rejected, immutable."""
 
@@ -130,12 +317,15 @@ class ApiModel(BaseModel):
     )
     __rules__: ClassVar[tuple[Rule, ...]] = ()
 
+    __declared_rules__: ClassVar[tuple[Rule, ...]] = ()
+    """Rules built from data rather than written as methods (e.g. the chain of model URL checks)."""
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         cls.__rules__ = tuple(
             getattr(member, _RULE_ATTRIBUTE) for member in vars(cls).values() if hasattr(member, _RULE_ATTRIBUTE)
-        )
+        ) + tuple(vars(cls).get("__declared_rules__", ()))
 
     @model_validator(mode="after")
     def _check_rules(self) -> Self:
@@ -176,17 +366,52 @@ Identifier = Annotated[
 VersionText = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.+]*[A-Za-z0-9])?$", min_length=1, max_length=63)
 ]
-Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$", max_length=2048)]
+Url = Annotated[str, StringConstraints(max_length=2048)]
+"""A model server's base URL; what makes one valid is the chain of rules in URL_CHECKS."""
 JsonPath = Annotated[str, StringConstraints(pattern=JSON_PATH_PATTERN, min_length=1, max_length=256)]
 HeaderName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][-A-Za-z0-9_]*$", max_length=128)]
 SecretKey = Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z0-9]+$", min_length=1, max_length=253)]
 Percent = Annotated[int, Field(ge=1, le=100)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
-Quantity = int | Annotated[str, StringConstraints(pattern=QUANTITY_PATTERN, max_length=64)]
+QUANTITY_PATTERN = "^([0-9]+([.][0-9]*)?|[.][0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9][0-9]?)?$"
+"""A Kubernetes quantity without a sign (requests and limits cannot be negative) and with a short exponent."""
+Quantity = int | Annotated[str, StringConstraints(max_length=64)]
 """A Kubernetes resource quantity: ``500m``, ``256Mi``, ``1``."""
+
+_QUANTITY_PARTS = re.compile(r"([0-9]+(?:[.][0-9]*)?|[.][0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9][0-9]?)?")
+_QUANTITY_SUFFIXES: Mapping[str, Exact] = {
+    "": Exact(1), "n": Exact(1, 10**9), "u": Exact(1, 10**6), "m": Exact(1, 1000),
+    "k": Exact(10**3), "M": Exact(10**6), "G": Exact(10**9), "T": Exact(10**12),
+    "P": Exact(10**15), "E": Exact(10**18),
+    "Ki": Exact(2**10), "Mi": Exact(2**20), "Gi": Exact(2**30), "Ti": Exact(2**40),
+    "Pi": Exact(2**50), "Ei": Exact(2**60),
+}  # fmt: skip
+ROUTER_RESOURCE_NAMES = ("cpu", "memory", "ephemeral-storage")
+"""What a router container may ask for: no GPUs, hugepages or extended resources."""
+
+
+def is_quantity(value: Any) -> bool:
+    """What the resources rules accept: a whole number from 0, or a string matching QUANTITY_PATTERN."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    return isinstance(value, str) and cel_matches(QUANTITY_PATTERN, value)
+
+
+def quantity_value(value: int | str) -> Exact:
+    """The exact amount, rounded up to a billionth as Kubernetes stores it (so `compareTo` agrees)."""
+    if isinstance(value, int):
+        return Exact(value)
+    found = _QUANTITY_PARTS.fullmatch(value)
+    if found is None:
+        raise ValueError(f"{value!r} is not a quantity like 500m, 256Mi or 1")
+    number, suffix = found.group(1), found.group(2) or ""
+    if suffix[:1] in ("e", "E"):
+        amount = Exact(number) * Exact(10) ** int(suffix[1:])
+    else:
+        amount = Exact(number) * _QUANTITY_SUFFIXES[suffix]
+    return Exact(math.ceil(amount * 10**9), 10**9)
 
 
 # --- spec -------------------------------------------------------------------------------------------
@@ -220,6 +445,8 @@ class ModelEndpoint(ApiModel):
     """Base URL of the model server, e.g. http://10.0.0.7:8080 (no query string)."""
     service: ServiceRef | None = None
     """A Service in front of the model server; resolved to http://{name}.{namespace}.svc:{port}."""
+
+    __declared_rules__ = _url_rules("url")
 
     @rule("has(self.url) != has(self.service)", "set exactly one of url or service")
     def _one_address(self) -> bool:
@@ -272,7 +499,7 @@ class Traffic(ApiModel):
     sticky_header: HeaderName | None = None
     """Hash this request header (an account, an instrument) so one key always lands on the same side.
     By default each request is assigned on its own request id."""
-    fallback_to_production: bool = True
+    fallback_to_production: StrictBool = True
     """Canary mode: when the candidate fails or times out, answer from production instead."""
     timeout: Duration = "10s"
     """How long the answering model may take before the router gives up (10ms to 5m)."""
@@ -368,10 +595,22 @@ class Analysis(ApiModel):
     """Hard gate: a candidate error rate above this rolls back at once."""
     max_latency_p99_ms: float | None = Field(default=None, gt=0)
     """Hard gate: a candidate p99 latency above this many milliseconds rolls back at once."""
-    confidence: float = Field(default=0.99, ge=0.5, le=0.9999)
-    """Confidence of the sequential significance test a step must pass (0.99 = 1% false promotions)."""
+    confidence: float = 0.99
+    """Confidence of the sequential significance test a step must pass, from 0.5 to 0.9999 (0.99 = 1% false
+    promotions)."""
     max_step_duration: Duration | None = None
     """Give up on a step that is still undecided after this long (rolled back); unset waits forever."""
+
+    # A rule, not minimum/maximum: "should be less than or equal to 0.9999" (or "... to 0" where a server
+    # prints the bound as an integer) does not tell a person why 1 is refused.
+    @rule(
+        "self.confidence >= 0.5 && self.confidence <= 0.9999",
+        "analysis.confidence must be from 0.5 to 0.9999 (0.99 = 1% false promotions); "
+        "1 would ask for certainty, which no amount of data gives, so nothing would ever be promoted",
+        field_path=".confidence",
+    )
+    def _confidence_range(self) -> bool:
+        return 0.5 <= self.confidence <= 0.9999
 
     @rule(
         _cel_duration_within("self.interval", "5s", "60s"),
@@ -408,6 +647,11 @@ class Analysis(ApiModel):
         return None if self.max_step_duration is None else parse_duration(self.max_step_duration).total_seconds()
 
 
+def _cel_quantity(value: str) -> str:
+    """CEL twin of `is_quantity` for an int-or-string value."""
+    return f"(type({value}) == int ? {value} >= 0 : ({value}.matches('{QUANTITY_PATTERN}') && isQuantity({value})))"
+
+
 DEFAULT_ROUTER_REQUESTS: Mapping[str, Quantity] = {"cpu": "100m", "memory": "128Mi"}
 
 
@@ -418,6 +662,37 @@ class ResourceRequirements(ApiModel):
     """Resources reserved for the container, e.g. {cpu: 100m, memory: 128Mi}."""
     limits: dict[str, Quantity] = Field(default_factory=dict, max_length=16)
     """Resources the container may not exceed, e.g. {memory: 256Mi}."""
+
+    @rule(
+        f"self.requests.all(k, k in {list(ROUTER_RESOURCE_NAMES)})"
+        f" && self.limits.all(k, k in {list(ROUTER_RESOURCE_NAMES)})",
+        "router.resources may name only cpu, memory and ephemeral-storage",
+    )
+    def _known_names(self) -> bool:
+        return all(name in ROUTER_RESOURCE_NAMES for name in [*self.requests, *self.limits])
+
+    @rule(
+        f"self.requests.all(k, {_cel_quantity('self.requests[k]')})"
+        f" && self.limits.all(k, {_cel_quantity('self.limits[k]')})",
+        "router.resources amounts must be Kubernetes quantities from 0, e.g. 500m, 256Mi or 1 (no sign)",
+    )
+    def _valid_amounts(self) -> bool:
+        return all(is_quantity(value) for value in [*self.requests.values(), *self.limits.values()])
+
+    @rule(
+        "self.requests.all(k, !(k in self.limits)"
+        f" || !({_cel_quantity('self.requests[k]')}) || !({_cel_quantity('self.limits[k]')})"
+        " || quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)",
+        "router.resources.requests must not exceed router.resources.limits (e.g. requests.memory <= limits.memory)",
+    )
+    def _requests_within_limits(self) -> bool:
+        return all(
+            name not in self.limits
+            or not is_quantity(amount)
+            or not is_quantity(self.limits[name])
+            or quantity_value(amount) <= quantity_value(self.limits[name])
+            for name, amount in self.requests.items()
+        )
 
 
 class RouterSpec(ApiModel):
@@ -486,7 +761,7 @@ class ShadowDeploymentSpec(ApiModel):
     """Where predictions and outcomes are stored."""
     outcomes: OutcomesSpec
     """How clients authenticate when they post outcomes."""
-    paused: bool = False
+    paused: StrictBool = False
     """Freeze the rollout: traffic stays where it is and no decision is taken until unpaused."""
 
     @rule(
