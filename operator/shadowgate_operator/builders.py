@@ -46,22 +46,39 @@ class OperatorSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     router_image: str = Field(default_factory=_default_router_image, min_length=1)
-    """Image for router pods unless spec.router.image overrides it; the operator's own image by default."""
+    """Image for router pods unless spec.router.image names another allowed one; the operator's own by default."""
+    allowed_router_images: tuple[str, ...] = ()
+    """Images spec.router.image may name besides router_image (exact references, digests advised). Empty
+    by default: whoever may create a ShadowDeployment cannot choose the code that holds its Secrets."""
     image_pull_policy: str = "IfNotPresent"
     cluster_role: str = Field(default="shadowgate-operator", min_length=1)
     """The ClusterRole the operator runs with (manifests/base/rbac.yaml): named when a permission is missing."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:
-        """Settings from SHADOWGATE_ROUTER_IMAGE, SHADOWGATE_IMAGE_PULL_POLICY and SHADOWGATE_CLUSTER_ROLE,
-        defaults otherwise."""
+        """Settings from SHADOWGATE_ROUTER_IMAGE, SHADOWGATE_ALLOWED_ROUTER_IMAGES (comma-separated),
+        SHADOWGATE_IMAGE_PULL_POLICY and SHADOWGATE_CLUSTER_ROLE, defaults otherwise."""
         env = os.environ if environ is None else environ
+        allowed = tuple(image.strip() for image in env.get("SHADOWGATE_ALLOWED_ROUTER_IMAGES", "").split(","))
         values = {
             "router_image": env.get("SHADOWGATE_ROUTER_IMAGE"),
+            "allowed_router_images": tuple(image for image in allowed if image),
             "image_pull_policy": env.get("SHADOWGATE_IMAGE_PULL_POLICY"),
             "cluster_role": env.get("SHADOWGATE_CLUSTER_ROLE"),
         }
         return cls.model_validate({key: value for key, value in values.items() if value})
+
+    def image_problem(self, sd: ShadowDeployment) -> str | None:
+        """Why the router Deployment of `sd` is not applied: spec.router.image is not an allowed image."""
+        wanted = sd.spec.router.image
+        if wanted is None or wanted == self.router_image or wanted in self.allowed_router_images:
+            return None
+        allowed = ", ".join([self.router_image, *self.allowed_router_images])
+        return (
+            f"spec.router.image {wanted!r} is not an image this operator runs routers from ({allowed}); "
+            "the router Deployment is left as it was. Remove spec.router.image, or ask whoever runs the "
+            "operator to add the image to SHADOWGATE_ALLOWED_ROUTER_IMAGES."
+        )
 
 
 def labels(sd: ShadowDeployment) -> dict[str, str]:

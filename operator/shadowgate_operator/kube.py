@@ -183,11 +183,12 @@ class Kube:
             raise
 
     async def get_secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        """One key of a Secret, decoded; None when the Secret or the key does not exist."""
+        """One key of a Secret, decoded (bytes that are not UTF-8 become U+FFFD, for the caller to refuse);
+        None when the Secret or the key does not exist."""
         secret = await self.get("v1", "Secret", namespace, name)
         if secret is None or key not in (secret.get("data") or {}):
             return None
-        return base64.b64decode(secret["data"][key]).decode()
+        return base64.b64decode(secret["data"][key]).decode(errors="replace")
 
     async def post_event(
         self, involved: dict[str, Any], event_type: str, reason: str, message: str, now: dt.datetime

@@ -150,10 +150,24 @@ def _manual_action(
     return status.model_copy(update={"last_action": handled}), notice
 
 
-def _ready(router: RouterState | None, permission_problem: str | None) -> tuple[ConditionStatus, str, str]:
+@dataclass(frozen=True)
+class Blocked:
+    """Why the router cannot follow the plan although the operator may make every call: the API server
+    refused a child (RouterRefused), or the spec names something the operator will not use
+    (InvalidDatabaseSecret, RouterImageNotAllowed). Ready is False with this reason until it is fixed."""
+
+    reason: str
+    message: str
+
+
+def _ready(
+    router: RouterState | None, permission_problem: str | None, blocked: Blocked | None = None
+) -> tuple[ConditionStatus, str, str]:
     if permission_problem is not None:
         # The router cannot be kept in shape (or the analysis cannot read its data) until someone grants it.
         return ConditionStatus.FALSE, "PermissionDenied", permission_problem
+    if blocked is not None:
+        return ConditionStatus.FALSE, blocked.reason, blocked.message
     if router is None:
         return ConditionStatus.UNKNOWN, "RouterPending", "The router has not been created yet."
     if router.available:
@@ -168,13 +182,14 @@ def _conditions(
     router: RouterState | None,
     transition_reason: str | None,
     permission_problem: str | None,
+    blocked: Blocked | None,
 ) -> ShadowDeploymentStatus:
     """Conditions follow the phase; a transition in this plan gives its reason, otherwise the reason stays."""
     phase = status.phase_or_pending
     existing = status.condition(ConditionType.PROGRESSING)
     reason = transition_reason or (existing.reason if existing is not None else phase.value)
     status = transition(status, phase, reason=reason, message=status.message or "", generation=generation, now=now)
-    ready = _ready(router, permission_problem)
+    ready = _ready(router, permission_problem, blocked)
     conditions = set_condition(status.conditions, ConditionType.READY, *ready, generation, now)
     return status.model_copy(update={"conditions": conditions})
 
@@ -216,13 +231,15 @@ def plan_rollout(
     metrics: WindowMetrics | None = None,
     data_problem: str | None = None,
     permission_problem: str | None = None,
+    blocked: Blocked | None = None,
 ) -> Plan:
     """The status `sd` should have now and the Events that announce the change.
 
     `analyse` runs the decision (once per analysis interval) on `metrics`, the current step's window;
     `data_problem` says why there are none (the database is away); `router` is what the router
     Deployment reports, for the Ready condition; `permission_problem` says which API call the operator
-    is not allowed to make (Ready is then False with reason PermissionDenied).
+    is not allowed to make (Ready is then False with reason PermissionDenied); `blocked` why the router
+    cannot follow although it may (Ready is then False with its reason).
     """
     spec, status = sd.spec, sd.status
     notices: list[Notice] = []
@@ -276,5 +293,5 @@ def plan_rollout(
 
     transitions = [notice.reason for notice in notices if notice.reason not in ("ActionIgnored", "InvalidAction")]
     transition_reason = transitions[-1] if transitions else None
-    status = _conditions(status, sd.metadata.generation, now, router, transition_reason, permission_problem)
+    status = _conditions(status, sd.metadata.generation, now, router, transition_reason, permission_problem, blocked)
     return Plan(status=status, notices=tuple(notices), judged_samples=judged_samples)

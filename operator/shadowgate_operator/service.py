@@ -11,7 +11,10 @@ operator killed in between finds the decision in status and completes it; it nev
 An API call refused for lack of rights (RBAC) does not stop the reconcile: the other children are
 still applied (a rollback's weight reaches the router even when, say, Deployments are refused), Ready
 becomes False with reason PermissionDenied naming the call and the ClusterRole to fix, a Warning Event
-says the same once, and the next reconcile tries again.
+says the same once, and the next reconcile tries again. A child the API server refuses for what it is
+(RouterRefused: invalid, or turned away by an admission policy or a quota), a database Secret that
+holds no DSN (InvalidDatabaseSecret) and a router image the operator does not allow
+(RouterImageNotAllowed) are reported the same way.
 """
 
 from __future__ import annotations
@@ -33,13 +36,15 @@ from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import Kube, KubeError
 from shadowgate_operator.metrics import WindowMetrics
 from shadowgate_operator.queries import WindowAnalyses
-from shadowgate_operator.rollout import Notice, Plan, RouterState, plan_rollout
+from shadowgate_operator.rollout import Blocked, Notice, Plan, RouterState, plan_rollout
 from shadowgate_operator.store import (
+    DSN_FORM,
     Databases,
     DatabaseUnavailable,
     EventRow,
     MetricsRow,
     Outbox,
+    dsn_problem,
     record_spec,
 )
 
@@ -48,7 +53,13 @@ logger = logging.getLogger(__name__)
 Key = tuple[str, str]
 CONFLICT_RETRIES = 5
 # Warnings that repeat while their cause stays: recorded once per distinct message and object.
-_ONCE = frozenset({"InvalidAction", "DatabaseUnavailable", "PermissionDenied"})
+_ONCE = frozenset(
+    {"InvalidAction", "DatabaseUnavailable", "PermissionDenied", "RouterRefused", "InvalidDatabaseSecret",
+     "RouterImageNotAllowed"}
+)  # fmt: skip
+# The API server refuses the object itself (400 bad request, 403 from an admission policy or a quota,
+# 422 invalid): retrying the same apply cannot help, a person must change something.
+_REFUSALS = frozenset({400, 403, 422})
 
 
 def utcnow() -> dt.datetime:
@@ -58,18 +69,34 @@ def utcnow() -> dt.datetime:
 
 @dataclass
 class _Denials:
-    """API calls refused for lack of rights in one reconcile, each as a message naming what to grant."""
+    """What kept one reconcile from doing all it meant to: API calls refused for lack of rights, each as
+    a message naming what to grant, and the router's other blockers (`Blocked`)."""
 
     reads: list[str] = field(default_factory=list)
     """The DSN Secret, the router Deployment's state: known before planning."""
     applies: list[str] = field(default_factory=list)
     """Children that could not be applied: known only after the status is written."""
+    refused: list[str] = field(default_factory=list)
+    """Children the API server refused for what they are (not for rights): known after the status write."""
+    invalid: list[Blocked] = field(default_factory=list)
+    """What the spec names that the operator will not use (a Secret without a DSN, an image not allowed)."""
 
     def all(self) -> list[str]:
         return [*self.reads, *self.applies]
 
     def problem(self) -> str | None:
         return " ".join(self.all()) or None
+
+    def blocked(self) -> Blocked | None:
+        """For Ready: the spec's problems first (a person must change it), then the refused children."""
+        if self.invalid:
+            return Blocked(self.invalid[0].reason, " ".join(blocked.message for blocked in self.invalid))
+        if self.refused:
+            return Blocked("RouterRefused", " ".join(self.refused))
+        return None
+
+    def messages(self) -> list[str]:
+        return [*self.all(), *self.refused, *(blocked.message for blocked in self.invalid)]
 
 
 @dataclass(frozen=True)
@@ -182,19 +209,27 @@ class Reconciler:
         if analyse and pool is not None and sd.status.phase is Phase.PROGRESSING:
             window, data_problem = await self._measure(pool, sd, now)
         router = await self._router_state(sd, denials)
+        image_problem = self.settings.image_problem(sd)
+        if image_problem is not None:
+            denials.invalid.append(Blocked("RouterImageNotAllowed", image_problem))
         # Applying comes after the status write: expect the refusals the last apply met.
-        expected = _Denials(reads=denials.reads, applies=earlier.applies)
+        expected = _Denials(
+            reads=denials.reads, applies=earlier.applies, refused=earlier.refused, invalid=denials.invalid
+        )
         plan = plan_rollout(
             sd, now, analyse=analyse, router=router, metrics=window, data_problem=data_problem,
-            permission_problem=expected.problem(),
+            permission_problem=expected.problem(), blocked=expected.blocked(),
         )  # fmt: skip
         body = await self._write_status(body, sd, plan)
         planned = sd.model_copy(update={"status": plan.status})
         for child in router_objects(planned, self.settings):
-            await self._apply(child, denials)
-        if denials.problem() != expected.problem():
+            if image_problem is None or child["kind"] != "Deployment":  # the router keeps the image it has
+                await self._apply(child, denials)
+        if (denials.problem(), denials.blocked()) != (expected.problem(), expected.blocked()):
             # Ready must say so now, not one interval later: plan again (pure; only Ready can differ).
-            again = plan_rollout(planned, now, router=router, permission_problem=denials.problem())
+            again = plan_rollout(
+                planned, now, router=router, permission_problem=denials.problem(), blocked=denials.blocked()
+            )
             body = await self._write_status(body, planned, again)
             planned = planned.model_copy(update={"status": again.status})
         self._remember_denials(key, body["metadata"]["uid"], earlier, denials)
@@ -207,9 +242,11 @@ class Reconciler:
         else:
             self._progressing.pop(key, None)
         notices = list(plan.notices)
-        if data_problem is not None and data_problem not in denials.reads:
+        if data_problem is not None and data_problem not in denials.messages():
             notices.append(Notice("Warning", "DatabaseUnavailable", data_problem))
         notices += [Notice("Warning", "PermissionDenied", problem) for problem in denials.all()]
+        notices += [Notice("Warning", blocked.reason, blocked.message) for blocked in denials.invalid]
+        notices += [Notice("Warning", "RouterRefused", refusal) for refusal in denials.refused]
         self.metrics.observe(namespace, name, planned.status)
         await self._record(body, planned, notices)
         if window is not None:
@@ -238,20 +275,24 @@ class Reconciler:
         )
 
     async def _apply(self, child: Manifest, denials: _Denials) -> None:
-        """Server-side apply one child; a refusal by RBAC is noted and the next child still applied."""
+        """Server-side apply one child; a refusal (by RBAC, or of the object itself) is noted and the next
+        child still applied."""
         try:
             await self.kube.apply(child)
         except KubeError as exc:
-            if not exc.permission_denied:
+            if exc.permission_denied:
+                denials.applies.append(self._permission_problem(exc))
+            elif exc.status in _REFUSALS:
+                denials.refused.append(f"The API server refused {exc.what}: {exc.reason}")
+            else:
                 raise
-            denials.applies.append(self._permission_problem(exc))
 
     def _remember_denials(self, key: Key, uid: str, earlier: _Denials, now: _Denials) -> None:
-        if now.all():
+        if now.messages():
             self._denied[key] = now
         else:
             self._denied.pop(key, None)
-        for resolved in set(earlier.all()) - set(now.all()):
+        for resolved in set(earlier.messages()) - set(now.messages()):
             self._warned.discard((uid, resolved))  # refused again later: say so again
 
     async def _database(self, sd: ShadowDeployment, denials: _Denials) -> tuple[asyncpg.Pool | None, str | None]:
@@ -270,6 +311,14 @@ class Reconciler:
                 None,
                 f"Secret {sd.namespace}/{reference.name} has no key {reference.key!r} (spec.database.secretRef)",
             )
+        unusable = dsn_problem(dsn)
+        if unusable is not None:
+            message = (
+                f"Secret {sd.namespace}/{reference.name} key {reference.key!r} (spec.database.secretRef) "
+                f"does not hold a PostgreSQL DSN: {unusable}. Expected {DSN_FORM}."
+            )
+            denials.invalid.append(Blocked("InvalidDatabaseSecret", message))
+            return None, message
         try:
             pool = await self.databases.pool(dsn)
         except DatabaseUnavailable as exc:

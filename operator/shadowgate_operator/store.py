@@ -26,6 +26,31 @@ class DatabaseUnavailable(RuntimeError):
     """The database cannot be used right now; the message says why in words."""
 
 
+DSN_FORM = "postgresql://user:password@host:5432/database"
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why `dsn` is not a PostgreSQL URL asyncpg (and the router) can use, in words that never quote it:
+    it comes from a Secret, and the answer goes into status and Events. None when it looks usable."""
+    if not dsn.strip():
+        return "it is empty"
+    scheme, separator, rest = dsn.partition("://")
+    if not separator or scheme not in ("postgresql", "postgres"):
+        return "it does not start with postgresql:// (or postgres://)"
+    if any(character.isspace() or not character.isprintable() for character in dsn):
+        return "it contains a space or a line break (a trailing newline from `echo`?)"
+    location = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    for host in location.split(","):  # asyncpg takes several hosts, each with its port
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        if ":" in port:
+            number = port.rpartition(":")[2]
+            if not (number.isascii() and number.isdigit() and 1 <= int(number) <= 65535):
+                return "a port in it is not a number from 1 to 65535"
+        if host.startswith("[") and "]" not in host:
+            return "an IPv6 host in it has no closing ]"
+    return None
+
+
 @dataclass
 class Databases:
     run_migrations: bool = True
@@ -50,6 +75,10 @@ class Databases:
             except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 await pool.close()
                 raise DatabaseUnavailable(f"cannot use the database: {_describe(exc)}") from exc
+            except (ValueError, asyncpg.InterfaceError) as exc:
+                # The DSN did not parse (asyncpg's words may quote it, password and all: name the type only).
+                await pool.close()
+                raise DatabaseUnavailable(f"the DSN is not one asyncpg can use ({type(exc).__name__})") from exc
             except BaseException:
                 await pool.close()
                 raise

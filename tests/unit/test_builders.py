@@ -166,3 +166,21 @@ def test_settings_from_environment() -> None:
 def test_the_cluster_role_named_in_permission_problems() -> None:
     assert OperatorSettings.from_env({}).cluster_role == "shadowgate-operator"
     assert OperatorSettings.from_env({"SHADOWGATE_CLUSTER_ROLE": "ops-shadowgate"}).cluster_role == "ops-shadowgate"
+
+
+def test_spec_router_image_must_be_one_the_operator_allows() -> None:
+    assert SETTINGS.image_problem(stored()) is None  # no image in spec: the operator's own
+    own = stored({"spec": {"router": {"image": SETTINGS.router_image}}})
+    assert SETTINGS.image_problem(own) is None
+    other = stored({"spec": {"router": {"image": "attacker.example/steal-secrets:latest"}}})
+    problem = SETTINGS.image_problem(other)
+    assert problem is not None and "'attacker.example/steal-secrets:latest' is not an image" in problem
+    assert "SHADOWGATE_ALLOWED_ROUTER_IMAGES" in problem
+    allowing = OperatorSettings.from_env(
+        {
+            "SHADOWGATE_ROUTER_IMAGE": "r/x:1",
+            "SHADOWGATE_ALLOWED_ROUTER_IMAGES": " r/x:2 , attacker.example/steal-secrets:latest,",
+        }
+    )
+    assert allowing.allowed_router_images == ("r/x:2", "attacker.example/steal-secrets:latest")
+    assert allowing.image_problem(other) is None

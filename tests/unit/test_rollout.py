@@ -9,7 +9,7 @@ import pytest
 
 from shadowgate_operator.api import ConditionType, DecisionAction, Phase, ShadowDeployment
 from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
-from shadowgate_operator.rollout import Plan, RouterState, plan_rollout
+from shadowgate_operator.rollout import Blocked, Plan, RouterState, plan_rollout
 from tests.admission_cases import load_example, merge_patch
 
 T0 = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
@@ -192,4 +192,18 @@ def test_a_refused_api_call_makes_ready_false_and_leaves_the_rollout_alone() -> 
     assert reasons(denied) == []  # the Reconciler records the Warning: it knows which call was refused
     assert (denied.status.phase, denied.status.current_weight) == (Phase.PROGRESSING, 5)
     healed = plan_rollout(after(denied), T0 + timedelta(seconds=2), router=router)
+    assert condition(healed, ConditionType.READY) == ("True", "RouterAvailable")
+
+
+def test_a_blocked_router_makes_ready_false_with_its_own_reason() -> None:
+    router = RouterState(available_replicas=2, desired_replicas=2)
+    refused = Blocked("RouterRefused", "The API server refused Deployment models/x-router: ... Invalid value")
+    blocked = plan_rollout(after(started()), T0 + timedelta(seconds=1), router=router, blocked=refused)
+    assert condition(blocked, ConditionType.READY) == ("False", "RouterRefused")
+    assert (blocked.status.phase, blocked.status.current_weight) == (Phase.PROGRESSING, 5)
+    # A refused permission is named first: it is what a person fixes first.
+    both = plan_rollout(after(started()), T0 + timedelta(seconds=1), router=router, blocked=refused,
+                        permission_problem="The operator may not ...")  # fmt: skip
+    assert condition(both, ConditionType.READY) == ("False", "PermissionDenied")
+    healed = plan_rollout(after(blocked), T0 + timedelta(seconds=2), router=router)
     assert condition(healed, ConditionType.READY) == ("True", "RouterAvailable")
