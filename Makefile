@@ -73,3 +73,8 @@ bench-analysis: $(INSTALLED)
 .PHONY: bench-router
 bench-router: $(INSTALLED)
 	$(BIN)/python bench/router/run.py $(BENCH_ARGS)
+
+# Invalid ShadowDeployments (tests/admission_cases.py) the API server refuses, with this CRD and the one before issue 12.
+.PHONY: bench-admission
+bench-admission: binaries
+	$(BIN)/python bench/admission/run.py $(BENCH_ARGS)

@@ -114,3 +114,39 @@ def resources() -> st.SearchStrategy[dict[str, Any]]:
     names = st.sampled_from(["cpu", "memory", "memory", "cpu", "ephemeral-storage", "nvidia.com/gpu", "cpus"])
     amounts = st.dictionaries(names, quantities(), max_size=3)
     return st.fixed_dictionaries({"requests": amounts, "limits": amounts})
+
+
+def durations() -> st.SearchStrategy[str]:
+    unit = st.sampled_from(["ms", "s", "m", "h", "", "d", "S"])
+    return st.one_of(
+        st.tuples(st.integers(0, 3000).map(str), unit).map("".join),
+        st.sampled_from(["1m30s", "0.5s", "1.5h", "30 s", "-5s", "5s5", "1e3s"]),
+    )
+
+
+@st.composite
+def spec_patches(draw: st.DrawFn) -> dict[str, Any]:
+    """A merge patch over examples/shadowdeployment.yaml touching a few of the fields with rules."""
+    spec: dict[str, Any] = {}
+    if draw(st.booleans()):
+        side = draw(st.sampled_from(["candidate", "production"]))
+        spec[side] = {"service": None, "url": draw(model_urls())}
+    if draw(st.booleans()):
+        spec["router"] = {"resources": draw(resources())}
+    analysis: dict[str, Any] = {}
+    if draw(st.booleans()):
+        analysis["confidence"] = draw(
+            st.one_of(st.floats(0.3, 1.2, allow_nan=False), st.sampled_from([0.5, 0.9999, 1.0, 1, 0.99999]))
+        )
+    if draw(st.booleans()):
+        analysis["interval"] = draw(durations())
+    if draw(st.booleans()):
+        analysis["maxStepDuration"] = draw(durations())
+    if analysis:
+        spec["analysis"] = analysis
+    if draw(st.booleans()):
+        spec["traffic"] = {
+            "steps": draw(st.lists(st.integers(-1, 120), max_size=4)),
+            "timeout": draw(durations()),
+        }
+    return {"spec": spec}
