@@ -36,10 +36,16 @@ included). The window is the predictions of (namespace, deployment) with `time >
 - Outcome: the latest by `time` among the request id's outcomes timestamped from `since - OUTCOME_LEEWAY`
   (and up to `until`): a late correction replaces an earlier outcome. The leeway absorbs clock skew
   between whoever stamps the prediction and the outcome; an outcome cannot precede its request.
-- Scored: shadow (paired): both sides answered and there is an outcome, so both losses are taken on the
-  same requests and `loss_difference` = production loss - candidate loss per request. Canary (unpaired):
-  each side's losses over the requests it answered that have an outcome; `scored` counts requests
-  scored on either side.
+- Intention to treat: a request the candidate was given (mirrored in shadow mode, routed to it in
+  canary mode) is scored for the candidate on what the user got, or would get once it is promoted: its
+  answer, or, when it failed (no answer or a 5xx) and the router falls back (canary rows say so; in
+  shadow mode `fallback`, spec.traffic.fallbackToProduction), production's answer. It never moves into
+  production's sample; its failure counts in the candidate's error rate as well.
+- Scored: shadow (paired): production answered, the candidate was served as above, and there is an
+  outcome, so both losses are taken on the same requests and `loss_difference` = production loss -
+  candidate loss per request. Canary (unpaired): production's losses over the requests it answered that
+  were not given to the candidate, the candidate's over the requests given to it and served as above;
+  `scored` counts requests scored on either side.
 - Per-request loss, lower is better, with x the side's prediction, c its confidence, y the outcome:
   mae |x - y|; rmse (x - y)^2; accuracy 0/1 for (x >= 0.5) != (y >= 0.5); directionalAccuracy 0/1 for
   sign(x) != sign(y) (a zero on either side is its own sign, so a flat outcome counts as a miss for a
@@ -109,7 +115,7 @@ about this many rows (new requests and rescored ones): some 20-30 ms on a small 
 
 CATCH_UP_MIN_SECONDS = 1.0
 
-DEFINITION_VERSION = 1
+DEFINITION_VERSION = 2
 """Bump whenever what the sums mean changes (a loss, a flag, the histogram): saved sums of another
 version (table analysis_windows) are then not reused, and the analysis starts over."""
 
@@ -177,7 +183,8 @@ class LatencySketch:
 
 # --- SQL --------------------------------------------------------------------------------------------
 # Parameters of every statement: $1 namespace, $2 deployment, $3 since, $4 since - OUTCOME_LEEWAY,
-# $5 ln(gamma) and $6 LATENCY_FLOOR_MS for the histogram; then those of each variant (below).
+# $5 ln(gamma) and $6 LATENCY_FLOOR_MS for the histogram, $7 whether the candidate's failures fall back
+# to production (shadow mode; canary rows say so themselves); then those of each variant (below).
 
 _COLUMNS = (
     "request_id, production_prediction, production_confidence, production_latency_ms, production_status, "
@@ -186,8 +193,8 @@ _COLUMNS = (
 )
 _PREDICTION_COLUMNS = ", ".join(f"p.{column}" for column in _COLUMNS.split(", "))
 
-# The whole window at once. $7: predictions and outcomes stamped up to this time (NULL: no bound);
-# $8: recorded up to this time (NULL: no bound; rows from before recorded_at existed count as recorded
+# The whole window at once. $8: predictions and outcomes stamped up to this time (NULL: no bound);
+# $9: recorded up to this time (NULL: no bound; rows from before recorded_at existed count as recorded
 # at their time). Latest outcome per request: one sort by request id ("C" collation: byte order is
 # enough to group, and much cheaper than a linguistic one), then a hash join.
 _WHOLE_WINDOW = f"""
@@ -198,23 +205,23 @@ rows AS (
         SELECT DISTINCT ON (o.request_id COLLATE "C") o.request_id, o.outcome
         FROM outcomes o
         WHERE o.namespace = $1 AND o.deployment = $2
-          AND o.time >= $4 AND o.time <= coalesce($7::timestamptz, 'infinity')
-          AND coalesce(o.recorded_at, o.time) <= coalesce($8::timestamptz, 'infinity')
+          AND o.time >= $4 AND o.time <= coalesce($8::timestamptz, 'infinity')
+          AND coalesce(o.recorded_at, o.time) <= coalesce($9::timestamptz, 'infinity')
         ORDER BY o.request_id COLLATE "C", o.time DESC
     ) latest ON latest.request_id = p.request_id
     WHERE p.namespace = $1 AND p.deployment = $2
-      AND p.time >= $3 AND p.time <= coalesce($7::timestamptz, 'infinity')
-      AND coalesce(p.recorded_at, p.time) <= coalesce($8::timestamptz, 'infinity')
+      AND p.time >= $3 AND p.time <= coalesce($8::timestamptz, 'infinity')
+      AND coalesce(p.recorded_at, p.time) <= coalesce($9::timestamptz, 'infinity')
 )"""
 
-# What changed between two moments of recording, ($7, $8]: predictions recorded in between (is_new:
+# What changed between two moments of recording, ($8, $9]: predictions recorded in between (is_new:
 # everything about them is added), and earlier predictions whose latest outcome may have changed
 # because an outcome for their request id arrived in between (only their scored part changes: the
-# loss with the latest outcome as of $8 is added, the one as of $7 taken away).
-# A request's latest outcome as of $8 is the later of the latest recorded in between (`latest`, a hash
-# join) and the latest recorded by $7 (`earlier`, an index probe, which is also the one as of $7).
-# Predictions made after $7 + $9 (CLOCK_SKEW) skip the probe: their outcomes came later still. A
-# prediction recorded by $7 was made by $7 + $9, which lets the index alone turn away the requests
+# loss with the latest outcome as of $9 is added, the one as of $8 taken away).
+# A request's latest outcome as of $9 is the later of the latest recorded in between (`latest`, a hash
+# join) and the latest recorded by $8 (`earlier`, an index probe, which is also the one as of $8).
+# Predictions made after $8 + $10 (CLOCK_SKEW) skip the probe: their outcomes came later still. A
+# prediction recorded by $8 was made by $8 + $10, which lets the index alone turn away the requests
 # whose only prediction arrived in between. The
 # statement runs with nested loops disabled (see _settings), so its shape does not depend on row
 # estimates, which are poor for rows recorded after the last ANALYZE: probes where written, hash joins
@@ -223,7 +230,7 @@ _RECORDED_BETWEEN = f"""
 slice_outcomes AS MATERIALIZED (
     SELECT o.request_id, o.time, o.outcome
     FROM outcomes o
-    WHERE o.namespace = $1 AND o.deployment = $2 AND o.recorded_at > $7 AND o.recorded_at <= $8 AND o.time >= $4
+    WHERE o.namespace = $1 AND o.deployment = $2 AND o.recorded_at > $8 AND o.recorded_at <= $9 AND o.time >= $4
 ),
 slice_latest AS (
     SELECT DISTINCT ON (s.request_id COLLATE "C") s.request_id, s.time, s.outcome
@@ -231,9 +238,9 @@ slice_latest AS (
     ORDER BY s.request_id COLLATE "C", s.time DESC
 ),
 arrived AS (
-    SELECT {_PREDICTION_COLUMNS}, true AS is_new, p.time > $7 + $9::interval AS fresh
+    SELECT {_PREDICTION_COLUMNS}, true AS is_new, p.time > $8 + $10::interval AS fresh
     FROM predictions p
-    WHERE p.namespace = $1 AND p.deployment = $2 AND p.recorded_at > $7 AND p.recorded_at <= $8
+    WHERE p.namespace = $1 AND p.deployment = $2 AND p.recorded_at > $8 AND p.recorded_at <= $9
       AND p.time >= $3
     UNION ALL
     SELECT {_PREDICTION_COLUMNS}, false AS is_new, false AS fresh
@@ -241,7 +248,7 @@ arrived AS (
     CROSS JOIN LATERAL (
         SELECT {_COLUMNS} FROM predictions q
         WHERE q.namespace = $1 AND q.deployment = $2 AND q.request_id = s.request_id
-          AND q.time >= $3 AND q.time <= $7 + $9::interval AND coalesce(q.recorded_at, q.time) <= $7
+          AND q.time >= $3 AND q.time <= $8 + $10::interval AND coalesce(q.recorded_at, q.time) <= $8
         OFFSET 0  -- a probe per request id: keeps the planner from flattening this into a join
     ) p
 ),
@@ -255,7 +262,7 @@ rows AS (
     LEFT JOIN LATERAL (
         SELECT o.time, o.outcome FROM outcomes o
         WHERE NOT a.fresh AND o.namespace = $1 AND o.deployment = $2 AND o.request_id = a.request_id
-          AND o.time >= $4 AND coalesce(o.recorded_at, o.time) <= $7
+          AND o.time >= $4 AND coalesce(o.recorded_at, o.time) <= $8
         ORDER BY o.time DESC LIMIT 1
     ) earlier ON true
 )"""
@@ -283,10 +290,12 @@ _AGREE = {
 }
 _AGREE[Metric.RMSE] = _AGREE[Metric.MAE]
 
-# Which requests score a side ({side}_scored) and which count as scored at all, per mode.
+# Which requests score a side ({side}_scored) and which count as scored at all, per mode. Intention to
+# treat: a request the candidate was given stays in the candidate's sample, scored on what the user got
+# (the candidate's answer, else production's fallback answer); it never moves to production's sample.
 _SCORED = {
-    TrafficMode.SHADOW: ("p_ok AND c_ok", "p_ok AND c_ok", "p_ok AND c_ok"),
-    TrafficMode.CANARY: ("p_ok", "c_ok", "p_ok OR c_ok"),
+    TrafficMode.SHADOW: ("p_ok AND c_served", "p_ok AND c_served", "p_ok AND c_served"),
+    TrafficMode.CANARY: ("p_ok AND NOT c_called", "c_served", "(p_ok AND NOT c_called) OR c_served"),
 }
 
 _AGGREGATE = """
@@ -302,14 +311,26 @@ flags AS (
             AND coalesce(candidate_status < 400, true)) AS c_ok
     FROM rows r
 ),
+served AS (
+    -- c_fallback: the candidate failed (no answer or a 5xx, as the router falls back) and production's
+    -- answer is what the user got: in canary mode the row holds it; in shadow mode production answered
+    -- anyway, and $7 says whether the router would fall back to it once the candidate answers.
+    SELECT f.*, f.c_called AND NOT f.c_ok AND f.p_ok
+            AND (coalesce(f.candidate_status >= 500, false)
+                 OR f.candidate_error IS DISTINCT FROM 'no_prediction' AND f.candidate_error IS NOT NULL)
+            AND ($7 OR f.p_called AND NOT {paired}) AS c_fallback
+    FROM flags f
+),
 losses AS (
     SELECT f.*,
         CASE WHEN {p_scored} AND outcome_after IS NOT NULL THEN {p_loss_after} END AS p_after,
         CASE WHEN {p_scored} AND outcome_before IS NOT NULL THEN {p_loss_before} END AS p_before,
-        CASE WHEN {c_scored} AND outcome_after IS NOT NULL THEN {c_loss_after} END AS c_after,
-        CASE WHEN {c_scored} AND outcome_before IS NOT NULL THEN {c_loss_before} END AS c_before,
+        CASE WHEN {c_scored} AND outcome_after IS NOT NULL
+            THEN CASE WHEN c_ok THEN {c_loss_after} ELSE {p_loss_after} END END AS c_after,
+        CASE WHEN {c_scored} AND outcome_before IS NOT NULL
+            THEN CASE WHEN c_ok THEN {c_loss_before} ELSE {p_loss_before} END END AS c_before,
         ({any_scored}) AS any_scored
-    FROM flags f
+    FROM (SELECT s.*, s.c_ok OR s.c_fallback AS c_served FROM served s) f
 )
 SELECT
     count(*) AS rows_read,
@@ -354,6 +375,7 @@ def statement(whole_window: bool, metric: Metric, mode: TrafficMode) -> str:
         c_loss_after=loss.format(**candidate, y="outcome_after"),
         c_loss_before=loss.format(**candidate, y="outcome_before"),
         agree=_AGREE[metric],
+        paired="true" if mode is TrafficMode.SHADOW else "false",
     )
     rows = _WHOLE_WINDOW if whole_window else _RECORDED_BETWEEN
     return f"WITH{rows},{aggregate}"
@@ -368,9 +390,11 @@ class Query:
     whole_window: bool
 
 
-def _common(namespace: str, deployment: str, since: dt.datetime, leeway: dt.timedelta) -> tuple[Any, ...]:
+def _common(
+    namespace: str, deployment: str, since: dt.datetime, leeway: dt.timedelta, fallback: bool
+) -> tuple[Any, ...]:
     gamma = LatencySketch().gamma
-    return (namespace, deployment, since, since - leeway, math.log(gamma), LATENCY_FLOOR_MS)
+    return (namespace, deployment, since, since - leeway, math.log(gamma), LATENCY_FLOOR_MS, fallback)
 
 
 def whole_window_query(
@@ -383,11 +407,13 @@ def whole_window_query(
     *,
     recorded_until: dt.datetime | None = None,
     outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
+    fallback: bool = True,
 ) -> Query:
-    """The window in one statement: stamped in [since, until], recorded by `recorded_until` (None: no bound)."""
+    """The window in one statement: stamped in [since, until], recorded by `recorded_until` (None: no bound).
+    `fallback`: whether a candidate that fails falls back to production (spec.traffic.fallbackToProduction)."""
     return Query(
         statement(True, metric, mode),
-        (*_common(namespace, deployment, since, outcome_leeway), until, recorded_until),
+        (*_common(namespace, deployment, since, outcome_leeway, fallback), until, recorded_until),
         whole_window=True,
     )
 
@@ -402,11 +428,12 @@ def recorded_between_query(
     upto: dt.datetime,
     *,
     outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
+    fallback: bool = True,
 ) -> Query:
     """What changed in the window [since, ...) between two moments of recording, (after, upto]."""
     return Query(
         statement(False, metric, mode),
-        (*_common(namespace, deployment, since, outcome_leeway), after, upto, CLOCK_SKEW),
+        (*_common(namespace, deployment, since, outcome_leeway, fallback), after, upto, CLOCK_SKEW),
         whole_window=False,
     )
 
@@ -570,6 +597,7 @@ async def window_metrics(
     until: dt.datetime | None,
     *,
     outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
+    fallback: bool = True,
 ) -> WindowMetrics:
     """One deployment's window read whole: predictions stamped in [since, until], each with its latest
     outcome stamped in [since - outcome_leeway, until] (`until` None: no upper bound).
@@ -578,7 +606,9 @@ async def window_metrics(
     Replay uses this: it sees every row stamped by `until`, including rows that reached the database later.
     """
     window = _Window(metric, mode)
-    query = whole_window_query(namespace, deployment, metric, mode, since, until, outcome_leeway=outcome_leeway)
+    query = whole_window_query(
+        namespace, deployment, metric, mode, since, until, outcome_leeway=outcome_leeway, fallback=fallback
+    )
     window.add(await _fetch(connection, query))
     return window.metrics()
 
@@ -671,6 +701,7 @@ class WindowAnalysis:
         outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
         writer_allowance: dt.timedelta = WRITER_ALLOWANCE,
         saved: bool = True,
+        fallback: bool = True,
     ):
         self.namespace, self.deployment, self.metric, self.mode, self.since = (
             namespace,
@@ -681,6 +712,7 @@ class WindowAnalysis:
         )
         self.outcome_leeway = outcome_leeway
         self.writer_allowance = writer_allowance
+        self.fallback = fallback
         self.horizon: dt.datetime | None = None
         """Every row recorded up to here is in the sums; None before the first refresh."""
         self.runs = 0
@@ -698,7 +730,7 @@ class WindowAnalysis:
         """What the sums mean: saved sums are reused only under the same definition."""
         return (
             f"v{DEFINITION_VERSION} leeway={self.outcome_leeway.total_seconds():g}s"
-            f" latency={LATENCY_RELATIVE_ACCURACY:g}/{LATENCY_FLOOR_MS:g}ms"
+            f" latency={LATENCY_RELATIVE_ACCURACY:g}/{LATENCY_FLOOR_MS:g}ms fallback={self.fallback}"
         )
 
     async def refresh(self, connection: asyncpg.Connection) -> WindowMetrics:
@@ -788,6 +820,7 @@ class WindowAnalysis:
                 None,
                 recorded_until=upto,
                 outcome_leeway=self.outcome_leeway,
+                fallback=self.fallback,
             )
         return recorded_between_query(
             self.namespace,
@@ -798,6 +831,7 @@ class WindowAnalysis:
             after,
             upto,
             outcome_leeway=self.outcome_leeway,
+            fallback=self.fallback,
         )
 
     def metrics(self) -> WindowMetrics:
@@ -817,10 +851,22 @@ class WindowAnalyses:
         self._analyses: dict[tuple[str, str], WindowAnalysis] = {}
 
     def analysis(
-        self, namespace: str, deployment: str, metric: Metric, mode: TrafficMode, since: dt.datetime
+        self,
+        namespace: str,
+        deployment: str,
+        metric: Metric,
+        mode: TrafficMode,
+        since: dt.datetime,
+        *,
+        fallback: bool = True,
     ) -> WindowAnalysis:
         current = self._analyses.get((namespace, deployment))
-        if current is None or (current.metric, current.mode, current.since) != (metric, mode, since):
+        if current is None or (current.metric, current.mode, current.since, current.fallback) != (
+            metric,
+            mode,
+            since,
+            fallback,
+        ):
             current = WindowAnalysis(
                 namespace,
                 deployment,
@@ -829,6 +875,7 @@ class WindowAnalyses:
                 since,
                 outcome_leeway=self.outcome_leeway,
                 writer_allowance=self.writer_allowance,
+                fallback=fallback,
             )
             self._analyses[(namespace, deployment)] = current
         return current
@@ -841,9 +888,11 @@ class WindowAnalyses:
         metric: Metric,
         mode: TrafficMode,
         since: dt.datetime,
+        *,
+        fallback: bool = True,
     ) -> WindowMetrics:
         """The current window of one deployment, read incrementally."""
-        return await self.analysis(namespace, deployment, metric, mode, since).refresh(connection)
+        return await self.analysis(namespace, deployment, metric, mode, since, fallback=fallback).refresh(connection)
 
     def catch_up_seconds(self, namespace: str, deployment: str) -> float:
         """When this deployment's sums should next be brought up to date (WindowAnalysis.catch_up_seconds)."""

@@ -86,7 +86,14 @@ async def replay(
     while moment <= end and not status.phase_or_pending.finished:
         since = status.step_started_at or start
         metrics = await window_metrics(
-            connection, namespace, name, spec.analysis.metric, spec.traffic.mode, since, moment
+            connection,
+            namespace,
+            name,
+            spec.analysis.metric,
+            spec.traffic.mode,
+            since,
+            moment,
+            fallback=spec.traffic.fallback_to_production,
         )
         decision = decide(spec, status, metrics, moment)
         story.append(ReplayStep(moment, status.current_step or 0, status.current_weight or 0, metrics.scored, decision))

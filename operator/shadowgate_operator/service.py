@@ -107,6 +107,7 @@ class _Window:
     metric: Metric
     mode: TrafficMode
     since: dt.datetime
+    fallback: bool
 
 
 @dataclass
@@ -156,7 +157,7 @@ class Reconciler:
             try:
                 async with window.pool.acquire() as connection:
                     await self.analyses.window_metrics(
-                        connection, namespace, name, window.metric, window.mode, window.since
+                        connection, namespace, name, window.metric, window.mode, window.since, fallback=window.fallback
                     )
             except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
                 logger.debug("%s/%s: sums not caught up: %s", namespace, name, exc)
@@ -238,7 +239,9 @@ class Reconciler:
         started = planned.status.step_started_at or planned.status.analysis_started_at
         if pool is not None and started is not None and planned.status.phase is Phase.PROGRESSING:
             spec = planned.spec
-            self._progressing[key] = _Window(pool, spec.analysis.metric, spec.traffic.mode, started)
+            self._progressing[key] = _Window(
+                pool, spec.analysis.metric, spec.traffic.mode, started, spec.traffic.fallback_to_production
+            )
         else:
             self._progressing.pop(key, None)
         notices = list(plan.notices)
@@ -342,7 +345,13 @@ class Reconciler:
         try:
             async with pool.acquire() as connection:
                 window = await self.analyses.window_metrics(
-                    connection, sd.namespace, sd.name, sd.spec.analysis.metric, sd.spec.traffic.mode, since
+                    connection,
+                    sd.namespace,
+                    sd.name,
+                    sd.spec.analysis.metric,
+                    sd.spec.traffic.mode,
+                    since,
+                    fallback=sd.spec.traffic.fallback_to_production,
                 )
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             return None, f"cannot query the database: {type(exc).__name__}: {exc}"

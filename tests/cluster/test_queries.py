@@ -172,6 +172,8 @@ def _side(rng: random.Random, *, mirrored: bool) -> Side:
         return Side(latency_ms=_latency(rng), status=400)
     if roll < 0.34:
         return Side(latency_ms=_latency(rng), status=200, error="bad_response")
+    if roll < 0.35:
+        return Side(latency_ms=_latency(rng), status=200, error="no_prediction")
     confidence = rng.choice([None, rng.uniform(0, 1), 0.0, 1.0])
     return Side(prediction=_value(rng), confidence=confidence, latency_ms=_latency(rng), status=200)
 
@@ -310,6 +312,7 @@ def reference(
     since: dt.datetime = SINCE,
     until: dt.datetime | None = UNTIL,
     deployment: str = DEPLOYMENT,
+    fallback_to_production: bool = True,
 ) -> Expected:
     def inside(time: dt.datetime, low: dt.datetime) -> bool:
         return low <= time and (until is None or time <= until)
@@ -333,16 +336,28 @@ def reference(
         outcome = latest.get(p.request_id)
         if outcome is None:
             continue
-        sides = (p.production, p.candidate)
-        counted = [both, both] if paired else [_answered(side) for side in sides]
+        # Intention to treat: what the user got on a request given to the candidate stays the candidate's.
+        candidate_failed = _called(p.candidate) and not _answered(p.candidate) and _answered(p.production)
+        candidate_failed = candidate_failed and (
+            (p.candidate.status is not None and p.candidate.status >= 500)
+            or p.candidate.error not in (None, "no_prediction")
+        )
+        fallback = candidate_failed and (not paired or fallback_to_production)
+        served = _answered(p.candidate) or fallback
+        candidate_answer = p.candidate if _answered(p.candidate) else p.production
+        if paired:
+            counted = [_answered(p.production) and served] * 2
+        else:
+            counted = [_answered(p.production) and not _called(p.candidate), served]
         scored += any(counted)
         side_losses = [
-            _loss(metric, side, outcome.outcome) if use else None for side, use in zip(sides, counted, strict=True)
+            _loss(metric, side, outcome.outcome) if use else None
+            for side, use in zip((p.production, candidate_answer), counted, strict=True)
         ]
         for index, loss in enumerate(side_losses):
             if loss is not None:
                 losses[index].append(loss)
-        if paired and both:
+        if paired and counted[0]:
             production_loss, candidate_loss = side_losses
             assert production_loss is not None and candidate_loss is not None
             differences.append(production_loss - candidate_loss)
@@ -438,6 +453,7 @@ def test_the_seed_covers_every_case(seeded: tuple[list[Prediction], list[Outcome
     assert any(s.status is not None and s.status >= 500 for s in sides)
     assert any(s.error == "timeout" for s in sides)
     assert any(s.status == 400 for s in sides)
+    assert any(s.error == "no_prediction" for s in sides)
     assert any(s == NOT_CALLED for s in sides)
     assert any(s.prediction == 0.0 for s in sides) and any(s.confidence is not None for s in sides)
     ids = [o.request_id for o in outcomes if o.deployment == DEPLOYMENT and o.namespace == NS]
@@ -464,6 +480,40 @@ async def test_window_metrics_follow_the_definitions(
     predictions, outcomes = seeded
     actual = await window_metrics(connection, NS, DEPLOYMENT, metric, mode, SINCE, UNTIL)
     assert_matches(actual, reference(predictions, outcomes, metric, mode))
+
+
+async def test_without_fallback_a_failed_mirror_is_not_a_pair(
+    connection: asyncpg.Connection, seeded: tuple[list[Prediction], list[Outcome]]
+) -> None:
+    predictions, outcomes = seeded
+    for metric in (Metric.MAE, Metric.ACCURACY):
+        actual = await window_metrics(
+            connection, NS, DEPLOYMENT, metric, TrafficMode.SHADOW, SINCE, UNTIL, fallback=False
+        )
+        expected = reference(predictions, outcomes, metric, TrafficMode.SHADOW, fallback_to_production=False)
+        assert_matches(actual, expected)
+        assert expected.metrics.scored < reference(predictions, outcomes, metric, TrafficMode.SHADOW).metrics.scored
+
+
+async def test_a_canary_fallback_stays_in_the_candidates_sample(connection: asyncpg.Connection) -> None:
+    """Intention to treat (issue 11): the request the candidate failed on and production answered instead
+    is scored for the candidate, with production's answer; production's sample is only its own requests."""
+    start = SINCE + dt.timedelta(days=3)
+    ok = Side(prediction=1.0, latency_ms=5.0, status=200)
+    hard = Side(prediction=9.0, latency_ms=5.0, status=200)
+    rows = [
+        Prediction(start, "own", ok, NOT_CALLED, deployment="fallbacks"),
+        Prediction(start, "answered", NOT_CALLED, ok, deployment="fallbacks"),
+        Prediction(start, "fell-back", hard, Side(latency_ms=5.0, status=503), deployment="fallbacks"),
+    ]
+    results = [Outcome(start + dt.timedelta(seconds=1), row.request_id, 0.0, deployment="fallbacks") for row in rows]
+    await insert(connection, rows, results)
+    metrics = await window_metrics(
+        connection, NS, "fallbacks", Metric.MAE, TrafficMode.CANARY, start, start + dt.timedelta(minutes=1)
+    )
+    assert metrics.production.loss == Moments(1, 1.0, 1.0)
+    assert metrics.candidate.loss == Moments(2, 10.0, 82.0)
+    assert (metrics.candidate.requests, metrics.candidate.errors, metrics.production.requests) == (2, 1, 2)
 
 
 async def test_an_open_ended_window_and_an_empty_one(
