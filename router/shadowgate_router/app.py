@@ -27,6 +27,8 @@ from shadowgate_router.recorder import OUTCOME_COLUMNS, PREDICTION_COLUMNS, Reco
 
 log = logging.getLogger(__name__)
 
+_OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/outcomes"})
+
 
 class ConfigSource(TypingProtocol):
     async def run(self) -> None: ...
@@ -115,6 +117,7 @@ class RouterApp:
         self.outcomes.start()
         self.proxy = Proxy(self.predictions, self.metrics, settings.proxy)
         self.server = HttpServer(self.handle, body_limit=settings.body_limit)
+        self.server.on_refusal = lambda status: self.metrics.refusals.labels("http", str(status)).inc()
         await self.server.start(settings.host, settings.port)
         self._source_task = asyncio.get_running_loop().create_task(source.run(), name="config-source")
         # Everything allocated so far lives as long as the process: keep the collector from re-scanning
@@ -164,9 +167,13 @@ class RouterApp:
     async def handle(self, request: Request) -> Response:
         client_id = request.header(b"x-request-id")
         if client_id is not None and not valid_request_id(client_id):
+            self.metrics.refusals.labels("http", "400").inc()
             return error_response(400, "X-Request-Id must be 1 to 200 visible ASCII characters")
-        request_id = client_id or new_request_id()
         path = request.path
+        if path not in _OWN_PATHS:
+            assert self.proxy is not None
+            return await self.proxy.handle(request, client_id)
+        request_id = client_id or new_request_id()
         if path == "/healthz":
             return json_response(200, {"status": "ok"}, [(b"X-Request-Id", request_id)])
         if path == "/readyz":
@@ -174,10 +181,7 @@ class RouterApp:
         if path == "/metrics":
             body, content_type = self.metrics.render()
             return Response(200, body, [(b"Content-Type", content_type), (b"X-Request-Id", request_id)])
-        if path == "/outcomes":
-            return self._outcomes(request, request_id)
-        assert self.proxy is not None
-        return await self.proxy.handle(request, request_id)
+        return self._outcomes(request, request_id)
 
     def _readiness(self, request_id: bytes) -> Response:
         if self.closing:
@@ -192,7 +196,9 @@ class RouterApp:
         refusals = self.metrics.outcome_refusals
         if request.method != "POST":
             refusals.labels("405").inc()
-            return error_response(405, "use POST on /outcomes", request_id)
+            response = error_response(405, "use POST on /outcomes", request_id)
+            response.headers.append((b"Allow", b"POST"))
+            return response
         try:
             outcomes.check_token(self.settings.outcome_token, request.header(b"authorization"))
             if self.config is None:

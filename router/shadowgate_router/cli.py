@@ -69,6 +69,13 @@ def register(subparsers: Any) -> None:
         "--body-limit", type=int, default=10 * 1024 * 1024, help="largest request body accepted, in bytes (bigger: 413)"
     )
     serving.add_argument(
+        "--decoded-limit",
+        type=int,
+        default=10 * 1024 * 1024,
+        help="largest gzip/deflate body, once decoded, that the router reads: a bigger request gets 413, "
+        "a bigger answer is passed on but its prediction is not recorded",
+    )
+    serving.add_argument(
         "--max-connections",
         type=int,
         default=512,
@@ -167,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
             connect_timeout=args.connect_timeout,
             mirror_concurrency=args.mirror_concurrency,
             record_features=args.record_features,
+            decoded_limit=args.decoded_limit,
         ),
         memory_rows=args.memory_rows,
         batch_rows=args.batch_rows,

@@ -238,6 +238,8 @@ class HttpConnection(asyncio.Protocol):
         """
         self._rejected = True
         self.reading_since = None
+        if self.server.on_refusal is not None:
+            self.server.on_refusal(status)
         self._enqueue(error_response(status, message))
 
     async def _answer(self) -> None:
@@ -326,6 +328,8 @@ class HttpServer:
         self.settled = asyncio.Event()
         """Set whenever a connection finishes its requests or closes (shutdown waits on it)."""
         self.closing = False
+        self.on_refusal: Callable[[int], None] | None = None
+        """Called with the status of every request refused while reading it (400, 408, 413, 414, 431)."""
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.loop = asyncio.get_running_loop()

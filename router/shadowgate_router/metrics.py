@@ -86,6 +86,14 @@ class RouterMetrics:
             ["table"],
             registry=registry,
         )
+        self.refusals = Counter(
+            "shadowgate_router_refusals",
+            "Requests the router refused itself, without calling a model server: protocol http (status: the "
+            "HTTP code, e.g. 400 malformed, 404 unknown path or model, 405, 413 too large, 415 unreadable type "
+            "or coding) or grpc (status: the gRPC code's name). POST /outcomes has outcome_refusals.",
+            ["protocol", "status"],
+            registry=registry,
+        )
         self.outcomes = Counter(
             "shadowgate_router_outcomes", "Outcomes accepted through POST /outcomes.", registry=registry
         )

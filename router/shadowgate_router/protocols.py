@@ -31,7 +31,8 @@ class Kind(Enum):
     INFER = "infer"
     """A prediction: split, mirrored and recorded."""
     PASSTHROUGH = "passthrough"
-    """Readiness and metadata: answered by the answering model server, not recorded."""
+    """Everything else (readiness, metadata, model config, statistics, repository, generate, other
+    extensions): answered by the answering model server, not mirrored, not recorded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,51 +55,84 @@ class UnknownPath(ValueError):
 
 
 class WrongMethod(ValueError):
-    """The path exists but not for this method."""
+    """The path exists but not for this method; `allow` is the method it takes (the 405's Allow header)."""
+
+    def __init__(self, allow: str) -> None:
+        super().__init__(f"use {allow} on this path")
+        self.allow = allow
 
 
-_V2_MODEL = re.compile(r"^/v2/models/([^/]+)(/versions/[^/]+)?(/infer|/ready)?$")
+_V2_MODEL = re.compile(r"^/v2/models/([^/]+)(/versions/[^/]+)?(/.*)?$")
 _V2_SERVER = {"/v2", "/v2/health/live", "/v2/health/ready"}
-_V1_MODEL = re.compile(r"^/v1/models/([^/:]+)(:predict)?$")
+_V2_SERVER_WIDE_MODELS = {"/v2/models/stats"}
+"""Under /v2/models/ but about every model: Triton's statistics of all models."""
+_V1_MODEL = re.compile(r"^/v1/models/([^/:]+)(:predict|:explain)?$")
 _RESERVED = ("/outcomes", "/healthz", "/readyz", "/metrics")
+_ANY = ""
+"""Any method: the path is passed on and the model server judges the method."""
+
+
+def _escape(path: str) -> str:
+    return path.replace("{", "{{").replace("}", "}}")
 
 
 def match(protocol: Protocol, method: str, path: str) -> Match:
-    """Classify a request path; raises UnknownPath or WrongMethod with a reason for the client."""
+    """Classify a request path; raises UnknownPath or WrongMethod with a reason for the client.
+
+    v2: ``/v2/models/{name}[/versions/{v}]/infer`` (POST) is the inference call; every other path under
+    ``/v2`` is passed on to the answering model server with its method and body: model metadata and
+    readiness (GET), and whatever else the server has, e.g. Triton's and MLServer's ``.../config``,
+    ``.../stats``, ``.../generate``, ``/v2/repository/...``, shared memory, trace and logging settings. A
+    model name in the path is replaced by that server's own name.
+    """
     if protocol is Protocol.V2:
         found = _V2_MODEL.match(path)
-        if found:
-            name, version, suffix = found.group(1), found.group(2) or "", found.group(3) or ""
-            version = version.replace("{", "{{").replace("}", "}}")
-            kind, wanted = (Kind.INFER, "POST") if suffix == "/infer" else (Kind.PASSTHROUGH, "GET")
+        if found and path not in _V2_SERVER_WIDE_MODELS:
+            name, version, suffix = found.group(1), _escape(found.group(2) or ""), _escape(found.group(3) or "")
+            if suffix == "/infer":
+                kind, wanted = Kind.INFER, "POST"
+            elif suffix in ("", "/ready"):
+                kind, wanted = Kind.PASSTHROUGH, "GET"
+            else:
+                kind, wanted = Kind.PASSTHROUGH, _ANY
             template = "/v2/models/{model}" + version + suffix
             return _need(method, wanted, Match(kind, name, template, "/v2/models/{model}" + suffix))
         if path in _V2_SERVER:
             return _need(method, "GET", Match(Kind.PASSTHROUGH, None, path))
+        if path.startswith("/v2/"):
+            return Match(Kind.PASSTHROUGH, None, _escape(path))
         raise UnknownPath(
             "Open Inference Protocol (v2) paths: POST /v2/models/{name}[/versions/{version}]/infer, "
-            "GET /v2/models/{name}[/versions/{version}][/ready], GET /v2/health/live, GET /v2/health/ready"
+            "GET /v2/models/{name}[/versions/{version}][/ready], GET /v2/health/live, GET /v2/health/ready, "
+            "and the model server's other /v2 paths"
         )
     if protocol is Protocol.V1:
         found = _V1_MODEL.match(path)
         if found:
             name, suffix = found.group(1), found.group(2) or ""
-            if suffix:
+            if suffix == ":predict":
                 return _need(method, "POST", Match(Kind.INFER, name, "/v1/models/{model}:predict"))
+            if suffix == ":explain":
+                return _need(method, "POST", Match(Kind.PASSTHROUGH, name, "/v1/models/{model}:explain"))
             return _need(method, "GET", Match(Kind.PASSTHROUGH, name, "/v1/models/{model}"))
-        raise UnknownPath("KServe v1 paths: POST /v1/models/{name}:predict, GET /v1/models/{name}")
+        if path == "/v1/models":
+            return _need(method, "GET", Match(Kind.PASSTHROUGH, None, path))
+        raise UnknownPath(
+            "KServe v1 paths: POST /v1/models/{name}:predict, POST /v1/models/{name}:explain, "
+            "GET /v1/models/{name}, GET /v1/models"
+        )
     # Plain JSON: the path is the model server's own API, forwarded as it is.
     if path.startswith(_RESERVED) or not path.startswith("/"):
         raise UnknownPath(f"{path} is not a model path")
-    template = path.replace("{", "{{").replace("}", "}}")
+    template = _escape(path)
     if method == "POST":
         return Match(Kind.INFER, None, template)
     return _need(method, "GET", Match(Kind.PASSTHROUGH, None, template))
 
 
 def _need(method: str, wanted: str, found: Match) -> Match:
-    if method != wanted:
-        raise WrongMethod(f"use {wanted} on this path")
+    if wanted and method != wanted:
+        raise WrongMethod(wanted)
     return found
 
 
@@ -113,6 +147,19 @@ _DECODER = json.JSONDecoder()
 def decode_json(body: bytes) -> Any:
     """json.loads for UTF-8 bytes without its encoding sniffing: two fewer Python calls on the hot path."""
     return _DECODER.decode(body.decode())
+
+
+def body_request_id(protocol: Protocol, document: object) -> bytes | None:
+    """The request id a v2 body carries (``id``, as tritonclient's ``request_id=`` sets it), or a v1 body's
+    top-level ``id`` if it has one; None for plain JSON (whose fields mean what that API says) and when absent."""
+    if protocol is Protocol.JSON or not isinstance(document, dict):
+        return None
+    value = document.get("id")
+    if isinstance(value, str) and value:
+        return value.encode(errors="replace")
+    if isinstance(value, int) and not isinstance(value, bool) and protocol is Protocol.V1:
+        return str(value).encode()
+    return None
 
 
 INFERENCE_HEADER = b"inference-header-content-length"
@@ -140,15 +187,22 @@ def json_header_length(value: bytes, body_length: int) -> int:
     return length
 
 
-def header_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    """The JSON part's length of an answer using the binary extension (lower-cased header names)."""
+CONTENT_ENCODING = b"content-encoding"
+
+
+def answer_format(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, bytes | None]:
+    """An answer's Inference-Header-Content-Length (the binary extension's JSON part) and Content-Encoding,
+    each None when absent (header names lower-cased)."""
+    json_length = coding = None
     for name, value in headers:
         if name == INFERENCE_HEADER:
             try:
-                return int(value)
+                json_length = int(value)
             except ValueError:
-                return None
-    return None
+                json_length = None
+        elif name == CONTENT_ENCODING:
+            coding = value
+    return json_length, coding
 
 
 def _decode_binary_outputs(document: object, binary: bytes) -> None:

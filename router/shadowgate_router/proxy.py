@@ -19,19 +19,22 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from shadowgate_router import codings
 from shadowgate_router.config import RouterConfig, TrafficMode
 from shadowgate_router.hashing import salt_for, threshold, to_candidate
-from shadowgate_router.httpserver import Request, Response, error_response
+from shadowgate_router.httpserver import Request, Response, error_response, new_request_id
 from shadowgate_router.metrics import RouterMetrics
 from shadowgate_router.protocols import (
+    CONTENT_ENCODING,
     INFERENCE_HEADER,
     Extractor,
     Kind,
     Match,
     UnknownPath,
     WrongMethod,
+    answer_format,
+    body_request_id,
     decode_json,
-    header_length,
     json_header_length,
     match,
     served_names,
@@ -67,6 +70,9 @@ _HOP_BY_HOP = frozenset(
 )
 _REQUEST_ID = b"X-Request-Id"
 _SERVED_BY = b"X-Shadowgate-Served-By"
+_ACCEPT_ENCODING = b"accept-encoding"
+INLINE_DECODE_BYTES = 64 * 1024
+"""Compressed request bodies larger than this are inflated in a worker thread, off the event loop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +83,8 @@ class ProxySettings:
     idle_timeout: float = 30.0
     mirror_concurrency: int = 512
     record_features: bool = False
+    decoded_limit: int = 10 * 1024 * 1024
+    """Largest body, once gzip/deflate is undone, that the router reads (a request over it gets 413)."""
 
 
 @dataclass(slots=True)
@@ -142,6 +150,7 @@ class Proxy:
         self._calls: dict[tuple[str, str, str], Any] = {}
         self._latencies: dict[tuple[str, str], Any] = {}
         self._responses: dict[int, Any] = {}
+        self._refusals: dict[int, Any] = {}
         self._request_latency = {side: metrics.request_latency.labels(side) for side in ("production", "candidate")}
         metrics.inflight.set_function(lambda: len(self._mirrors))
 
@@ -196,22 +205,33 @@ class Proxy:
         return len(self._mirrors)
 
     # requests
-    async def handle(self, request: Request, request_id: bytes) -> Response:
+    async def handle(self, request: Request, client_id: bytes | None) -> Response:
+        """Answer one model API request. `client_id` is the client's (valid) X-Request-Id header, if any."""
         route = self.route
         if route is None:
-            return error_response(503, "the router has no configuration yet", request_id)
+            return error_response(503, "the router has no configuration yet", client_id)
         try:
             found = match(route.config.protocol, request.method, request.path)
         except UnknownPath as exc:
-            return error_response(404, f"no such path: {request.path}. {exc}", request_id)
+            return self.refuse(404, f"no such path: {request.path}. {exc}", client_id)
         except WrongMethod as exc:
-            return error_response(405, f"{request.method} is not allowed on {request.path}: {exc}", request_id)
+            response = self.refuse(405, f"{request.method} is not allowed on {request.path}: {exc}", client_id)
+            response.headers.append((b"Allow", exc.allow.encode()))
+            return response
         if found.model is not None and found.model not in route.names:
             served = route.config.production.model_name
-            return error_response(404, f"model {found.model!r} is not served here; call it {served!r}", request_id)
+            return self.refuse(404, f"model {found.model!r} is not served here; call it {served!r}", client_id)
         if found.kind is Kind.PASSTHROUGH:
-            return await self._passthrough(route, request, found, request_id)
-        return await self._infer(route, request, found, request_id)
+            return await self._passthrough(route, request, found, client_id or new_request_id())
+        return await self._infer(route, request, found, client_id)
+
+    def refuse(self, status: int, message: str, request_id: bytes | None) -> Response:
+        """The router's own 4xx for a request it will not pass on, counted in refusals_total{protocol="http"}."""
+        counter = self._refusals.get(status)
+        if counter is None:
+            counter = self._refusals[status] = self.metrics.refusals.labels("http", str(status))
+        counter.inc()
+        return error_response(status, message, request_id)
 
     async def _passthrough(self, route: Route, request: Request, found: Match, request_id: bytes) -> Response:
         config = route.config
@@ -229,40 +249,66 @@ class Proxy:
             "answer",
             request.method.encode(),
             target,
-            self._forward_headers(request, request_id),
-            b"",
+            self._forward_headers(request, request_id, reading=False),
+            request.body,
             config.timeout_seconds,
         )
         return self._respond(answer, side, request_id)
 
-    async def _infer(self, route: Route, request: Request, found: Match, request_id: bytes) -> Response:
-        document = request.body
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body with its Content-Encoding undone (bounded); the body itself when it has none."""
+        coding = request.header(CONTENT_ENCODING)
+        if coding is None or not codings.codings(coding):
+            return request.body
+        limit = self.settings.decoded_limit
+        if len(request.body) <= INLINE_DECODE_BYTES:
+            return codings.decode(request.body, coding, limit)
+        return await asyncio.to_thread(codings.decode, request.body, coding, limit)
+
+    async def _infer(self, route: Route, request: Request, found: Match, client_id: bytes | None) -> Response:
+        try:
+            body = await self._read_body(request)
+        except codings.CodingError as exc:
+            return self.refuse(exc.status, str(exc), client_id)
+        document = body
         binary_header = request.header(INFERENCE_HEADER)
         if binary_header is not None:  # binary tensor data extension: a JSON header, then raw tensors
             try:
-                document = request.body[: json_header_length(binary_header, len(request.body))]
+                document = body[: json_header_length(binary_header, len(body))]
             except ValueError as exc:
-                return error_response(400, str(exc), request_id)
+                return self.refuse(400, str(exc), client_id)
         elif not _is_json_type(request.header(b"content-type")):
-            return error_response(
+            return self.refuse(
                 415,
                 "send the request body as JSON (Content-Type: application/json), or as a JSON header and "
                 "binary tensors with Inference-Header-Content-Length",
-                request_id,
+                client_id,
             )
         if not document:
-            return error_response(400, "the request body is empty; send a JSON document", request_id)
+            return self.refuse(400, "the request body is empty; send a JSON document", client_id)
         try:
-            decode_json(document)
+            parsed = decode_json(document)
         except (ValueError, UnicodeDecodeError) as exc:
-            return error_response(400, f"malformed JSON in the request body: {exc}", request_id)
+            return self.refuse(400, f"malformed JSON in the request body: {exc}", client_id)
+        request_id = client_id
+        if request_id is None:
+            request_id = body_request_id(route.config.protocol, parsed)
+            if request_id is None:
+                request_id = new_request_id()
+            elif not valid_request_id(request_id):
+                return self.refuse(
+                    400,
+                    "the body's id is used as the request id and must be 1 to 200 visible ASCII characters; "
+                    "change it, or send your own X-Request-Id header",
+                    None,
+                )
         received = now_us()
         started = time.perf_counter()
         config = route.config
         key = (request.header(route.sticky) if route.sticky else None) or request_id
         candidate_share = to_candidate(key, route.salt, route.limit)
         headers = self._forward_headers(request, request_id)
-        features = request.body.decode() if self.settings.record_features else None
+        features = document.decode() if self.settings.record_features else None
         production_target = self._target(found.template, config.production.model_name, request.query)
         candidate_target = self._target(found.candidate_template, config.candidate.model_name, request.query)
 
@@ -345,14 +391,23 @@ class Proxy:
         return path + b"?" + query if query else path
 
     @staticmethod
-    def _forward_headers(request: Request, request_id: bytes) -> list[tuple[bytes, bytes]]:
+    def _forward_headers(request: Request, request_id: bytes, reading: bool = True) -> list[tuple[bytes, bytes]]:
+        """The client's headers for a model server, less hop-by-hop ones, with the request id. When the
+        router reads the answer (`reading`), Accept-Encoding keeps only the codings it can decode."""
         named_hops: set[bytes] = set()
         connection = request.header(b"connection")
         if connection:
             named_hops = {token.strip().lower() for token in connection.split(b",")}
-        headers = [
-            (name, value) for name, value in request.headers if name not in _HOP_BY_HOP and name not in named_hops
-        ]
+        headers = []
+        for name, value in request.headers:
+            if name in _HOP_BY_HOP or name in named_hops:
+                continue
+            if name == _ACCEPT_ENCODING and reading:
+                readable = codings.accepted(value)
+                if readable is None:
+                    continue
+                value = readable
+            headers.append((name, value))
         headers.append((_REQUEST_ID, request_id))
         return headers
 
@@ -444,8 +499,7 @@ class Proxy:
         )
         self.recorder.put(row)
 
-    @staticmethod
-    def _side(extract: Extractor, version: str, answer: Answer | None) -> Row:
+    def _side(self, extract: Extractor, version: str, answer: Answer | None) -> Row:
         """(version, prediction, confidence, latency_ms, status, error); all None when the side was not called."""
         if answer is None:
             return (None, None, None, None, None, None)
@@ -453,7 +507,14 @@ class Proxy:
         error = answer.error
         if answer.response is not None and 200 <= answer.status < 300:  # type: ignore[operator]
             response = answer.response
-            prediction, confidence = extract(response.body, header_length(response.headers))
+            json_length, coding = answer_format(response.headers)
+            body = response.body
+            if coding is not None:
+                try:
+                    body = codings.decode(body, coding, self.settings.decoded_limit)
+                except codings.CodingError:
+                    body = b""  # recorded as no_prediction: the answer went to the client untouched
+            prediction, confidence = extract(body, json_length)
             if prediction is None:
                 error = NO_PREDICTION
         return (version, prediction, confidence, round(answer.latency_ms, 3), answer.status, error)

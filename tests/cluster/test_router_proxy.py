@@ -213,7 +213,11 @@ async def test_a_model_server_down_or_slow_gets_502_or_504_with_a_reason(
         ("POST", "/v2/models/other/infer", {}, b"{}", 404, "model 'other' is not served here; call it 'fraud'"),
         ("POST", "/predict", {}, b"{}", 404, "POST /v2/models/{name}[/versions/{version}]/infer"),
         ("GET", "/v2/models/fraud/infer", {}, b"", 405, "use POST"),
+        ("PUT", "/v2/health/live", {}, b"", 405, "use GET"),
         ("POST", "/v2/models/fraud/infer", {"X-Request-Id": "has space"}, b"{}", 400, "X-Request-Id must be"),
+        ("POST", "/v2/models/fraud/infer", {"Content-Encoding": "br"}, b"{}", 415, "'br' is not supported"),
+        ("POST", "/v2/models/fraud/infer", {"Content-Encoding": "gzip"}, b"{}", 400, "gzip body is corrupt"),
+        ("POST", "/v2/models/fraud/infer", {}, b'{"id": "a b", "inputs": []}', 400, "the body's id is used"),
     ],
 )
 async def test_bad_input_gets_a_4xx_saying_why(
@@ -234,6 +238,10 @@ async def test_bad_input_gets_a_4xx_saying_why(
     assert answer.headers["Content-Type"] == "application/json"
     assert says in answer.json()["error"]
     assert answer.headers["X-Request-Id"]
+    if status == 405:
+        assert answer.headers["Allow"] == says.removeprefix("use ")
+    assert router.metric("shadowgate_router_refusals_total", protocol="http", status=str(status)) == 1
+    assert router.metric("shadowgate_router_requests_total") == 0, "no model server was called"
 
 
 async def test_outcomes_need_the_token_and_land_even_before_their_prediction(

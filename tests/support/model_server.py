@@ -40,6 +40,8 @@ class Behaviour:
     """Never answer (until the client gives up): a model server that is stuck."""
     bias: float = 0.0
     confidence: float = 0.75
+    compress: bool = False
+    """gzip (or deflate) answers for clients that accept it, as Triton does."""
 
     def update(self, changes: dict[str, Any]) -> None:
         for key, attribute in (
@@ -48,6 +50,7 @@ class Behaviour:
             ("hang", "hang"),
             ("bias", "bias"),
             ("confidence", "confidence"),
+            ("compress", "compress"),
         ):
             if key in changes:
                 setattr(self, attribute, type(getattr(self, attribute))(changes[key]))
@@ -58,6 +61,8 @@ class Stats:
     requests: int = 0
     errors: int = 0
     request_ids: deque[str] = field(default_factory=lambda: deque(maxlen=100_000))
+    other: int = 0
+    """Calls to the other v2 paths (model config, repository index)."""
 
 
 def _numbers(value: Any) -> float:
@@ -91,6 +96,15 @@ def _binary_inputs(header: dict[str, Any], raw: bytes) -> list[Any]:
     return values
 
 
+def _body_id(header_length: str | None, body: bytes) -> str | None:
+    try:
+        document = json.loads(body[: int(header_length)] if header_length else body)
+    except ValueError:
+        return None
+    value = document.get("id") if isinstance(document, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def _wants_binary(header_length: str | None, body: bytes) -> bool:
     """Whether the client asked for binary outputs (``binary_data`` on an output, or binary_data_output)."""
     try:
@@ -120,6 +134,8 @@ class ModelServer:
                 web.get("/v2/models/{name}/versions/{version}/ready", self.ready_v2),
                 web.get("/v2/models/{name}", self.metadata_v2),
                 web.get("/v2/models/{name}/versions/{version}", self.metadata_v2),
+                web.get("/v2/models/{name}/config", self.config_v2),
+                web.post("/v2/repository/index", self.repository_index),
                 web.get("/v2/health/ready", self.health),
                 web.get("/v2/health/live", self.health),
                 web.post("/v1/models/{name}:predict", self.predict_v1),
@@ -155,38 +171,69 @@ class ModelServer:
         if behaviour.error_rate > 0 and self.random.random() < behaviour.error_rate:
             self.stats.errors += 1
             return web.json_response({"error": "injected failure"}, status=500), 0.0
+        if isinstance(document, dict):  # a v2 body's id is not an input
+            document = {key: value for key, value in document.items() if key != "id"}
         return None, behaviour.bias + _numbers(document)
 
     async def infer_v2(self, request: web.Request) -> web.Response:
         failed, prediction = await self._infer(request)
         if failed is not None:
             return failed
-        if _wants_binary(request.headers.get("Inference-Header-Content-Length"), await request.read()):
+        header_length = request.headers.get("Inference-Header-Content-Length")
+        body = await request.read()
+        # Like Triton and MLServer: the answer's id is the request body's id (else, here, the header's).
+        request_id = _body_id(header_length, body) or request.headers.get("X-Request-Id", "")
+        if _wants_binary(header_length, body):
             header = json.dumps(
                 {
                     "model_name": self.model,
-                    "id": request.headers.get("X-Request-Id", ""),
+                    "id": request_id,
                     "outputs": [
                         {"name": "score", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}},
                         {"name": "confidence", "shape": [1], "datatype": "FP64", "data": [self.behaviour.confidence]},
                     ],
                 }
             ).encode()
-            return web.Response(
-                body=header + struct.pack("<f", prediction),
-                content_type="application/octet-stream",
-                headers={"Inference-Header-Content-Length": str(len(header))},
+            return self._maybe_compressed(
+                request,
+                web.Response(
+                    body=header + struct.pack("<f", prediction),
+                    content_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))},
+                ),
             )
-        return web.json_response(
+        answer = web.json_response(
             {
                 "model_name": self.model,
-                "id": request.headers.get("X-Request-Id", ""),
+                "id": request_id,
                 "outputs": [
                     {"name": "score", "shape": [1], "datatype": "FP64", "data": [prediction]},
                     {"name": "confidence", "shape": [1], "datatype": "FP64", "data": [self.behaviour.confidence]},
                 ],
             }
         )
+        return self._maybe_compressed(request, answer)
+
+    def _maybe_compressed(self, request: web.Request, response: web.Response) -> web.Response:
+        """gzip if the client accepts it, else deflate if it accepts that (when compress is on)."""
+        accepted = request.headers.get("Accept-Encoding", "")
+        if self.behaviour.compress:
+            for coding in (web.ContentCoding.gzip, web.ContentCoding.deflate):
+                if coding.value in accepted:
+                    response.enable_compression(coding)
+                    break
+        return response
+
+    async def config_v2(self, request: web.Request) -> web.Response:
+        if request.match_info["name"] != self.model:
+            return web.json_response({"error": "model not found"}, status=404)
+        self.stats.other += 1
+        return web.json_response({"name": self.model, "backend": "shadowgate-test", "max_batch_size": 8})
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        self.stats.other += 1
+        ready = (await request.json()).get("ready", False) if await request.read() else False
+        return web.json_response([{"name": self.model, "state": "READY", "asked_ready_only": ready}])
 
     async def predict_v1(self, request: web.Request) -> web.Response:
         failed, prediction = await self._infer(request)
@@ -232,7 +279,12 @@ class ModelServer:
 
     async def get_stats(self, _: web.Request) -> web.Response:
         return web.json_response(
-            {"requests": self.stats.requests, "errors": self.stats.errors, "requestIds": list(self.stats.request_ids)}
+            {
+                "requests": self.stats.requests,
+                "errors": self.stats.errors,
+                "requestIds": list(self.stats.request_ids),
+                "other": self.stats.other,
+            }
         )
 
     async def serve(self, port: int, ready: asyncio.Event | None = None) -> None:

@@ -108,7 +108,13 @@ class ModelServer(Process):
             ],
             log_dir / f"model-{self.port}.log",
         )
-        self.defaults = {"bias": bias, "latencyMs": latency_ms, "errorRate": error_rate, "hang": False}
+        self.defaults = {
+            "bias": bias,
+            "latencyMs": latency_ms,
+            "errorRate": error_rate,
+            "hang": False,
+            "compress": False,
+        }
 
     def start(self) -> None:
         super().start()

@@ -13,7 +13,8 @@ from shadowgate_router.protocols import (
     Kind,
     UnknownPath,
     WrongMethod,
-    header_length,
+    answer_format,
+    body_request_id,
     json_header_length,
     match,
 )
@@ -26,6 +27,17 @@ from shadowgate_router.protocols import (
         (Protocol.V2, "GET", "/v2/models/fraud/ready", Kind.PASSTHROUGH, "fraud", "/v2/models/{model}/ready"),
         (Protocol.V2, "GET", "/v2/models/fraud", Kind.PASSTHROUGH, "fraud", "/v2/models/{model}"),
         (Protocol.V2, "GET", "/v2/health/ready", Kind.PASSTHROUGH, None, "/v2/health/ready"),
+        # The rest of the v2 / Triton / MLServer surface: passed on with the model's name swapped.
+        (Protocol.V2, "GET", "/v2/models/fraud/config", Kind.PASSTHROUGH, "fraud", "/v2/models/{model}/config"),
+        (Protocol.V2, "GET", "/v2/models/fraud/stats", Kind.PASSTHROUGH, "fraud", "/v2/models/{model}/stats"),
+        (Protocol.V2, "POST", "/v2/models/fraud/generate", Kind.PASSTHROUGH, "fraud", "/v2/models/{model}/generate"),
+        (Protocol.V2, "POST", "/v2/models/fraud/explain", Kind.PASSTHROUGH, "fraud", "/v2/models/{model}/explain"),
+        (Protocol.V2, "GET", "/v2/models/stats", Kind.PASSTHROUGH, None, "/v2/models/stats"),
+        (Protocol.V2, "POST", "/v2/repository/index", Kind.PASSTHROUGH, None, "/v2/repository/index"),
+        (Protocol.V2, "POST", "/v2/logging", Kind.PASSTHROUGH, None, "/v2/logging"),
+        (Protocol.V2, "GET", "/v2/systemsharedmemory/status", Kind.PASSTHROUGH, None, "/v2/systemsharedmemory/status"),
+        (Protocol.V1, "POST", "/v1/models/fraud:explain", Kind.PASSTHROUGH, "fraud", "/v1/models/{model}:explain"),
+        (Protocol.V1, "GET", "/v1/models", Kind.PASSTHROUGH, None, "/v1/models"),
         (Protocol.V1, "POST", "/v1/models/fraud:predict", Kind.INFER, "fraud", "/v1/models/{model}:predict"),
         (Protocol.V1, "GET", "/v1/models/fraud", Kind.PASSTHROUGH, "fraud", "/v1/models/{model}"),
         (Protocol.JSON, "POST", "/api/score", Kind.INFER, None, "/api/score"),
@@ -55,6 +67,13 @@ def test_paths(protocol: Protocol, method: str, path: str, kind: Kind, model: st
             "/v2/models/c/ready",
         ),
         ("GET", "/v2/models/fraud/versions/3", Kind.PASSTHROUGH, "/v2/models/p/versions/3", "/v2/models/c"),
+        (
+            "GET",
+            "/v2/models/fraud/versions/3/config",
+            Kind.PASSTHROUGH,
+            "/v2/models/p/versions/3/config",
+            "/v2/models/c/config",
+        ),
         ("POST", "/v2/models/fraud/infer", Kind.INFER, "/v2/models/p/infer", "/v2/models/c/infer"),
     ],
 )
@@ -66,6 +85,30 @@ def test_a_version_in_the_path_is_production_s(
     assert found.kind is kind and found.model == "fraud"
     assert found.template.format(model="p") == production
     assert found.candidate_template.format(model="c") == candidate
+
+
+def test_a_405_names_the_allowed_method() -> None:
+    with pytest.raises(WrongMethod) as refused:
+        match(Protocol.V2, "PUT", "/v2/health/live")
+    assert refused.value.allow == "GET"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "document", "expected"),
+    [
+        (Protocol.V2, {"id": "trade-7", "inputs": []}, b"trade-7"),
+        (Protocol.V2, {"inputs": []}, None),
+        (Protocol.V2, {"id": "", "inputs": []}, None),
+        (Protocol.V2, {"id": 7, "inputs": []}, None),  # the v2 id is a string
+        (Protocol.V1, {"id": "r-1", "instances": []}, b"r-1"),
+        (Protocol.V1, {"id": 12, "instances": []}, b"12"),
+        (Protocol.V1, {"instances": []}, None),
+        (Protocol.V2, [1, 2], None),
+        (Protocol.JSON, {"id": "account-row-id"}, None),  # a plain API's fields mean what that API says
+    ],
+)
+def test_the_request_id_a_body_carries(protocol: Protocol, document: object, expected: bytes | None) -> None:
+    assert body_request_id(protocol, document) == expected
 
 
 def test_json_paths_with_braces_survive_the_template() -> None:
@@ -83,7 +126,7 @@ def test_json_paths_with_braces_survive_the_template() -> None:
             "POST /v2/models/{name}[/versions/{version}]/infer",
         ),
         (Protocol.V2, "GET", "/v2/models/fraud/versions/3/infer", WrongMethod, "use POST"),
-        (Protocol.V2, "POST", "/v2/models/fraud/explain", UnknownPath, "v2"),
+        (Protocol.V2, "POST", "/v1/models/fraud:predict", UnknownPath, "the model server's other /v2 paths"),
         (Protocol.V2, "GET", "/v2/models/fraud/infer", WrongMethod, "use POST"),
         (Protocol.V2, "POST", "/v2/models/fraud/ready", WrongMethod, "use GET"),
         (Protocol.V1, "POST", "/v2/models/fraud/infer", UnknownPath, "POST /v1/models/{name}:predict"),
@@ -172,13 +215,9 @@ def test_binary_outputs_are_read_in_order_beside_json_ones() -> None:
         [("score", "FP32", struct.pack("<f", 2.0)), ("p", "FP64", struct.pack("<2d", 0.1, 0.9))]
     )
     assert Extractor("outputs[0].data[0]", "outputs[1].data[1]")(body, length) == (2.0, 0.9)
-    assert (
-        header_length(
-            [(b"content-type", b"application/octet-stream"), (b"inference-header-content-length", str(length).encode())]
-        )
-        == length
-    )
-    assert header_length([(b"content-type", b"application/json")]) is None
+    headers = [(b"content-type", b"application/octet-stream"), (b"inference-header-content-length", b"%d" % length)]
+    assert answer_format(headers) == (length, None)
+    assert answer_format([(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]) == (None, b"gzip")
 
 
 def test_a_truncated_binary_answer_has_no_prediction() -> None:
