@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 SCENARIO ?= promote
 
-.PHONY: help setup binaries test test-unit lint format crds demo clean dev-up dev-down bench-decision
+.PHONY: help setup binaries test test-unit lint format crds protos demo clean dev-up dev-down bench-decision
 
 help:
 	@echo "make test    set up everything, then run the whole test suite (real API server and PostgreSQL)"
@@ -42,6 +42,10 @@ lint: $(INSTALLED)
 crds: $(INSTALLED)
 	$(BIN)/shadowgate crd
 	cp crds/*.yaml manifests/crds/  # kustomize reads nothing outside manifests/
+
+# The router's copy of the Open Inference Protocol's gRPC messages (tests/unit/test_router_grpc_wire.py checks it is fresh).
+protos: $(INSTALLED)
+	$(BIN)/python -m grpc_tools.protoc -I router --python_out=router --pyi_out=router router/shadowgate_router/oip/inference.proto
 
 format: $(INSTALLED)
 	$(BIN)/ruff check --fix .

@@ -106,6 +106,11 @@ CASES: tuple[Case, ...] = (
         _spec(protocol="json"),
         "protocol json needs prediction.path",
     ),
+    Case(
+        "grpc-port-without-v2",
+        _spec(protocol="v1", candidate={"grpcPort": 8081}),
+        "grpcPort is for protocol v2",
+    ),
     Case("prediction-path-malformed", _spec(prediction={"path": "outputs[0"}), "spec.prediction.path"),
     Case("interval-too-short", _spec(analysis={"interval": "2s"}), "analysis.interval must be between 5s and 60s"),
     Case("interval-too-long", _spec(analysis={"interval": "2m"}), "analysis.interval must be between 5s and 60s"),

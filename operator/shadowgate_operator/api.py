@@ -21,6 +21,7 @@ from enum import StrEnum
 from fractions import Fraction as Exact
 from itertools import pairwise
 from typing import Annotated, Any, ClassVar, Final, Literal, Self, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import (
     AwareDatetime,
@@ -445,6 +446,10 @@ class ModelEndpoint(ApiModel):
     """Base URL of the model server, e.g. http://10.0.0.7:8080 (no query string)."""
     service: ServiceRef | None = None
     """A Service in front of the model server; resolved to http://{name}.{namespace}.svc:{port}."""
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of the model server's gRPC endpoint (inference.GRPCInferenceService, plaintext), on the url's
+    host or the Service: Triton 8001, MLServer and KServe 8081. Protocol v2 only; without it, gRPC calls
+    the router would send to this server fail with UNAVAILABLE."""
 
     __declared_rules__ = _url_rules("url")
 
@@ -463,6 +468,13 @@ class ModelEndpoint(ApiModel):
         if self.service is None:  # excluded by _one_address; kept for the type checker
             raise ValueError(f"model endpoint {self.name!r} has neither url nor service")
         return self.service.url(default_namespace)
+
+    def grpc_address(self, default_namespace: str) -> str | None:
+        """HOST:PORT of the gRPC endpoint (the url's host or the Service's name), None without grpcPort."""
+        if self.grpc_port is None:
+            return None
+        host = urlsplit(self.base_url(default_namespace)).hostname or ""
+        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
 
     def same_server(self, other: ModelEndpoint) -> bool:
         """Whether both point at the same server and model name, i.e. would get identical requests."""
@@ -770,6 +782,13 @@ class ShadowDeploymentSpec(ApiModel):
     )
     def _json_needs_path(self) -> bool:
         return self.protocol is not Protocol.JSON or self.prediction is not None
+
+    @rule(
+        "self.protocol == 'v2' || (!has(self.production.grpcPort) && !has(self.candidate.grpcPort))",
+        "grpcPort is for protocol v2 (gRPC is the Open Inference Protocol's inference.GRPCInferenceService)",
+    )
+    def _grpc_needs_v2(self) -> bool:
+        return self.protocol is Protocol.V2 or (self.production.grpc_port is None and self.candidate.grpc_port is None)
 
     @rule(
         "self.candidate.version != self.production.version",

@@ -12,13 +12,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shadowgate_operator.api import API_VERSION, KIND, ModelEndpoint, Phase, ShadowDeployment, TrafficMode
+from shadowgate_operator.api import API_VERSION, KIND, ModelEndpoint, Phase, Protocol, ShadowDeployment, TrafficMode
 from shadowgate_router.config import (
     ENV_CONFIGMAP,
     ENV_DSN,
     ENV_NAMESPACE,
     ENV_OUTCOME_TOKEN,
     ENV_SPOOL_DIR,
+    GRPC_PORT,
     HTTP_PORT,
     RouterConfig,
     Upstream,
@@ -172,6 +173,7 @@ def _upstream(sd: ShadowDeployment, endpoint: ModelEndpoint) -> Upstream:
         version=endpoint.version,
         url=endpoint.base_url(sd.namespace),
         model_name=endpoint.served_model_name,
+        grpc_address=endpoint.grpc_address(sd.namespace),
     )
 
 
@@ -220,7 +222,10 @@ def deployment(sd: ShadowDeployment, settings: OperatorSettings) -> Manifest:
         "image": spec.router.image or settings.router_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["shadowgate", "router"],
-        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+        ],
         "env": [
             {"name": ENV_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": ENV_CONFIGMAP, "value": sd.router_name},
@@ -279,17 +284,28 @@ def deployment(sd: ShadowDeployment, settings: OperatorSettings) -> Manifest:
     }
 
 
+ROUTER_GRPC_SERVICE_PORT = GRPC_PORT
+
+
 def service(sd: ShadowDeployment) -> Manifest:
-    """What clients call instead of the production model: http://<name>-router.<namespace>.svc."""
+    """What clients call instead of the production model: http://<name>-router.<namespace>.svc, and for
+    protocol v2 also gRPC at <name>-router.<namespace>.svc:8081 (inference.GRPCInferenceService)."""
+    ports: list[dict[str, Any]] = [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    if sd.spec.protocol is Protocol.V2:
+        ports.append(
+            {
+                "name": "grpc",
+                "port": ROUTER_GRPC_SERVICE_PORT,
+                "targetPort": "grpc",
+                "protocol": "TCP",
+                "appProtocol": "kubernetes.io/h2c",  # gRPC is HTTP/2 without TLS here
+            }
+        )
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(sd),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(sd),
-            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
-        },
+        "spec": {"type": "ClusterIP", "selector": selector_labels(sd), "ports": ports},
     }
 
 

@@ -23,6 +23,7 @@ from shadowgate_router.config import (
     ENV_NAMESPACE,
     ENV_OUTCOME_TOKEN,
     ENV_SPOOL_DIR,
+    GRPC_PORT,
     HTTP_PORT,
 )
 
@@ -64,7 +65,12 @@ def register(subparsers: Any) -> None:
         "this file instead of a ConfigMap; re-read when it changes",
     )
     serving = parser.add_argument_group("serving")
-    serving.add_argument("--listen", default=f"0.0.0.0:{HTTP_PORT}", help="HOST:PORT to listen on")
+    serving.add_argument("--listen", default=f"0.0.0.0:{HTTP_PORT}", help="HOST:PORT to listen on (HTTP/1.1)")
+    serving.add_argument(
+        "--grpc-listen",
+        default=f"0.0.0.0:{GRPC_PORT}",
+        help="HOST:PORT to serve gRPC on (inference.GRPCInferenceService, protocol v2); 'off' to not serve it",
+    )
     serving.add_argument(
         "--body-limit", type=int, default=10 * 1024 * 1024, help="largest request body accepted, in bytes (bigger: 413)"
     )
@@ -154,6 +160,13 @@ def run(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     if not port.isdigit():
         return _fail(f"--listen {args.listen!r} is not HOST:PORT")
+    grpc_host: str | None = None
+    grpc_port = "0"
+    if args.grpc_listen != "off":
+        grpc_host, _, grpc_port = args.grpc_listen.rpartition(":")
+        if not grpc_port.isdigit():
+            return _fail(f"--grpc-listen {args.grpc_listen!r} is not HOST:PORT or 'off'")
+        grpc_host = grpc_host.strip("[]") or "0.0.0.0"
     token = os.environ.get(ENV_OUTCOME_TOKEN) or None
     if args.outcome_token_file is not None:
         try:
@@ -167,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         spool_dir=args.spool_dir or Path(tempfile.gettempdir()) / "shadowgate-spool",
         host=host.strip("[]") or "0.0.0.0",
         port=int(port),
+        grpc_host=grpc_host,
+        grpc_port=int(grpc_port),
         outcome_token=token,
         body_limit=args.body_limit,
         proxy=ProxySettings(

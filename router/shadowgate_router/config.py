@@ -24,6 +24,8 @@ CONFIG_KEY = "config.json"
 
 HTTP_PORT = 8080
 """The router listens here (named ``http``): traffic, outcomes, /healthz, /readyz, /metrics."""
+GRPC_PORT = 8081
+"""And here (named ``grpc``) for gRPC: inference.GRPCInferenceService (protocol v2)."""
 
 # Environment of a router pod, set by the operator's Deployment.
 ENV_NAMESPACE = "POD_NAMESPACE"
@@ -83,6 +85,8 @@ class Upstream(_Model):
     """Base URL; protocol paths are appended (``{url}/v2/models/{modelName}/infer``)."""
     model_name: str = Field(min_length=1)
     """The name the model server knows the model by."""
+    grpc_address: str | None = Field(default=None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):[0-9]{1,5}$")
+    """HOST:PORT of the model server's gRPC endpoint (plaintext HTTP/2), for protocol v2; None: no gRPC."""
 
     @property
     def base_url(self) -> str:

@@ -86,6 +86,12 @@ class RouterMetrics:
             ["table"],
             registry=registry,
         )
+        self.grpc_responses = Counter(
+            "shadowgate_router_grpc_responses",
+            "Answers to gRPC clients by status code name (the model server's, or the router's own).",
+            ["code"],
+            registry=registry,
+        )
         self.refusals = Counter(
             "shadowgate_router_refusals",
             "Requests the router refused itself, without calling a model server: protocol http (status: the "

@@ -20,11 +20,13 @@ import json
 import math
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from shadowgate_router.config import Protocol, RouterConfig, parse_json_path
+from shadowgate_router.oip import inference_pb2
 
 
 class Kind(Enum):
@@ -255,8 +257,62 @@ class Extractor:
                 _decode_binary_outputs(document, body[json_length:])
         except (ValueError, struct.error):  # UnicodeDecodeError is a ValueError too
             return None, None
+        return self.read(document)
+
+    def read(self, document: object) -> tuple[float | None, float | None]:
+        """(prediction, confidence) of an answer already decoded (a JSON document, or a gRPC answer as one)."""
         confidence = _number(_walk(document, self.confidence)) if self.confidence else None
         return _number(_walk(document, self.prediction)), confidence
+
+
+_CONTENTS_FIELDS = {
+    "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}  # fmt: skip
+"""Where the gRPC InferTensorContents keeps each datatype's elements (FP16 and BF16 travel raw only)."""
+
+
+def grpc_answer_document(answer: inference_pb2.ModelInferResponse) -> dict[str, Any]:
+    """A gRPC ModelInferResponse in the shape of the REST answer, so one prediction path reads both:
+    ``{"model_name", "model_version", "id", "parameters", "outputs": [{"name", "datatype", "shape", "data"}]}``.
+    ``data`` comes from the output's typed ``contents``, or from ``raw_output_contents`` (little-endian, the
+    same decoding as the binary extension); at most MAX_DECODED elements each; BYTES become text."""
+    raw = answer.raw_output_contents
+    outputs = []
+    for index, output in enumerate(answer.outputs):
+        datatype = output.datatype
+        data: list[object]
+        if index < len(raw):
+            data = _tensor(datatype, raw[index])
+        else:
+            field = _CONTENTS_FIELDS.get(datatype)
+            values = getattr(output.contents, field)[:MAX_DECODED] if field else []
+            data = [value.decode(errors="replace") for value in values] if datatype == "BYTES" else list(values)
+        outputs.append(
+            {
+                "name": output.name,
+                "datatype": datatype,
+                "shape": list(output.shape),
+                "parameters": _parameters(output.parameters),
+                "data": data,
+            }
+        )
+    return {
+        "model_name": answer.model_name,
+        "model_version": answer.model_version,
+        "id": answer.id,
+        "parameters": _parameters(answer.parameters),
+        "outputs": outputs,
+    }
+
+
+def _parameters(parameters: Mapping[str, inference_pb2.InferParameter]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        values[key] = getattr(parameter, choice) if choice else None
+    return values
 
 
 def _walk(document: object, path: tuple[str | int, ...]) -> object:

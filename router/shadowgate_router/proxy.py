@@ -145,7 +145,7 @@ class Proxy:
         self.settings = settings or ProxySettings()
         self.route: Route | None = None
         self._pools: dict[str, UpstreamPool] = {}
-        self._mirrors: set[asyncio.Task[Answer]] = set()
+        self._mirrors: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Task[None]] = set()
         self._calls: dict[tuple[str, str, str], Any] = {}
         self._latencies: dict[tuple[str, str], Any] = {}
@@ -366,8 +366,7 @@ class Proxy:
     def _mirror(
         self, route: Route, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> asyncio.Task[Answer] | None:
-        if len(self._mirrors) >= self.settings.mirror_concurrency:
-            self.metrics.mirror_dropped.inc()
+        if self.mirrors_full():
             return None
         task = asyncio.get_running_loop().create_task(
             self._call(
@@ -381,9 +380,20 @@ class Proxy:
                 route.config.mirror_timeout_seconds,
             )
         )
+        self.track_mirror(task)
+        return task
+
+    def mirrors_full(self) -> bool:
+        """Whether --mirror-concurrency copies (HTTP and gRPC together) are in flight; counts the drop if so."""
+        if len(self._mirrors) >= self.settings.mirror_concurrency:
+            self.metrics.mirror_dropped.inc()
+            return True
+        return False
+
+    def track_mirror(self, task: asyncio.Task[Any]) -> None:
+        """A shadow copy in flight: counted against the limit, and waited for at shutdown."""
         self._mirrors.add(task)
         task.add_done_callback(self._mirrors.discard)
-        return task
 
     @staticmethod
     def _target(template: str, model: str, query: bytes) -> bytes:
@@ -438,10 +448,11 @@ class Proxy:
         else:
             answer = Answer(response.status, None, "", (time.perf_counter() - started) * 1000, response)
             label = str(response.status)
-        self._count(side, role, label, answer.latency_ms)
+        self.count_call(side, role, label, answer.latency_ms)
         return answer
 
-    def _count(self, side: str, role: str, label: str, latency_ms: float) -> None:
+    def count_call(self, side: str, role: str, label: str, latency_ms: float) -> None:
+        """A model server call in requests_total and upstream_latency_seconds (HTTP and gRPC alike)."""
         counter = self._calls.get((side, role, label))
         if counter is None:
             counter = self._calls[(side, role, label)] = self.metrics.requests.labels(side, role, label)
@@ -483,6 +494,31 @@ class Proxy:
         features: str | None,
     ) -> None:
         config = route.config
+        self.put_row(
+            route,
+            received,
+            request_id,
+            served_by,
+            self._side(route.extractor, config.production.version, production),
+            self._side(route.extractor, config.candidate.version, candidate),
+            fallback,
+            features,
+        )
+
+    def put_row(
+        self,
+        route: Route,
+        received: int,
+        request_id: bytes,
+        served_by: str,
+        production: Row,
+        candidate: Row,
+        fallback: bool,
+        features: str | None,
+    ) -> None:
+        """Queue one predictions row (HTTP and gRPC alike); each side is (version, prediction, confidence,
+        latency_ms, status, error), all None for a side that was not called."""
+        config = route.config
         row: Row = (
             received,
             config.namespace,
@@ -492,8 +528,8 @@ class Proxy:
             config.mode.value,
             config.weight,
             route.revision,
-            *self._side(route.extractor, config.production.version, production),
-            *self._side(route.extractor, config.candidate.version, candidate),
+            *production,
+            *candidate,
             fallback,
             features,
         )

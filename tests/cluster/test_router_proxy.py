@@ -74,7 +74,8 @@ def start_router(tmp_path: Path, dsn: str, request: pytest.FixtureRequest) -> It
 
 
 def config_for(servers: tuple[ModelServer, ModelServer], deployment: str, **changes: Any) -> dict[str, Any]:
-    return router_config(servers[0].url, servers[1].url, deployment=deployment, **changes)
+    grpc = (servers[0].grpc_address, servers[1].grpc_address)
+    return router_config(servers[0].url, servers[1].url, grpc=grpc, deployment=deployment, **changes)
 
 
 def prediction(result: Result) -> float:

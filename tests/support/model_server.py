@@ -1,7 +1,10 @@
 """A tiny but real model server for router tests and benchmarks, on loopback.
 
 It speaks the three protocols the router fronts (Open Inference Protocol v2, KServe v1, plain JSON;
-v2 with model versions in the path and the binary tensor data extension, as tritonclient uses them),
+v2 with model versions in the path and the binary tensor data extension, as tritonclient uses them; and,
+with ``--grpc-port``, v2 over gRPC: inference.GRPCInferenceService's ModelInfer, ModelReady, ModelMetadata,
+ServerLive/Ready and the ModelStreamInfer stream, answering with typed contents or raw output contents as
+the request's inputs came),
 answers with a prediction that is a known function of the input (``bias + sum(inputs)``), so a test can
 tell which server answered, and can be made slow or failing on demand: at start (``--latency-ms``,
 ``--error-rate``) or while running (``POST /control``), which lets one test compare a healthy and a
@@ -26,7 +29,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from aiohttp import web
+
+from shadowgate_router.oip import inference_pb2
 
 
 @dataclass
@@ -287,7 +293,73 @@ class ModelServer:
             }
         )
 
-    async def serve(self, port: int, ready: asyncio.Event | None = None) -> None:
+    # gRPC: the same model, behaviour and stats
+    async def _grpc_infer(self, request: inference_pb2.ModelInferRequest, context: Any, unary: bool = True) -> bytes:
+        if request.model_name != self.model:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model_name!r} not found")
+        self.stats.requests += 1
+        metadata = dict(context.invocation_metadata() or ())
+        self.stats.request_ids.append(str(metadata.get("x-request-id", "")))
+        behaviour = self.behaviour
+        if behaviour.hang:
+            await self.unhung.wait()
+        if behaviour.latency_ms > 0:
+            await asyncio.sleep(behaviour.latency_ms / 1000)
+        if behaviour.error_rate > 0 and self.random.random() < behaviour.error_rate:
+            self.stats.errors += 1
+            await context.abort(grpc.StatusCode.INTERNAL, "injected failure")
+        prediction = behaviour.bias + sum(_grpc_inputs(request))
+        answer = inference_pb2.ModelInferResponse(model_name=self.model, model_version="1", id=request.id)
+        score = answer.outputs.add(name="score", datatype="FP64", shape=[1])
+        confidence = answer.outputs.add(name="confidence", datatype="FP64", shape=[1])
+        if request.raw_input_contents:  # raw in, raw out (as Triton answers tritonclient)
+            answer.raw_output_contents.extend([struct.pack("<d", prediction), struct.pack("<d", behaviour.confidence)])
+        else:
+            score.contents.fp64_contents.append(prediction)
+            confidence.contents.fp64_contents.append(behaviour.confidence)
+        if unary:
+            await context.send_initial_metadata((("x-model-server", self.model),))
+        return answer.SerializeToString()
+
+    async def grpc_model_infer(self, data: bytes, context: Any) -> bytes:
+        return await self._grpc_infer(inference_pb2.ModelInferRequest.FromString(data), context)
+
+    async def grpc_stream_infer(self, requests: Any, context: Any) -> Any:
+        async for data in requests:  # ModelStreamInferResponse { error_message = 1; infer_response = 2 }
+            answer = await self._grpc_infer(inference_pb2.ModelInferRequest.FromString(data), context, unary=False)
+            yield _field(2, answer)
+
+    async def grpc_model_ready(self, data: bytes, context: Any) -> bytes:
+        named = inference_pb2.ModelRequest.FromString(data)
+        if named.name != self.model:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {named.name!r} not found")
+        self.stats.other += 1
+        return b"\x08\x01"  # ModelReadyResponse { ready: true }
+
+    async def grpc_model_metadata(self, data: bytes, context: Any) -> bytes:
+        named = inference_pb2.ModelRequest.FromString(data)
+        if named.name != self.model:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {named.name!r} not found")
+        self.stats.other += 1
+        return _field(1, self.model.encode()) + _field(3, b"shadowgate-test")  # name, platform
+
+    async def grpc_live(self, data: bytes, context: Any) -> bytes:
+        return b"\x08\x01"  # ServerLiveResponse / ServerReadyResponse { live/ready: true }
+
+    def grpc_handlers(self) -> Any:
+        service = "inference.GRPCInferenceService"
+        unary = {
+            "ModelInfer": self.grpc_model_infer,
+            "ModelReady": self.grpc_model_ready,
+            "ModelMetadata": self.grpc_model_metadata,
+            "ServerLive": self.grpc_live,
+            "ServerReady": self.grpc_live,
+        }
+        handlers = {name: grpc.unary_unary_rpc_method_handler(call) for name, call in unary.items()}
+        handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(self.grpc_stream_infer)
+        return grpc.method_handlers_generic_handler(service, handlers)
+
+    async def serve(self, port: int, ready: asyncio.Event | None = None, grpc_port: int | None = None) -> None:
         # Like most model servers, stop working on a request whose client has gone (a router's timeout),
         # and do not wait long for stuck requests when stopping.
         runner = web.AppRunner(
@@ -296,12 +368,49 @@ class ModelServer:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
         await site.start()
+        server = None
+        if grpc_port is not None:
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers([self.grpc_handlers()])
+            server.add_insecure_port(f"127.0.0.1:{grpc_port}")
+            await server.start()
         if ready is not None:
             ready.set()
         try:
             await asyncio.Event().wait()
         finally:
+            if server is not None:
+                await server.stop(1.0)
             await runner.cleanup()
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (strings, bytes, messages)."""
+    length, varint = len(payload), bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        varint.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes([number << 3 | 2]) + bytes(varint) + payload
+
+
+_RAW_FORMATS = {"FP32": "f", "FP64": "d", "INT32": "i", "INT64": "q"}
+
+
+def _grpc_inputs(request: inference_pb2.ModelInferRequest) -> list[float]:
+    """Every input element: typed contents, or raw_input_contents (little-endian) in order."""
+    values: list[float] = []
+    for index, tensor in enumerate(request.inputs):
+        if index < len(request.raw_input_contents):
+            raw = request.raw_input_contents[index]
+            code = _RAW_FORMATS[tensor.datatype]
+            values += struct.unpack(f"<{len(raw) // struct.calcsize(code)}{code}", raw)
+        else:
+            contents = tensor.contents
+            values += [*contents.fp64_contents, *contents.fp32_contents, *contents.int64_contents]
+            values += [*contents.int_contents]
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--error-rate", type=float, default=0.0)
     parser.add_argument("--confidence", type=float, default=0.75)
+    parser.add_argument("--grpc-port", type=int, default=None, help="also serve v2 over gRPC on this port")
     args = parser.parse_args(argv)
     with contextlib.suppress(ImportError):
         import uvloop
@@ -328,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, task.cancel)
         with contextlib.suppress(asyncio.CancelledError):
-            await ModelServer(args.model, behaviour).serve(args.port)
+            await ModelServer(args.model, behaviour).serve(args.port, grpc_port=args.grpc_port)
 
     asyncio.run(run())
     return 0

@@ -92,6 +92,8 @@ class ModelServer(Process):
     def __init__(self, log_dir: Path, *, bias: float = 0.0, latency_ms: float = 0.0, error_rate: float = 0.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         super().__init__(
             [
                 sys.executable,
@@ -99,6 +101,8 @@ class ModelServer(Process):
                 "tests.support.model_server",
                 "--port",
                 str(self.port),
+                "--grpc-port",
+                str(self.grpc_port),
                 "--bias",
                 str(bias),
                 "--latency-ms",
@@ -157,8 +161,11 @@ async def migrated_postgres() -> AsyncIterator[Postgres]:
         postgres.cleanup()
 
 
-def router_config(production: str, candidate: str, **changes: Any) -> dict[str, Any]:
-    """A RouterConfig document (what the operator writes to the ConfigMap) for two local model servers."""
+def router_config(
+    production: str, candidate: str, *, grpc: tuple[str, str] | None = None, **changes: Any
+) -> dict[str, Any]:
+    """A RouterConfig document (what the operator writes to the ConfigMap) for two local model servers;
+    `grpc`: their gRPC addresses (HOST:PORT), production's and the candidate's."""
     document: dict[str, Any] = {
         "deployment": "fraud-detector",
         "namespace": "models",
@@ -175,6 +182,8 @@ def router_config(production: str, candidate: str, **changes: Any) -> dict[str, 
         "timeoutSeconds": 5,
         "mirrorTimeoutSeconds": 5,
     }
+    if grpc is not None:
+        document["production"]["grpcAddress"], document["candidate"]["grpcAddress"] = grpc
     document.update(changes)
     RouterConfig.model_validate(document)  # fail here, not in the router, when a test writes nonsense
     return document
@@ -188,6 +197,8 @@ class Router(Process):
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         self.config_path = work / f"router-{self.port}.json"
         self.spool_dir = work / f"spool-{self.port}"
         self.token = token
@@ -199,6 +210,8 @@ class Router(Process):
                 "router",
                 "--listen",
                 f"127.0.0.1:{self.port}",
+                "--grpc-listen",
+                self.grpc_address,
                 "--dsn",
                 dsn,
                 "--spool-dir",

@@ -97,6 +97,28 @@ def test_service_selects_the_pods_of_the_deployment() -> None:
     assert objects["deployment"]["spec"]["selector"]["matchLabels"] == objects["service"]["spec"]["selector"]
 
 
+def test_grpc_is_served_for_protocol_v2_and_reaches_each_server_s_grpc_port() -> None:
+    sd = stored({"spec": {"production": {"grpcPort": 8001}, "candidate": {"grpcPort": 8001}}})
+    ports = {port["name"]: port for port in builders.service(sd)["spec"]["ports"]}
+    assert ports["grpc"] == {
+        "name": "grpc",
+        "port": 8081,
+        "targetPort": "grpc",
+        "protocol": "TCP",
+        "appProtocol": "kubernetes.io/h2c",
+    }
+    (container,) = builders.deployment(sd, SETTINGS)["spec"]["template"]["spec"]["containers"]
+    assert {"name": "grpc", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    config = builders.router_config(sd)
+    assert config.production.grpc_address == "fraud-v1.models.svc:8001"
+    by_url = stored({"spec": {"candidate": {"service": None, "url": "http://[fd00::7]:8000", "grpcPort": 8001}}})
+    assert builders.router_config(by_url).candidate.grpc_address == "[fd00::7]:8001"
+    assert builders.router_config(stored()).production.grpc_address is None, "no grpcPort: no gRPC upstream"
+
+    v1 = stored({"spec": {"protocol": "v1"}})
+    assert [port["name"] for port in builders.service(v1)["spec"]["ports"]] == ["http"]
+
+
 def test_deployment_wires_secrets_config_and_identity() -> None:
     pod = by_kind()["deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]

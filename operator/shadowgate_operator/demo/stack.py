@@ -133,7 +133,7 @@ def router_argv(environment: Environment, configmap: str, kubeconfig: Path, port
     return [
         sys.executable, "-m", "shadowgate_operator.cli", "router",
         "--configmap", configmap, "--namespace", environment.namespace, "--kubeconfig", str(kubeconfig),
-        "--listen", f"127.0.0.1:{port}", "--dsn", environment.dsn,
+        "--listen", f"127.0.0.1:{port}", "--grpc-listen", "off", "--dsn", environment.dsn,
         "--spool-dir", str(environment.workdir / "router-spool"), "--drain-seconds", "5",
     ]  # fmt: skip
 
