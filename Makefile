@@ -7,10 +7,11 @@ INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 SCENARIO ?= promote
 
-.PHONY: help setup binaries test test-unit lint format crds protos demo clean dev-up dev-down bench-decision
+.PHONY: help setup binaries test test-protocols test-unit lint format crds protos demo clean dev-up dev-down bench-decision
 
 help:
 	@echo "make test    set up everything, then run the whole test suite (real API server and PostgreSQL)"
+	@echo "make test-protocols  the router in front of real MLServer, KServe and Triton servers and clients"
 	@echo "make demo    the whole story on one machine: a candidate shadowed and promoted (SCENARIO=rollback: rolled back)"
 	@echo "make lint    ruff, mypy and the stale-CRD check"
 	@echo "make crds    regenerate crds/ (and manifests/crds/) from the pydantic types"
@@ -29,6 +30,12 @@ binaries: $(INSTALLED)
 
 test: binaries
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The router in front of real MLServer, KServe and Triton servers with real clients (tests/protocols/); the
+# servers' venvs are built once with uv and cached in ~/.cache/shadowgate/model-servers.
+test-protocols: binaries
+	$(BIN)/python -m tests.support.model_servers install
+	$(BIN)/pytest -m protocols tests/protocols $(PYTEST_ARGS)
 
 test-unit: $(INSTALLED)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
