@@ -21,11 +21,17 @@ import pytest
 from shadowgate_operator.localenv import ControlPlane, Postgres
 from shadowgate_operator.localenv.binaries import KUBERNETES
 from shadowgate_operator.localenv.cli import read_state
+from shadowgate_operator.localenv.postgres import database_description
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 STARTUP_TIMES: dict[str, float] = {}
+
+
+def pytest_report_header() -> str:
+    """What the throwaway database runs: CI's log must say "with timescaledb"."""
+    return f"throwaway database: {database_description()}"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -69,7 +75,16 @@ def database() -> Iterator[Postgres | None]:
         return
     started = time.monotonic()
     with Postgres() as postgres:
-        STARTUP_TIMES["PostgreSQL (initdb and start)"] = time.monotonic() - started
+        STARTUP_TIMES[f"{postgres.server} (initdb and start)"] = time.monotonic() - started
+        yield postgres
+
+
+@pytest.fixture(scope="session")
+def plain_database() -> Iterator[Postgres]:
+    """A second throwaway cluster, plain PostgreSQL (no TimescaleDB anywhere): shadowgate supports both."""
+    started = time.monotonic()
+    with Postgres(timescaledb=False) as postgres:
+        STARTUP_TIMES[f"{postgres.server}, plain (initdb and start)"] = time.monotonic() - started
         yield postgres
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import socket
 import stat
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from shadowgate_operator.localenv import ComponentError, ControlPlane, Postgres
 from shadowgate_operator.localenv.binaries import Binaries, ensure_binaries
+from shadowgate_operator.localenv.postgres import find_postgres_bin
 from tests.conftest import Kubectl
 
 pytestmark = pytest.mark.cluster
@@ -110,6 +112,47 @@ async def test_postgres_accepts_an_asyncpg_connection(dsn: str) -> None:
         assert await connection.fetchval("SELECT current_database()") == "shadowgate"
         await connection.execute("CREATE TEMP TABLE t (x int); INSERT INTO t VALUES (41)")
         assert await connection.fetchval("SELECT x + 1 FROM t") == 42
+    finally:
+        await connection.close()
+
+
+@pytest.mark.database
+async def test_the_cluster_preloads_timescaledb_from_a_private_tree(database: Postgres | None, dsn: str) -> None:
+    if database is None or not database.timescale:
+        pytest.skip(f"the throwaway database runs without TimescaleDB: {database and database.timescale_reason}")
+    assert database.bin_dir is not None
+    system = find_postgres_bin()
+    assert system not in database.bin_dir.parents and database.bin_dir != system
+    connection = await asyncpg.connect(dsn)
+    try:
+        assert await connection.fetchval("SHOW shared_preload_libraries") == "timescaledb"
+        assert await connection.fetchval("SHOW timescaledb.telemetry_level") == "off"
+        assert await connection.fetchval("SHOW timescaledb.license") == "timescale"
+        version = await connection.fetchval("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+        assert database.server.endswith(f"with timescaledb {version}")
+    finally:
+        await connection.close()
+
+
+@pytest.mark.database
+def test_the_machines_own_server_is_untouched(database: Postgres | None) -> None:
+    """No TimescaleDB files in the system's server tree, its configuration sample as it was."""
+    system = find_postgres_bin()
+    lines = subprocess.run(
+        [str(system / "pg_config"), "--pkglibdir", "--sharedir"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert not list(Path(lines[0]).glob("timescaledb*"))
+    assert not list(Path(lines[1], "extension").glob("timescaledb*"))
+    assert "timescaledb" not in Path(lines[1], "postgresql.conf.sample").read_text()
+
+
+@pytest.mark.database
+async def test_a_plain_cluster_has_no_timescaledb(plain_database: Postgres) -> None:
+    assert not plain_database.timescale and plain_database.bin_dir == find_postgres_bin()
+    connection = await asyncpg.connect(plain_database.dsn)
+    try:
+        assert await connection.fetchval("SHOW shared_preload_libraries") == ""
+        assert not await connection.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")
     finally:
         await connection.close()
 

@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         with ControlPlane(binaries=binaries) as plane, Postgres() as database:
             timings = {"control plane, PostgreSQL, CRDs": 0.0}
             _say(f"control plane up at {plane.server_url} ({plane.startup_seconds:.1f}s)")
-            timescale = "with timescaledb" if database.timescale else "plain PostgreSQL, no timescaledb"
-            _say(f"PostgreSQL up at {database.dsn} ({timescale})")
+            timescale = "" if database.timescale else f"; plain, no timescaledb: {database.timescale_reason}"
+            _say(f"PostgreSQL up at {database.dsn} ({database.server}{timescale})")
             environment = Environment(binaries.kubectl, plane.kubeconfig, database.dsn, DEMO_NAMESPACE, output)
             for crd in _crds():
                 environment.kubectl_run("apply", "--server-side", "-f", str(crd))

@@ -17,8 +17,9 @@ from typing import Any
 from shadowgate_operator.localenv.binaries import KUBERNETES, ensure_binaries
 from shadowgate_operator.localenv.controlplane import ControlPlane
 from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.postgres import Postgres
+from shadowgate_operator.localenv.postgres import Postgres, find_postgres_bin
 from shadowgate_operator.localenv.process import run_as_owner_needed
+from shadowgate_operator.localenv.timescaledb import ensure_timescaledb
 
 
 def dev_dir() -> Path:
@@ -93,7 +94,7 @@ def up(args: argparse.Namespace) -> int:
     state_path().write_text(json.dumps(state, indent=2))
     print(f"# control plane and PostgreSQL up in {time.monotonic() - started:.1f}s", file=sys.stderr)
     print(
-        f"# timescaledb: {'present' if database.timescale else 'absent (' + database.timescale_reason + ')'}",
+        f"# {database.server}" + ("" if database.timescale else f", no timescaledb ({database.timescale_reason})"),
         file=sys.stderr,
     )
     print(env_lines(state), end="", flush=True)
@@ -145,13 +146,20 @@ def env(_: argparse.Namespace) -> int:
 
 
 def build(_: argparse.Namespace) -> int:
+    """The control-plane binaries, then TimescaleDB (when its source is named, or already cached)."""
     try:
         binaries = ensure_binaries()
+        timescaledb = ensure_timescaledb(find_postgres_bin())
     except ComponentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for path in (binaries.etcd, binaries.kube_apiserver, binaries.kube_controller_manager, binaries.kubectl):
         print(path)
+    if timescaledb.tree is not None:
+        print(timescaledb.tree.bin_dir)
+        print(f"# throwaway PostgreSQL: {timescaledb.tree.describe()}", file=sys.stderr)
+    else:
+        print(f"# throwaway PostgreSQL: plain, no timescaledb: {timescaledb.reason}", file=sys.stderr)
     return 0
 
 
@@ -171,4 +179,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     up_parser.set_defaults(func=up)
     verbs.add_parser("down", help="stop everything `up` started and delete its data").set_defaults(func=down)
     verbs.add_parser("env", help="print the export lines for the running environment").set_defaults(func=env)
-    verbs.add_parser("build", help="build (or find in the cache) the control-plane binaries").set_defaults(func=build)
+    verbs.add_parser(
+        "build",
+        help="build (or find in the cache) the control-plane binaries, and TimescaleDB when "
+        "$SHADOWGATE_TIMESCALEDB_SOURCE names its source",
+    ).set_defaults(func=build)

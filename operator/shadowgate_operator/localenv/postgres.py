@@ -1,9 +1,12 @@
-"""A throwaway PostgreSQL cluster from the machine's own server binaries.
+"""A throwaway PostgreSQL cluster from the machine's own server binaries, with TimescaleDB where it was built.
 
 initdb into a temp dir, listen on a free loopback port with the socket in that dir, create the
-`shadowgate` database and try `CREATE EXTENSION timescaledb` (reported in `timescale`, never
-required). `stop()` then `start()` again keeps the data and the port: tests use it to take the
-database away under load and bring it back.
+`shadowgate` database and `CREATE EXTENSION timescaledb` in it. The server runs from the private tree
+of localenv/timescaledb.py (the machine's server with TimescaleDB built in and preloaded) when that is in
+the cache, and from the machine's own server otherwise, or when asked with `timescaledb=False` (a plain
+PostgreSQL, which shadowgate supports as well). `timescale` says whether the extension was created,
+`timescale_reason` why not, `server` what ran. `stop()` then `start()` again keeps the data and the port:
+tests use it to take the database away under load and bring it back.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from pathlib import Path
 
 from shadowgate_operator.localenv.errors import ComponentError
 from shadowgate_operator.localenv.process import ManagedProcess, free_port, port_is_free, run_as_owner_needed
+from shadowgate_operator.localenv.timescaledb import availability, linked_tree, server_version
 
 DATABASE = "shadowgate"
+TIMESCALEDB_ENV = "SHADOWGATE_TIMESCALEDB"
 SUPERUSER = "postgres"
 
 
@@ -45,6 +50,20 @@ def find_postgres_bin() -> Path:
     )
 
 
+def database_description() -> str:
+    """What `Postgres()` runs on this machine now, in one line (for logs: CI shows "with timescaledb")."""
+    try:
+        system = find_postgres_bin()
+        found = availability(system)
+    except ComponentError as exc:
+        return f"none: {exc}"
+    if os.environ.get(TIMESCALEDB_ENV, "1") == "0":
+        return f"PostgreSQL {server_version(system)}, plain (${TIMESCALEDB_ENV}=0)"
+    if found.tree is not None:
+        return f"{found.tree.describe()} (from {found.tree.root})"
+    return f"PostgreSQL {server_version(system)}, plain, no timescaledb: {found.reason}"
+
+
 @dataclass
 class Postgres:
     bin_dir: Path | None = None
@@ -52,8 +71,15 @@ class Postgres:
     port: int | None = None
     detached: bool = False
     start_timeout: float = 30.0
+    timescaledb: bool = field(default_factory=lambda: os.environ.get(TIMESCALEDB_ENV, "1") != "0")
+    """Run from the cached TimescaleDB tree when there is one (False: plain PostgreSQL; the default is
+    False when $SHADOWGATE_TIMESCALEDB=0, to run a whole suite or the demo on plain PostgreSQL)."""
+    settings: dict[str, str] = field(default_factory=dict)
+    """Server settings on the command line (`-c name=value`), e.g. timescaledb.license."""
     timescale: bool = False
     timescale_reason: str = ""
+    server: str = ""
+    """What runs, in words: "PostgreSQL 15.18 with timescaledb 2.22.1" or "PostgreSQL 15.18"."""
     initdb_seconds: float = 0.0
     process: ManagedProcess | None = field(default=None, init=False)
     _owns_directory: bool = False
@@ -102,13 +128,13 @@ class Postgres:
         return self.process.pid if self.process is not None and self.process.running() else None
 
     def _start(self) -> None:
-        bin_dir = self.bin_dir or find_postgres_bin()
         user = run_as_owner_needed()
         if self.directory is None:
             self.directory = Path(tempfile.mkdtemp(prefix="shadowgate-pg-"))
             self._owns_directory = True
             if user:
                 shutil.chown(self.directory, user)
+        bin_dir = self._server(user)
         self.port = self.port or free_port()
         if not port_is_free(self.port):
             raise ComponentError("postgres", f"port 127.0.0.1:{self.port} is already in use")
@@ -137,6 +163,7 @@ class Postgres:
                 "full_page_writes=off",
                 "-c",
                 "max_connections=200",
+                *(argument for name, value in self.settings.items() for argument in ("-c", f"{name}={value}")),
             ],
             log_path=self.log_path,
             user=user,
@@ -157,6 +184,24 @@ class Postgres:
             "accepting connections",
         )
         self._create_database(bin_dir)
+
+    def _server(self, user: str | None) -> Path:
+        """The bin/ to run: the one given, else the TimescaleDB tree (seen through links in our directory
+        when the server runs as another user, who cannot enter the cache's owner's home), else the
+        machine's."""
+        if self.bin_dir is not None:
+            self.server = self.server or f"PostgreSQL {server_version(self.bin_dir)}"
+            return self.bin_dir
+        system = find_postgres_bin()
+        found = availability(system) if self.timescaledb else None
+        if found is None or found.tree is None:
+            self.timescale_reason = found.reason if found is not None else "plain PostgreSQL asked for"
+            self.server = f"PostgreSQL {server_version(system)}"
+            self.bin_dir = system
+            return system
+        self.server = found.tree.describe()
+        self.bin_dir = linked_tree(found.tree, self._dir / "server") if user else found.tree.bin_dir
+        return self.bin_dir
 
     def _initdb(self, bin_dir: Path, data: Path, user: str | None) -> None:
         started = time.monotonic()
@@ -217,8 +262,13 @@ class Postgres:
             created = self._psql(bin_dir, "postgres", f"CREATE DATABASE {DATABASE}")
             if created.returncode != 0:
                 raise ComponentError("postgres", f"CREATE DATABASE failed: {created.stderr.strip()}", self.log_path)
+        if not self.timescaledb:
+            return
         # Timescale is optional: the schema uses it when present and plain PostgreSQL otherwise.
         attempt = self._psql(bin_dir, DATABASE, "CREATE EXTENSION IF NOT EXISTS timescaledb")
         self.timescale = attempt.returncode == 0
         lines = attempt.stderr.strip().splitlines()
-        self.timescale_reason = "" if self.timescale else (lines[0] if lines else "unknown error")
+        if self.timescale:
+            self.timescale_reason = ""
+        elif not self.timescale_reason:
+            self.timescale_reason = lines[0] if lines else "unknown error"
