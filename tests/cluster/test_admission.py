@@ -70,7 +70,9 @@ def test_invalid_manifest_is_refused_with_a_clear_message(kubectl: Kubectl, name
         ),
         pytest.param({"spec": {"analysis": {"interval": "5s", "maxStepDuration": "5s"}}}, id="interval-lower-edge"),
         pytest.param({"spec": {"analysis": {"interval": "1m", "maxStepDuration": None}}}, id="interval-upper-edge"),
-        pytest.param({"spec": {"router": {"resources": {"requests": {"cpu": 1, "memory": "1Gi"}}}}}, id="int-quantity"),
+        pytest.param(  # integers are quantities too; requests equal to limits (512Mi) is the edge
+            {"spec": {"router": {"resources": {"requests": {"cpu": 1, "memory": 536870912}}}}}, id="int-quantity"
+        ),
         pytest.param({"metadata": {"name": "f" * 56}}, id="longest-name"),
     ],
 )

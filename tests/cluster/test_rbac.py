@@ -105,7 +105,7 @@ def test_the_operator_does_its_whole_job_with_the_shipped_cluster_role(
             and len(listing["items"]) == 6
             and listing["items"]
         ),
-        15,
+        60,
         "the router's six children",
     )
     assert all(child["metadata"]["ownerReferences"][0]["uid"] == uid for child in children)
@@ -114,7 +114,7 @@ def test_the_operator_does_its_whole_job_with_the_shipped_cluster_role(
         lambda: (
             (s := shadow(kubectl, namespace, "least")["status"]).get("lastDecision", {}).get("action") == "Wait" and s
         ),
-        20,
+        60,
         "the first analysis",
     )
     assert decided["lastDecision"]["reason"].startswith("Waiting")
@@ -124,7 +124,7 @@ def test_the_operator_does_its_whole_job_with_the_shipped_cluster_role(
 
     kubectl("annotate", "shadowdeployment", "least", "-n", namespace, "shadowgate.io/action=promote")
     wait_phase(kubectl, namespace, "least", "Promoted")
-    eventually(lambda: router_config(kubectl, namespace, "least")["weight"] == 100, 10, "the router at 100%")
+    eventually(lambda: router_config(kubectl, namespace, "least")["weight"] == 100, 30, "the router at 100%")
 
     # Deleting waits for the operator to remove its finalizer; the garbage collector takes the children.
     kubectl("delete", "shadowdeployment", "least", "-n", namespace, "--timeout=30s")
@@ -152,7 +152,7 @@ def test_the_router_may_read_its_own_configmap_and_nothing_else(
     operator = start_as(start_operator, identity(shipped_rules), "--namespace", namespace)
     apply_shadow(namespace, example("narrow"))
     wait_phase(kubectl, namespace, "narrow", "Progressing")
-    eventually(lambda: get_json(kubectl, "rolebinding", "narrow-router", "-n", namespace), 10, "the RoleBinding")
+    eventually(lambda: get_json(kubectl, "rolebinding", "narrow-router", "-n", namespace), 30, "the RoleBinding")
     kubectl("create", "configmap", "someone-else", "-n", namespace, "--from-literal=secret-ish=value")
 
     router = f"system:serviceaccount:{namespace}:narrow-router"
@@ -223,7 +223,7 @@ def test_a_missing_permission_is_a_condition_and_an_event(
         lambda: (
             (c := ready_condition()) is not None and c["reason"] == "PermissionDenied" and "apply" in c["message"] and c
         ),
-        20,
+        60,
         "Ready=False with reason PermissionDenied",
     )
     assert denied["status"] == "False"
@@ -257,7 +257,7 @@ def test_a_missing_permission_is_a_condition_and_an_event(
     decided_at = shadow(kubectl, namespace, "denied")["status"]["lastDecision"]["time"]
     eventually(
         lambda: shadow(kubectl, namespace, "denied")["status"]["lastDecision"]["time"] != decided_at,
-        15,
+        60,
         "another analysis",
     )
     operator.assert_running()
@@ -267,9 +267,9 @@ def test_a_missing_permission_is_a_condition_and_an_event(
 
     # Granting the rule heals it at the next analysis: the router Deployment appears, Ready follows the router.
     who.grant(kubectl, shipped_rules)
-    eventually(lambda: get_json(kubectl, "deployment", "denied-router", "-n", namespace), 20, "the router Deployment")
+    eventually(lambda: get_json(kubectl, "deployment", "denied-router", "-n", namespace), 60, "the router Deployment")
     # Then Ready follows the router again (its pods never become available without a kubelet).
-    eventually(lambda: (ready_condition() or {}).get("reason") == "RouterUnavailable", 15, "Ready to heal")
+    eventually(lambda: (ready_condition() or {}).get("reason") == "RouterUnavailable", 60, "Ready to heal")
 
 
 def test_the_shipped_deployment_args_peer_cluster_wide_with_the_shipped_rights(
@@ -321,7 +321,7 @@ def test_the_shipped_deployment_args_peer_cluster_wide_with_the_shipped_rights(
                 "shadowgate-operator-test-pod"
                 in ((get_json(kubectl, "clusterkopfpeering", peering) or {}).get("status") or {})
             ),
-            20,
+            60,
             "the replica to join the peering",
         )
         assert httpx.get(f"http://127.0.0.1:{liveness}/healthz", timeout=5).status_code == 200
