@@ -33,7 +33,7 @@ test: binaries
 
 # The router in front of real MLServer, KServe and Triton servers with real clients (tests/protocols/); the
 # servers' venvs are built once with uv and cached in ~/.cache/shadowgate/model-servers.
-test-protocols: binaries
+test-protocols: $(INSTALLED)
 	$(BIN)/python -m tests.support.model_servers install
 	$(BIN)/pytest -m protocols tests/protocols $(PYTEST_ARGS)
 

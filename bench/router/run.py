@@ -13,9 +13,15 @@ every request (the same work as nginx's `mirror`, plus a row per request in the 
    work that hits one round is outvoted); the percentiles over all requests pooled are printed beside it.
    Targets: router adds <= 1 ms at p50 and <= 5 ms at p99.
 2. Maximum rate: wrk (Debian's package; C, so the load generator takes as little of the 2 cores as
-   possible) with 16 connections against each of the three. Target: router >= half of nginx-with-mirror.
+   possible) with 16 connections against each of the three. Targets: router >= half of nginx-with-mirror
+   (the first), >= 0.8x (issue 14: no worse than before gRPC).
+3. gRPC, in the same run: ModelInfer straight to production's gRPC port and through the router's (mirrored
+   and recorded the same way), interleaved with the HTTP targets in the fixed-rate rounds (a grpcio
+   client), and at the maximum rate with h2load (nghttp2's C load generator, 16 connections). Targets: the
+   router adds <= 1 ms at p50 and <= 5 ms at p99 over the direct gRPC call. (No nginx gRPC baseline: nginx
+   cannot mirror gRPC.)
 
-It installs nginx and wrk with apt-get when they are missing (as root). Traffic goes to 127.0.0.1 only and
+It installs nginx, wrk and h2load with apt-get when they are missing (as root). Traffic goes to 127.0.0.1 only and
 every phase is bounded in time. Take figures when `uptime` shows the machine otherwise idle: the load
 average is printed before and after.
 
@@ -44,16 +50,27 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import httpx
 import uvloop
 
 from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.migrate import migrate_dsn
+from shadowgate_router.oip import inference_pb2
 from shadowgate_router.upstream import UpstreamError, UpstreamPool
 
 REPO = Path(__file__).resolve().parents[2]
 BODY = json.dumps({"inputs": [{"name": "x", "shape": [4], "datatype": "FP64", "data": [0.1, 0.2, 0.3, 0.4]}]})
 PATH = "/v2/models/fraud/infer"
+GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def grpc_body() -> bytes:
+    """The same request as BODY, as a ModelInferRequest (typed contents, as the REST JSON carries them)."""
+    request = inference_pb2.ModelInferRequest(model_name="fraud")
+    request.inputs.add(name="x", datatype="FP64", shape=[4]).contents.fp64_contents.extend([0.1, 0.2, 0.3, 0.4])
+    return request.SerializeToString()
+
 
 NGINX_CONF = """
 worker_processes 1;
@@ -108,7 +125,8 @@ def load_average() -> str:
 
 
 def ensure_tools() -> None:
-    missing = [tool for tool in ("nginx", "wrk") if shutil.which(tool) is None]
+    packages = {"nginx": "nginx", "wrk": "wrk", "h2load": "nghttp2-client"}
+    missing = [package for tool, package in packages.items() if shutil.which(tool) is None]
     if not missing:
         return
     if os.geteuid() != 0:
@@ -164,6 +182,8 @@ class Processes(ExitStack):
 class Target:
     name: str
     url: str
+    """http://host:port, or host:port for gRPC."""
+    grpc: bool = False
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     max_rate: list[float] = field(default_factory=list)
@@ -187,24 +207,36 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def fixed_rate(target: Target, rate: float, seconds: float, pool: UpstreamPool, record: bool = True) -> None:
+async def fixed_rate(
+    target: Target, rate: float, seconds: float, client: UpstreamPool | grpc.aio.Channel, record: bool = True
+) -> None:
     """Open loop: request i starts at i/rate whatever the others are doing; latency from that moment."""
     headers = [(b"Content-Type", b"application/json")]
     body = BODY.encode()
     count = int(rate * seconds)
     started = time.perf_counter()
     latencies: list[float] = []
+    if isinstance(client, grpc.aio.Channel):
+        infer = client.unary_unary(GRPC_METHOD)
+        message = grpc_body()
 
     async def one(index: int) -> None:
         scheduled = started + index / rate
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        try:
-            response = await pool.request(b"POST", PATH.encode(), headers, body, 10)
-            ok = response.status == 200
-        except UpstreamError:
-            ok = False
+        if isinstance(client, UpstreamPool):
+            try:
+                response = await client.request(b"POST", PATH.encode(), headers, body, 10)
+                ok = response.status == 200
+            except UpstreamError:
+                ok = False
+        else:
+            try:
+                await infer(message, timeout=10)
+                ok = True
+            except grpc.aio.AioRpcError:
+                ok = False
         if not record:
             return
         if ok:
@@ -219,15 +251,19 @@ async def fixed_rate(target: Target, rate: float, seconds: float, pool: Upstream
 
 
 async def fixed_rate_rounds(targets: list[Target], rate: float, seconds: float, rounds: int) -> None:
-    """One warm connection pool per target for the whole phase, targets taking turns in each round."""
-    pools = [UpstreamPool(target.url, max_connections=512) for target in targets]
-    for target, pool in zip(targets, pools, strict=True):
-        await fixed_rate(target, rate, 1.0, pool, record=False)  # warm up connections and code paths
+    """One warm connection pool (or gRPC channel) per target for the whole phase, targets taking turns in
+    each round."""
+    clients: list[UpstreamPool | grpc.aio.Channel] = [
+        grpc.aio.insecure_channel(target.url) if target.grpc else UpstreamPool(target.url, max_connections=512)
+        for target in targets
+    ]
+    for target, client in zip(targets, clients, strict=True):
+        await fixed_rate(target, rate, 1.0, client, record=False)  # warm up connections and code paths
     for _ in range(rounds):
-        for target, pool in zip(targets, pools, strict=True):
-            await fixed_rate(target, rate, seconds, pool)
-    for pool in pools:
-        await pool.close()
+        for target, client in zip(targets, clients, strict=True):
+            await fixed_rate(target, rate, seconds, client)
+    for client in clients:
+        await client.close()
 
 
 def wrk(target: Target, seconds: float, connections: int, script: Path) -> None:
@@ -246,6 +282,46 @@ def wrk(target: Target, seconds: float, connections: int, script: Path) -> None:
         target.errors += int(non_2xx.group(1))
     target.max_rate.append(float(rate.group(1)))
     target.max_latency.append((_wrk_ms(result.stdout, "50%"), _wrk_ms(result.stdout, "99%")))
+
+
+def h2load(target: Target, seconds: float, connections: int, body: Path) -> None:
+    """gRPC at the maximum rate: h2load POSTs the length-prefixed message over HTTP/2 (prior knowledge).
+    It counts HTTP 200s; a gRPC error would also be a 200, so main() checks the router's gRPC codes."""
+    result = subprocess.run(
+        ["h2load", "-t1", f"-c{connections}", "-m1", f"-D{seconds:g}", "-d", str(body),
+         "-H", "content-type: application/grpc", "-H", "te: trailers", f"http://{target.url}{GRPC_METHOD}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 30,
+    )  # fmt: skip
+    rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout)
+    failed = re.search(r"requests: .*?(\d+) failed, (\d+) errored", result.stdout)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", result.stdout)
+    if rate is None or failed is None:
+        sys.exit(f"cannot read h2load's output:\n{result.stdout}")
+    target.errors += int(failed.group(1)) + int(failed.group(2))
+    target.max_rate.append(float(rate.group(1)))
+    mean_ms = _h2load_ms(mean.group(1)) if mean else float("nan")
+    target.max_latency.append((mean_ms, float("nan")))
+
+
+def _h2load_ms(value: str) -> float:
+    found = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
+    if found is None:
+        return float("nan")
+    number, unit = float(found.group(1)), found.group(2)
+    return number / 1000 if unit == "us" else number * 1000 if unit == "s" else number
+
+
+def grpc_codes(url: str) -> dict[str, float]:
+    """The router's answers to gRPC clients by code."""
+    codes: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        found = re.match(r'shadowgate_router_grpc_responses_total\{code="(\w+)"\} ([\d.e+]+)', line)
+        if found:
+            codes[found.group(1)] = float(found.group(2))
+    return codes
 
 
 def _wrk_ms(output: str, label: str) -> float:
@@ -302,12 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     deployment = f"bench-{int(time.time())}"
     with Postgres() as postgres, Processes(work) as processes:
         asyncio.run(migrate_dsn(postgres.dsn))
-        ports = {name: free_port() for name in ("production", "candidate", "router", "nginx")}
+        names = ("production", "candidate", "router", "nginx", "production-grpc", "candidate-grpc", "router-grpc")
+        ports = {name: free_port() for name in names}
         for name, bias in (("production", 0), ("candidate", 100)):
             processes.start(
                 name,
                 [sys.executable, "-m", "tests.support.model_server", "--port", str(ports[name]), "--bias", str(bias),
-                 "--latency-ms", str(args.model_latency_ms)],
+                 "--latency-ms", str(args.model_latency_ms), "--grpc-port", str(ports[f"{name}-grpc"])],
             )  # fmt: skip
             wait_http(f"http://127.0.0.1:{ports[name]}/v2/health/ready", f"the {name} model server")
         config = {
@@ -320,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
             "predictionPath": "outputs[0].data[0]",
             "confidencePath": "outputs[1].data[0]",
             "production": {"name": "v1", "version": "1", "url": f"http://127.0.0.1:{ports['production']}",
-                           "modelName": "fraud"},
+                           "modelName": "fraud", "grpcAddress": f"127.0.0.1:{ports['production-grpc']}"},
             "candidate": {"name": "v2", "version": "2", "url": f"http://127.0.0.1:{ports['candidate']}",
-                          "modelName": "fraud"},
+                          "modelName": "fraud", "grpcAddress": f"127.0.0.1:{ports['candidate-grpc']}"},
             "fallbackToProduction": True,
             "timeoutSeconds": 10,
             "mirrorTimeoutSeconds": 10,
@@ -331,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         processes.start(
             "router",
             [sys.executable, "-m", "shadowgate_operator.cli", "router", "--config-file", str(work / "router.json"),
-             "--listen", f"127.0.0.1:{ports['router']}", "--dsn", postgres.dsn, "--spool-dir", str(work / "spool"),
-             "--log-level", "WARNING"],
+             "--listen", f"127.0.0.1:{ports['router']}", "--grpc-listen", f"127.0.0.1:{ports['router-grpc']}",
+             "--dsn", postgres.dsn, "--spool-dir", str(work / "spool"), "--log-level", "WARNING"],
             env={"SHADOWGATE_OUTCOME_TOKEN": "bench"},
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{ports['router']}/readyz", "the router")
@@ -346,22 +423,32 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"http://127.0.0.1:{ports['nginx']}/v2/health/ready", "nginx")
         script = work / "post.lua"
         script.write_text(WRK_SCRIPT.format(body=BODY))
+        message = grpc_body()
+        grpc_frame = work / "infer.grpc"  # gRPC's framing: not compressed, 4-byte big-endian length, message
+        grpc_frame.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
 
         targets = [
             Target("direct to production", f"http://127.0.0.1:{ports['production']}"),
             Target("nginx with mirror", f"http://127.0.0.1:{ports['nginx']}"),
             Target("shadowgate router", f"http://127.0.0.1:{ports['router']}"),
+            Target("gRPC direct", f"127.0.0.1:{ports['production-grpc']}", grpc=True),
+            Target("gRPC via router", f"127.0.0.1:{ports['router-grpc']}", grpc=True),
         ]
         router = targets[2]
         print(f"fixed rate: {args.rate:g} req/s, {args.rounds} rounds of {args.seconds:g} s per target", flush=True)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(fixed_rate_rounds(targets, args.rate, args.seconds, args.rounds))
-        print(f"maximum rate: wrk, {args.connections} connections, {args.max_rounds} x {args.max_seconds:g} s",
-              flush=True)  # fmt: skip
+        print(f"maximum rate: wrk (HTTP) and h2load (gRPC), {args.connections} connections, "
+              f"{args.max_rounds} x {args.max_seconds:g} s", flush=True)  # fmt: skip
         for _ in range(args.max_rounds):
             for target in targets:
-                wrk(target, args.max_seconds, args.connections, script)
+                if target.grpc:
+                    h2load(target, args.max_seconds, args.connections, grpc_frame)
+                else:
+                    wrk(target, args.max_seconds, args.connections, script)
                 time.sleep(1)
+        failed_grpc = sum(count for code, count in grpc_codes(router.url).items() if code != "OK")
+        targets[4].errors += int(failed_grpc)
 
         deadline = time.monotonic() + 60
         while router_pending(router.url) and time.monotonic() < deadline:
@@ -372,19 +459,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> int:
-    direct, nginx, router = targets
+    direct, nginx, router, grpc_direct, grpc_router = targets
     print()
     print(f"fixed rate {args.rate:g} req/s, all rounds pooled            | median of {len(direct.rounds)} rounds "
-          f"| maximum rate (wrk, best run)")  # fmt: skip
+          f"| maximum rate (wrk/h2load, best run)")  # fmt: skip
     print(f"{'':22}{'p50 ms':>8}{'p99 ms':>8}{'p99.9 ms':>9}{'errors':>7}   |{'p50 ms':>8}{'p99 ms':>8}   |"
           f"{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}")  # fmt: skip
     for target in targets:
         best = max(range(len(target.max_rate)), key=lambda index: target.max_rate[index])
         p50, p99 = target.max_latency[best]
+        at_max = f"{p50:8.1f}{p99:8.1f}" if not target.grpc else f"{p50:8.1f} (mean)"  # h2load has no percentiles
         print(
             f"{target.name:22}{target.percentile(0.5):8.2f}{target.percentile(0.99):8.2f}"
             f"{target.percentile(0.999):9.2f}{target.errors:7d}   |{target.round_median(0.5):8.2f}"
-            f"{target.round_median(0.99):8.2f}   |{target.max_rate[best]:8.0f}{p50:8.1f}{p99:8.1f}"
+            f"{target.round_median(0.99):8.2f}   |{target.max_rate[best]:8.0f}{at_max}"
         )
     figures: dict[str, Any] = {"rate": args.rate, "weight": args.weight, "recorded_rows": recorded, "nice": args.nice}
     for target in targets:
@@ -396,12 +484,12 @@ def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> in
             "round_median_p99_ms": target.round_median(0.99),
             "max_rps": max(target.max_rate),
         }
-    for proxy in (nginx, router):
+    for proxy, baseline in ((nginx, direct), (router, direct), (grpc_router, grpc_direct)):
         added = figures[proxy.name]
-        added["added_p50_ms"] = proxy.round_median(0.5) - direct.round_median(0.5)
-        added["added_p99_ms"] = proxy.round_median(0.99) - direct.round_median(0.99)
-        added["added_p50_ms_pooled"] = proxy.percentile(0.5) - direct.percentile(0.5)
-        added["added_p99_ms_pooled"] = proxy.percentile(0.99) - direct.percentile(0.99)
+        added["added_p50_ms"] = proxy.round_median(0.5) - baseline.round_median(0.5)
+        added["added_p99_ms"] = proxy.round_median(0.99) - baseline.round_median(0.99)
+        added["added_p50_ms_pooled"] = proxy.percentile(0.5) - baseline.percentile(0.5)
+        added["added_p99_ms_pooled"] = proxy.percentile(0.99) - baseline.percentile(0.99)
         print(
             f"added by {proxy.name} at {args.rate:g} req/s (median of rounds): p50 +{added['added_p50_ms']:.2f} ms, "
             f"p99 +{added['added_p99_ms']:.2f} ms (all requests pooled: p50 +{added['added_p50_ms_pooled']:.2f} ms, "
@@ -415,10 +503,17 @@ def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> in
         f"added p99 {router_added['added_p99_ms'] / max(nginx_added['added_p99_ms'], 1e-9):.2f}x, "
         f"max rate {ratio:.2f}x"
     )
+    grpc_added = figures[grpc_router.name]
+    grpc_ratio = max(grpc_router.max_rate) / max(grpc_direct.max_rate)
+    figures["grpc_router_vs_direct_max_rps"] = grpc_ratio
+    print(f"gRPC via router / direct: max rate {grpc_ratio:.2f}x (the direct call is not mirrored)")
     verdicts = [
         ("router adds <= 1 ms at p50", router_added["added_p50_ms"] <= 1.0),
         ("router adds <= 5 ms at p99", router_added["added_p99_ms"] <= 5.0),
         ("router max rate >= half of nginx-with-mirror's", ratio >= 0.5),
+        ("router max rate >= 0.8x nginx-with-mirror's", ratio >= 0.8),
+        ("gRPC: router adds <= 1 ms at p50", grpc_added["added_p50_ms"] <= 1.0),
+        ("gRPC: router adds <= 5 ms at p99", grpc_added["added_p99_ms"] <= 5.0),
         ("no errors", all(target.errors == 0 for target in targets)),
     ]
     print(f"rows recorded by the router: {recorded} (recording was on throughout)")

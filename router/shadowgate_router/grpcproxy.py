@@ -155,6 +155,7 @@ class GrpcProxy:
         self._calls: dict[tuple[int, str, bool], Any] = {}
         self._upstreams = _Upstreams(None, None)
         self._responses: dict[grpc.StatusCode, Any] = {}
+        self._latency = {side: self.metrics.request_latency.labels(side) for side in ("production", "candidate")}
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -406,7 +407,7 @@ class GrpcProxy:
         """Hand the model server's answer (or the router's 502/504-like failure) to the client."""
         identity = ((REQUEST_ID, request_id.decode()), (SERVED_BY, side))
         if started is not None:
-            self.metrics.request_latency.labels(side).observe(time.perf_counter() - started)
+            self._latency[side].observe(time.perf_counter() - started)
         if after is not None:
             asyncio.get_running_loop().call_soon(after)  # once the answer is on its way
         await context.send_initial_metadata((*_passable(answer.initial), *identity))
