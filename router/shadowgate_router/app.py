@@ -153,7 +153,9 @@ class RouterApp:
             stopping.append(self.grpc.stop(drain))
         await asyncio.gather(*stopping)
         if self.proxy is not None:
-            await self.proxy.close(drain)
+            await self.proxy.close(drain)  # waits for shadow copies, gRPC ones too
+        if self.grpc is not None:
+            await self.grpc.close()
         if self._source_task is not None:
             self._source_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -209,9 +209,12 @@ class GrpcProxy:
         return self._port
 
     async def stop(self, grace: float) -> None:
-        """Refuse new calls, let those in flight finish (up to `grace` seconds), close the channels."""
+        """Refuse new calls and let those in flight finish (up to `grace` seconds). The channels stay open
+        for the shadow copies still running: `close()` once the proxy has waited for them."""
         if self.server is not None:
             await self.server.stop(grace)
+
+    async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()

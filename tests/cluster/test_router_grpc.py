@@ -5,6 +5,7 @@ Against Triton, MLServer and KServe themselves: tests/protocols/ (`make test-pro
 from __future__ import annotations
 
 import asyncio
+import signal
 import struct
 import time
 from typing import Any
@@ -241,3 +242,22 @@ async def test_grpc_serves_protocol_v2_only(
     router = start_router(config)
     code, _, _, details = await call(router.grpc_address, "ModelInfer", infer_request(1))
     assert code is grpc.StatusCode.UNIMPLEMENTED and "protocol v1" in details
+
+
+async def test_sigterm_lets_grpc_shadow_copies_finish_and_records_them(
+    servers: tuple[ModelServer, ModelServer], start_router: StartRouter, db: asyncpg.Connection, deployment: str
+) -> None:
+    servers[1].control(latencyMs=500)
+    router = start_router(config_for(servers, deployment, mode="shadow", weight=100, mirrorTimeoutSeconds=5))
+    answers = await asyncio.gather(
+        *(
+            call(router.grpc_address, "ModelInfer", infer_request(index, request_id=f"term-{index}"))
+            for index in range(20)
+        )
+    )
+    assert {code for code, _, _, _ in answers} == {grpc.StatusCode.OK}
+    assert router.process is not None
+    router.process.send_signal(signal.SIGTERM)  # while the candidate's copies are still on their way
+    assert await asyncio.to_thread(router.process.wait, 30) == 0
+    recorded = await rows(db, deployment, 20)
+    assert all(row["candidate_status"] == 200 for row in recorded), "every copy finished and was recorded"
