@@ -89,6 +89,15 @@ def plain_database() -> Iterator[Postgres]:
 
 
 @pytest.fixture(scope="session")
+def apache_database() -> Iterator[Postgres]:
+    """A third cluster: TimescaleDB's Apache-only edition (hypertables, no compression, no policies)."""
+    started = time.monotonic()
+    with Postgres(settings={"timescaledb.license": "apache"}) as postgres:
+        STARTUP_TIMES[f"{postgres.server}, Apache license (initdb and start)"] = time.monotonic() - started
+        yield postgres
+
+
+@pytest.fixture(scope="session")
 def dsn(database: Postgres | None) -> str:
     if database is None:
         state = _dev_state()

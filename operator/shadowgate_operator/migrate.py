@@ -1,23 +1,30 @@
-"""`shadowgate migrate`: apply the numbered SQL files in migrations/ that the database has not seen.
+"""`shadowgate migrate`: apply the numbered SQL files in migrations/ that the database has not seen, then
+bring the TimescaleDB layer up to date (timescale.py).
 
 Each file runs in its own transaction and is recorded in `shadowgate_schema_migrations`; the whole run
 holds a PostgreSQL advisory lock, so two processes (two operator replicas starting together) never
-apply the same file twice: the second waits, then finds nothing to do.
+apply the same file twice: the second waits, then finds nothing to do. The TimescaleDB layer follows in
+one more transaction, on every run: the extension may have been installed since the last one (the tables
+are then converted), and `--retention` / `--compress-after` change the storage policy. Everything done
+or left undone, and what the storage policy's next runs will drop or compress, is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import os
 import re
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+
+from shadowgate_operator import timescale
 
 MIGRATIONS_TABLE = "shadowgate_schema_migrations"
 # Any fixed 64-bit number works; this one spells "shadowgt" in ASCII.
@@ -57,8 +64,28 @@ def discover(directory: Path | None = None) -> list[Migration]:
     return found
 
 
-async def migrate(connection: asyncpg.Connection, directory: Path | None = None) -> list[Migration]:
-    """Apply the pending migrations; returns those applied now (empty when the schema is current)."""
+async def migrate(
+    connection: asyncpg.Connection,
+    directory: Path | None = None,
+    *,
+    convert_limit: int | None = timescale.AUTO_CONVERT_ROWS,
+) -> list[Migration]:
+    """Apply the pending migrations and the TimescaleDB layer; returns the migrations applied now
+    (empty when the schema is current). Plain tables above `convert_limit` rows are not converted into
+    hypertables (None: no limit); `migrate_with_report` says so."""
+    applied, _ = await migrate_with_report(connection, directory, convert_limit=convert_limit)
+    return applied
+
+
+async def migrate_with_report(
+    connection: asyncpg.Connection,
+    directory: Path | None = None,
+    *,
+    convert_limit: int | None = timescale.AUTO_CONVERT_ROWS,
+    changes: Mapping[str, dt.timedelta | None] | None = None,
+) -> tuple[list[Migration], timescale.LayerReport]:
+    """`migrate`, returning what the TimescaleDB layer found and did too; `changes` (retention,
+    compress_after) change the stored storage policy first (ValueError if the result contradicts itself)."""
     migrations = discover(directory)
     await connection.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
     try:
@@ -79,7 +106,9 @@ async def migrate(connection: asyncpg.Connection, directory: Path | None = None)
                     f"INSERT INTO {MIGRATIONS_TABLE} (version, name) VALUES ($1, $2)", migration.version, migration.name
                 )
             done.append(migration)
-        return done
+        async with connection.transaction():
+            report = await timescale.apply(connection, convert_limit=convert_limit, changes=changes)
+        return done, report
     finally:
         await connection.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
 
@@ -111,7 +140,7 @@ async def database_problems(connection: asyncpg.Connection) -> list[str]:
     return problems
 
 
-async def _run(dsn: str) -> int:
+async def _run(dsn: str, changes: dict[str, dt.timedelta | None]) -> int:
     connection = await asyncpg.connect(dsn)
     try:
         problems = await database_problems(connection)
@@ -119,13 +148,23 @@ async def _run(dsn: str) -> int:
             print(f"error: {problem}", file=sys.stderr)
         if problems:
             return 1
-        done = await migrate(connection)
+        try:
+            done, report = await migrate_with_report(connection, convert_limit=None, changes=changes)
+        except ValueError as exc:  # a storage policy that contradicts itself: nothing of it was stored
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         current = await connection.fetchval(f"SELECT max(version) FROM {MIGRATIONS_TABLE}")
+        summary = await timescale.summary(connection)
     finally:
         await connection.close()
     for migration in done:
         print(f"applied {migration.path.name}")
     print(f"schema at version {current}" + ("" if done else " (nothing to do)"))
+    for note in report.notes:
+        print(note)
+    for problem in report.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    print(f"storage: {summary}")
     return 0
 
 
@@ -143,8 +182,23 @@ def run_with_database(args: argparse.Namespace, work: Callable[[str], Coroutine[
         return 1
 
 
+def _changes(args: argparse.Namespace) -> dict[str, dt.timedelta | None]:
+    """The storage-policy settings the flags change (ValueError when one is malformed)."""
+    changes: dict[str, dt.timedelta | None] = {}
+    if args.retention is not None:
+        changes["retention"] = timescale.parse_horizon(args.retention)
+    if args.compress_after is not None:
+        changes["compress_after"] = timescale.parse_horizon(args.compress_after)
+    return changes
+
+
 def run(args: argparse.Namespace) -> int:
-    return run_with_database(args, _run)
+    try:
+        changes = _changes(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_with_database(args, lambda dsn: _run(dsn, changes))
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -155,4 +209,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dsn", help="PostgreSQL/TimescaleDB connection string (default: $SHADOWGATE_DSN)")
+    parser.add_argument(
+        "--retention",
+        metavar="HORIZON",
+        help="drop predictions and outcomes older than this (e.g. 90d, 36h), or `none` to keep everything "
+        "(the default); TimescaleDB full edition only. Stored in the database; its first run comes an hour "
+        "later, and migrate says beforehand what it will drop",
+    )
+    parser.add_argument(
+        "--compress-after",
+        metavar="HORIZON",
+        help="compress predictions and outcomes older than this (default 7d), or `none`; TimescaleDB full edition",
+    )
     parser.set_defaults(func=run)

@@ -14,10 +14,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
-from shadowgate_operator.migrate import database_problems, migrate
+from shadowgate_operator.migrate import database_problems, migrate_with_report
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ class Databases:
                     if problems:
                         raise DatabaseUnavailable("; ".join(problems))
                     if self.run_migrations:
-                        await migrate(connection)
+                        _, report = await migrate_with_report(connection)
+                        for problem in report.problems:
+                            logger.warning("database %s: %s", _where(dsn), problem)
             except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 await pool.close()
                 raise DatabaseUnavailable(f"cannot use the database: {_describe(exc)}") from exc
@@ -89,6 +92,12 @@ class Databases:
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
+
+
+def _where(dsn: str) -> str:
+    """host:port/database of a DSN, without its credentials (for logs)."""
+    parts = urlsplit(dsn)
+    return f"{parts.hostname}:{parts.port}{parts.path}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -51,7 +51,8 @@ MODES = (TrafficMode.SHADOW, TrafficMode.CANARY)
 @pytest.fixture(scope="module", params=EDITIONS)
 def queries_dsn(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh, migrated database for this module: no other test's rows, nobody else's writers. Every
-    test runs twice: with the timescaledb extension (hypertables, policies) and on plain PostgreSQL."""
+    test runs three times: with the timescaledb extension (hypertables, compression), on its Apache-only
+    edition (hypertables) and on plain PostgreSQL."""
     with own_database(request, request.param, "test_queries") as dsn:
         yield dsn
 
@@ -512,15 +513,18 @@ async def test_an_open_ended_window_and_an_empty_one(
 
 
 async def test_compressed_chunks_give_the_same_answers(connection: asyncpg.Connection) -> None:
-    """On TimescaleDB the seed's chunks are compressed first (on plain PostgreSQL the same checks run on
-    plain tables): both queries still follow the definitions, and a late correction landing in a
-    compressed chunk is read by the incremental analysis."""
+    """On TimescaleDB the seed's chunks are compressed first (on plain PostgreSQL and the Apache edition
+    the same checks run on uncompressed data): both queries still follow the definitions, and a late
+    correction landing in a compressed chunk is read by the incremental analysis."""
     deployment = "compressed"
     start = SINCE - dt.timedelta(days=5)  # its own daily chunks, days away from every other test's rows
     predictions, outcomes = seed(random.Random(7), deployment, count=200, start=start)
     await insert(connection, predictions, outcomes)
-    timescale = await connection.fetchval("SELECT count(*) > 0 FROM pg_extension WHERE extname = 'timescaledb'")
-    if timescale:
+    compressible = await connection.fetchval(
+        "SELECT current_setting('timescaledb.license', true) = 'timescale'"
+        " AND EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
+    )
+    if compressible:
         compressed = await connection.fetchval(
             """SELECT count(compress_chunk(chunk, if_not_compressed => true)) FROM (
                    SELECT show_chunks(hypertable, older_than => $1::timestamptz, newer_than => $2::timestamptz) AS chunk

@@ -1,7 +1,8 @@
 """Databases of a test's own in the session's throwaway clusters, on TimescaleDB or on plain PostgreSQL.
 
-Both are supported (the migrations use TimescaleDB where the extension exists), so the query and migration
-tests run on each: `EDITIONS` are the pytest params, `own_database(request, kind)` makes the database.
+All three are supported (the migrations use TimescaleDB where the extension exists, and only its
+hypertables on the Apache-only edition), so the query and migration tests run on each: `EDITIONS` are the
+pytest params, `own_database(request, kind)` makes the database.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import pytest
 from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.migrate import migrate_dsn
 
-TIMESCALEDB, POSTGRES = "timescaledb", "postgres"
-EDITIONS = (TIMESCALEDB, POSTGRES)
-"""Param ids: the test runs on a database with the timescaledb extension, and on plain PostgreSQL."""
+TIMESCALEDB, APACHE, POSTGRES = "timescaledb", "apache", "postgres"
+EDITIONS = (TIMESCALEDB, APACHE, POSTGRES)
+"""Param ids: the test runs on a database with the timescaledb extension (full edition), with the
+extension under `timescaledb.license = apache`, and on plain PostgreSQL."""
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -34,6 +36,11 @@ def cluster_dsn(request: pytest.FixtureRequest, kind: str) -> str:
     if kind == POSTGRES:
         plain: Postgres = request.getfixturevalue("plain_database")
         return plain.dsn
+    if kind == APACHE:
+        apache: Postgres = request.getfixturevalue("apache_database")
+        if not apache.timescale:
+            pytest.skip(f"no TimescaleDB on this machine: {apache.timescale_reason}")
+        return apache.dsn
     database: Postgres | None = request.getfixturevalue("database")
     if database is not None and not database.timescale:
         pytest.skip(f"no TimescaleDB on this machine: {database.timescale_reason}")
@@ -73,7 +80,7 @@ def own_database(request: pytest.FixtureRequest, kind: str, prefix: str, *, migr
     """A fresh database for one module or test on `kind` (TIMESCALEDB or POSTGRES), dropped afterwards."""
     admin = cluster_dsn(request, kind)
     name = f"{prefix}_{kind}_{secrets.token_hex(4)}"
-    dsn = asyncio.run(create_database(admin, name, timescaledb=kind == TIMESCALEDB, migrated=migrated))
+    dsn = asyncio.run(create_database(admin, name, timescaledb=kind != POSTGRES, migrated=migrated))
     try:
         yield dsn
     finally:
