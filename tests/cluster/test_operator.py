@@ -321,12 +321,12 @@ def test_a_standby_replica_takes_over_through_peering(
     # Both replicas have registered in the peering object before there is any work to share.
     eventually(
         lambda: len((get_json(kubectl, "kopfpeering", "shadowgate", "-n", namespace) or {}).get("status") or {}) == 2,
-        30,
+        90,  # two Python processes starting on a shared, loaded machine
         "both replicas in the KopfPeering",
     )
     apply_shadow(namespace, example("ha"))
     wait_phase(kubectl, namespace, "ha", "Progressing")
-    eventually(lambda: "Handler 'reconcile' succeeded" in active.log(), 10, "the active replica's handler")
+    eventually(lambda: "Handler 'reconcile' succeeded" in active.log(), 30, "the active replica's handler")
     assert "Handler 'reconcile' succeeded" not in standby.log()
 
     active.stop()  # a graceful stop withdraws it from the peering at once

@@ -133,3 +133,11 @@ def rows(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:
             await connection.close()
 
     return asyncio.run(run())
+
+
+def analyses(dsn: str, namespace: str, name: str) -> int:
+    """How many analyses of `name` the operator has recorded: its deployment_metrics rows, one per analysis.
+    (status.lastDecision is no such count: an analysis that decides as the last one leaves it as it was.)"""
+    found = rows(dsn, "SELECT count(*) AS n FROM deployment_metrics WHERE namespace = $1 AND deployment = $2",
+                 namespace, name)  # fmt: skip
+    return int(found[0]["n"])
