@@ -191,6 +191,9 @@ class Target:
 
     rounds: list[list[float]] = field(default_factory=list)
     """The latencies of each fixed-rate round."""
+    cpu_us: list[float] = field(default_factory=list)
+    """The router process's CPU time per request in each fixed-rate round (router targets only): unlike
+    latency, hardly moved by other work on the machine, so a change to the hot path shows here first."""
 
     def percentile(self, fraction: float) -> float:
         """Over every request of every round."""
@@ -250,7 +253,15 @@ async def fixed_rate(
         target.rounds.append(latencies)
 
 
-async def fixed_rate_rounds(targets: list[Target], rate: float, seconds: float, rounds: int) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def fixed_rate_rounds(
+    targets: list[Target], rate: float, seconds: float, rounds: int, router_pid: int, via_router: set[str]
+) -> None:
     """One warm connection pool (or gRPC channel) per target for the whole phase, targets taking turns in
     each round."""
     clients: list[UpstreamPool | grpc.aio.Channel] = [
@@ -261,7 +272,11 @@ async def fixed_rate_rounds(targets: list[Target], rate: float, seconds: float, 
         await fixed_rate(target, rate, 1.0, client, record=False)  # warm up connections and code paths
     for _ in range(rounds):
         for target, client in zip(targets, clients, strict=True):
+            before = cpu_seconds(router_pid)
             await fixed_rate(target, rate, seconds, client)
+            if target.name in via_router:
+                await asyncio.sleep(0.5)  # the copies' ends and the last flush belong to this round
+                target.cpu_us.append((cpu_seconds(router_pid) - before) / int(rate * seconds) * 1e6)
     for client in clients:
         await client.close()
 
@@ -405,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             "mirrorTimeoutSeconds": 10,
         }  # fmt: skip
         (work / "router.json").write_text(json.dumps(config))
-        processes.start(
+        router_process = processes.start(
             "router",
             [sys.executable, "-m", "shadowgate_operator.cli", "router", "--config-file", str(work / "router.json"),
              "--listen", f"127.0.0.1:{ports['router']}", "--grpc-listen", f"127.0.0.1:{ports['router-grpc']}",
@@ -437,7 +452,16 @@ def main(argv: list[str] | None = None) -> int:
         router = targets[2]
         print(f"fixed rate: {args.rate:g} req/s, {args.rounds} rounds of {args.seconds:g} s per target", flush=True)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(fixed_rate_rounds(targets, args.rate, args.seconds, args.rounds))
+            runner.run(
+                fixed_rate_rounds(
+                    targets,
+                    args.rate,
+                    args.seconds,
+                    args.rounds,
+                    router_process.pid,
+                    {targets[2].name, targets[4].name},
+                )
+            )
         print(f"maximum rate: wrk (HTTP) and h2load (gRPC), {args.connections} connections, "
               f"{args.max_rounds} x {args.max_seconds:g} s", flush=True)  # fmt: skip
         for _ in range(args.max_rounds):
@@ -502,6 +526,12 @@ def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> in
         f"router / nginx: added p50 {router_added['added_p50_ms'] / max(nginx_added['added_p50_ms'], 1e-9):.2f}x, "
         f"added p99 {router_added['added_p99_ms'] / max(nginx_added['added_p99_ms'], 1e-9):.2f}x, "
         f"max rate {ratio:.2f}x"
+    )
+    for proxy in (router, grpc_router):
+        figures[proxy.name]["router_cpu_us_per_request"] = statistics.median(proxy.cpu_us)
+    print(
+        f"router CPU per request (median of rounds, mirrored and recorded): HTTP "
+        f"{statistics.median(router.cpu_us):.0f} us, gRPC {statistics.median(grpc_router.cpu_us):.0f} us"
     )
     grpc_added = figures[grpc_router.name]
     grpc_ratio = max(grpc_router.max_rate) / max(grpc_direct.max_rate)
