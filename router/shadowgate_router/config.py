@@ -19,6 +19,8 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 from pydantic.alias_generators import to_camel
 
+from shadowgate_router import boundedjson
+
 CONFIG_KEY = "config.json"
 """The ConfigMap data key holding the JSON document."""
 
@@ -141,8 +143,8 @@ class RouterConfig(_Model):
         if not data or CONFIG_KEY not in data:
             raise RouterConfigError(f"the ConfigMap has no {CONFIG_KEY!r} key")
         try:
-            document = json.loads(data[CONFIG_KEY])
-        except json.JSONDecodeError as exc:
+            document = boundedjson.loads(data[CONFIG_KEY])
+        except ValueError as exc:
             raise RouterConfigError(f"{CONFIG_KEY} is not valid JSON: {exc}") from None
         if not isinstance(document, dict):
             raise RouterConfigError(f"{CONFIG_KEY} must hold a JSON object, not {type(document).__name__}")

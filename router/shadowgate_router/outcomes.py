@@ -9,7 +9,6 @@ been written (or while the database is away).
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -24,6 +23,7 @@ from pydantic import (
     ValidationError,
 )
 
+from shadowgate_router import boundedjson
 from shadowgate_router.recorder import EPOCH, now_us
 from shadowgate_router.spool import Row
 
@@ -69,8 +69,8 @@ def check_token(expected: str | None, authorization: bytes | None) -> None:
 def parse(body: bytes) -> list[Outcome]:
     """One outcome, a JSON list of them, or {"outcomes": [...]}; raises OutcomeRefused (400) saying why."""
     try:
-        document: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        document: Any = boundedjson.loads(body)
+    except ValueError as exc:  # UnicodeDecodeError and JsonTooDeep are ValueErrors too
         raise OutcomeRefused(400, f"malformed JSON: {exc}") from None
     if isinstance(document, dict) and set(document) == {"outcomes"}:
         document = document["outcomes"]

@@ -16,7 +16,6 @@ and a binary answer's outputs are decoded (little-endian, row-major) to record t
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from shadowgate_router import boundedjson
 from shadowgate_router.config import Protocol, RouterConfig, parse_json_path
 from shadowgate_router.oip import inference_pb2
 
@@ -143,12 +143,9 @@ def served_names(config: RouterConfig) -> frozenset[str]:
     return frozenset({config.production.model_name, config.candidate.model_name, config.deployment})
 
 
-_DECODER = json.JSONDecoder()
-
-
 def decode_json(body: bytes) -> Any:
-    """json.loads for UTF-8 bytes without its encoding sniffing: two fewer Python calls on the hot path."""
-    return _DECODER.decode(body.decode())
+    """A peer's JSON, nesting bounded (boundedjson.loads): ValueError when malformed or too deep."""
+    return boundedjson.loads(body)
 
 
 def body_request_id(protocol: Protocol, document: object) -> bytes | None:

@@ -545,12 +545,16 @@ class Proxy:
             response = answer.response
             json_length, coding = answer_format(response.headers)
             body = response.body
-            if coding is not None:
-                try:
-                    body = codings.decode(body, coding, self.settings.decoded_limit)
-                except codings.CodingError:
-                    body = b""  # recorded as no_prediction: the answer went to the client untouched
-            prediction, confidence = extract(body, json_length)
+            try:
+                if coding is not None:
+                    try:
+                        body = codings.decode(body, coding, self.settings.decoded_limit)
+                    except codings.CodingError:
+                        body = b""  # recorded as no_prediction: the answer went to the client untouched
+                prediction, confidence = extract(body, json_length)
+            except Exception:  # whatever a model server answers, the row is recorded
+                log.exception("could not read the prediction from a %d-byte answer", len(response.body))
+                prediction = confidence = None
             if prediction is None:
                 error = NO_PREDICTION
         return (version, prediction, confidence, round(answer.latency_ms, 3), answer.status, error)

@@ -135,6 +135,26 @@ class ModelServer(Process):
         return result
 
 
+class HostileModelServer(Process):
+    """tests/support/hostile.py in its own process: a model server answering what no good one would."""
+
+    def __init__(self, log_dir: Path, mode: str, size: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "tests.support.hostile", "--port", str(self.port), "--mode", mode]
+        super().__init__([*argv, "--size", str(size)], log_dir / f"hostile-{self.port}.log")
+
+    def start(self) -> None:
+        super().start()
+
+        def listening() -> bool:
+            self.assert_running()
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+
+        wait_until(listening, 20, "the hostile model server")
+
+
 @contextmanager
 def model_pair(log_dir: Path) -> Iterator[tuple[ModelServer, ModelServer]]:
     """Production (prediction = sum of the request's numbers) and candidate (the same + 100), running."""

@@ -1,0 +1,136 @@
+"""Peers that attack or misbehave (issue 12): the router answers them with a 4xx or records them as failed,
+never with a 500, a lost row or a stall of everyone else. Each test reproduces one finding of the issue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from shadowgate_operator.migrate import migrate
+from tests.support.load import run_load
+from tests.support.router import HostileModelServer, ModelServer, Router, router_config
+
+pytestmark = pytest.mark.database
+
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
+    server = ModelServer(tmp_path_factory.mktemp("models"), bias=0)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(dsn)
+    await migrate(connection)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+def deployment() -> str:
+    return f"hostile-{secrets.token_hex(4)}"
+
+
+StartRouter = Callable[..., Router]
+
+
+@pytest.fixture
+def start_router(tmp_path: Path, dsn: str, request: pytest.FixtureRequest) -> Iterator[StartRouter]:
+    started: list[Router] = []
+
+    def start(config: dict[str, Any], *args: str) -> Router:
+        router = Router.with_file(tmp_path, dsn, config, *args)
+        started.append(router)
+        return router.start()
+
+    yield start
+    for router in started:
+        router.stop()
+    if getattr(request.node, "rep_call", None) is None or request.node.rep_call.failed:
+        for router in started:
+            print(f"--- {router.log_path} ---\n{router.log()[-5000:]}")
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Iterator[Callable[[str, int], HostileModelServer]]:
+    started: list[HostileModelServer] = []
+
+    def start(mode: str, size: int) -> HostileModelServer:
+        server = HostileModelServer(tmp_path, mode, size)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+async def rows(db: asyncpg.Connection, deployment: str, expected: int, table: str = "predictions") -> list[Any]:
+    """Wait until `expected` rows of the deployment are in `table`."""
+    deadline = time.monotonic() + 30
+    while True:
+        found = await db.fetch(f"SELECT * FROM {table} WHERE deployment = $1 ORDER BY time", deployment)
+        if len(found) >= expected or time.monotonic() > deadline:
+            assert len(found) == expected, f"{len(found)} {table} rows for {deployment}, expected {expected}"
+            return found
+        await asyncio.sleep(0.1)
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+async def test_deeply_nested_json_from_a_client_gets_400_not_500(
+    production: ModelServer, start_router: StartRouter, deployment: str
+) -> None:
+    """D1: inference and /outcomes."""
+    router = start_router(router_config(production.url, production.url, deployment=deployment))
+    auth = {"Authorization": f"Bearer {router.token}"}
+    async with httpx.AsyncClient(timeout=10) as client:
+        infer = await client.post(f"{router.url}/v2/models/fraud/infer", content=nested(100_000))
+        wrapped = await client.post(f"{router.url}/v2/models/fraud/infer", content=b'{"inputs": ' + nested(500) + b"}")
+        outcome = await client.post(f"{router.url}/outcomes", content=nested(100_000), headers=auth)
+        fine = await client.post(f"{router.url}/v2/models/fraud/infer", json={"inputs": []})
+    for answer in (infer, wrapped, outcome):
+        assert answer.status_code == 400, answer.text
+        assert "nested deeper than 64 levels" in answer.json()["error"]
+    assert fine.status_code == 200
+
+
+async def test_a_candidate_answering_deeply_nested_json_loses_no_row(
+    production: ModelServer,
+    hostile: Callable[[str, int], HostileModelServer],
+    start_router: StartRouter,
+    db: asyncpg.Connection,
+    deployment: str,
+) -> None:
+    """D2: every request mirrored to a candidate whose answers are nested 100,000 deep; every row is
+    recorded, production's prediction included, the candidate's marked as having none."""
+    candidate = hostile("nested", 100_000)
+    router = start_router(router_config(production.url, candidate.url, deployment=deployment, weight=100))
+    results = await run_load(f"{router.url}/v2/models/fraud/infer", 300, rate=150)
+    assert [result.status for result in results] == [200] * 300
+    recorded = await rows(db, deployment, 300)
+    assert {row["request_id"] for row in recorded} == {result.request_id for result in results}
+    by_id = {row["request_id"]: row for row in recorded}
+    for result in results:
+        row = by_id[result.request_id]
+        assert row["production_prediction"] == json.loads(result.body)["outputs"][0]["data"][0]
+        assert (row["candidate_status"], row["candidate_error"], row["candidate_prediction"]) == (
+            200,
+            "no_prediction",
+            None,
+        )
