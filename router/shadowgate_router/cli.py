@@ -95,6 +95,19 @@ def register(subparsers: Any) -> None:
         help="shadow copies in flight at once; beyond it copies are dropped and counted",
     )
     serving.add_argument(
+        "--response-limit",
+        type=int,
+        default=10 * 1024 * 1024,
+        help="largest answer body taken from a model server, in bytes (bigger: the call fails as bad_response)",
+    )
+    serving.add_argument(
+        "--response-memory-mb",
+        type=int,
+        default=64,
+        help="per model server, MiB of answers being received at once; beyond it calls fail as bad_response "
+        "(a misbehaving candidate cannot take the router's memory, nor production's share of it)",
+    )
+    serving.add_argument(
         "--record-features", action="store_true", help="store each request body in predictions.features (JSONB)"
     )
     serving.add_argument(
@@ -190,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
             mirror_concurrency=args.mirror_concurrency,
             record_features=args.record_features,
             decoded_limit=args.decoded_limit,
+            response_limit=args.response_limit,
+            response_memory=args.response_memory_mb * 1024 * 1024,
         ),
         memory_rows=args.memory_rows,
         batch_rows=args.batch_rows,

@@ -29,8 +29,17 @@ log = logging.getLogger(__name__)
 MAX_URL_BYTES = 8192
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 65536
+FEED_BYTES = 16384
+"""Input is handed to the parser in pieces of at most this size (see `HttpConnection.data_received`)."""
+MAX_HEAD_BYTES = MAX_URL_BYTES + MAX_HEADER_BYTES + 2 * FEED_BYTES
+"""Bytes of one request's head (request line and headers) fed to the parser before it is refused with 431.
+
+httptools builds a header value by concatenating the pieces it is given, so a value spread over many
+reads costs time quadratic in its size (a 128 MB header took 12 s of CPU) before `on_header` can see
+it: the bytes are counted before parsing instead. The count may include up to one piece of the previous
+request's tail, hence the slack over the limits on URL and headers, which are checked exactly as well."""
 MAX_PIPELINED = 16
-"""Requests parsed ahead of the one being answered before the connection stops reading."""
+"""Requests parsed ahead of the one being answered before the connection stops parsing and reading."""
 LINGER_SECONDS = 2.0
 """After refusing a request, how long the rest of what the client sends is read and dropped."""
 
@@ -127,6 +136,12 @@ class HttpConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._paused = False
         self._rejected = False
+        self._in_head = False
+        self._head_bytes = 0
+        self._unparsed: memoryview | None = None
+        """Input held back while too many requests wait for their answers (reading is paused meanwhile)."""
+        self._writable: asyncio.Event | None = None
+        """Set while the transport takes more output; None until it first asks us to stop writing."""
         self.reading_since: float | None = None
         self.last_activity = time.monotonic()
 
@@ -139,26 +154,95 @@ class HttpConnection(asyncio.Protocol):
         # A request in flight still finishes (its prediction is recorded); its answer goes nowhere. Requests
         # pipelined behind it are dropped: nobody is left to read their answers.
         self._queue.clear()
+        self._unparsed = None
+        if self._writable is not None:
+            self._writable.set()
         self.server.connections.discard(self)
         self.server.settled.set()
         self.transport = None
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is over its high-water mark: answer nothing more until it drains."""
+        if self._writable is None:
+            self._writable = asyncio.Event()
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None:
+            self._writable.set()
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
             return
         self.last_activity = time.monotonic()
+        if self._unparsed is not None:  # only if data arrives after pause_reading: keep the order
+            self._unparsed = memoryview(bytes(self._unparsed) + data)
+            return
+        self._feed(memoryview(data))
+
+    def _feed(self, data: memoryview) -> None:
+        """Parse `data` piece by piece: a request head is refused past MAX_HEAD_BYTES before the parser sees
+        more of it, and parsing stops (the rest kept, reading paused) once MAX_PIPELINED requests wait."""
+        offset, size = 0, len(data)
+        while offset < size:
+            step = FEED_BYTES
+            if self._in_head:
+                step = min(step, MAX_HEAD_BYTES - self._head_bytes)
+                if step <= 0:
+                    self.reject(431, f"the request head is over {MAX_HEAD_BYTES} bytes")
+                    return
+            piece = data[offset : offset + step]
+            offset += len(piece)
+            if not self._parse(piece):
+                return
+            if self._in_head:
+                self._head_bytes += len(piece)
+            if len(self._queue) > MAX_PIPELINED and offset < size:
+                self._unparsed = data[offset:]
+                self._pause_reading()
+                return
+
+    def _parse(self, piece: memoryview) -> bool:
+        """Feed one piece; False when the connection takes no more input."""
         try:
-            self._parser.feed_data(data)
+            self._parser.feed_data(piece)
         except httptools.HttpParserUpgrade:
+            # The request asking for an upgrade is complete (and queued): answer it as if Upgrade were not
+            # there (RFC 9110 7.8 lets a server ignore it) and close, since what follows its head is another
+            # protocol. No second answer: the client asked one question.
+            last = self._queue[-1] if self._queue else None
+            if isinstance(last, Request):
+                last.keep_alive = False
+                self._rejected = True  # read and drop whatever else comes
+                return False
             self.reject(400, "protocol upgrades are not supported")
+            return False
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Reject):
                 self.reject(exc.__context__.status, exc.__context__.message)
             else:
                 log.error("HTTP parser callback failed", exc_info=exc.__context__)
                 self.reject(500, "internal error while reading the request")
+            return False
         except httptools.HttpParserError as exc:
             self.reject(400, f"malformed HTTP request: {exc}")
+            return False
+        return not self._rejected
+
+    def _pause_reading(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        """The queue has room again: parse what was held back, then read again if all of it went in."""
+        unparsed, self._unparsed = self._unparsed, None
+        if unparsed is not None and not self._rejected:
+            self._feed(unparsed)
+        if self._unparsed is None and self._paused and not self._rejected:
+            self._paused = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -168,6 +252,8 @@ class HttpConnection(asyncio.Protocol):
         self._header_size = 0
         self._body = []
         self._body_size = 0
+        self._in_head = True
+        self._head_bytes = 0
         self.reading_since = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
@@ -183,6 +269,7 @@ class HttpConnection(asyncio.Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         limit = self.server.body_limit
         expects_body = False
         for name, value in self._headers:
@@ -201,7 +288,16 @@ class HttpConnection(asyncio.Protocol):
                 if name == b"expect" and value.lower() == b"100-continue":
                     self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def on_chunk_header(self) -> None:
+        # After the last chunk's size come trailer fields, built by httptools like headers: counted alike.
+        self._in_head = True
+        self._head_bytes = 0
+
+    def on_chunk_complete(self) -> None:
+        self._in_head = False
+
     def on_body(self, body: bytes) -> None:
+        self._in_head = False
         self._body_size += len(body)
         if self._body_size > self.server.body_limit:
             raise _Reject(413, f"the request body is over the limit of {self.server.body_limit} bytes")
@@ -223,9 +319,8 @@ class HttpConnection(asyncio.Protocol):
     # answering
     def _enqueue(self, item: Request | Response) -> None:
         self._queue.append(item)
-        if len(self._queue) > MAX_PIPELINED and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
+        if len(self._queue) > MAX_PIPELINED:
+            self._pause_reading()
         if self._task is None:
             self._task = self.server.loop.create_task(self._answer())
 
@@ -243,17 +338,29 @@ class HttpConnection(asyncio.Protocol):
         self._enqueue(error_response(status, message))
 
     async def _answer(self) -> None:
+        """Answer queued requests in order. Fair to the other connections: it yields to the loop between
+        pipelined answers (a handler that needs no I/O would otherwise answer thousands in one go), and it
+        waits while the client is not reading its answers (write backpressure; given up on after the
+        request timeout), during which nothing more is parsed or read from it."""
         try:
             while self._queue:
+                if self._writable is not None and not self._writable.is_set():
+                    try:
+                        async with asyncio.timeout(self.server.request_timeout):
+                            await self._writable.wait()
+                    except TimeoutError:
+                        if self.transport is not None:
+                            self.transport.abort()
+                        return
+                    if self.transport is None:
+                        return
                 item = self._queue.popleft()
                 if isinstance(item, Response):
                     self._write(item, keep_alive=False)
                     self._linger()
                     return
                 if self._paused and not self._rejected and len(self._queue) <= MAX_PIPELINED // 2:
-                    self._paused = False
-                    if self.transport is not None:
-                        self.transport.resume_reading()
+                    self._resume_reading()
                 try:
                     response = await self.server.handler(item)
                 except Exception:
@@ -268,6 +375,8 @@ class HttpConnection(asyncio.Protocol):
                         log.exception("post-response work failed on %s %s", item.method, item.path)
                 if not keep_alive:
                     break
+                if self._queue:
+                    await asyncio.sleep(0)  # let other connections in between pipelined answers
             else:
                 if not self.server.closing:
                     return

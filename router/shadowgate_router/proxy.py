@@ -85,6 +85,10 @@ class ProxySettings:
     record_features: bool = False
     decoded_limit: int = 10 * 1024 * 1024
     """Largest body, once gzip/deflate is undone, that the router reads (a request over it gets 413)."""
+    response_limit: int = 10 * 1024 * 1024
+    """Largest answer body taken from a model server (bigger: the call fails as bad_response)."""
+    response_memory: int = 64 * 1024 * 1024
+    """Per model server: answer bytes being received at once, beyond which calls fail the same way."""
 
 
 @dataclass(slots=True)
@@ -190,6 +194,8 @@ class Proxy:
                 max_connections=settings.max_connections,
                 connect_timeout=settings.connect_timeout,
                 idle_timeout=settings.idle_timeout,
+                response_limit=settings.response_limit,
+                memory_limit=settings.response_memory,
             )
         return pool
 

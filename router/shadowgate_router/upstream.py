@@ -6,6 +6,12 @@ request, parse one response, reuse the connection). See bench/router/README.md f
 behind this choice. Every call has an overall deadline (acquiring a connection, connecting, writing and
 reading the answer), the pool has a hard connection limit, and failures come back as `UpstreamError`
 with a short `kind` that is recorded in the database and exported as a metric label.
+
+A model server is a peer like any client: the head of its answer (status line and headers) is counted as it
+arrives and refused past `MAX_HEAD_BYTES` or `MAX_HEADERS` fields, its body past the pool's
+`response_limit`, and all answers being received from one server at once past its `memory_limit`, so a
+server sending endless headers or 50 MB bodies costs the call (a ``bad_response``), not the router's
+memory. The limit on all answers at once is per server: a misbehaving candidate cannot use production's.
 """
 
 from __future__ import annotations
@@ -22,6 +28,12 @@ from urllib.parse import urlsplit
 import httptools
 
 T = TypeVar("T")
+
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 65_536
+FEED_BYTES = 16_384
+MAX_HEAD_BYTES = MAX_HEADER_BYTES + 2 * FEED_BYTES
+"""Bytes of an answer's head fed to the parser before the answer is refused (see httpserver.MAX_HEAD_BYTES)."""
 
 # Error kinds, recorded in predictions.{production,candidate}_error.
 TIMEOUT = "timeout"
@@ -52,11 +64,15 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "_body",
+        "_body_size",
         "_content_length",
+        "_head_size",
+        "_header_size",
         "_headers",
         "_headers_done",
         "_parser",
         "_pool",
+        "_refused",
         "_status",
         "_waiter",
         "closed",
@@ -71,6 +87,11 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
+        self._body_size = 0
+        """Bytes of the answer's body so far, counted against the pool's memory limit until handed over."""
+        self._head_size = 0
+        self._header_size = 0
+        self._refused = False
         self._content_length = False
         self._headers_done = False
         self._status = 0
@@ -85,14 +106,44 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        if self._refused:
+            return
+        view = memoryview(data)
+        offset, size = 0, len(view)
+        while offset < size:
+            step = len(view)
+            if not self._headers_done:  # in a head: in small pieces, counted before the parser builds them
+                step = min(FEED_BYTES, MAX_HEAD_BYTES - self._head_size)
+                if step <= 0:
+                    self._refuse(f"an answer whose head is over {MAX_HEAD_BYTES} bytes")
+                    return
+            piece = view[offset : offset + step]
+            offset += len(piece)
+            if not self._parse(piece):
+                return
+            if not self._headers_done:
+                self._head_size += len(piece)
+
+    def _parse(self, piece: memoryview) -> bool:
+        """Feed one piece; False once the answer is refused or unparseable (the connection is then closed)."""
         try:
-            self._parser.feed_data(data)
+            self._parser.feed_data(piece)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamError(BAD_RESPONSE, f"unparseable HTTP answer: {exc}"))
-            self.close()
+            if not self._refused:
+                self._fail(UpstreamError(BAD_RESPONSE, f"unparseable HTTP answer: {exc}"))
+                self.close()
+            return False
+        return not self._refused
+
+    def _refuse(self, detail: str) -> None:
+        """Fail the call with a bad_response saying what the server sent, and drop the connection."""
+        self._refused = True
+        self._fail(UpstreamError(BAD_RESPONSE, f"{self._pool.base_url} sent {detail}"))
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._release_memory()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             if self._headers_done and not self._content_length and self._status:
@@ -105,12 +156,21 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        self._release_memory()
         self._headers = []
         self._body = []
+        self._head_size = 0
+        self._header_size = 0
         self._content_length = False
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused:
+            return
+        self._header_size += len(name) + len(value) + 4
+        if len(self._headers) >= MAX_HEADERS or self._header_size > MAX_HEADER_BYTES:
+            self._refuse(f"an answer with over {MAX_HEADERS} header fields or {MAX_HEADER_BYTES} bytes of them")
+            return
         lowered = name.lower()
         if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
             self._content_length = True
@@ -121,23 +181,48 @@ class _Connection(asyncio.Protocol):
         self._headers_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self._refused:
+            return
+        size = len(body)
+        pool = self._pool
+        if self._body_size + size > pool.response_limit:
+            self._refuse(f"an answer over the limit of {pool.response_limit} bytes")
+            return
+        if pool.receiving + size > pool.memory_limit:
+            self._refuse(
+                f"answers over the limit of {pool.memory_limit} bytes being received at once from one model server"
+            )
+            return
+        self._body_size += size
+        pool.receiving += size
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._refused:
+            return
         self._complete()
         if not self._parser.should_keep_alive():
             self.close()
 
     # own
+    def _release_memory(self) -> None:
+        self._pool.receiving -= self._body_size
+        self._body_size = 0
+
     def _complete(self) -> None:
         waiter = self._waiter
         self._waiter = None
+        body = b"".join(self._body)
+        self._body = []
+        self._release_memory()
         if waiter is not None and not waiter.done():
-            waiter.set_result(UpstreamResponse(self._status, self._headers, b"".join(self._body)))
+            waiter.set_result(UpstreamResponse(self._status, self._headers, body))
 
     def _fail(self, error: UpstreamError) -> None:
         waiter = self._waiter
         self._waiter = None
+        self._body = []
+        self._release_memory()
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
 
@@ -150,6 +235,8 @@ class _Connection(asyncio.Protocol):
         waiter: asyncio.Future[UpstreamResponse] = self._pool._loop.create_future()
         self._waiter = waiter
         self.received = False
+        self._head_size = 0
+        self._headers_done = False
         self.transport.write(data)
         return waiter
 
@@ -179,6 +266,8 @@ class UpstreamPool:
         max_connections: int = 256,
         connect_timeout: float = 2.0,
         idle_timeout: float = 30.0,
+        response_limit: int = 10 * 1024 * 1024,
+        memory_limit: int = 64 * 1024 * 1024,
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -194,6 +283,11 @@ class UpstreamPool:
         self.max_connections = max_connections
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.response_limit = response_limit
+        """Largest answer body taken from this server; a bigger one fails the call (bad_response)."""
+        self.memory_limit = memory_limit
+        """Most bytes of answer bodies being received from this server at once; beyond, calls fail the same way."""
+        self.receiving = 0
         self._loop = asyncio.get_running_loop()
         self._idle: collections.deque[_Connection] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()

@@ -134,3 +134,39 @@ async def test_a_candidate_answering_deeply_nested_json_loses_no_row(
             "no_prediction",
             None,
         )
+
+
+def peak_rss_mb(router: Router) -> float:
+    assert router.process is not None
+    for line in Path(f"/proc/{router.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize(
+    ("mode", "size"), [("huge-body", 50_000_000), ("huge-header", 32_000_000), ("many-headers", 5_000)]
+)
+async def test_a_candidate_sending_huge_answers_costs_its_calls_not_the_router(
+    production: ModelServer,
+    hostile: Callable[[str, int], HostileModelServer],
+    start_router: StartRouter,
+    db: asyncpg.Connection,
+    deployment: str,
+    mode: str,
+    size: int,
+) -> None:
+    """D5 and D3 upstream: twenty 50 MB answers took the router from 87 to 434 MB (its pod limit is 512 Mi);
+    an answer's endless head had no limit at all. Now each such call fails as bad_response, production
+    answers every request, every row is recorded, and memory stays near where it started."""
+    candidate = hostile(mode, size)
+    router = start_router(router_config(production.url, candidate.url, deployment=deployment, weight=100))
+    before = peak_rss_mb(router)
+    results = await run_load(f"{router.url}/v2/models/fraud/infer", 40, rate=20)
+    assert [result.status for result in results] == [200] * 40
+    recorded = await rows(db, deployment, 40)
+    assert {(row["candidate_status"], row["candidate_error"]) for row in recorded} == {(None, "bad_response")}
+    assert router.metric("shadowgate_router_requests_total", side="candidate", status="bad_response") == 40
+    grown = peak_rss_mb(router) - before
+    print(f"{mode}: router peak RSS {before:.0f} MB before, +{grown:.0f} MB after 40 mirrored answers of {size}")
+    assert grown < 120, f"the router's peak memory grew by {grown:.0f} MB"

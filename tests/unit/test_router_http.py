@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from shadowgate_router.httpserver import HttpServer, Request, Response, json_response
-from shadowgate_router.upstream import CLOSED, CONNECT, TIMEOUT, UpstreamError, UpstreamPool
+from shadowgate_router.upstream import BAD_RESPONSE, CLOSED, CONNECT, TIMEOUT, UpstreamError, UpstreamPool
 
 
 async def echo(request: Request) -> Response:
@@ -257,4 +259,188 @@ async def test_an_answer_delimited_by_close_is_complete() -> None:
         pool = UpstreamPool(raw.url)
         response = await pool.request(b"POST", b"/x", [], b"{}", 5)
         assert (response.status, response.body) == (200, b'{"ok": 1}')
+        await pool.close()
+
+
+# Issue 12: peers that attack the server (D3 huge heads, D4 pipelining without reading, Upgrade).
+
+
+async def test_a_header_that_never_ends_is_refused_once_it_passes_the_limit(server: HttpServer) -> None:
+    """D3: counted as it arrives, not when httptools hands over the finished value (built quadratically)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ")
+    for _ in range(32):
+        writer.write(b"a" * 65_536)  # 2 MB and counting, the line never ends
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 431 ")
+    writer.close()
+
+
+async def test_chunked_trailers_are_counted_like_headers(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-Trailer: ")
+    for _ in range(32):
+        writer.write(b"a" * 65_536)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 431 ")
+    writer.close()
+
+
+async def test_large_heads_within_the_limits_still_pass_when_pipelined(server: HttpServer) -> None:
+    headers = [b"X-H%d: %s" % (n, b"v" * 900) for n in range(60)]  # about 55 KB of headers
+    data = (post("/first", b"x" * 900, *headers) + post("/second", b"y", *headers, b"Connection: close")) * 1
+    answer = await exchange(server.port, data)
+    assert answer.count(b"HTTP/1.1 200 OK") == 2
+
+
+async def test_an_upgrade_request_gets_one_answer_then_the_connection_closes(server: HttpServer) -> None:
+    upgrade = b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    answer = await exchange(server.port, upgrade + b"\x81\x05hello")
+    assert answer.count(b"HTTP/1.1 ") == 1, answer
+    assert answer.startswith(b"HTTP/1.1 200 OK") and b"Connection: close" in answer
+
+
+class Recording:
+    """A handler for the fairness tests: /gate waits for the test, /big answers 64 KB, the rest a few bytes;
+    it notes who asked, and the most output any connection had buffered when it was called."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.calls: list[str] = []
+        self.server: HttpServer | None = None
+        self.most_buffered = 0
+
+    async def __call__(self, request: Request) -> Response:
+        assert self.server is not None
+        for connection in self.server.connections:
+            if connection.transport is not None:
+                self.most_buffered = max(self.most_buffered, connection.transport.get_write_buffer_size())
+        if request.path == "/gate":
+            await self.gate.wait()
+        self.calls.append(request.path.split("/")[1])
+        if request.path.startswith("/big"):
+            return Response(200, b"b" * 65_536)
+        return Response(200, b"ok")
+
+
+@pytest.fixture
+async def recording() -> AsyncIterator[Recording]:
+    handler = Recording()
+    handler.server = HttpServer(handler)
+    await handler.server.start("127.0.0.1", 0)
+    yield handler
+    await handler.server.shutdown(1)
+
+
+def get(path: str) -> bytes:
+    return b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
+
+
+async def test_pipelined_answers_of_two_clients_interleave(recording: Recording) -> None:
+    """D4: between two answers on one connection the loop serves the others."""
+    assert recording.server is not None
+    clients = [await asyncio.open_connection("127.0.0.1", recording.server.port) for _ in range(2)]
+    for tag, (_, writer) in zip("ab", clients, strict=True):
+        writer.write(get("/gate") + get(f"/{tag}") * 200)
+    deadline = time.monotonic() + 5
+    while sum(len(connection._queue) for connection in recording.server.connections) < 2 * 16:
+        assert time.monotonic() < deadline, "the requests were not read"
+        await asyncio.sleep(0.01)
+    recording.gate.set()
+    for reader, _ in clients:
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 201:
+            answers += await asyncio.wait_for(reader.read(65_536), 5)
+    for _, writer in clients:
+        writer.close()
+    order = [call for call in recording.calls if call in ("a", "b")]
+    switches = sum(1 for before, after in itertools.pairwise(order) if before != after)
+    assert len(order) == 400 and switches >= 100, f"answered in runs: {switches} switches"
+
+
+async def test_a_client_that_does_not_read_its_answers_is_not_answered_further(recording: Recording) -> None:
+    """D4: write backpressure. 2,000 pipelined requests for 64 KB answers, none read: the server stops
+    answering once the socket is full instead of buffering 128 MB, and the others are served meanwhile."""
+    assert recording.server is not None
+    recording.gate.set()
+    flood = socket.socket()
+    flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    flood.connect(("127.0.0.1", recording.server.port))
+    flood.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=flood)
+    writer.write(get("/big") * 2_000)
+    deadline = time.monotonic() + 10
+    while recording.calls.count("big") < 20:  # the flood is being answered (a few MB fit the sockets)
+        assert time.monotonic() < deadline, "the flood was not answered at all"
+        await asyncio.sleep(0.01)
+    other_reader, other_writer = await asyncio.open_connection("127.0.0.1", recording.server.port)
+    other_writer.write(get("/other"))
+    assert (await asyncio.wait_for(other_reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200 OK")
+    answered = recording.calls.count("big")
+    assert answered < 1_000, f"{answered} answers of 64 KB were produced for a client reading none"
+    assert recording.most_buffered < 1_000_000, f"{recording.most_buffered} bytes buffered for one client"
+    other_writer.close()
+    writer.close()
+
+
+# Issue 12 D3/D5: a model server is a peer like any other; what it sends is bounded.
+
+
+def answering(head: bytes, body_size: int, piece: int = 65_536) -> Behaviour:
+    """Answer every request with `head`, then `body_size` bytes of body in pieces."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(head)
+            sent = 0
+            while sent < body_size:
+                writer.write(b"a" * min(piece, body_size - sent))
+                sent += piece
+                await writer.drain()
+
+    return serve
+
+
+@pytest.mark.parametrize(
+    ("head", "says"),
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * 4_000_000 + b"\r\nContent-Length: 0\r\n\r\n", "head is over"),
+        (b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * 4_000_000, "head is over"),  # never ends
+        (b"HTTP/1.1 200 OK\r\n" + b"X-H: v\r\n" * 500 + b"Content-Length: 0\r\n\r\n", "over 100 header fields"),
+    ],
+)
+async def test_an_answer_with_an_oversized_head_fails_the_call(head: bytes, says: str) -> None:
+    async with RawServer(answering(head, 0)) as raw:
+        pool = UpstreamPool(raw.url)
+        with pytest.raises(UpstreamError) as failed:
+            await pool.request(b"POST", b"/x", [], b"{}", 5)
+        assert failed.value.kind == BAD_RESPONSE and says in failed.value.detail
+        await pool.close()
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 50000000\r\n", b"Connection: close\r\n"])
+async def test_an_oversized_answer_fails_the_call_and_frees_its_memory(framing: bytes) -> None:
+    async with RawServer(answering(b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n", 50_000_000)) as raw:
+        pool = UpstreamPool(raw.url, response_limit=1_000_000)
+        with pytest.raises(UpstreamError) as failed:
+            await pool.request(b"POST", b"/x", [], b"{}", 5)
+        assert failed.value.kind == BAD_RESPONSE and "over the limit of 1000000 bytes" in failed.value.detail
+        assert pool.receiving == 0
+        await pool.close()
+
+
+async def test_answers_being_received_at_once_share_a_memory_limit() -> None:
+    size = 3_000_000
+    async with RawServer(answering(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size, size, 4096)) as raw:
+        pool = UpstreamPool(raw.url, response_limit=4_000_000, memory_limit=8_000_000)
+        outcomes = await asyncio.gather(
+            *(pool.request(b"POST", b"/x", [], b"{}", 10) for _ in range(6)), return_exceptions=True
+        )
+        refused = [o for o in outcomes if isinstance(o, UpstreamError)]
+        answered = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert refused and all("at once from one model server" in error.detail for error in refused)
+        assert answered and all(len(answer.body) == size for answer in answered)
+        assert pool.receiving == 0
+        assert len((await pool.request(b"POST", b"/x", [], b"{}", 10)).body) == size, "later calls go through"
         await pool.close()
