@@ -14,15 +14,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shadowgate_operator.api import API_VERSION, KIND, ModelEndpoint, Phase, Protocol, ShadowDeployment, TrafficMode
 from shadowgate_router.config import (
+    DRAIN_SECONDS,
     ENV_CONFIGMAP,
     ENV_DSN,
     ENV_NAMESPACE,
     ENV_OUTCOME_TOKEN,
     ENV_SPOOL_DIR,
+    FLUSH_SECONDS,
     GRPC_PORT,
     HTTP_PORT,
     RouterConfig,
     Upstream,
+    shutdown_seconds,
 )
 
 ROUTER_APP = "shadowgate-router"
@@ -222,6 +225,7 @@ def deployment(sd: ShadowDeployment, settings: OperatorSettings) -> Manifest:
         "image": spec.router.image or settings.router_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["shadowgate", "router"],
+        "args": [f"--drain-seconds={DRAIN_SECONDS:g}", f"--flush-seconds={FLUSH_SECONDS:g}"],
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
@@ -270,8 +274,9 @@ def deployment(sd: ShadowDeployment, settings: OperatorSettings) -> Manifest:
                         "fsGroup": RUN_AS_USER,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
-                    # Long enough to drain in-flight requests and flush queued rows on SIGTERM.
-                    "terminationGracePeriodSeconds": 30,
+                    # The router's whole shutdown (requests in flight, then the final flush of both tables
+                    # at once) plus a margin: the SIGKILL at its end never cuts a flush short.
+                    "terminationGracePeriodSeconds": shutdown_seconds(DRAIN_SECONDS, FLUSH_SECONDS),
                     "containers": [container],
                     "volumes": [
                         # Rows wait here while the database is away; the root filesystem is read-only.

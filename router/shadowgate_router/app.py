@@ -2,8 +2,11 @@
 answers its own endpoints (/healthz, /readyz, /metrics, /outcomes) and shuts down in order.
 
 Shutdown order matters for "nothing lost": stop being ready and stop listening, let requests in flight
-finish, wait for shadow copies (their rows are written only when they end), then flush both recorders
-(what the database will not take goes to the spool, replayed by the next start).
+finish and wait for shadow copies (their rows are recorded only when they end), both within
+`drain_seconds`; then both recorders put what they hold on disk at once and flush to the database in
+parallel for up to `flush_seconds` (what it does not take stays in the spool, replayed by the next start).
+The operator sets the pod's grace period from these two (`shutdown_seconds`), so the SIGKILL that ends a
+grace period never cuts a flush short.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Protocol as TypingProtocol
 
 from shadowgate_router import outcomes
-from shadowgate_router.config import RouterConfig, RouterConfigError
+from shadowgate_router.config import DRAIN_SECONDS, FLUSH_SECONDS, RouterConfig, RouterConfigError
 from shadowgate_router.grpcproxy import GrpcProxy
 from shadowgate_router.httpserver import HttpServer, Request, Response, error_response, json_response, new_request_id
 from shadowgate_router.metrics import RouterMetrics
@@ -47,13 +50,15 @@ class Settings:
     outcome_token: str | None = None
     body_limit: int = 10 * 1024 * 1024
     proxy: ProxySettings = field(default_factory=ProxySettings)
-    memory_rows: int = 100_000
+    memory_rows: int = 20_000
     batch_rows: int = 2_000
     flush_interval: float = 0.2
     spool_max_bytes: int = 400 * 1024 * 1024
     """Per table; beyond it rows are dropped and counted (two tables fit the operator's 1 GiB emptyDir)."""
-    drain_seconds: float = 20.0
-    """How long shutdown waits for requests and shadow copies in flight, and again for the final flush."""
+    drain_seconds: float = DRAIN_SECONDS
+    """How long shutdown waits for requests and shadow copies in flight."""
+    flush_seconds: float = FLUSH_SECONDS
+    """How long it then tries to write what is left to the database (both tables at once)."""
 
 
 class RouterApp:
@@ -144,25 +149,26 @@ class RouterApp:
         return self.server.port
 
     async def stop(self) -> None:
+        """Within drain_seconds + flush_seconds whatever happens (the pod's grace period allows for both)."""
         self.closing = True
-        drain = self.settings.drain_seconds
+        loop = asyncio.get_running_loop()
+        drained_by = loop.time() + self.settings.drain_seconds
         stopping = []
         if self.server is not None:
-            stopping.append(self.server.shutdown(drain))
+            stopping.append(self.server.shutdown(self.settings.drain_seconds))
         if self.grpc is not None:
-            stopping.append(self.grpc.stop(drain))
+            stopping.append(self.grpc.stop(self.settings.drain_seconds))
         await asyncio.gather(*stopping)
         if self.proxy is not None:
-            await self.proxy.close(drain)  # waits for shadow copies, gRPC ones too
+            await self.proxy.close(max(0.0, drained_by - loop.time()))  # waits for shadow copies, gRPC ones too
         if self.grpc is not None:
             await self.grpc.close()
         if self._source_task is not None:
             self._source_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._source_task
-        for recorder in (self.predictions, self.outcomes):
-            if recorder is not None:
-                await recorder.close(drain)
+        recorders = [recorder for recorder in (self.predictions, self.outcomes) if recorder is not None]
+        await asyncio.gather(*(recorder.close(self.settings.flush_seconds) for recorder in recorders))
         log.info("router stopped")
 
     async def serve_until_signalled(self, source: ConfigSource) -> None:

@@ -18,11 +18,13 @@ from typing import Any
 
 from shadowgate_router.config import (
     CONFIG_KEY,
+    DRAIN_SECONDS,
     ENV_CONFIGMAP,
     ENV_DSN,
     ENV_NAMESPACE,
     ENV_OUTCOME_TOKEN,
     ENV_SPOOL_DIR,
+    FLUSH_SECONDS,
     GRPC_PORT,
     HTTP_PORT,
 )
@@ -113,8 +115,15 @@ def register(subparsers: Any) -> None:
     serving.add_argument(
         "--drain-seconds",
         type=float,
-        default=20.0,
-        help="on SIGTERM, how long to wait for requests in flight, then for the final flush",
+        default=DRAIN_SECONDS,
+        help="on SIGTERM, how long to wait for requests in flight and shadow copies",
+    )
+    serving.add_argument(
+        "--flush-seconds",
+        type=float,
+        default=FLUSH_SECONDS,
+        help="then how long to try to write what is left to the database (both tables at once); "
+        "the rest stays in the spool for the next start",
     )
     recording = parser.add_argument_group("recording")
     recording.add_argument(
@@ -132,14 +141,16 @@ def register(subparsers: Any) -> None:
         "--spool-dir",
         type=Path,
         default=os.environ.get(ENV_SPOOL_DIR),
-        help=f"where rows wait on disk while the database is away [${ENV_SPOOL_DIR}; "
+        help=f"the write-ahead spool: every row is on disk here within a flush interval until the database "
+        f"has it [${ENV_SPOOL_DIR}; "
         "default: a shadowgate-spool directory in the system temp dir]",
     )
     recording.add_argument(
         "--memory-rows",
         type=int,
-        default=100_000,
-        help="rows per table kept in memory while the database is away before spooling",
+        default=20_000,
+        help="rows per table kept in memory, besides on disk, while they wait for the database "
+        "(older ones are read back from the spool)",
     )
     recording.add_argument(
         "--spool-limit-mb",
@@ -211,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         flush_interval=args.flush_interval,
         spool_max_bytes=args.spool_limit_mb * 1024 * 1024,
         drain_seconds=args.drain_seconds,
+        flush_seconds=args.flush_seconds,
     )
     app = RouterApp(settings)
     source: ConfigFile | ConfigMapWatch

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from enum import StrEnum
@@ -28,6 +29,17 @@ HTTP_PORT = 8080
 """The router listens here (named ``http``): traffic, outcomes, /healthz, /readyz, /metrics."""
 GRPC_PORT = 8081
 """And here (named ``grpc``) for gRPC: inference.GRPCInferenceService (protocol v2)."""
+
+DRAIN_SECONDS = 20.0
+"""On SIGTERM, how long the router waits for requests in flight and shadow copies (`--drain-seconds`)."""
+FLUSH_SECONDS = 10.0
+"""Then how long it tries to write what it holds to the database (`--flush-seconds`); the rest stays on disk."""
+
+
+def shutdown_seconds(drain: float = DRAIN_SECONDS, flush: float = FLUSH_SECONDS) -> int:
+    """The grace period a router pod needs: the whole shutdown, plus a margin for the process to exit."""
+    return math.ceil(drain + flush) + 5
+
 
 # Environment of a router pod, set by the operator's Deployment.
 ENV_NAMESPACE = "POD_NAMESPACE"

@@ -54,16 +54,19 @@ class RouterMetrics:
             registry=registry,
         )
         self.queue_depth = Gauge(
-            "shadowgate_router_record_queue_rows", "Rows waiting in memory to be written.", ["table"], registry=registry
+            "shadowgate_router_record_queue_rows",
+            "Rows recorded in memory, not yet in the spool (they go there every flush interval).",
+            ["table"],
+            registry=registry,
         )
         self.spool_bytes = Gauge(
             "shadowgate_router_spool_bytes",
-            "Bytes of rows waiting on disk for the database.",
+            "Bytes of rows in the spool, not yet in the database.",
             ["table"],
             registry=registry,
         )
         self.spool_rows = Gauge(
-            "shadowgate_router_spool_rows", "Rows waiting on disk for the database.", ["table"], registry=registry
+            "shadowgate_router_spool_rows", "Rows in the spool, not yet in the database.", ["table"], registry=registry
         )
         self.rows_written = Counter(
             "shadowgate_router_rows_written", "Rows committed to the database.", ["table"], registry=registry

@@ -1,13 +1,24 @@
 """Getting rows into PostgreSQL without ever making a request wait, and without losing or doubling one.
 
-`Recorder.put` is the only call the hot path makes: an append to an in-memory deque. A background task
-takes batches from it and writes them with COPY into a temporary table, then
-``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` into the real one, in one transaction; a batch is
-removed from memory only once committed. When the database is away the task backs off, rows pile up in
-memory up to `memory_rows`, and beyond that the oldest move to a `Spool` file. On reconnect the spool is
-replayed first, then memory: in order, and once (the unique key includes the row's own timestamp, so a
-batch written twice lands once). Rows the database refuses as invalid (a constraint, an encoding) are
-set aside in ``<table>.rejected.jsonl`` rather than blocking everything behind them.
+`Recorder.put` is the only call the hot path makes: an append to an in-memory deque. Two background tasks
+take it from there:
+
+- the journal, every flush interval (or as soon as a batch's worth is waiting), appends the new rows to the
+  table's write-ahead `Spool` file and keeps them in memory too (up to `memory_rows`; older ones are read
+  back from disk when their turn comes). From then on a killed process loses nothing: at most one flush
+  interval of rows (0.2 s) is only in memory. While rows wait on disk for the database, the journal
+  fdatasyncs the file about once a second (group commit, in a thread); a healthy router commits rows
+  before that and never flushes the disk.
+- the writer takes the oldest rows on disk and writes them in batches with COPY into a temporary table,
+  then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` into the real one, in one transaction, and only
+  then marks them done in the spool. When the database is away it backs off and rows pile up on disk; on
+  reconnect they are written in the order they were recorded, and once (the unique key includes the
+  row's own timestamp, so a batch written twice lands once). Rows the database refuses as invalid (a
+  constraint, an encoding) are set aside in ``<table>.rejected.jsonl`` rather than blocking everything
+  behind them.
+
+The spool is bounded (`spool_max_bytes`): past it rows are dropped and counted, so an endless outage cannot
+fill the volume and get the pod evicted with everything on it.
 """
 
 from __future__ import annotations
@@ -15,11 +26,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -60,7 +71,7 @@ OUTCOME_COLUMNS = ("time", "namespace", "deployment", "request_id", "outcome")
 
 
 def now_us() -> int:
-    """Rows carry their time as integer microseconds: exact through the spool's JSON and into timestamptz."""
+    """Rows carry their time as integer microseconds: exact through the spool and into timestamptz."""
     return time.time_ns() // 1000
 
 
@@ -77,8 +88,17 @@ class _Unavailable(Exception):
     """The database cannot take rows now; try again later."""
 
 
+@dataclass(slots=True)
+class _Block:
+    """Rows journaled together, still in memory: where they sit in the spool file."""
+
+    rows: list[Row]
+    start: int
+    end: int
+
+
 class Recorder:
-    """Writes one table's rows; `run()` is the background task, `close()` flushes at shutdown."""
+    """Writes one table's rows; `start()` runs the background tasks, `close()` flushes at shutdown."""
 
     def __init__(
         self,
@@ -88,11 +108,12 @@ class Recorder:
         spool_dir: Path,
         metrics: RouterMetrics,
         *,
-        memory_rows: int = 100_000,
+        memory_rows: int = 20_000,
         batch_rows: int = 2_000,
         flush_interval: float = 0.2,
-        spill_rows: int = 250,
+        spill_rows: int = 500,
         spool_max_bytes: int = 400 * 1024 * 1024,
+        sync_interval: float = 1.0,
         connect_timeout: float = 3.0,
         write_timeout: float = 10.0,
         max_backoff: float = 2.0,
@@ -104,21 +125,32 @@ class Recorder:
         self.rejected_path = spool_dir / f"{table}.rejected.jsonl"
         self.metrics = metrics
         self.memory_rows = memory_rows
+        """Journaled rows also kept in memory, so the writer need not read them back from disk."""
         self.batch_rows = batch_rows
         self.flush_interval = flush_interval
         self.spill_rows = spill_rows
+        """Rows per spool record (and between two checks of the spool's limit)."""
         self.spool_max_bytes = spool_max_bytes
+        self.sync_interval = sync_interval
         self.connect_timeout = connect_timeout
         self.write_timeout = write_timeout
         self.max_backoff = max_backoff
-        self._memory: collections.deque[Row] = collections.deque()
-        self._wake = asyncio.Event()
+        self._fresh: collections.deque[Row] = collections.deque()
+        """Recorded, not yet on disk: at most one flush interval's worth."""
+        self._cache: collections.deque[_Block] = collections.deque()
+        """The newest journaled rows not yet in the database, contiguous up to the end of the spool file."""
+        self._cached = 0
+        self._journal_wake = asyncio.Event()
+        self._writer_wake = asyncio.Event()
+        self._unsynced = False
+        self._synced_at = 0.0
         self._connection: asyncpg.Connection | None = None
         self._failures = 0
         self._retry_at = 0.0
         self._last_complaint = 0.0
         self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self._journal_task: asyncio.Task[None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
         self._incoming = f"shadowgate_incoming_{table}"
         self._queue_gauge = metrics.queue_depth.labels(table)
         self._spool_bytes = metrics.spool_bytes.labels(table)
@@ -133,37 +165,94 @@ class Recorder:
     # the hot path
     def put(self, row: Row) -> None:
         """Queue one row; never blocks, never fails."""
-        memory = self._memory
-        memory.append(row)
-        if len(memory) == self.batch_rows:
-            self._wake.set()
+        fresh = self._fresh
+        fresh.append(row)
+        if len(fresh) == self.batch_rows:
+            self._journal_wake.set()
 
     # observers
     @property
     def pending(self) -> int:
-        """Rows not yet in the database (memory and spool)."""
-        return len(self._memory) + self.spool.rows
+        """Rows not yet in the database (in memory only, or on disk)."""
+        return len(self._fresh) + self.spool.rows
 
     @property
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed()
 
     def _update_gauges(self) -> None:
-        self._queue_gauge.set(len(self._memory))
+        self._queue_gauge.set(len(self._fresh))
         self._spool_bytes.set(self.spool.bytes)
         self._spool_rows.set(self.spool.rows)
 
-    # the background task
+    # the background tasks
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"recorder-{self.table}")
+        loop = asyncio.get_running_loop()
+        self._journal_task = loop.create_task(self._run_journal(), name=f"journal-{self.table}")
+        self._writer_task = loop.create_task(self._run_writer(), name=f"recorder-{self.table}")
 
-    async def _run(self) -> None:
+    async def _run_journal(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._journal_wake.wait(), self.flush_interval)
+            self._journal_wake.clear()
+            if self._stopping:
+                return  # close() journals what is left itself
+            try:
+                await self._journal()
+            except Exception:  # a full or failing disk: keep the rows in memory and say so; retry
+                log.exception("%s: cannot write rows to %s; keeping them in memory", self.table, self.spool.path)
+            self._update_gauges()
+
+    async def _journal(self) -> None:
+        """Fresh rows to disk (and the cache); fsync rows that waited on disk since the last tick."""
+        if self._unsynced and self.spool.rows and time.monotonic() - self._synced_at >= self.sync_interval:
+            # Still here a tick after they were written: the database is slow or away. Group commit.
+            self._unsynced = False
+            self._synced_at = time.monotonic()
+            await asyncio.to_thread(self.spool.sync)
+        elif not self.spool.rows and not self._cache and self.spool.size:
+            self.spool.clear()  # all of it is in the database: start the file afresh
+            self._unsynced = False
+        fresh = self._fresh
+        while fresh:
+            rows = [fresh.popleft() for _ in range(min(self.spill_rows, len(fresh)))]
+            if self.spool.bytes >= self.spool_max_bytes:
+                self._drop(len(rows))
+                continue
+            start = self.spool.size
+            end = self.spool.append(rows)
+            self._unsynced = True
+            self._cache.append(_Block(rows, start, end))
+            self._cached += len(rows)
+            while self._cached > self.memory_rows:  # the oldest are on disk: read back when their turn comes
+                self._cached -= len(self._cache.popleft().rows)
+            self._writer_wake.set()
+            if fresh:
+                await asyncio.sleep(0)  # a few hundred rows at a time: requests barely notice
+
+    def _drop(self, count: int) -> None:
+        """The spool's disk budget is spent: drop rows, count them and say so.
+
+        The last resort of a very long outage: a spool that filled its volume (the router's emptyDir has a
+        size limit) would get the pod evicted, and everything on disk with it.
+        """
+        self._dropped.inc(count)
+        now = time.monotonic()
+        if now - self._last_drop_complaint > 30:
+            self._last_drop_complaint = now
+            log.error(
+                "%s: the spool holds %d bytes, its limit; dropping rows until the database is back",
+                self.table,
+                self.spool.bytes,
+            )
+
+    async def _run_writer(self) -> None:
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
-            self._wake.clear()
-            await self._spill_excess()
-            if time.monotonic() < self._retry_at or not self.pending:
+                await asyncio.wait_for(self._writer_wake.wait(), self.flush_interval)
+            self._writer_wake.clear()
+            if time.monotonic() < self._retry_at or not self.spool.rows:
                 self._update_gauges()
                 continue
             try:
@@ -177,24 +266,37 @@ class Recorder:
             self._update_gauges()
 
     async def close(self, grace: float) -> None:
-        """Stop the task's loop, write what is left within `grace` seconds, spool whatever still could not go."""
-        self._stopping = True
-        self._wake.set()
+        """Put every row on disk at once, then write what the database takes within `grace` seconds.
+
+        Whatever it does not take stays in the spool for the next start: a SIGKILL at any point after the
+        first step loses nothing.
+        """
         deadline = time.monotonic() + grace
-        if self._task is not None:
-            # On timeout wait_for cancels it mid-write: what was not committed is still in memory or spool.
+        self._stopping = True
+        self._journal_wake.set()
+        self._writer_wake.set()
+        if self._journal_task is not None:
+            await self._journal_task  # it returns at once, or after the step under way
+            self._journal_task = None
+        try:
+            await self._journal()
+            self.spool.sync()
+        except Exception:
+            log.exception("%s: cannot write rows to %s at shutdown", self.table, self.spool.path)
+        if self._writer_task is not None:
+            # On timeout wait_for cancels it mid-write: what was not committed is still in the spool.
             try:
-                await asyncio.wait_for(self._task, grace)
+                await asyncio.wait_for(self._writer_task, max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 # Cancelled mid-statement, the connection is unusable ("another operation is in progress"):
                 # drop it, so the final drain below starts on a fresh one instead of failing.
                 if self._connection is not None:
                     self._connection.terminate()
                     self._connection = None
-            self._task = None
+            self._writer_task = None
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                while self.pending:
+                while self.spool.rows:
                     try:
                         await self._drain()
                     except _Unavailable as exc:
@@ -202,15 +304,13 @@ class Recorder:
                         await asyncio.sleep(min(0.5, self.max_backoff))
         except TimeoutError:
             pass
-        if self._memory:
+        if self.spool.rows:
             log.warning(
-                "%s: database unavailable at shutdown; %d rows kept in %s",
-                self.table,
-                len(self._memory),
-                self.spool.path,
+                "%s: database unavailable at shutdown; %d rows kept in %s", self.table, self.spool.rows, self.spool.path
             )
-            self._to_spool(list(self._memory))
-            self._memory.clear()
+        elif self.spool.size:
+            self.spool.clear()
+        self.spool.close()
         self._update_gauges()
         if self._connection is not None:
             self._connection.terminate()
@@ -225,57 +325,34 @@ class Recorder:
         if self._failures == 1 or now - self._last_complaint > 30:
             self._last_complaint = now
             log.warning(
-                "%s: cannot write to the database (%s); %d rows waiting (%d on disk)",
+                "%s: cannot write to the database (%s); %d rows waiting on disk",
                 self.table,
                 exc,
                 self.pending,
-                self.spool.rows,
             )
         if self._connection is not None:
             self._connection.terminate()
             self._connection = None
 
-    async def _spill_excess(self) -> None:
-        """Memory over its bound: move the oldest rows to disk (the spool always holds the oldest)."""
-        # Small chunks written from the loop itself: a thread would race the final flush at shutdown, and
-        # a few hundred rows encode in about a millisecond, so requests barely notice.
-        while len(self._memory) > self.memory_rows:
-            count = min(self.spill_rows, len(self._memory) - self.memory_rows)
-            self._to_spool([self._memory.popleft() for _ in range(count)])
-            await asyncio.sleep(0)
-        self._update_gauges()
-
-    def _to_spool(self, rows: list[Row]) -> None:
-        """Append to the spool unless its disk budget is spent; then drop the rows, count them and say so.
-
-        The last resort of a very long outage: a spool that filled its volume (the router's emptyDir has a
-        size limit) would get the pod evicted, and everything in memory and on disk with it.
-        """
-        if self.spool.bytes < self.spool_max_bytes:
-            self.spool.append(rows)
-            return
-        self._dropped.inc(len(rows))
-        now = time.monotonic()
-        if now - self._last_drop_complaint > 30:
-            self._last_drop_complaint = now
-            log.error(
-                "%s: the spool holds %d bytes, its limit; dropping rows until the database is back",
-                self.table,
-                self.spool.bytes,
-            )
-
     async def _drain(self) -> None:
+        """Write everything journaled, oldest first: from memory where it still is, else from disk."""
         connection = await self._connect()
-        while self.spool.rows:
-            rows, position = self.spool.read(self.spill_rows)
+        spool, cache = self.spool, self._cache
+        while spool.rows:
+            first = cache[0] if cache else None
+            if first is None or spool.offset < first.start:
+                rows, position = spool.read(self.batch_rows, until=first.start if first else None)
+            else:
+                rows, position = [], first.start
+                for block in cache:
+                    if rows and len(rows) + len(block.rows) > self.batch_rows:
+                        break
+                    rows += block.rows
+                    position = block.end
             await self._write(connection, rows)
-            self.spool.commit(position, len(rows))
-            await self._spill_excess()
-        while self._memory:
-            batch = list(itertools.islice(self._memory, self.batch_rows))
-            await self._write(connection, batch)
-            for _ in batch:
-                self._memory.popleft()
+            spool.commit(position, len(rows))
+            while cache and cache[0].end <= position:
+                self._cached -= len(cache.popleft().rows)
             self._update_gauges()
         if self._failures:
             log.info("%s: database reachable again; everything waiting is written", self.table)

@@ -213,14 +213,20 @@ class Router(Process):
     """`shadowgate router` with a config file (or a ConfigMap), a DSN and a spool directory."""
 
     def __init__(
-        self, work: Path, dsn: str, *args: str, token: str = "outcome-token", env: dict[str, str] | None = None
+        self,
+        work: Path,
+        dsn: str,
+        *args: str,
+        token: str = "outcome-token",
+        env: dict[str, str] | None = None,
+        spool_dir: Path | None = None,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_port = free_port()
         self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         self.config_path = work / f"router-{self.port}.json"
-        self.spool_dir = work / f"spool-{self.port}"
+        self.spool_dir = spool_dir or work / f"spool-{self.port}"
         self.token = token
         super().__init__(
             [
