@@ -37,7 +37,7 @@ from pydantic.alias_generators import to_camel
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from shadowgate_router.config import JSON_PATH_PATTERN
+from shadowgate_router.config import DEFAULT_MIRROR_DROP_HEADERS, JSON_PATH_PATTERN
 from shadowgate_router.config import Protocol as Protocol  # re-exported: part of this API
 from shadowgate_router.config import TrafficMode as TrafficMode
 
@@ -517,6 +517,12 @@ class Traffic(ApiModel):
     """How long the answering model may take before the router gives up (10ms to 5m)."""
     mirror_timeout: Duration = "5s"
     """How long a mirrored candidate call may take before it is recorded as a timeout (10ms to 5m)."""
+    mirror_drop_headers: list[HeaderName] = Field(
+        default_factory=lambda: list(DEFAULT_MIRROR_DROP_HEADERS), max_length=32
+    )
+    """Request headers left out of the copies mirrored to the candidate in shadow mode: the client's
+    credentials by default (Authorization, Cookie). Add others that carry secrets; set [] to forward
+    everything (a candidate that needs the client's credentials to answer)."""
 
     @rule(
         "self.steps.isSorted() && self.steps.all(s, self.steps.exists_one(t, t == s))",

@@ -199,6 +199,7 @@ def router_config(sd: ShadowDeployment) -> RouterConfig:
         fallback_to_production=spec.traffic.fallback_to_production,
         timeout_seconds=spec.traffic.timeout_seconds,
         mirror_timeout_seconds=spec.traffic.mirror_timeout_seconds,
+        mirror_drop_headers=tuple(spec.traffic.mirror_drop_headers),
     )
 
 

@@ -49,6 +49,9 @@ ENV_OUTCOME_TOKEN = "SHADOWGATE_OUTCOME_TOKEN"
 ENV_SPOOL_DIR = "SHADOWGATE_SPOOL_DIR"
 """Writable directory where rows wait on disk while the database is away."""
 
+DEFAULT_MIRROR_DROP_HEADERS = ("Authorization", "Cookie")
+"""Request headers not copied to the candidate's shadow calls unless the ShadowDeployment says otherwise."""
+
 JSON_PATH_PATTERN = r"^([A-Za-z_][-A-Za-z0-9_]*|\[[0-9]+\])(\[[0-9]+\])*([.][A-Za-z_][-A-Za-z0-9_]*(\[[0-9]+\])*)*$"
 """Dotted keys with list indexes, e.g. ``outputs[0].data[0]`` or ``[0].score``."""
 
@@ -132,6 +135,10 @@ class RouterConfig(_Model):
     """How long the answering model may take."""
     mirror_timeout_seconds: float = Field(gt=0)
     """How long a mirrored (shadow) candidate call may take before it is recorded as a timeout."""
+    mirror_drop_headers: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9][-A-Za-z0-9_]*$")], ...] = (
+        DEFAULT_MIRROR_DROP_HEADERS
+    )
+    """Request headers left out of shadow copies (compared case-insensitively): the client's credentials."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -121,6 +121,8 @@ class Route:
     production: UpstreamPool
     candidate: UpstreamPool
     is_json: bool
+    mirror_drop: frozenset[bytes]
+    """Lower-cased names of the request headers left out of shadow copies."""
 
 
 def _mirrored(task: asyncio.Task[Answer]) -> Answer:
@@ -173,6 +175,7 @@ class Proxy:
             production=pools[config.production.base_url],
             candidate=pools[config.candidate.base_url],
             is_json=config.protocol.value == "json",
+            mirror_drop=frozenset(name.lower().encode() for name in config.mirror_drop_headers),
         )
         for url in [url for url in self._pools if url not in pools]:
             retired = self._pools.pop(url)
@@ -321,7 +324,10 @@ class Proxy:
         if config.mode is TrafficMode.SHADOW:
             mirror = None
             if candidate_share:
-                mirror = self._mirror(route, candidate_target, headers, request.body)
+                mirrored = headers
+                if route.mirror_drop:  # the client's credentials are for production, not for a model under test
+                    mirrored = [(name, value) for name, value in headers if name not in route.mirror_drop]
+                mirror = self._mirror(route, candidate_target, mirrored, request.body)
             production = await self._infer_call(route, "production", "answer", production_target, headers, request.body)
             response = self._respond(production, "production", request_id, started)
 

@@ -170,3 +170,75 @@ async def test_a_candidate_sending_huge_answers_costs_its_calls_not_the_router(
     grown = peak_rss_mb(router) - before
     print(f"{mode}: router peak RSS {before:.0f} MB before, +{grown:.0f} MB after 40 mirrored answers of {size}")
     assert grown < 120, f"the router's peak memory grew by {grown:.0f} MB"
+
+
+class HeaderRecorder:
+    """A V2 model server in the test's own loop that notes the headers of every request it gets."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+        self.server: asyncio.Server | None = None
+        self.handlers: set[asyncio.Task[None]] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                fields = dict(line.decode().split(": ", 1) for line in head.split(b"\r\n")[1:] if b": " in line)
+                headers = {name.lower(): value for name, value in fields.items()}
+                await reader.readexactly(int(headers.get("content-length", "0")))
+                self.seen.append(headers)
+                body = b'{"outputs":[{"name":"score","datatype":"FP64","shape":[1],"data":[1.0]}]}'
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self.handlers.discard(task)
+
+    async def __aenter__(self) -> HeaderRecorder:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.handlers):
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    ("drop", "candidate_gets"),
+    [
+        (None, {"x-api-key", "x-account-id"}),  # the default: Authorization and Cookie stay with production
+        (["X-Api-Key"], {"authorization", "cookie", "x-account-id"}),
+        ([], {"authorization", "cookie", "x-api-key", "x-account-id"}),  # opted in to forward everything
+    ],
+)
+async def test_client_credentials_are_not_mirrored_to_the_candidate_unless_asked(
+    start_router: StartRouter, deployment: str, drop: list[str] | None, candidate_gets: set[str]
+) -> None:
+    """D14: Authorization and Cookie (and a configurable list) stay out of shadow copies by default."""
+    sent = {"Authorization": "Bearer client-secret", "Cookie": "session=1", "X-Api-Key": "k", "X-Account-Id": "a"}
+    async with HeaderRecorder() as production, HeaderRecorder() as candidate:
+        changes = {} if drop is None else {"mirrorDropHeaders": drop}
+        router = start_router(router_config(production.url, candidate.url, deployment=deployment, **changes))
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.post(f"{router.url}/v2/models/fraud/infer", json={"inputs": []}, headers=sent)
+        assert answer.status_code == 200
+        deadline = time.monotonic() + 10
+        while not candidate.seen:
+            assert time.monotonic() < deadline, "the shadow copy never arrived"
+            await asyncio.sleep(0.05)
+    interesting = {name.lower() for name in sent}
+    assert set(production.seen[0]) & interesting == interesting, "production gets the request as sent"
+    assert set(candidate.seen[0]) & interesting == candidate_gets
