@@ -393,7 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     deployment = f"bench-{int(time.time())}"
     with Postgres() as postgres, Processes(work) as processes:
         asyncio.run(migrate_dsn(postgres.dsn))
-        names = ("production", "candidate", "router", "nginx", "production-grpc", "candidate-grpc", "router-grpc")
+        names = (
+            "production",
+            "candidate",
+            "router",
+            "router-metrics",
+            "nginx",
+            "production-grpc",
+            "candidate-grpc",
+            "router-grpc",
+        )
         ports = {name: free_port() for name in names}
         for name, bias in (("production", 0), ("candidate", 100)):
             processes.start(
@@ -424,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             "router",
             [sys.executable, "-m", "shadowgate_operator.cli", "router", "--config-file", str(work / "router.json"),
              "--listen", f"127.0.0.1:{ports['router']}", "--grpc-listen", f"127.0.0.1:{ports['router-grpc']}",
+             "--metrics-listen", f"127.0.0.1:{ports['router-metrics']}",
              "--dsn", postgres.dsn, "--spool-dir", str(work / "spool"), "--log-level", "WARNING"],
             env={"SHADOWGATE_OUTCOME_TOKEN": "bench"},
         )  # fmt: skip
@@ -449,7 +459,6 @@ def main(argv: list[str] | None = None) -> int:
             Target("gRPC direct", f"127.0.0.1:{ports['production-grpc']}", grpc=True),
             Target("gRPC via router", f"127.0.0.1:{ports['router-grpc']}", grpc=True),
         ]
-        router = targets[2]
         print(f"fixed rate: {args.rate:g} req/s, {args.rounds} rounds of {args.seconds:g} s per target", flush=True)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(
@@ -471,11 +480,13 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     wrk(target, args.max_seconds, args.connections, script)
                 time.sleep(1)
-        failed_grpc = sum(count for code, count in grpc_codes(router.url).items() if code != "OK")
+        failed_grpc = sum(
+            count for code, count in grpc_codes(f"http://127.0.0.1:{ports['router-metrics']}").items() if code != "OK"
+        )
         targets[4].errors += int(failed_grpc)
 
         deadline = time.monotonic() + 60
-        while router_pending(router.url) and time.monotonic() < deadline:
+        while router_pending(f"http://127.0.0.1:{ports['router-metrics']}") and time.monotonic() < deadline:
             time.sleep(0.2)
         recorded = asyncio.run(count_rows(postgres.dsn, deployment))
         print(f"load average after: {load_average()}")

@@ -23,6 +23,7 @@ from shadowgate_router.config import (
     FLUSH_SECONDS,
     GRPC_PORT,
     HTTP_PORT,
+    METRICS_PORT,
     RouterConfig,
     Upstream,
     shutdown_seconds,
@@ -226,10 +227,17 @@ def deployment(sd: ShadowDeployment, settings: OperatorSettings) -> Manifest:
         "image": spec.router.image or settings.router_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["shadowgate", "router"],
-        "args": [f"--drain-seconds={DRAIN_SECONDS:g}", f"--flush-seconds={FLUSH_SECONDS:g}"],
+        "args": [
+            f"--listen=0.0.0.0:{HTTP_PORT}",
+            f"--metrics-listen=0.0.0.0:{METRICS_PORT}",
+            f"--drain-seconds={DRAIN_SECONDS:g}",
+            f"--flush-seconds={FLUSH_SECONDS:g}",
+        ],
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            # Prometheus' /metrics only; the Service (what clients call) does not expose it.
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
         "env": [
             {"name": ENV_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -265,7 +273,15 @@ def deployment(sd: ShadowDeployment, settings: OperatorSettings) -> Manifest:
             # Never fewer ready routers than asked for while rolling: they sit in the request path.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": labels(sd)},
+                "metadata": {
+                    "labels": labels(sd),
+                    # The convention most Prometheus set-ups scrape pods by.
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(METRICS_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
                 "spec": {
                     "serviceAccountName": sd.router_name,
                     "securityContext": {

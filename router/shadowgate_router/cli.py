@@ -27,6 +27,7 @@ from shadowgate_router.config import (
     FLUSH_SECONDS,
     GRPC_PORT,
     HTTP_PORT,
+    METRICS_PORT,
 )
 
 log = logging.getLogger("shadowgate_router")
@@ -40,7 +41,8 @@ def register(subparsers: Any) -> None:
             "Serve the model API in front of the production and candidate model servers: answer from "
             "production (shadow) or from the candidate for its share (canary), mirror the share in the "
             "background, and record one row per request and every POSTed outcome in PostgreSQL. "
-            "Serves /healthz, /readyz (ready once a valid configuration is loaded), /metrics and POST /outcomes."
+            "Serves /healthz, /readyz (ready once a valid configuration is loaded) and POST /outcomes, and "
+            "/metrics on a port of its own."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -72,6 +74,11 @@ def register(subparsers: Any) -> None:
         "--grpc-listen",
         default=f"0.0.0.0:{GRPC_PORT}",
         help="HOST:PORT to serve gRPC on (inference.GRPCInferenceService, protocol v2); 'off' to not serve it",
+    )
+    serving.add_argument(
+        "--metrics-listen",
+        default=f"0.0.0.0:{METRICS_PORT}",
+        help="HOST:PORT for Prometheus' /metrics (kept off the traffic port)",
     )
     serving.add_argument(
         "--body-limit", type=int, default=10 * 1024 * 1024, help="largest request body accepted, in bytes (bigger: 413)"
@@ -191,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
         if not grpc_port.isdigit():
             return _fail(f"--grpc-listen {args.grpc_listen!r} is not HOST:PORT or 'off'")
         grpc_host = grpc_host.strip("[]") or "0.0.0.0"
+    metrics_host, _, metrics_port = args.metrics_listen.rpartition(":")
+    if not metrics_port.isdigit():
+        return _fail(f"--metrics-listen {args.metrics_listen!r} is not HOST:PORT")
     token = os.environ.get(ENV_OUTCOME_TOKEN) or None
     if args.outcome_token_file is not None:
         try:
@@ -206,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
         port=int(port),
         grpc_host=grpc_host,
         grpc_port=int(grpc_port),
+        metrics_host=metrics_host.strip("[]") or "0.0.0.0",
+        metrics_port=int(metrics_port),
         outcome_token=token,
         body_limit=args.body_limit,
         proxy=ProxySettings(

@@ -26,9 +26,11 @@ CONFIG_KEY = "config.json"
 """The ConfigMap data key holding the JSON document."""
 
 HTTP_PORT = 8080
-"""The router listens here (named ``http``): traffic, outcomes, /healthz, /readyz, /metrics."""
+"""The router listens here (named ``http``): traffic, outcomes, /healthz, /readyz."""
 GRPC_PORT = 8081
 """And here (named ``grpc``) for gRPC: inference.GRPCInferenceService (protocol v2)."""
+METRICS_PORT = 9090
+"""And here (named ``metrics``) for Prometheus' /metrics only: clients of the traffic port do not see it."""
 
 DRAIN_SECONDS = 20.0
 """On SIGTERM, how long the router waits for requests in flight and shadow copies (`--drain-seconds`)."""

@@ -242,3 +242,19 @@ async def test_client_credentials_are_not_mirrored_to_the_candidate_unless_asked
     interesting = {name.lower() for name in sent}
     assert set(production.seen[0]) & interesting == interesting, "production gets the request as sent"
     assert set(candidate.seen[0]) & interesting == candidate_gets
+
+
+@pytest.mark.parametrize("protocol", ["v2", "json"])
+async def test_metrics_are_served_on_their_own_port_only(
+    production: ModelServer, start_router: StartRouter, deployment: str, protocol: str
+) -> None:
+    """Clients of the traffic port cannot read the router's metrics; Prometheus reads them on another."""
+    config = router_config(production.url, production.url, deployment=deployment, protocol=protocol)
+    router = start_router(config)
+    async with httpx.AsyncClient(timeout=10) as client:
+        traffic = await client.get(f"{router.url}/metrics")
+        metrics = await client.get(f"{router.metrics_url}/metrics")
+        elsewhere = await client.get(f"{router.metrics_url}/v2/health/ready")
+    assert traffic.status_code == 404 and "shadowgate_router" not in traffic.text
+    assert metrics.status_code == 200 and "shadowgate_router_config_info" in metrics.text
+    assert elsewhere.status_code == 404

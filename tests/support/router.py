@@ -225,6 +225,8 @@ class Router(Process):
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_port = free_port()
         self.grpc_address = f"127.0.0.1:{self.grpc_port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         self.config_path = work / f"router-{self.port}.json"
         self.spool_dir = spool_dir or work / f"spool-{self.port}"
         self.token = token
@@ -238,6 +240,8 @@ class Router(Process):
                 f"127.0.0.1:{self.port}",
                 "--grpc-listen",
                 self.grpc_address,
+                "--metrics-listen",
+                f"127.0.0.1:{self.metrics_port}",
                 "--dsn",
                 dsn,
                 "--spool-dir",
@@ -272,9 +276,9 @@ class Router(Process):
     def wait_ready(self, timeout: float = 10) -> None:
         wait_until(lambda: self._get("/readyz").status_code == 200, timeout, "the router to be ready")
 
-    def _get(self, path: str) -> httpx.Response:
+    def _get(self, path: str, base: str | None = None) -> httpx.Response:
         self.assert_running()
-        return httpx.get(self.url + path, timeout=5)
+        return httpx.get((base or self.url) + path, timeout=5)
 
     def readiness(self) -> httpx.Response:
         return self._get("/readyz")
@@ -282,7 +286,7 @@ class Router(Process):
     def metrics(self) -> dict[str, float]:
         """The Prometheus exposition as {'name{labels}': value}."""
         values: dict[str, float] = {}
-        for line in self._get("/metrics").text.splitlines():
+        for line in self._get("/metrics", self.metrics_url).text.splitlines():
             if line and not line.startswith("#"):
                 key, _, value = line.rpartition(" ")
                 values[key] = float(value)

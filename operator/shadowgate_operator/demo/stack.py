@@ -129,11 +129,12 @@ def operator_argv(namespace: str) -> list[str]:
     return [sys.executable, "-m", "shadowgate_operator.cli", "operator", "--namespace", namespace]
 
 
-def router_argv(environment: Environment, configmap: str, kubeconfig: Path, port: int) -> list[str]:
+def router_argv(environment: Environment, configmap: str, kubeconfig: Path, port: int, metrics_port: int) -> list[str]:
     return [
         sys.executable, "-m", "shadowgate_operator.cli", "router",
         "--configmap", configmap, "--namespace", environment.namespace, "--kubeconfig", str(kubeconfig),
-        "--listen", f"127.0.0.1:{port}", "--grpc-listen", "off", "--dsn", environment.dsn,
+        "--listen", f"127.0.0.1:{port}", "--grpc-listen", "off", "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        "--dsn", environment.dsn,
         "--spool-dir", str(environment.workdir / "router-spool"), "--drain-seconds", "5",
     ]  # fmt: skip
 

@@ -53,6 +53,7 @@ FINISHED = ("Promoted", "RolledBack", "Failed")
 DECIDED = ("Promote", "RollBack", "Fail")
 POLL_SECONDS = 0.5
 ROUTER_PORT = 8500
+ROUTER_METRICS_PORT = 8509
 """The router's port when it is free (and the story may use fixed ports)."""
 METRICS_ROWS = """
     SELECT time, step, weight, samples, production_value, candidate_value, improvement, overall_score, p_value,
@@ -172,7 +173,7 @@ class _Story:
             httpx.AsyncClient(timeout=5.0) as http,
         ):
             kube = _Kube(api, access, environment.namespace, self.stack)
-            router, router_url = await self.start_router(kube, http, name, token)
+            router, router_url, metrics_url = await self.start_router(kube, http, name, token)
             traffic_log = environment.workdir / "trades.jsonl"
             traffic = self.stack.start(
                 "traffic",
@@ -186,7 +187,7 @@ class _Story:
 
             rollout_started = time.monotonic()
             progress = _progress(self.out, document, applied_at)
-            urls = (router_url, production.url, candidate.url)
+            urls = (metrics_url, production.url, candidate.url)
             shadow = await self.watch(kube, http, progress, name, urls)
             decided_at = time.time()
             self.timings["rollout until the decision"] = time.monotonic() - rollout_started
@@ -196,7 +197,7 @@ class _Story:
             winding_down = time.monotonic()
             await asyncio.sleep(self.pace.after_end)
             self.stack.stop_one(traffic, timeout=30.0)
-            await _wait_flushed(http, router_url)
+            await _wait_flushed(http, metrics_url)
             production_ids, candidate_ids = [
                 (await http.get(f"{model.url}/stats", params={"ids": "1"})).json()["requestIds"]
                 for model in (production, candidate)
@@ -260,20 +261,21 @@ class _Story:
 
     async def start_router(
         self, kube: _Kube, http: httpx.AsyncClient, name: str, token: str
-    ) -> tuple[ManagedProcess, str]:
+    ) -> tuple[ManagedProcess, str, str]:
         """The router as its pod would run: once the operator has made its ServiceAccount and ConfigMap,
-        with that ServiceAccount's token, watching that ConfigMap, with the Secrets' DSN and token."""
+        with that ServiceAccount's token, watching that ConfigMap, with the Secrets' DSN and token.
+        Returns it, its URL and its metrics URL."""
         router_name = f"{name}-router"
         for kind in ("serviceaccounts", "configmaps"):
             await kube.wait_exists(f"/api/v1/namespaces/{self.environment.namespace}/{kind}/{router_name}")
         credentials = service_account_kubeconfig(
             self.environment, router_name, self.environment.workdir / "router.kubeconfig"
         )
-        port = self.port(ROUTER_PORT)
+        port, metrics_port = self.port(ROUTER_PORT), self.port(ROUTER_METRICS_PORT)
         url = f"http://127.0.0.1:{port}"
         router = self.stack.start(
             "router",
-            router_argv(self.environment, router_name, credentials, port),
+            router_argv(self.environment, router_name, credentials, port, metrics_port),
             env=python_env(SHADOWGATE_OUTCOME_TOKEN=token),
         )
         await wait_http(http, f"{url}/readyz", router, "ready", within=30)
@@ -281,7 +283,7 @@ class _Story:
             f"router at {url}, as ServiceAccount {router_name}: watching ConfigMap {router_name}, "
             "recording to PostgreSQL"
         )
-        return router, url
+        return router, url, f"http://127.0.0.1:{metrics_port}"
 
     async def watch(
         self, kube: _Kube, http: httpx.AsyncClient, progress: Progress, name: str, urls: tuple[str, str, str]
@@ -358,8 +360,8 @@ def _progress(out: TextIO, document: dict[str, Any], applied_at: float) -> Progr
     )
 
 
-async def _counters(http: httpx.AsyncClient, router: str, production: str, candidate: str) -> Counters:
-    exposition = (await http.get(f"{router}/metrics")).text
+async def _counters(http: httpx.AsyncClient, router_metrics: str, production: str, candidate: str) -> Counters:
+    exposition = (await http.get(f"{router_metrics}/metrics")).text
     production_stats, candidate_stats = [(await http.get(f"{url}/stats")).json() for url in (production, candidate)]
     return Counters(
         responses=prometheus_sum(exposition, "shadowgate_router_responses_total"),
@@ -369,7 +371,7 @@ async def _counters(http: httpx.AsyncClient, router: str, production: str, candi
     )
 
 
-async def _wait_flushed(http: httpx.AsyncClient, router: str, within: float = 15.0) -> None:
+async def _wait_flushed(http: httpx.AsyncClient, router_metrics: str, within: float = 15.0) -> None:
     """Until the router has no shadow copy in flight and no row in memory or in its spool: every request
     is in PostgreSQL."""
     deadline = time.monotonic() + within
@@ -379,7 +381,7 @@ async def _wait_flushed(http: httpx.AsyncClient, router: str, within: float = 15
         "shadowgate_router_spool_rows",
     )
     while time.monotonic() < deadline:
-        exposition = (await http.get(f"{router}/metrics")).text
+        exposition = (await http.get(f"{router_metrics}/metrics")).text
         if all(prometheus_sum(exposition, metric) == 0 for metric in pending_metrics):
             return
         await asyncio.sleep(0.2)
