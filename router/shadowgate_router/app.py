@@ -36,7 +36,7 @@ from shadowgate_router.grpcproxy import GrpcProxy
 from shadowgate_router.httpserver import HttpServer, Request, Response, error_response, json_response, new_request_id
 from shadowgate_router.metrics import RouterMetrics
 from shadowgate_router.proxy import Proxy, ProxySettings, valid_request_id
-from shadowgate_router.recorder import OUTCOME_COLUMNS, PREDICTION_COLUMNS, Recorder
+from shadowgate_router.recorder import OUTCOME_COLUMNS, OUTCOME_CONFLICT, PREDICTION_COLUMNS, Recorder
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,12 @@ class RouterApp:
                 batch_rows=settings.batch_rows,
                 flush_interval=settings.flush_interval,
                 spool_max_bytes=settings.spool_max_bytes,
+                conflict=conflict,
             )
-            for table, columns in (("predictions", PREDICTION_COLUMNS), ("outcomes", OUTCOME_COLUMNS))
+            for table, columns, conflict in (
+                ("predictions", PREDICTION_COLUMNS, None),
+                ("outcomes", OUTCOME_COLUMNS, OUTCOME_CONFLICT),
+            )
         )
         self.predictions.start()
         self.outcomes.start()

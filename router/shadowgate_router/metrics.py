@@ -48,6 +48,12 @@ class RouterMetrics:
             "Shadow copies not sent because the mirror concurrency limit was reached.",
             registry=registry,
         )
+        self.duplicate_ids = Counter(
+            "shadowgate_router_duplicate_request_ids",
+            "Predictions recorded with a request id this replica recorded recently (its last 50,000 to 100,000): "
+            "recorded anyway; the analysis scores each id once.",
+            registry=registry,
+        )
         self.fallbacks = Counter(
             "shadowgate_router_fallbacks",
             "Canary requests answered by production after the candidate failed.",
@@ -80,6 +86,13 @@ class RouterMetrics:
         self.rows_dropped = Counter(
             "shadowgate_router_rows_dropped",
             "Rows lost because the database stayed away until the spool reached --spool-limit-mb.",
+            ["table"],
+            registry=registry,
+        )
+        self.rows_conflicting = Counter(
+            "shadowgate_router_rows_conflicting",
+            "Rows not written because one with the same key and another value was recorded first "
+            "(an outcome posted again for the same request and time with a different value).",
             ["table"],
             registry=registry,
         )

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    field_validator,
 )
 
 from shadowgate_router import boundedjson
@@ -37,11 +38,22 @@ class Outcome(BaseModel):
     request_id: str = Field(
         min_length=1, max_length=REQUEST_ID_MAX, validation_alias=AliasChoices("request_id", "requestId")
     )
-    """The X-Request-Id the router returned with the prediction (or the client's own id)."""
+    """The X-Request-Id the router returned with the prediction (or the client's own id): like every id
+    the router records, 1 to 200 visible ASCII characters (a NUL, which a text column cannot hold, sent
+    whole batches down the recorder's slow path)."""
     outcome: float = Field(strict=True, allow_inf_nan=False)
     """What really happened, on the same scale as the prediction (a label, a return, a price)."""
     time: AwareDatetime | None = None
-    """When it happened; now when omitted. An RFC 3339 time with a zone, or Unix seconds."""
+    """When it happened; now when omitted. An RFC 3339 time with a zone, or Unix seconds. With the request
+    id, the outcome's identity: the same id and time again is a retry and lands once; a correction needs a
+    later time (or none)."""
+
+    @field_validator("request_id")
+    @classmethod
+    def _visible_ascii(cls, value: str) -> str:
+        if not (value.isascii() and value.isprintable()) or " " in value:
+            raise ValueError("must be visible ASCII characters only, like the X-Request-Id it belongs to")
+        return value
 
 
 _BATCH = TypeAdapter(list[Outcome])
@@ -83,7 +95,7 @@ def parse(body: bytes) -> list[Outcome]:
     if len(items) > MAX_BATCH:
         raise OutcomeRefused(413, f"at most {MAX_BATCH} outcomes per call; this one has {len(items)}")
     try:
-        return _BATCH.validate_python(items)
+        outcomes = _BATCH.validate_python(items)
     except ValidationError as exc:
         problems = []
         for error in exc.errors(include_url=False)[:20]:
@@ -91,6 +103,23 @@ def parse(body: bytes) -> list[Outcome]:
             where = ".".join(str(part) for part in location) or "(top level)"
             problems.append(f"{where}: {error['msg']}")
         raise OutcomeRefused(400, "; ".join(problems)) from None
+    _refuse_ambiguous(outcomes)
+    return outcomes
+
+
+def _refuse_ambiguous(outcomes: list[Outcome]) -> None:
+    """Two different outcomes of one request at one explicit time: which one holds cannot be told."""
+    seen: dict[tuple[str, datetime], float] = {}
+    for item in outcomes:
+        if item.time is None:
+            continue
+        key = (item.request_id, item.time)
+        if seen.setdefault(key, item.outcome) != item.outcome:
+            raise OutcomeRefused(
+                400,
+                f"two different outcomes for request {item.request_id!r} at {item.time.isoformat()}: an outcome "
+                "is identified by its request id and time, so a correction needs a later time (or none)",
+            )
 
 
 def to_rows(outcomes: list[Outcome], namespace: str, deployment: str, clock: Callable[[], int] = now_us) -> list[Row]:

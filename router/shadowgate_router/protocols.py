@@ -64,6 +64,15 @@ class WrongMethod(ValueError):
         self.allow = allow
 
 
+class BadPathSegment(ValueError):
+    """A path segment the router would forward verbatim is not a plain name (a 400, not a 404)."""
+
+
+_VERSION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+"""A model version as servers name them (1, 2024-01-02, v1.2.3): no '..', no '/', no percent-encoding,
+which a server decoding the path after the router would read as another path."""
+
+
 _V2_MODEL = re.compile(r"^/v2/models/([^/]+)(/versions/[^/]+)?(/.*)?$")
 _V2_SERVER = {"/v2", "/v2/health/live", "/v2/health/ready"}
 _V2_SERVER_WIDE_MODELS = {"/v2/models/stats"}
@@ -90,6 +99,11 @@ def match(protocol: Protocol, method: str, path: str) -> Match:
     if protocol is Protocol.V2:
         found = _V2_MODEL.match(path)
         if found and path not in _V2_SERVER_WIDE_MODELS:
+            if found.group(2) and not _VERSION.fullmatch(found.group(2).removeprefix("/versions/")):
+                raise BadPathSegment(
+                    f"model version {found.group(2).removeprefix('/versions/')[:80]!r} is not a plain name: "
+                    "letters, digits, '_', '.', '-' (not starting with '.'), at most 128"
+                )
             name, version, suffix = found.group(1), _escape(found.group(2) or ""), _escape(found.group(3) or "")
             if suffix == "/infer":
                 kind, wanted = Kind.INFER, "POST"

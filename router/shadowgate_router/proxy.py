@@ -27,6 +27,7 @@ from shadowgate_router.metrics import RouterMetrics
 from shadowgate_router.protocols import (
     CONTENT_ENCODING,
     INFERENCE_HEADER,
+    BadPathSegment,
     Extractor,
     Kind,
     Match,
@@ -39,6 +40,7 @@ from shadowgate_router.protocols import (
     match,
     served_names,
 )
+from shadowgate_router.recentids import RecentIds
 from shadowgate_router.recorder import Recorder, now_us
 from shadowgate_router.spool import Row
 from shadowgate_router.upstream import TIMEOUT, UpstreamError, UpstreamPool, UpstreamResponse
@@ -152,6 +154,7 @@ class Proxy:
         self.route: Route | None = None
         self._pools: dict[str, UpstreamPool] = {}
         self._mirrors: set[asyncio.Task[Any]] = set()
+        self._recent = RecentIds()
         self._closing: set[asyncio.Task[None]] = set()
         self._calls: dict[tuple[str, str, str], Any] = {}
         self._latencies: dict[tuple[str, str], Any] = {}
@@ -223,6 +226,8 @@ class Proxy:
             found = match(route.config.protocol, request.method, request.path)
         except UnknownPath as exc:
             return self.refuse(404, f"no such path: {request.path}. {exc}", client_id)
+        except BadPathSegment as exc:
+            return self.refuse(400, str(exc), client_id)
         except WrongMethod as exc:
             response = self.refuse(405, f"{request.method} is not allowed on {request.path}: {exc}", client_id)
             response.headers.append((b"Allow", exc.allow.encode()))
@@ -317,7 +322,11 @@ class Proxy:
         key = (request.header(route.sticky) if route.sticky else None) or request_id
         candidate_share = to_candidate(key, route.salt, route.limit)
         headers = self._forward_headers(request, request_id)
-        features = document.decode() if self.settings.record_features else None
+        features = None
+        if self.settings.record_features:
+            # The JSON part (binary tensors left out). JSONB cannot hold U+0000: stored as U+FFFD rather than
+            # have the row refused.
+            features = document.decode().replace("\\u0000", "\\ufffd")
         production_target = self._target(found.template, config.production.model_name, request.query)
         candidate_target = self._target(found.candidate_template, config.candidate.model_name, request.query)
 
@@ -505,6 +514,8 @@ class Proxy:
         fallback: bool,
         features: str | None,
     ) -> None:
+        if self._recent.seen(request_id):
+            self.metrics.duplicate_ids.inc()
         config = route.config
         self.put_row(
             route,

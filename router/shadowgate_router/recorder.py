@@ -68,6 +68,8 @@ PREDICTION_COLUMNS = (
     "features",
 )
 OUTCOME_COLUMNS = ("time", "namespace", "deployment", "request_id", "outcome")
+OUTCOME_CONFLICT = (("namespace", "deployment", "request_id", "time"), "outcome")
+"""An outcome's identity (its unique key) and value: a second value for the same key is not written."""
 
 
 def now_us() -> int:
@@ -82,6 +84,8 @@ def _to_record(row: Row) -> Row:
 # What a database that is away, restarting or killed mid-statement raises. InternalClientError covers
 # asyncpg's ProtocolError, seen when the server goes away in the middle of a COPY.
 _DATABASE_GONE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.UntranslatableCharacterError)
+"""What the database says of a row it will not take, whenever it is offered (not a passing failure)."""
 
 
 class _Unavailable(Exception):
@@ -117,6 +121,7 @@ class Recorder:
         connect_timeout: float = 3.0,
         write_timeout: float = 10.0,
         max_backoff: float = 2.0,
+        conflict: tuple[Sequence[str], str] | None = None,
     ) -> None:
         self.table = table
         self.columns = tuple(columns)
@@ -135,6 +140,9 @@ class Recorder:
         self.connect_timeout = connect_timeout
         self.write_timeout = write_timeout
         self.max_backoff = max_backoff
+        self.conflict = (tuple(conflict[0]), conflict[1]) if conflict else None
+        """(key columns, value column): count and log rows not written because their key was recorded with
+        another value (the unique key makes a repeat a no-op; for outcomes, a 'correction' at the same time)."""
         self._fresh: collections.deque[Row] = collections.deque()
         """Recorded, not yet on disk: at most one flush interval's worth."""
         self._cache: collections.deque[_Block] = collections.deque()
@@ -159,6 +167,7 @@ class Recorder:
         self._errors = metrics.database_errors.labels(table)
         self._rejected = metrics.rows_rejected.labels(table)
         self._dropped = metrics.rows_dropped.labels(table)
+        self._conflicting = metrics.rows_conflicting.labels(table)
         self._last_drop_complaint = 0.0
         self._update_gauges()
 
@@ -381,9 +390,9 @@ class Recorder:
     async def _write(self, connection: asyncpg.Connection, rows: Sequence[Row]) -> None:
         try:
             await self._insert(connection, [_to_record(row) for row in rows])
-        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
-            log.warning("%s: the database refused a batch (%s); writing its rows one by one", self.table, exc)
-            written = await self._write_one_by_one(connection, rows)
+        except _REFUSED as exc:
+            log.warning("%s: the database refused a batch (%s); finding the rows it refuses", self.table, exc)
+            written = await self._write_bisecting(connection, rows)
         except _DATABASE_GONE as exc:
             raise _Unavailable(f"write: {exc}") from None
         else:
@@ -392,24 +401,55 @@ class Recorder:
 
     async def _insert(self, connection: asyncpg.Connection, records: Sequence[Row]) -> None:
         columns = ", ".join(self.columns)
+        insert = f"INSERT INTO {self.table} ({columns}) SELECT {columns} FROM {self._incoming} ON CONFLICT DO NOTHING"
         async with connection.transaction():
             await connection.copy_records_to_table(
                 self._incoming, records=records, columns=self.columns, timeout=self.write_timeout
             )
-            await connection.execute(
-                f"INSERT INTO {self.table} ({columns}) SELECT {columns} FROM {self._incoming} ON CONFLICT DO NOTHING",
+            if self.conflict is None:
+                await connection.execute(insert, timeout=self.write_timeout)
+                return
+            key, value = self.conflict
+            same_key = " AND ".join(f"t.{column} = i.{column}" for column in key)
+            # Rows whose key was recorded before with another value (the statement sees the table as it was
+            # before its own insert), and further values of a new key that comes twice in the batch: not written.
+            ignored = await connection.fetchval(
+                f"WITH inserted AS ({insert}), "
+                f"offered AS (SELECT i.*, t.{value} AS recorded FROM {self._incoming} i "
+                f"LEFT JOIN {self.table} t ON {same_key}) "
+                f"SELECT (SELECT count(*) FROM offered WHERE recorded IS NOT NULL AND recorded <> {value}) + "
+                f"(SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(DISTINCT {value}) AS n FROM offered "
+                f"WHERE recorded IS NULL GROUP BY {', '.join(key)}) d)::bigint",
                 timeout=self.write_timeout,
             )
+        if ignored:
+            self._conflicting.inc(int(ignored))
+            log.warning(
+                "%s: %d rows not written: a row with the same %s and another %s was recorded first",
+                self.table,
+                ignored,
+                "/".join(key),
+                value,
+            )
 
-    async def _write_one_by_one(self, connection: asyncpg.Connection, rows: Sequence[Row]) -> int:
-        """Rows the database accepts go in, the others go to the rejected file; returns how many went in."""
+    async def _write_bisecting(self, connection: asyncpg.Connection, rows: Sequence[Row]) -> int:
+        """Rows the database accepts go in, the others go to the rejected file; returns how many went in.
+
+        By halves: a batch of 2,000 with one bad row (a value a text or JSONB column cannot hold) takes some
+        twenty statements, not 2,000, so a peer sending such values cannot slow the writer to a crawl."""
         refused: list[Row] = []
-        for row in rows:
+        pending = [rows]
+        while pending:
+            part = pending.pop()
             try:
-                await self._insert(connection, [_to_record(row)])
-            except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+                await self._insert(connection, [_to_record(row) for row in part])
+            except _REFUSED as exc:
+                if len(part) > 1:
+                    middle = len(part) // 2
+                    pending += (part[middle:], part[:middle])  # the first half next: order kept
+                    continue
                 log.error("%s: row refused by the database, set aside in %s: %s", self.table, self.rejected_path, exc)
-                refused.append(row)
+                refused.append(part[0])
             except _DATABASE_GONE as exc:
                 raise _Unavailable(f"write: {exc}") from None
         if refused:

@@ -17,7 +17,7 @@ import pytest
 
 from shadowgate_operator.migrate import migrate
 from tests.support.load import run_load
-from tests.support.router import HostileModelServer, ModelServer, Router, router_config
+from tests.support.router import HostileModelServer, ModelServer, Router, router_config, wait_until
 
 pytestmark = pytest.mark.database
 
@@ -258,3 +258,83 @@ async def test_metrics_are_served_on_their_own_port_only(
     assert traffic.status_code == 404 and "shadowgate_router" not in traffic.text
     assert metrics.status_code == 200 and "shadowgate_router_config_info" in metrics.text
     assert elsewhere.status_code == 404
+
+
+async def test_a_version_segment_that_is_not_a_plain_name_is_refused_not_forwarded(
+    production: ModelServer, start_router: StartRouter, deployment: str
+) -> None:
+    router = start_router(router_config(production.url, production.url, deployment=deployment))
+    before = production.stats()["requests"]
+    for version in ("..", "%2e%2e", "1%2f..%2fadmin"):
+        # Written by hand: HTTP clients remove '..' segments before sending; attackers do not.
+        reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+        writer.write(
+            b"POST /v2/models/fraud/versions/%s/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Connection: close\r\n\r\n{}" % version.encode()
+        )
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"is not a plain name" in answer, answer
+    assert production.stats()["requests"] == before
+
+
+async def test_reused_request_ids_are_recorded_and_counted(
+    production: ModelServer, start_router: StartRouter, db: asyncpg.Connection, deployment: str
+) -> None:
+    """D6, the router's side: every request with a reused id is answered and recorded (the analysis scores
+    the id once), and the repeats show in /metrics."""
+    router = start_router(router_config(production.url, production.url, deployment=deployment, weight=0))
+    async with httpx.AsyncClient(timeout=10) as client:
+        for n in range(3):
+            for request_id in ("trade-1", "trade-2", f"fresh-{n}"):
+                answer = await client.post(
+                    f"{router.url}/v2/models/fraud/infer", json={"inputs": []}, headers={"X-Request-Id": request_id}
+                )
+                assert answer.status_code == 200 and answer.headers["X-Request-Id"] == request_id
+    recorded = await rows(db, deployment, 9)
+    assert sorted(row["request_id"] for row in recorded).count("trade-1") == 3
+    assert router.metric("shadowgate_router_duplicate_request_ids_total") == 4
+
+
+async def test_an_outcome_correction_at_the_same_time_is_refused_or_counted_never_silently_dropped(
+    production: ModelServer, start_router: StartRouter, db: asyncpg.Connection, deployment: str
+) -> None:
+    router = start_router(router_config(production.url, production.url, deployment=deployment))
+    url, auth = f"{router.url}/outcomes", {"Authorization": f"Bearer {router.token}"}
+    moment = "2026-03-04T05:06:07Z"
+    async with httpx.AsyncClient(timeout=10, headers=auth) as client:
+        first = await client.post(url, json={"request_id": "t-1", "outcome": 1.0, "time": moment})
+        assert first.status_code == 202
+        await rows(db, deployment, 1, table="outcomes")
+        retry = await client.post(url, json={"request_id": "t-1", "outcome": 1.0, "time": moment})
+        both = await client.post(
+            url,
+            json=[
+                {"request_id": "t-2", "outcome": 1, "time": moment},
+                {"request_id": "t-2", "outcome": 0, "time": moment},
+            ],
+        )
+        correction = await client.post(url, json={"request_id": "t-1", "outcome": 0.0, "time": moment})
+        later = await client.post(url, json={"request_id": "t-1", "outcome": 0.0, "time": "2026-03-04T05:06:08Z"})
+    assert (retry.status_code, correction.status_code, later.status_code) == (202, 202, 202)
+    assert both.status_code == 400 and "a correction needs a later time" in both.json()["error"]
+    recorded = await rows(db, deployment, 2, table="outcomes")
+    assert [(row["request_id"], row["outcome"]) for row in recorded] == [("t-1", 1.0), ("t-1", 0.0)]
+    wait_until(
+        lambda: router.metric("shadowgate_router_rows_conflicting_total", table="outcomes") == 1,
+        10,
+        "the ignored correction to be counted",
+    )
+    assert "a row with the same namespace/deployment/request_id/time and another outcome" in router.log()
+
+
+async def test_an_outcome_id_with_a_nul_is_refused(
+    production: ModelServer, start_router: StartRouter, deployment: str
+) -> None:
+    router = start_router(router_config(production.url, production.url, deployment=deployment))
+    async with httpx.AsyncClient(timeout=10, headers={"Authorization": f"Bearer {router.token}"}) as client:
+        answer = await client.post(
+            f"{router.url}/outcomes",
+            json=[{"request_id": "ok", "outcome": 1}, {"request_id": "a\u0000b", "outcome": 1}],
+        )
+    assert answer.status_code == 400 and "visible ASCII" in answer.json()["error"]

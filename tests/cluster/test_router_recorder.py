@@ -98,3 +98,29 @@ async def test_a_row_the_database_refuses_is_set_aside(own_database: Postgres, t
     rejected = [json.loads(line) for line in (tmp_path / "outcomes.rejected.jsonl").read_text().splitlines()]
     assert rejected == [list(poisoned)]
     assert writer.metrics.rows_rejected.labels("outcomes")._value.get() == 1
+
+
+async def test_one_refused_row_in_a_big_batch_costs_a_few_statements(
+    own_database: Postgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 12: a refused row sent its whole batch down a row-by-row path (2,000 statements); by halves,
+    the good rows still go in and the bad one is set aside in about twenty."""
+    deployment = f"bisect-{secrets.token_hex(3)}"
+    rows = outcome_rows(deployment, 2_000)
+    rows[1_234] = (rows[1_234][0], "ns", deployment, "nul\x00byte", 2.0)
+    writer = recorder(own_database, tmp_path, batch_rows=2_000)
+    statements = 0
+    insert = writer._insert
+
+    async def counting(*args: object) -> None:
+        nonlocal statements
+        statements += 1
+        await insert(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer, "_insert", counting)
+    writer.start()
+    for row in rows:
+        writer.put(row)
+    await writer.close(10.0)
+    assert len(await copies(own_database.dsn, deployment)) == 1_999
+    assert statements <= 2 * 12, f"{statements} statements"

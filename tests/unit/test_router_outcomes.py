@@ -75,3 +75,23 @@ def test_batches_are_bounded() -> None:
     with pytest.raises(OutcomeRefused) as refused:
         parse(body)
     assert refused.value.status == 413
+
+
+@pytest.mark.parametrize("request_id", ["nul\u0000byte", "tab\there", "space here", "caf\u00e9"])
+def test_request_ids_are_visible_ascii_like_the_ids_the_router_records(request_id: str) -> None:
+    """Issue 12: a NUL in an id sent the recorder's whole batch down its one-row-at-a-time path."""
+    with pytest.raises(OutcomeRefused, match="request_id: Value error, must be visible ASCII") as refused:
+        parse(json.dumps([{"request_id": "fine", "outcome": 1}, {"request_id": request_id, "outcome": 1}]).encode())
+    assert refused.value.status == 400
+
+
+def test_two_different_outcomes_of_one_request_at_one_time_are_refused() -> None:
+    same_time = "2026-01-02T03:04:05Z"
+    retry = [{"request_id": "a", "outcome": 1, "time": same_time}] * 2
+    assert len(parse(json.dumps(retry).encode())) == 2, "a repeat of the same outcome is a retry"
+    conflicting = [
+        {"request_id": "a", "outcome": 1, "time": same_time},
+        {"request_id": "a", "outcome": 0, "time": same_time},
+    ]
+    with pytest.raises(OutcomeRefused, match="a correction needs a later time"):
+        parse(json.dumps(conflicting).encode())

@@ -9,6 +9,7 @@ import pytest
 
 from shadowgate_router.config import Protocol
 from shadowgate_router.protocols import (
+    BadPathSegment,
     Extractor,
     Kind,
     UnknownPath,
@@ -234,3 +235,21 @@ def test_a_wrong_json_header_length_is_explained(value: bytes, size: int, says: 
     with pytest.raises(ValueError, match=says):
         json_header_length(value, size)
     assert json_header_length(b"10", 10) == 10
+
+
+@pytest.mark.parametrize(
+    "version",
+    ["..", "%2e%2e", "1%2f..%2fadmin", "%2F", ".hidden", "a%00", "v{x}", "a" * 129],
+)
+def test_a_version_segment_that_is_not_a_plain_name_is_refused(version: str) -> None:
+    """Issue 12: forwarded verbatim, '..' or '%2f' would be read as another path by a server that decodes it."""
+    for suffix in ("/infer", "/ready", ""):
+        method = "POST" if suffix == "/infer" else "GET"
+        with pytest.raises(BadPathSegment, match="is not a plain name"):
+            match(Protocol.V2, method, f"/v2/models/fraud/versions/{version}{suffix}")
+
+
+@pytest.mark.parametrize("version", ["1", "2024-01-02", "v1.2.3", "latest_2", "a" * 128])
+def test_plain_versions_pass(version: str) -> None:
+    found = match(Protocol.V2, "POST", f"/v2/models/fraud/versions/{version}/infer")
+    assert found.template.format(model="p") == f"/v2/models/p/versions/{version}/infer"
