@@ -142,6 +142,7 @@ class HttpConnection(asyncio.Protocol):
         """Input held back while too many requests wait for their answers (reading is paused meanwhile)."""
         self._writable: asyncio.Event | None = None
         """Set while the transport takes more output; None until it first asks us to stop writing."""
+        self._eof = False
         self.reading_since: float | None = None
         self.last_activity = time.monotonic()
 
@@ -160,6 +161,16 @@ class HttpConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.server.settled.set()
         self.transport = None
+
+    def eof_received(self) -> bool:
+        """The client half-closed: it sends nothing more but may still read. Answer what it asked, then close."""
+        self._eof = True
+        if self._rejected:
+            return True  # lingering after a refusal: the close is already planned
+        if self.reading_since is not None:
+            self.reject(400, "the client closed its side of the connection in the middle of a request")
+            return True
+        return not self.idle  # False, nothing to answer: asyncio closes the transport
 
     def pause_writing(self) -> None:
         """The transport's buffer is over its high-water mark: answer nothing more until it drains."""
@@ -378,7 +389,7 @@ class HttpConnection(asyncio.Protocol):
                 if self._queue:
                     await asyncio.sleep(0)  # let other connections in between pipelined answers
             else:
-                if not self.server.closing:
+                if not self.server.closing and not self._eof:
                     return
             self.close()
         finally:

@@ -444,3 +444,21 @@ async def test_answers_being_received_at_once_share_a_memory_limit() -> None:
         assert pool.receiving == 0
         assert len((await pool.request(b"POST", b"/x", [], b"{}", 10)).body) == size, "later calls go through"
         await pool.close()
+
+
+async def test_a_client_that_half_closes_still_gets_its_answers(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(post("/slow", b"1") + post("/fast", b"2"))
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.count(b"HTTP/1.1 200 OK") == 2 and b'"body":"2"' in answer
+    writer.close()
+
+
+async def test_a_client_that_half_closes_mid_request_is_told(server: HttpServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    writer.write_eof()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"in the middle of a request" in answer
+    writer.close()
