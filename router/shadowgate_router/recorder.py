@@ -227,10 +227,21 @@ class Recorder:
         while fresh:
             rows = [fresh.popleft() for _ in range(min(self.spill_rows, len(fresh)))]
             if self.spool.bytes >= self.spool_max_bytes:
-                self._drop(len(rows))
+                self._drop(
+                    len(rows), f"the spool holds {self.spool.bytes} bytes, its limit, until the database is back"
+                )
                 continue
             start = self.spool.size
-            end = self.spool.append(rows)
+            try:
+                end = self.spool.append(rows)
+            except OSError:
+                # The disk refuses (full, failing): keep the rows in memory for the next tick while memory
+                # allows, else drop and count them; never hold an unbounded backlog.
+                if len(fresh) + len(rows) <= self.memory_rows:
+                    fresh.extendleft(reversed(rows))
+                else:
+                    self._drop(len(rows), f"{self.spool.path} cannot be written and memory is full")
+                raise
             self._unsynced = True
             self._cache.append(_Block(rows, start, end))
             self._cached += len(rows)
@@ -240,21 +251,18 @@ class Recorder:
             if fresh:
                 await asyncio.sleep(0)  # a few hundred rows at a time: requests barely notice
 
-    def _drop(self, count: int) -> None:
-        """The spool's disk budget is spent: drop rows, count them and say so.
+    def _drop(self, count: int, why: str) -> None:
+        """Rows that cannot be kept: drop them, count them and say so.
 
-        The last resort of a very long outage: a spool that filled its volume (the router's emptyDir has a
-        size limit) would get the pod evicted, and everything on disk with it.
+        The last resort of a very long outage (the spool's disk budget spent: a spool that filled its volume,
+        an emptyDir with a size limit, would get the pod evicted, and everything on disk with it) or of a
+        disk that refuses writes.
         """
         self._dropped.inc(count)
         now = time.monotonic()
         if now - self._last_drop_complaint > 30:
             self._last_drop_complaint = now
-            log.error(
-                "%s: the spool holds %d bytes, its limit; dropping rows until the database is back",
-                self.table,
-                self.spool.bytes,
-            )
+            log.error("%s: dropping rows: %s", self.table, why)
 
     async def _run_writer(self) -> None:
         while not self._stopping:

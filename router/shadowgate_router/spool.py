@@ -132,8 +132,12 @@ class Spool:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         view = memoryview(record)
-        while view:
-            view = view[os.write(self._fd, view) :]
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            os.ftruncate(self._fd, self._size)  # no torn record for the next append to follow
+            raise
         self._size += len(record)
         self.rows += len(rows)
         return self._size
