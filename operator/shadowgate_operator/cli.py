@@ -20,6 +20,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "shadowgate_operator.replay",
     "shadowgate_operator.demo",
     "shadowgate_operator.localenv.cli",
+    "shadowgate_operator.localenv.nodecli",
     "shadowgate_operator.crd",
     "shadowgate_router.cli",
 )

@@ -3,6 +3,10 @@
 The versions are whatever hack/etcd/go.mod and hack/kube/go.mod require; the binaries land in
 ``$SHADOWGATE_CACHE/bin/<module>-<version>/`` (default ``~/.cache/shadowgate``), outside the repo, so
 a cold build (10-20 minutes on 2 cores) happens once per machine and version.
+
+The local node (`shadowgate node`, see node.py) adds kubelet, kube-proxy and kube-scheduler from the
+same hack/kube module (built only when a node is asked for; the Go build cache shares every package
+they have in common with the control plane) and CoreDNS from hack/coredns.
 """
 
 from __future__ import annotations
@@ -58,6 +62,12 @@ class GoBuild:
     def is_cached(self) -> bool:
         return all(self.path(name).is_file() for name in self.packages)
 
+    def commands_by_package_name(self) -> bool:
+        """Whether each binary is named like its package, so one `go build -o DIR/` can build them all."""
+        return len(self.packages) > 1 and all(
+            package.rsplit("/", 1)[-1] == name for name, package in self.packages.items()
+        )
+
 
 ETCD = GoBuild(
     name="etcd",
@@ -83,6 +93,29 @@ KUBERNETES = GoBuild(
         " -X k8s.io/component-base/version.gitMinor={minor}"
         " -X k8s.io/component-base/version.gitTreeState=clean"
     ),
+)
+
+
+# The local node's binaries: built from the same module and version as KUBERNETES, on demand only
+# (`make test` never needs them), into their own cache directory.
+KUBERNETES_NODE = GoBuild(
+    name="kubernetes-node",
+    module_dir=HACK_DIR / "kube",
+    main_module="k8s.io/kubernetes",
+    packages={
+        "kubelet": "k8s.io/kubernetes/cmd/kubelet",
+        "kube-proxy": "k8s.io/kubernetes/cmd/kube-proxy",
+        "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
+    },
+    ldflags_template=KUBERNETES.ldflags_template,
+)
+
+COREDNS = GoBuild(
+    name="coredns",
+    module_dir=HACK_DIR / "coredns",
+    main_module="github.com/coredns/coredns",
+    packages={"coredns": "shadowgate.io/hack/coredns"},  # hack/coredns/main.go: CoreDNS with the node's plugins
+    ldflags_template="-s -w",
 )
 
 
@@ -143,18 +176,26 @@ def build(target: GoBuild) -> None:
         target.install_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.install_dir.parent) as staging:
             staged = Path(staging)
-            for name, package in target.packages.items():
-                argv = [go, "build", "-trimpath", "-v", "-o", str(staged / name)]
+            # Several commands named like their packages: one `go build` for all of them, so packages are
+            # loaded once and the links run in parallel; otherwise one build per binary.
+            if target.commands_by_package_name():
+                invocations = [(", ".join(target.packages), f"{staged}/", list(target.packages.values()))]
+            else:
+                invocations = [(name, str(staged / name), [package]) for name, package in target.packages.items()]
+            for label_part, output_path, packages_part in invocations:
+                argv = [go, "build", "-trimpath", "-v", "-o", output_path]
                 if ldflags:
                     argv += ["-ldflags", ldflags]
                 process = subprocess.Popen(
-                    [*argv, package], cwd=target.module_dir, env=env, stderr=subprocess.PIPE, text=True
+                    [*argv, *packages_part], cwd=target.module_dir, env=env, stderr=subprocess.PIPE, text=True
                 )
-                output = _report_progress(process, name, total, started)
+                output = _report_progress(process, label_part, total, started)
                 code = process.wait()
                 if code != 0:
                     tail = "\n".join(output[-30:])
-                    raise ComponentError("build", f"`go build` of {name} {version} failed with code {code}:\n{tail}")
+                    raise ComponentError(
+                        "build", f"`go build` of {label_part} {version} failed with code {code}:\n{tail}"
+                    )
             target.install_dir.mkdir(parents=True, exist_ok=True)
             # Move into place only when every binary built: a half-built cache never looks complete.
             for name in target.packages:
@@ -173,6 +214,29 @@ class Binaries:
     def from_dir(cls, directory: Path) -> Binaries:
         """Binaries taken from one directory (tests use this to point at a missing binary)."""
         return cls(*(directory / name for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")))
+
+
+@dataclass(frozen=True)
+class NodeBinaries:
+    """What the local node runs beside the control plane (containerd and runc come from Debian)."""
+
+    kubelet: Path
+    kube_proxy: Path
+    kube_scheduler: Path
+    coredns: Path
+
+
+def ensure_node_binaries() -> NodeBinaries:
+    """The node's cached binaries, building whatever is missing first (the control plane's too)."""
+    ensure_binaries()
+    for target in (KUBERNETES_NODE, COREDNS):
+        build(target)
+    return NodeBinaries(
+        kubelet=KUBERNETES_NODE.path("kubelet"),
+        kube_proxy=KUBERNETES_NODE.path("kube-proxy"),
+        kube_scheduler=KUBERNETES_NODE.path("kube-scheduler"),
+        coredns=COREDNS.path("coredns"),
+    )
 
 
 def ensure_binaries() -> Binaries:

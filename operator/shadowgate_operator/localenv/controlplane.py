@@ -1,8 +1,14 @@
-"""etcd + kube-apiserver + kube-controller-manager as local processes on free loopback ports."""
+"""etcd + kube-apiserver + kube-controller-manager as local processes on free loopback ports.
+
+With `node_name` set, the same control plane serves a real node (node.py): the API server listens on
+the node's bridge address (pods reach it through the `kubernetes` Service), authorizes kubelets with
+the Node authorizer, mounts ServiceAccount tokens, and the controller manager runs every controller.
+"""
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import shutil
 import ssl
@@ -17,7 +23,7 @@ import yaml
 
 from shadowgate_operator.localenv.binaries import Binaries, ensure_binaries
 from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.pki import ControlPlanePki, make_control_plane_pki
+from shadowgate_operator.localenv.pki import ControlPlanePki, NodePki, make_control_plane_pki
 from shadowgate_operator.localenv.process import ManagedProcess, free_port, port_is_free
 
 # Only what a namespace-scoped operator test needs: ownerReference GC, namespace deletion and the
@@ -41,6 +47,12 @@ class ControlPlane:
     with_controller_manager: bool = True
     detached: bool = False
     start_timeout: float = 90.0
+    # Where the API server listens (and what the `kubernetes` Service points at), the Service range,
+    # and, for a control plane with a node, the node's name (see the module docstring).
+    address: str = "127.0.0.1"
+    service_cidr: str = "10.0.0.0/24"
+    node_name: str | None = None
+    pki: ControlPlanePki | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     startup_seconds: float = 0.0
     _owns_directory: bool = False
@@ -53,7 +65,12 @@ class ControlPlane:
 
     @property
     def server_url(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.address}:{self.apiserver_port}"
+
+    @property
+    def kubernetes_service_ip(self) -> str:
+        """The `kubernetes` Service's ClusterIP: the first address of the Service range."""
+        return str(next(ipaddress.ip_network(self.service_cidr).hosts()))
 
     @property
     def logs(self) -> Path:
@@ -98,11 +115,16 @@ class ControlPlane:
             self._owns_directory = True
         binaries = self.binaries or ensure_binaries()
         self.etcd_port = self.etcd_port or free_port()
-        self.apiserver_port = self.apiserver_port or free_port()
-        for component, port in (("etcd", self.etcd_port), ("kube-apiserver", self.apiserver_port)):
-            if not port_is_free(port):
-                raise ComponentError(component, f"port 127.0.0.1:{port} is already in use")
-        pki = make_control_plane_pki(self._dir / "pki")
+        self.apiserver_port = self.apiserver_port or free_port(self.address)
+        for component, port, host in (
+            ("etcd", self.etcd_port, "127.0.0.1"),
+            ("kube-apiserver", self.apiserver_port, self.address),
+        ):
+            if not port_is_free(port, host):
+                raise ComponentError(component, f"port {host}:{port} is already in use")
+        server_ips = tuple(dict.fromkeys(("127.0.0.1", self.address, self.kubernetes_service_ip)))
+        node = (self.node_name, self.address) if self.node_name else None
+        pki = self.pki = make_control_plane_pki(self._dir / "pki", server_ips=server_ips, node=node)
         self._start_etcd(binaries)
         self._start_apiserver(binaries, pki)
         self._write_kubeconfig(pki)
@@ -138,6 +160,21 @@ class ControlPlane:
         )
         etcd.wait_ready(lambda: _http_ok(f"{client}/health"), self.start_timeout, "healthy")
 
+    def _apiserver_node_flags(self, node: NodePki | None) -> list[str]:
+        if node is None:
+            # No token controller runs, so pods could never get a ServiceAccount token mounted.
+            return ["--disable-admission-plugins=ServiceAccount", "--authorization-mode=RBAC"]
+        return [
+            # Kubelets may touch only their own Node and the objects of pods bound to it.
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            # logs, exec and port-forward: the API server calls the kubelet by the node's InternalIP
+            # (not its name, which no DNS here resolves), as a client the kubelet trusts.
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={node.apiserver_kubelet_client.cert_path}",
+            f"--kubelet-client-key={node.apiserver_kubelet_client.key_path}",
+        ]
+
     def _start_apiserver(self, binaries: Binaries, pki: ControlPlanePki) -> None:
         apiserver = self._spawn(
             "kube-apiserver",
@@ -148,15 +185,14 @@ class ControlPlane:
                 f"--tls-cert-file={pki.serving.cert_path}",
                 f"--tls-private-key-file={pki.serving.key_path}",
                 f"--secure-port={self.apiserver_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                f"--bind-address={self.address}",
+                # What the `kubernetes` Service's endpoints point at: pods reach the API server there.
+                f"--advertise-address={self.address}",
+                f"--service-cluster-ip-range={self.service_cidr}",
                 "--allow-privileged=true",
-                # No token controller runs, so pods could never get a ServiceAccount token mounted.
-                "--disable-admission-plugins=ServiceAccount",
-                "--authorization-mode=RBAC",
+                *self._apiserver_node_flags(pki.node),
                 f"--client-ca-file={pki.client_ca}",
-                f"--service-account-issuer=https://127.0.0.1:{self.apiserver_port}/",
+                f"--service-account-issuer=https://{self.address}:{self.apiserver_port}/",
                 f"--service-account-key-file={pki.service_account_public_key}",
                 f"--service-account-signing-key-file={pki.service_account_private_key}",
                 # Fewer moving parts on a 2-core machine.
@@ -180,7 +216,9 @@ class ControlPlane:
                 f"--authentication-kubeconfig={kubeconfig}",
                 f"--authorization-kubeconfig={kubeconfig}",
                 "--leader-elect=false",
-                f"--controllers={','.join(CONTROLLERS)}",
+                # With a node: every default controller (Deployments, ReplicaSets, StatefulSets, endpoints,
+                # volume binding, node lifecycle, ...); without, the few a pod-less API server needs.
+                f"--controllers={'*' if self.node_name else ','.join(CONTROLLERS)}",
                 f"--secure-port={free_port()}",
                 "--bind-address=127.0.0.1",
                 f"--service-account-private-key-file={pki.service_account_private_key}",

@@ -1,7 +1,8 @@
 """Throwaway certificates for the local API server, the way controller-runtime's envtest makes them.
 
 Three CAs: one signs the API server's serving certificate, one signs client certificates (the admin
-user is CN=admin, O=system:masters), and a key pair signs service-account tokens.
+user is CN=admin, O=system:masters), and a key pair signs service-account tokens. For the local node
+(node.py) the same CAs also sign the kubelet's identities and the other node components' clients.
 """
 
 from __future__ import annotations
@@ -117,6 +118,19 @@ class CertificateAuthority:
 
 
 @dataclass(frozen=True)
+class NodePki:
+    """The local node's identities: the kubelet (to the API server and as a server), the API server
+    as the kubelet's client, kube-proxy and kube-scheduler, each with the name RBAC's bootstrap
+    policy or the Node authorizer knows."""
+
+    kubelet_client: KeyPair
+    kubelet_serving: KeyPair
+    apiserver_kubelet_client: KeyPair
+    kube_proxy: KeyPair
+    kube_scheduler: KeyPair
+
+
+@dataclass(frozen=True)
 class ControlPlanePki:
     serving_ca: Path
     serving: KeyPair
@@ -124,21 +138,50 @@ class ControlPlanePki:
     admin: KeyPair
     service_account_public_key: Path
     service_account_private_key: Path
+    node: NodePki | None = None
 
 
-def make_control_plane_pki(directory: Path) -> ControlPlanePki:
-    """Write every certificate and key the local control plane needs into `directory`."""
+def make_control_plane_pki(
+    directory: Path, *, server_ips: tuple[str, ...] = ("127.0.0.1", "10.0.0.1"), node: tuple[str, str] | None = None
+) -> ControlPlanePki:
+    """Write every certificate and key the local control plane needs into `directory`.
+
+    `server_ips` go into the API server's certificate (where clients and pods reach it: its address and
+    the `kubernetes` Service's IP); `node` = (name, IP) also issues the local node's identities.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     serving_ca = CertificateAuthority(directory, "serving")
     serving = serving_ca.issue(
         directory,
         "apiserver",
         "kube-apiserver",
-        server_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
-        server_ips=("127.0.0.1", "10.0.0.1"),
+        server_names=(
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ),
+        server_ips=server_ips,
     )
     client_ca = CertificateAuthority(directory, "client")
     admin = client_ca.issue(directory, "admin", "admin", organization="system:masters")
+    node_pki = None
+    if node is not None:
+        node_name, node_ip = node
+        node_pki = NodePki(
+            kubelet_client=client_ca.issue(
+                directory, "kubelet-client", f"system:node:{node_name}", organization="system:nodes"
+            ),
+            kubelet_serving=serving_ca.issue(
+                directory, "kubelet-serving", node_name, server_names=(node_name,), server_ips=(node_ip,)
+            ),
+            apiserver_kubelet_client=client_ca.issue(
+                directory, "apiserver-kubelet-client", "kube-apiserver-kubelet-client", organization="system:masters"
+            ),
+            kube_proxy=client_ca.issue(directory, "kube-proxy", "system:kube-proxy"),
+            kube_scheduler=client_ca.issue(directory, "kube-scheduler", "system:kube-scheduler"),
+        )
     # Service-account tokens: RSA, since some token consumers still expect RS256.
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     sa_private = directory / "sa.key"
@@ -154,4 +197,5 @@ def make_control_plane_pki(directory: Path) -> ControlPlanePki:
         admin=admin,
         service_account_public_key=sa_public,
         service_account_private_key=sa_private,
+        node=node_pki,
     )
