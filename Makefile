@@ -13,6 +13,7 @@ help:
 	@echo "make test    set up everything, then run the whole test suite (real API server and PostgreSQL)"
 	@echo "make test-protocols  the router in front of real MLServer, KServe and Triton servers and clients"
 	@echo "make demo    the whole story on one machine: a candidate shadowed and promoted (SCENARIO=rollback: rolled back)"
+	@echo "make e2e     the kind-e2e story on a local node with real pods, no Docker (root): promote, then rollback"
 	@echo "make lint    ruff, mypy and the stale-CRD check"
 	@echo "make crds    regenerate crds/ (and manifests/crds/) from the pydantic types"
 
@@ -89,3 +90,14 @@ bench-router: $(INSTALLED)
 .PHONY: bench-admission
 bench-admission: binaries
 	$(BIN)/python bench/admission/run.py $(BENCH_ARGS)
+
+# End to end on real pods without Docker (root): kubelet, containerd, kube-proxy and CoreDNS on a local
+# node, images built with buildah, the manifests applied as a user would, promote then rollback
+# (hack/node-e2e.sh runs hack/e2e-scenario.sh, the script hack/kind-e2e.sh runs on kind). The node's
+# own tests (pods, Services, DNS, teardown leaving the machine as it was) run first.
+.PHONY: e2e
+e2e: $(INSTALLED)
+	$(BIN)/shadowgate node preflight
+	$(BIN)/shadowgate node build
+	$(BIN)/pytest -m node tests/node $(PYTEST_ARGS)
+	hack/node-e2e.sh

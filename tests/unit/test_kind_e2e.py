@@ -1,4 +1,5 @@
-"""hack/kind-e2e.sh where it cannot run: without Docker it says so and exits 0, touching nothing."""
+"""hack/kind-e2e.sh where it cannot run: without Docker it says so and exits 0, touching nothing. The
+e2e scripts are valid bash, and kind and `make e2e` share one scenario script."""
 
 from __future__ import annotations
 
@@ -30,11 +31,20 @@ def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=30)
 
 
-def test_the_script_is_valid_bash() -> None:
-    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+@pytest.mark.parametrize("script", ["kind-e2e.sh", "node-e2e.sh", "e2e-scenario.sh"])
+def test_the_scripts_are_valid_bash(script: str) -> None:
+    path = SCRIPT.parent / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     if shutil.which("shellcheck"):  # where it is installed; not needed for the tests
-        checked = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+        checked = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True)
         assert checked.returncode == 0, checked.stdout
+
+
+def test_kind_and_the_local_node_run_one_scenario_script() -> None:
+    """The story is told once: both paths set up a cluster and images, then run hack/e2e-scenario.sh."""
+    for script in ("kind-e2e.sh", "node-e2e.sh"):
+        lines = (SCRIPT.parent / script).read_text().splitlines()
+        assert any(line.split("#")[0].strip().endswith("hack/e2e-scenario.sh") for line in lines), script
 
 
 def test_without_a_docker_engine_it_says_so_and_exits_cleanly(tmp_path: Path) -> None:
