@@ -80,6 +80,9 @@ REQUEST_ID = "x-request-id"
 SERVED_BY = "x-shadowgate-served-by"
 _NOT_FORWARDED = frozenset({"user-agent", "te", "content-type", "host", "connection", REQUEST_ID})
 """Metadata that describes one hop (grpc-* and :pseudo headers are dropped too)."""
+MIRROR_DROP = frozenset({"authorization", "cookie"})
+"""Metadata left out of shadow copies: the client's credentials are for production, not for a model under
+test (the HTTP side's default too; in canary mode the candidate answers and gets the call as sent)."""
 
 HTTP_EQUIVALENT = {
     grpc.StatusCode.OK: 200,
@@ -313,13 +316,14 @@ class GrpcProxy:
         if config.mode is TrafficMode.SHADOW:
             mirror = None
             if candidate_share and not proxy.mirrors_full():
+                mirrored = [(key, value) for key, value in forward if key not in MIRROR_DROP]
                 mirror = asyncio.get_running_loop().create_task(
                     self._call(
                         upstreams.candidate,
                         "candidate",
                         "mirror",
                         candidate_data(),
-                        forward,
+                        mirrored,
                         config.mirror_timeout_seconds,
                     )
                 )

@@ -261,3 +261,47 @@ async def test_sigterm_lets_grpc_shadow_copies_finish_and_records_them(
     assert await asyncio.to_thread(router.process.wait, 30) == 0
     recorded = await rows(db, deployment, 20)
     assert all(row["candidate_status"] == 200 for row in recorded), "every copy finished and was recorded"
+
+
+class MetadataRecorder:
+    """A gRPC model server of the test's own that answers ModelInfer and keeps each call's metadata."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.server = grpc.aio.server()
+        self.address = ""
+
+    async def infer(self, data: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        self.seen.append(dict(context.invocation_metadata() or ()))
+        answer = inference_pb2.ModelInferResponse(model_name="fraud")
+        answer.outputs.add(name="score", datatype="FP64", shape=[1]).contents.fp64_contents.append(1.0)
+        return answer.SerializeToString()
+
+    async def __aenter__(self) -> MetadataRecorder:
+        handlers = {"ModelInfer": grpc.unary_unary_rpc_method_handler(self.infer)}
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE[1:-1], handlers)])
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.server.stop(None)
+
+
+async def test_client_credentials_are_not_mirrored_over_grpc(
+    servers: tuple[ModelServer, ModelServer], start_router: StartRouter, deployment: str
+) -> None:
+    sent = (("authorization", "Bearer client-secret"), ("cookie", "session=1"), ("x-account-id", "a"))
+    async with MetadataRecorder() as production, MetadataRecorder() as candidate:
+        config = config_for(servers, deployment, mode="shadow", weight=100)
+        config["production"]["grpcAddress"], config["candidate"]["grpcAddress"] = production.address, candidate.address
+        router = start_router(config)
+        code, _, _, _ = await call(router.grpc_address, "ModelInfer", infer_request(1), sent)
+        assert code is grpc.StatusCode.OK
+        deadline = time.monotonic() + 10
+        while not candidate.seen:
+            assert time.monotonic() < deadline, "the shadow copy never arrived"
+            await asyncio.sleep(0.05)
+    keys = {key for key, _ in sent}
+    assert set(production.seen[0]) & keys == keys, "production gets the call as sent"
+    assert set(candidate.seen[0]) & keys == {"x-account-id"}, "the shadow copy leaves the credentials out"
