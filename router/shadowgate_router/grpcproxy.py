@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
-from shadowgate_router.config import Protocol, RouterConfig, TrafficMode, Upstream
+from shadowgate_router.config import DEFAULT_MIRROR_DROP_HEADERS, Protocol, RouterConfig, TrafficMode, Upstream
 from shadowgate_router.hashing import to_candidate
 from shadowgate_router.httpserver import new_request_id
 from shadowgate_router.oip import inference_pb2
@@ -80,9 +80,6 @@ REQUEST_ID = "x-request-id"
 SERVED_BY = "x-shadowgate-served-by"
 _NOT_FORWARDED = frozenset({"user-agent", "te", "content-type", "host", "connection", REQUEST_ID})
 """Metadata that describes one hop (grpc-* and :pseudo headers are dropped too)."""
-MIRROR_DROP = frozenset({"authorization", "cookie"})
-"""Metadata left out of shadow copies: the client's credentials are for production, not for a model under
-test (the HTTP side's default too; in canary mode the candidate answers and gets the call as sent)."""
 
 HTTP_EQUIVALENT = {
     grpc.StatusCode.OK: 200,
@@ -161,6 +158,9 @@ class GrpcProxy:
         self._latency = {side: self.metrics.request_latency.labels(side) for side in ("production", "candidate")}
         self._handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._mirror_drop = frozenset(name.lower() for name in DEFAULT_MIRROR_DROP_HEADERS)
+        """Metadata left out of shadow copies (traffic.mirrorDropHeaders, lower-cased as gRPC keys are): the
+        client's credentials are for production, not for a model under test."""
 
     # configuration
     def apply(self, config: RouterConfig) -> None:
@@ -171,6 +171,7 @@ class GrpcProxy:
             if address not in self._channels:
                 self._channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._upstreams = _Upstreams(self._channel(config.production), self._channel(config.candidate))
+        self._mirror_drop = frozenset(name.lower() for name in config.mirror_drop_headers)
         grace = max(config.timeout_seconds, config.mirror_timeout_seconds) + 1
         for address in [address for address in self._channels if address not in wanted]:
             retired = self._channels.pop(address)
@@ -316,7 +317,8 @@ class GrpcProxy:
         if config.mode is TrafficMode.SHADOW:
             mirror = None
             if candidate_share and not proxy.mirrors_full():
-                mirrored = [(key, value) for key, value in forward if key not in MIRROR_DROP]
+                drop = self._mirror_drop
+                mirrored = [(key, value) for key, value in forward if key not in drop] if drop else forward
                 mirror = asyncio.get_running_loop().create_task(
                     self._call(
                         upstreams.candidate,

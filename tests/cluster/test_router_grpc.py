@@ -288,12 +288,22 @@ class MetadataRecorder:
         await self.server.stop(None)
 
 
-async def test_client_credentials_are_not_mirrored_over_grpc(
-    servers: tuple[ModelServer, ModelServer], start_router: StartRouter, deployment: str
+@pytest.mark.parametrize(
+    ("drop", "candidate_gets"),
+    [(None, {"x-account-id"}), ([], {"authorization", "cookie", "x-account-id"})],  # default; opted in to all
+)
+async def test_client_credentials_are_not_mirrored_over_grpc_unless_asked(
+    servers: tuple[ModelServer, ModelServer],
+    start_router: StartRouter,
+    deployment: str,
+    drop: list[str] | None,
+    candidate_gets: set[str],
 ) -> None:
     sent = (("authorization", "Bearer client-secret"), ("cookie", "session=1"), ("x-account-id", "a"))
     async with MetadataRecorder() as production, MetadataRecorder() as candidate:
         config = config_for(servers, deployment, mode="shadow", weight=100)
+        if drop is not None:
+            config["mirrorDropHeaders"] = drop
         config["production"]["grpcAddress"], config["candidate"]["grpcAddress"] = production.address, candidate.address
         router = start_router(config)
         code, _, _, _ = await call(router.grpc_address, "ModelInfer", infer_request(1), sent)
@@ -304,4 +314,4 @@ async def test_client_credentials_are_not_mirrored_over_grpc(
             await asyncio.sleep(0.05)
     keys = {key for key, _ in sent}
     assert set(production.seen[0]) & keys == keys, "production gets the call as sent"
-    assert set(candidate.seen[0]) & keys == {"x-account-id"}, "the shadow copy leaves the credentials out"
+    assert set(candidate.seen[0]) & keys == candidate_gets
