@@ -7,9 +7,10 @@ than `MAX_DEPTH` is refused with `JsonTooDeep` (a ValueError) before it is decod
 stack looks like, and the decoder's own RecursionError is turned into the same error.
 
 The check costs next to nothing for ordinary bodies: a document with at most `MAX_DEPTH` opening
-brackets cannot be nested deeper, and two ``bytes.count`` calls say so. Others get an exact, linear
-measure (strings removed by a regular expression, brackets kept by ``bytes.translate``, a running sum
-in C), a fraction of what decoding them costs.
+brackets cannot be nested deeper, and two ``bytes.count`` calls say so. Others are measured exactly, in
+linear time and mostly in C (strings removed by a regular expression, brackets kept by
+``bytes.translate``, innermost pairs removed level by level, a running sum for what is left), a fraction
+of what decoding them costs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _DECODER = json.JSONDecoder()
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
 _SIGNS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
+_EMPTY_PAIRS = re.compile(rb"\[\]|\{\}")
 """Openers to +1, closers to -1 (0xff read as a signed byte)."""
 _CHUNK = 65_536
 
@@ -43,13 +45,29 @@ def too_deep(data: bytes, limit: int = MAX_DEPTH) -> bool:
         return False
     if b'"' in data:
         data = _STRINGS.sub(b"", data)
-    signs = memoryview(data.translate(_SIGNS, _NOT_BRACKETS)).cast("b")
+    brackets = data.translate(None, _NOT_BRACKETS)
+    if _deeper(brackets[: 4 * limit], limit):  # a deep prefix, the usual attack: refused at once
+        return True
+    # Shallow documents with many brackets (a batch of rows): each pass removes the innermost empty pairs,
+    # one level, at the speed of C; what is left after a few passes gets the exact, slower measure.
+    removed = 0
+    while brackets and removed < 8:
+        shorter = _EMPTY_PAIRS.sub(b"", brackets)
+        if len(shorter) == len(brackets):
+            break  # unbalanced: the measure below still bounds it, the decoder refuses it
+        brackets, removed = shorter, removed + 1
+    return bool(brackets) and _deeper(brackets, limit - removed)
+
+
+def _deeper(brackets: bytes, limit: int) -> bool:
+    """The exact measure: a running sum of +1 per opener and -1 per closer, in C, chunk by chunk."""
+    signs = memoryview(brackets.translate(_SIGNS)).cast("b")
     level = 0
-    for start in range(0, len(signs), _CHUNK):  # in chunks: a deep prefix is refused without reading on
-        levels = list(accumulate(signs[start : start + _CHUNK], initial=level))
-        if max(levels) > limit:
+    for start in range(0, len(signs), _CHUNK):
+        chunk = signs[start : start + _CHUNK]
+        if max(accumulate(chunk, initial=level)) > limit:
             return True
-        level = levels[-1]
+        level += sum(chunk)
     return False
 
 
