@@ -76,6 +76,7 @@ from typing import Any
 
 import asyncpg
 
+from shadowgate_operator import timescale
 from shadowgate_operator.api import Metric, TrafficMode
 from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
 
@@ -680,6 +681,14 @@ class WindowAnalysis:
     stays open longer than WRITER_ALLOWANCE (the router commits each batch at once; one held open longer
     and committed later is missed until the analysis starts over, e.g. at the next step or restart).
 
+    On TimescaleDB with a compression policy, runs after the first read no rows stamped more than the
+    policy's horizon (`lookback`, storage_policy.compress_after, default 7 days) before the previous run:
+    compressed chunks have no index for request ids, and every chunk a run could touch costs each of its
+    index probes (bench/analysis). So, in a window longer than that horizon, a prediction or outcome that
+    reaches the database more than the horizon after its own time, or an outcome for a request made more
+    than the horizon before it, is left out of the sums (`window_metrics`, hence replay, still reads it).
+    Elsewhere there is no such bound.
+
     A new step, metric or mode is a new window: make a new WindowAnalysis (WindowAnalyses does).
 
     With `saved` (the default), the sums and horizon are saved in `analysis_windows` after every run, and
@@ -721,6 +730,9 @@ class WindowAnalysis:
         self.last_span = 0.0
         """Seconds of recording the last run covered (0 for a first run)."""
         self.saved = saved
+        self.lookback: dt.timedelta | None = None
+        """How far before the previous run later runs read (see the class docstring); set at the first run."""
+        self._lookback_known = False
         self.resumed = False
         """Whether the sums came from analysis_windows (a run of an earlier operator) at the first run."""
         self._window = _Window(metric, mode)
@@ -740,6 +752,8 @@ class WindowAnalysis:
         """
         if self.horizon is None and self.saved and not self.resumed:
             await self._resume(connection)
+        if not self._lookback_known:
+            self.lookback, self._lookback_known = await timescale.compression_horizon(connection), True
         horizon = await recorded_horizon(connection, self.writer_allowance)
         if self.horizon is not None and horizon <= self.horizon:
             return self.metrics()
@@ -827,7 +841,7 @@ class WindowAnalysis:
             self.deployment,
             self.metric,
             self.mode,
-            self.since,
+            self.since if self.lookback is None else max(self.since, after - self.lookback),
             after,
             upto,
             outcome_leeway=self.outcome_leeway,

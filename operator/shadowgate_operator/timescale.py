@@ -6,10 +6,11 @@ TimescaleDB adds is applied here instead, after them, because it depends on thin
 first migrate: the extension may be installed later (a plain PostgreSQL that gets TimescaleDB), the
 edition may be the Apache-only one, and the storage policy is a setting.
 
-- Hypertables: `predictions` and `outcomes` (daily chunks), `deployment_metrics` (weekly) and
-  `deployment_events` (30 days), wherever the extension is installed (every edition). Tables that hold
-  rows are converted with their rows copied under a lock: `migrate` says so, and the operator's migrate
-  leaves tables above AUTO_CONVERT_ROWS rows to the CLI, saying why (`LayerReport.problems`).
+- Hypertables: `predictions` and `outcomes` (chunks as long as the compression horizon, `chunk_interval`),
+  `deployment_metrics` (weekly) and `deployment_events` (30 days), wherever the extension is installed
+  (every edition). Tables that hold rows are converted with their rows copied under a lock: `migrate`
+  says so, and the operator's migrate leaves tables above AUTO_CONVERT_ROWS rows to the CLI, saying why
+  (`LayerReport.problems`). A changed horizon changes the span of new chunks only.
 - Compression (full "timescale" edition only): `predictions` and `outcomes` segmented by
   (namespace, deployment), ordered by time.
 - The storage policy: one row in `storage_policy` (migration 0005), changed only by
@@ -34,15 +35,18 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-HYPERTABLES = {
-    "predictions": "1 day",
-    "outcomes": "1 day",
-    "deployment_metrics": "7 days",
-    "deployment_events": "30 days",
+HYPERTABLES: dict[str, dt.timedelta | None] = {
+    "predictions": None,
+    "outcomes": None,
+    "deployment_metrics": dt.timedelta(days=7),
+    "deployment_events": dt.timedelta(days=30),
 }
-"""Each hypertable's chunk interval."""
+"""Each hypertable's chunk interval; None: `chunk_interval(policy)`."""
 
 COMPRESSED = ("predictions", "outcomes")
+
+DEFAULT_CHUNK_INTERVAL = dt.timedelta(days=7)
+"""The chunk interval of predictions and outcomes where nothing compresses them (see `chunk_interval`)."""
 
 POLICY_START_DELAY = dt.timedelta(hours=1)
 """A new or changed policy job first runs this long after the migrate that made it: time to read what
@@ -94,7 +98,7 @@ def describe(value: dt.timedelta | None) -> str:
     if value is None:
         return "none"
     if value % dt.timedelta(days=1) == dt.timedelta(0):
-        return f"{value.days} days"
+        return f"{value.days} day{'' if value.days == 1 else 's'}"
     return f"{value.total_seconds() / 3600:g} hours"
 
 
@@ -168,11 +172,26 @@ async def _rows(connection: asyncpg.Connection, table: str) -> int:
     return count
 
 
-async def _convert(connection: asyncpg.Connection, report: LayerReport, convert_limit: int | None) -> bool:
+def chunk_interval(current: Edition, policy: StoragePolicy) -> dt.timedelta:
+    """The chunk interval of predictions and outcomes: the compression horizon where compression runs.
+
+    The incremental analysis reads back no further than that horizon (queries.py), and each chunk a
+    read could touch costs every one of its index probes and some planning (bench/analysis: 185 ms of
+    CPU per read with daily chunks and a 7-day horizon, 61 ms with weekly ones, 48 ms on plain
+    PostgreSQL, on the same loaded machine), so chunks as long as the horizon keep a read to two of them.
+    """
+    if current.full and policy.compress_after is not None:
+        return policy.compress_after
+    return DEFAULT_CHUNK_INTERVAL
+
+
+async def _convert(
+    connection: asyncpg.Connection, report: LayerReport, convert_limit: int | None, chunks: dt.timedelta
+) -> bool:
     """Make every table a hypertable; False when one was left plain (the report says why)."""
     existing = await _hypertables(connection)
     complete = True
-    for table, interval in HYPERTABLES.items():
+    for table, fixed in HYPERTABLES.items():
         if table in existing:
             continue
         rows = await _rows(connection, table)
@@ -184,14 +203,35 @@ async def _convert(connection: asyncpg.Connection, report: LayerReport, convert_
             complete = False
             continue
         await connection.execute(
-            f"""SELECT create_hypertable('{table}', 'time', chunk_time_interval => interval '{interval}',
-                                         if_not_exists => true, migrate_data => true)"""
+            """SELECT create_hypertable($1::regclass, 'time', chunk_time_interval => $2::interval,
+                                        if_not_exists => true, migrate_data => true)""",
+            table,
+            fixed or chunks,
         )
         report.notes.append(
             f"{table}: converted into a hypertable"
             + (f" ({rows:,}{'+' if rows > AUTO_CONVERT_ROWS else ''} rows copied into chunks)" if rows else "")
         )
     return complete
+
+
+async def _set_chunk_interval(connection: asyncpg.Connection, report: LayerReport, chunks: dt.timedelta) -> None:
+    """New chunks of predictions and outcomes span `chunks` (existing ones keep their span)."""
+    rows = await connection.fetch(
+        """SELECT hypertable_name, time_interval FROM timescaledb_information.dimensions
+           WHERE hypertable_schema = current_schema() AND hypertable_name = ANY($1::text[])""",
+        list(COMPRESSED),
+    )
+    for row in rows:
+        if row["time_interval"] == chunks:
+            continue
+        await connection.execute(
+            "SELECT set_chunk_time_interval($1::regclass, $2::interval)", row["hypertable_name"], chunks
+        )
+        report.notes.append(
+            f"{row['hypertable_name']}: new chunks span {describe(chunks)}"
+            f" (they spanned {describe(row['time_interval'])})"
+        )
 
 
 async def _enable_compression(connection: asyncpg.Connection, report: LayerReport) -> None:
@@ -304,7 +344,10 @@ async def apply(
         await write_policy(connection, stored)
     if current.version is None:
         return report
-    converted = await _convert(connection, report, convert_limit)
+    chunks = chunk_interval(current, stored)
+    converted = await _convert(connection, report, convert_limit, chunks)
+    if converted:
+        await _set_chunk_interval(connection, report, chunks)
     # Nothing read it (see README, "TimescaleDB"): per-minute traffic comes from predictions directly.
     await connection.execute("DROP MATERIALIZED VIEW IF EXISTS predictions_per_minute")
     if not current.full:
@@ -350,3 +393,19 @@ async def summary(connection: asyncpg.Connection) -> str:
         f"{' (everything kept)' if stored.retention is None else ''}, "
         f"compression after {describe(stored.compress_after)}"
     )
+
+
+async def compression_horizon(connection: asyncpg.Connection) -> dt.timedelta | None:
+    """How old rows are when the compression policy compresses them (the shortest horizon of the jobs on
+    predictions and outcomes), or None where nothing compresses them (plain PostgreSQL, the Apache
+    edition, no policy). After its first run, the incremental analysis reads no rows stamped more than this
+    before its previous run (queries.WindowAnalysis.lookback)."""
+    if not (await edition(connection)).full:
+        return None
+    horizon: dt.timedelta | None = await connection.fetchval(
+        """SELECT min((config->>'compress_after')::interval) FROM timescaledb_information.jobs
+           WHERE proc_name = 'policy_compression' AND hypertable_schema = current_schema()
+             AND hypertable_name = ANY($1::text[])""",
+        list(COMPRESSED),
+    )
+    return horizon

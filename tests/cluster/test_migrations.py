@@ -169,11 +169,11 @@ def test_a_retention_policy_says_what_it_will_drop_and_drops_nothing_at_once(
     jobs' first runs are an hour away and apart."""
     code, _, err = migrate_cli(timescale_dsn, capsys=capsys)
     assert code == 0, err
-    run(insert_predictions(timescale_dsn, [120, 100, 40, 10, 1]))
+    run(insert_predictions(timescale_dsn, [120, 100, 40, 20, 1]))
     code, out, err = migrate_cli(timescale_dsn, "--retention", "90d", capsys=capsys)
     assert code == 0, err
     assert "predictions: retention after 90 days; its first run, at " in out
-    assert "drops 2 chunks of rows stamped" in out  # the 120- and 100-day-old rows' daily chunks
+    assert "drops 2 chunks of rows stamped" in out  # the 120- and 100-day-old rows' weekly chunks
     assert "retention 90 days, compression after 7 days" in out
     assert run(value(timescale_dsn, "SELECT count(*) FROM predictions")) == 5  # nothing dropped yet
 
@@ -188,7 +188,7 @@ def test_a_retention_policy_says_what_it_will_drop_and_drops_nothing_at_once(
     for job in (retention, compression, scheduled[("retention", "outcomes")], scheduled[("compression", "outcomes")]):
         run(_run_job(timescale_dsn, job["job_id"]))
     ages = run(fetch(timescale_dsn, "SELECT round(extract(epoch FROM now() - time) / 86400) AS days FROM predictions"))
-    assert sorted(int(row["days"]) for row in ages) == [1, 10, 40]
+    assert sorted(int(row["days"]) for row in ages) == [1, 20, 40]
     assert run(value(timescale_dsn, "SELECT count(*) FROM outcomes")) == 3
     compressed = run(
         value(
@@ -197,7 +197,7 @@ def test_a_retention_policy_says_what_it_will_drop_and_drops_nothing_at_once(
             " WHERE hypertable_name = 'predictions' AND is_compressed",
         )
     )
-    assert compressed == 2  # the 40- and 10-day-old chunks
+    assert compressed == 2  # the 40- and 20-day-old rows' chunks
 
     # Back to keeping everything: the retention jobs go.
     code, out, _ = migrate_cli(timescale_dsn, "--retention", "none", capsys=capsys)
@@ -236,6 +236,8 @@ def test_a_database_migrated_by_the_first_timescale_migration_keeps_its_horizons
     assert code == 0, err
     assert "applied 0005_storage_policy.sql" in out
     assert "storage: timescaledb" in out and "retention 90 days, compression after 7 days" in out
+    # Chunks as long as the compression horizon from now on: a read touches two of them, not eight.
+    assert "predictions: new chunks span 7 days (they spanned 1 day)" in out
     assert {key: (job["job_id"], job["horizon"]) for key, job in run(jobs(timescale_dsn)).items()} == before
     assert run(value(timescale_dsn, "SELECT to_regclass('predictions_per_minute') IS NULL"))
 
@@ -250,7 +252,13 @@ async def _as_the_first_0002_left_it(dsn: str) -> None:
                                                   applied_at timestamptz NOT NULL DEFAULT now());
                 INSERT INTO {MIGRATIONS_TABLE} (version, name) VALUES (1, 'tables'), (2, 'timescale')"""
         )
-        for table, interval in timescale.HYPERTABLES.items():
+        first = {
+            "predictions": "1 day",
+            "outcomes": "1 day",
+            "deployment_metrics": "7 days",
+            "deployment_events": "30 days",
+        }
+        for table, interval in first.items():
             await connection.execute(
                 f"SELECT create_hypertable('{table}', 'time', chunk_time_interval => '{interval}'::interval)"
             )
