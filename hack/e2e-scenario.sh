@@ -244,7 +244,8 @@ history() {
     [ -z "$plugin" ] && [ -x .venv/bin/kubectl-shadow ] && plugin=.venv/bin/kubectl-shadow
     [ -n "$plugin" ] || return 0
     "$plugin" status "$SD" -n "$EXAMPLE_NS" || true
-    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' \
+        2>/dev/null || echo 15432)"
     k port-forward -n "$SYSTEM_NS" pod/timescaledb-0 "$port:5432" >/dev/null 2>&1 &
     forward=$!
     for _ in $(seq 60); do

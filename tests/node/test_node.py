@@ -25,7 +25,7 @@ import pytest
 
 from shadowgate_operator.localenv import host
 from shadowgate_operator.localenv.images import PAUSE_IMAGE
-from shadowgate_operator.localenv.node import NODE_IP, Node, kubectl, read_state, teardown
+from shadowgate_operator.localenv.node import NODE_IP, Node, kubectl, machine_state, node_dir, read_state, teardown
 
 pytestmark = pytest.mark.node
 
@@ -115,7 +115,7 @@ def node_processes(directory: Path) -> list[int]:
 def machine() -> Iterator[tuple[host.HostState, dict[str, str]]]:
     host.preflight()
     assert read_state() is None, "a local node is already running on this machine"
-    yield host.HostState.capture(), all_sysctls()
+    yield machine_state(node_dir()), all_sysctls()
 
 
 POD = {
@@ -169,12 +169,12 @@ def test_pods_run_services_and_dns_work_and_teardown_leaves_the_machine_as_it_wa
         tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
         assert "table ip kube-proxy" in tables
         # kubelet and kube-proxy found no iptables: not a rule of theirs.
-        assert before.iptables == host.HostState.capture().iptables
+        assert before.iptables == machine_state(node.directory).iptables
     finally:
         problems = node.stop()  # with the pod still running
 
     assert problems == []
-    assert before.difference(host.HostState.capture()) == []
+    assert before.difference(machine_state(node.directory)) == []
     assert sysctl_changes(sysctls_before, all_sysctls()) == []
     assert node_processes(node.directory) == []
     assert not node.directory.exists()
@@ -195,6 +195,6 @@ def test_a_node_killed_outright_is_cleared_by_the_next_teardown(machine: tuple[h
     finally:
         problems = teardown(node.directory)
     assert problems == []
-    assert before.difference(host.HostState.capture()) == []
+    assert before.difference(machine_state(node.directory)) == []
     assert sysctl_changes(sysctls_before, all_sysctls()) == []
     assert node_processes(node.directory) == []

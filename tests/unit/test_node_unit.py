@@ -91,20 +91,29 @@ def test_a_snapshot_names_what_changed_and_nothing_else() -> None:
         paths=["/run/netns", "/run/netns/cni-1"],
     )
     assert after.difference(after) == []
-    assert before.difference(after, ignore_mounts_under=("/var/tmp/x",)) == [
+    assert before.difference(after) == [
         "sysctl net.ipv4.ip_forward is 1, was 0",
         "network link added: shadowgate0",
         "nft table added: table ip kube-proxy",
         "path added: /run/netns/cni-1",
         "mount added: /run/netns/cni-1",
+        "mount added: /var/tmp/x/shm",
     ]
 
 
 def test_a_real_snapshot_of_this_machine_compares_equal_to_itself() -> None:
     first = host.HostState.capture()
-    assert first.links and first.mounts
+    assert first.links
     assert "net.ipv4.ip_forward" in first.sysctls
     assert first.difference(host.HostState.capture()) == []
+
+
+def test_mounts_elsewhere_are_other_work_on_the_machine_not_the_nodes(tmp_path: Path) -> None:
+    """Only mounts below the watched paths, the cgroup file system and the roots named count."""
+    watched = host.HostState.capture(mount_roots=(str(tmp_path),))
+    assert all(
+        point.startswith((*host.WATCHED_PATHS, str(host.CGROUP_ROOT), str(tmp_path))) for point in watched.mounts
+    )
 
 
 def test_without_root_the_node_refuses_in_one_line_saying_what_to_do(

@@ -289,7 +289,11 @@ class HostState:
     paths: list[str] = field(default_factory=list)
 
     @classmethod
-    def capture(cls) -> HostState:
+    def capture(cls, mount_roots: tuple[str, ...] = ()) -> HostState:
+        """The machine now. Mounts are those at or below the watched paths, the cgroup file system and
+        `mount_roots` (a node's directory, the cache): what a node or an image build could leave; other
+        work on the machine mounts what it likes elsewhere."""
+        roots = tuple(root.rstrip("/") for root in (*WATCHED_PATHS, str(CGROUP_ROOT), *mount_roots))
         sysctls = {name: value for name in RESTORED_SYSCTLS if (value := read_sysctl(name)) is not None}
         return cls(
             sysctls=sysctls,
@@ -298,7 +302,11 @@ class HostState:
             routes=sorted(_lines(["ip", "-o", "route", "show", "table", "all"])),
             nft_tables=sorted(_lines(["nft", "list", "tables"])),
             iptables=sorted(_iptables_rules()),
-            mounts=sorted(mount_points()),
+            mounts=sorted(
+                point
+                for point in mount_points()
+                if any(point == root or point.startswith(f"{root}/") for root in roots)
+            ),
             cgroups=_cgroups(),
             paths=sorted(path for root in WATCHED_PATHS for path in _tree(Path(root))),
         )
@@ -310,7 +318,7 @@ class HostState:
     def from_json(cls, text: str) -> HostState:
         return cls(**json.loads(text))
 
-    def difference(self, after: HostState, ignore_mounts_under: tuple[str, ...] = ()) -> list[str]:
+    def difference(self, after: HostState) -> list[str]:
         """What `after` has that this snapshot had not, or lacks, in words; [] when it is as it was."""
         problems = []
         for name, value in self.sysctls.items():
@@ -325,17 +333,12 @@ class HostState:
             ("iptables rule", self.iptables, after.iptables),
             ("cgroup", self.cgroups, after.cgroups),
             ("path", self.paths, after.paths),
+            ("mount", self.mounts, after.mounts),
         ):
             added = sorted(set(after_items) - set(before_items))
             removed = sorted(set(before_items) - set(after_items))
             problems += [f"{label} added: {item}" for item in added]
             problems += [f"{label} gone: {item}" for item in removed]
-        mounts_added = sorted(set(after.mounts) - set(self.mounts))
-        problems += [
-            f"mount added: {point}"
-            for point in mounts_added
-            if not any(point.startswith(prefix) for prefix in ignore_mounts_under)
-        ]
         return problems
 
 

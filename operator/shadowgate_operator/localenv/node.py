@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from shadowgate_operator.localenv import host
-from shadowgate_operator.localenv.binaries import KUBERNETES, NodeBinaries, ensure_node_binaries
+from shadowgate_operator.localenv.binaries import KUBERNETES, NodeBinaries, cache_root, ensure_node_binaries
 from shadowgate_operator.localenv.controlplane import ControlPlane
 from shadowgate_operator.localenv.errors import ComponentError
 from shadowgate_operator.localenv.pki import KeyPair
@@ -220,7 +220,7 @@ class Node:
         self.directory.chmod(0o755)  # pods' hostPath volumes live below it and run as non-root
         self.logs.mkdir(exist_ok=True)
         self.volumes.mkdir(exist_ok=True)
-        (self.directory / "host-before.json").write_text(host.HostState.capture().to_json())
+        (self.directory / "host-before.json").write_text(machine_state(self.directory).to_json())
         self._save_state()
         _check_network_free()
         self._make_bridge()
@@ -609,6 +609,12 @@ def _available_memory() -> int:
     return 0
 
 
+def machine_state(directory: Path) -> host.HostState:
+    """The snapshot a node is compared with: the machine, with the mounts below the node's directory and
+    the cache (image builds) counted as well."""
+    return host.HostState.capture(mount_roots=(str(directory), str(cache_root())))
+
+
 def _clean_env() -> dict[str, str]:
     """The environment for node components: ours, without proxies (nothing here goes off the machine)."""
     return {
@@ -752,7 +758,7 @@ def teardown(directory: Path, quiet: bool = False) -> list[str]:
     host.remove_tree(directory)
     if before is None:
         return []
-    problems = before.difference(host.HostState.capture())
+    problems = before.difference(machine_state(directory))
     problems += [f"process left: {pid}" for pid in _our_processes(directory)]
     if directory.exists():
         problems.append(f"directory left: {directory}")
