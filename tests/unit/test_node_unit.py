@@ -133,6 +133,23 @@ def test_without_root_the_node_refuses_in_one_line_saying_what_to_do(
     assert captured.err.startswith("error: node: a local node needs root")
 
 
+def test_root_without_the_capabilities_containerd_needs_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Root in an unprivileged container (Docker's default set: no CAP_SYS_ADMIN, no CAP_NET_ADMIN)."""
+    docker_default = "Name:\tpython\nCapPrm:\t00000000a80425fb\nCapEff:\t00000000a80425fb\n"
+    assert host.missing_capabilities(docker_default) == ["CAP_SYS_ADMIN", "CAP_NET_ADMIN"]
+    # This machine's root: everything but CAP_SYS_RESOURCE, which a node does without.
+    assert host.missing_capabilities("CapEff:\t000001fffeffffff\n") == []
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(host, "missing_capabilities", lambda: ["CAP_SYS_ADMIN"])
+    with pytest.raises(host.HostProblem) as raised:
+        host.preflight(install=False)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "lacks CAP_SYS_ADMIN" in message and "privileged container" in message and "kind-e2e.sh" in message
+
+
 def test_missing_packages_are_named_with_the_command_that_installs_them(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(host, "PACKAGES", {"containerd": "/nonexistent/containerd", "nftables": "/nonexistent/nft"})

@@ -1,7 +1,8 @@
 """What the local node needs from the machine, what it changes there, and how it puts it back.
 
-- `preflight()` says in one line why a node cannot run here (not root, not Linux, no cgroups) and
-  installs the Debian packages the node and the image builds use when they are missing.
+- `preflight()` says in one line why a node cannot run here (not root, root without the capabilities
+  containerd needs as in an unprivileged container, not Linux, no cgroups) and installs the Debian
+  packages the node and the image builds use when they are missing.
 - `machine_lock()`: one node per machine, however many checkouts and cache directories there are.
 - `HostState` is a snapshot of everything a node touches outside its own directory: the sysctls that
   kubelet and the CNI bridge plugin change, network links, addresses and routes, nft tables and
@@ -108,6 +109,21 @@ def cgroup_v1() -> bool:
     return not (CGROUP_ROOT / "cgroup.controllers").exists()
 
 
+# Capabilities without which containerd and the pod network cannot work (linux/capability.h): mounts
+# and namespaces for every sandbox, the bridge, veths, addresses and nft tables.
+REQUIRED_CAPABILITIES = {21: "CAP_SYS_ADMIN", 12: "CAP_NET_ADMIN"}
+
+
+def missing_capabilities(status: str | None = None) -> list[str]:
+    """The REQUIRED_CAPABILITIES this process lacks, from CapEff in /proc/self/status (or `status`)."""
+    text = status if status is not None else Path("/proc/self/status").read_text()
+    for line in text.splitlines():
+        if line.startswith("CapEff:"):
+            effective = int(line.split()[1], 16)
+            return [name for bit, name in REQUIRED_CAPABILITIES.items() if not effective >> bit & 1]
+    return []  # no CapEff line: nothing to tell; the components say what fails
+
+
 def missing_packages() -> list[str]:
     return [package for package, probe in PACKAGES.items() if not Path(probe).exists()]
 
@@ -120,6 +136,12 @@ def preflight(install: bool = True) -> None:
         raise HostProblem(
             "a local node needs root (containerd, kubelet and the pod network create mounts, cgroups and "
             "network interfaces): run it as root, e.g. `sudo make e2e`, or use hack/kind-e2e.sh with Docker"
+        )
+    lacking = missing_capabilities()
+    if lacking:
+        raise HostProblem(
+            f"root here lacks {' and '.join(lacking)} (an unprivileged container?): containerd cannot mount or "
+            "make network namespaces; run on a VM or in a privileged container, or use hack/kind-e2e.sh with Docker"
         )
     if not cgroup_hierarchies():
         raise HostProblem(f"no cgroup file system at {CGROUP_ROOT}: containerd cannot run containers here")
