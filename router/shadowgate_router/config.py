@@ -131,6 +131,10 @@ class RouterConfig(_Model):
     candidate: Upstream
     sticky_header: str | None = Field(default=None, min_length=1)
     """Requests with the same value of this header go to the same side; None hashes the request id."""
+    segment_header: str | None = Field(default=None, min_length=1)
+    """Record this request header's value as the request's segment (spec.analysis.segmentBy.header)."""
+    segment_path: Annotated[str, Field(pattern=JSON_PATH_PATTERN)] | None = None
+    """Record the value at this path of the JSON request body as its segment (segmentBy.path)."""
     fallback_to_production: bool
     """Canary only: when the candidate fails, answer from production instead of returning its error."""
     timeout_seconds: float = Field(gt=0)

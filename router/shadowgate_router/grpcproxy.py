@@ -4,13 +4,15 @@ MLServer), on grpcio's asyncio server and client, in the router's one event loop
 ``ModelInfer`` follows the HTTP rules exactly (proxy.py): the same configuration, split by the same sticky key
 (the configured header, read from the call's metadata, else the request id), mirrored in shadow mode under
 the same concurrency limit and timeouts, answered by the candidate for its canary share with the same
-fallback, and recorded in the same row. The request id is the ``x-request-id`` metadata, else
-``ModelInferRequest.id``, else a new one; it is sent to both servers as ``x-request-id`` metadata and returned
-in the answer's initial metadata with ``x-shadowgate-served-by``. The prediction is read from the answer's
-outputs (typed ``contents`` or ``raw_output_contents``) through the configured path, as if it were the REST
-answer (``outputs[0].data[0]``). A gRPC status is recorded as its HTTP equivalent (OK 200, INVALID_ARGUMENT
-400, NOT_FOUND 404, UNAVAILABLE 503, ...), so error rates mean the same for both; a call the router cut off
-at its timeout is ``timeout``, a server it could not reach ``connect``.
+fallback, and recorded in the same row, with the same sticky key and a segment (segmentBy's header read from
+the metadata, or its path read in the request shaped as its REST body). The request id is the
+``x-request-id`` metadata, else ``ModelInferRequest.id``, else a new one; it is sent to both servers as
+``x-request-id`` metadata and returned in the answer's initial metadata with ``x-shadowgate-served-by``. The
+prediction is read from the answer's outputs (typed ``contents`` or ``raw_output_contents``) through the
+configured path, as if it were the REST answer (``outputs[0].data[0]``). A gRPC status is recorded as its
+HTTP equivalent (OK 200, INVALID_ARGUMENT 400, NOT_FOUND 404, UNAVAILABLE 503, ...), so error rates mean the
+same for both; a call the router cut off at its timeout is ``timeout``, a server it could not reach
+``connect``.
 
 Every other RPC goes to the answering model server (production; the candidate once promoted) and is not
 mirrored or recorded: the named-model ones (ModelReady, ModelMetadata, Triton's ModelConfig and
@@ -40,8 +42,8 @@ from shadowgate_router.config import DEFAULT_MIRROR_DROP_HEADERS, Protocol, Rout
 from shadowgate_router.hashing import to_candidate
 from shadowgate_router.httpserver import new_request_id
 from shadowgate_router.oip import inference_pb2
-from shadowgate_router.protocols import Extractor, grpc_answer_document
-from shadowgate_router.proxy import CANCELLED, NO_PREDICTION, Proxy, Route, valid_request_id
+from shadowgate_router.protocols import Extractor, grpc_answer_document, grpc_request_document, walk_json
+from shadowgate_router.proxy import CANCELLED, NO_PREDICTION, Proxy, Route, key_text, segment_text, valid_request_id
 from shadowgate_router.recorder import now_us
 from shadowgate_router.spool import Row
 from shadowgate_router.upstream import CONNECT, TIMEOUT
@@ -256,12 +258,16 @@ class GrpcProxy:
         client_id: bytes | None = None
         sticky: bytes | None = None
         sticky_key = route.sticky.decode() if route.sticky else None
+        segment: object = None
+        segment_key = route.segment_header.decode() if route.segment_header else None
         forward: list[tuple[str, str | bytes]] = []
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID:
                 client_id = value.encode() if isinstance(value, str) else value
             elif key == sticky_key:
                 sticky = value.encode() if isinstance(value, str) else value
+            if key == segment_key:
+                segment = value
             if key not in _NOT_FORWARDED and not key.startswith((":", "grpc-")):
                 forward.append((key, value))
         if client_id is not None and not valid_request_id(client_id):
@@ -297,6 +303,9 @@ class GrpcProxy:
         started = time.perf_counter()
         forward.append((REQUEST_ID, request_id.decode()))
         candidate_share = to_candidate(sticky or request_id, route.salt, route.limit)
+        if route.segment_path is not None:
+            segment = walk_json(grpc_request_document(request), route.segment_path)
+        recorded_key = (key_text(sticky or request_id) if route.sticky else None, segment_text(segment))
         timeout = config.timeout_seconds
         remaining = context.time_remaining()
         if remaining is not None:
@@ -337,7 +346,9 @@ class GrpcProxy:
                     mirror.add_done_callback(record_shadow)
                     return
                 candidate = _mirrored(mirror) if mirror is not None else None
-                self._record(route, received, request_id, "production", answered, candidate, False, features)
+                self._record(
+                    route, received, request_id, "production", answered, candidate, False, features, recorded_key
+                )
 
             return await self._answer(context, answered, "production", request_id, started, record_shadow)
 
@@ -366,7 +377,9 @@ class GrpcProxy:
             served_by,
             request_id,
             started,
-            lambda: self._record(route, received, request_id, served_by, production, candidate, fallback, features),
+            lambda: self._record(
+                route, received, request_id, served_by, production, candidate, fallback, features, recorded_key
+            ),
         )
 
     async def _call(
@@ -468,6 +481,7 @@ class GrpcProxy:
         candidate: GrpcAnswer | None,
         fallback: bool,
         features: str | None,
+        key: tuple[str | None, str | None],
     ) -> None:
         config = route.config
         self.proxy.put_row(
@@ -479,6 +493,7 @@ class GrpcProxy:
             _side(route.extractor, config.candidate.version, candidate),
             fallback,
             features,
+            key,
         )
 
     # every other RPC

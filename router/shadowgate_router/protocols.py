@@ -289,33 +289,47 @@ def grpc_answer_document(answer: inference_pb2.ModelInferResponse) -> dict[str, 
     ``{"model_name", "model_version", "id", "parameters", "outputs": [{"name", "datatype", "shape", "data"}]}``.
     ``data`` comes from the output's typed ``contents``, or from ``raw_output_contents`` (little-endian, the
     same decoding as the binary extension); at most MAX_DECODED elements each; BYTES become text."""
-    raw = answer.raw_output_contents
-    outputs = []
-    for index, output in enumerate(answer.outputs):
-        datatype = output.datatype
-        data: list[object]
-        if index < len(raw):
-            data = _tensor(datatype, raw[index])
-        else:
-            field = _CONTENTS_FIELDS.get(datatype)
-            values = getattr(output.contents, field)[:MAX_DECODED] if field else []
-            data = [value.decode(errors="replace") for value in values] if datatype == "BYTES" else list(values)
-        outputs.append(
-            {
-                "name": output.name,
-                "datatype": datatype,
-                "shape": list(output.shape),
-                "parameters": _parameters(output.parameters),
-                "data": data,
-            }
-        )
     return {
         "model_name": answer.model_name,
         "model_version": answer.model_version,
         "id": answer.id,
         "parameters": _parameters(answer.parameters),
-        "outputs": outputs,
+        "outputs": _grpc_tensors(answer.outputs, answer.raw_output_contents),
     }
+
+
+def grpc_request_document(request: inference_pb2.ModelInferRequest) -> dict[str, Any]:
+    """A gRPC ModelInferRequest in the shape of the REST request body, so one path (segmentBy.path) reads
+    both: ``{"id", "parameters", "inputs": [{"name", "datatype", "shape", "parameters", "data"}]}``, decoded
+    as grpc_answer_document decodes outputs."""
+    return {
+        "id": request.id,
+        "parameters": _parameters(request.parameters),
+        "inputs": _grpc_tensors(request.inputs, request.raw_input_contents),
+    }
+
+
+def _grpc_tensors(tensors: Any, raw: Any) -> list[dict[str, object]]:
+    documents = []
+    for index, tensor in enumerate(tensors):
+        datatype = tensor.datatype
+        data: list[object]
+        if index < len(raw):
+            data = _tensor(datatype, raw[index])
+        else:
+            field = _CONTENTS_FIELDS.get(datatype)
+            values = getattr(tensor.contents, field)[:MAX_DECODED] if field else []
+            data = [value.decode(errors="replace") for value in values] if datatype == "BYTES" else list(values)
+        documents.append(
+            {
+                "name": tensor.name,
+                "datatype": datatype,
+                "shape": list(tensor.shape),
+                "parameters": _parameters(tensor.parameters),
+                "data": data,
+            }
+        )
+    return documents
 
 
 def _parameters(parameters: Mapping[str, inference_pb2.InferParameter]) -> dict[str, object]:
@@ -324,6 +338,11 @@ def _parameters(parameters: Mapping[str, inference_pb2.InferParameter]) -> dict[
         choice = parameter.WhichOneof("parameter_choice")
         values[key] = getattr(parameter, choice) if choice else None
     return values
+
+
+def walk_json(document: object, path: tuple[str | int, ...]) -> object:
+    """The value at `path` (from config.parse_json_path) in a decoded JSON document, or None."""
+    return _walk(document, path)
 
 
 def _walk(document: object, path: tuple[str | int, ...]) -> object:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shadowgate_router import codings
-from shadowgate_router.config import RouterConfig, TrafficMode
+from shadowgate_router.config import RouterConfig, TrafficMode, parse_json_path
 from shadowgate_router.hashing import salt_for, threshold, to_candidate
 from shadowgate_router.httpserver import Request, Response, error_response, new_request_id
 from shadowgate_router.metrics import RouterMetrics
@@ -39,6 +39,7 @@ from shadowgate_router.protocols import (
     json_header_length,
     match,
     served_names,
+    walk_json,
 )
 from shadowgate_router.recentids import RecentIds
 from shadowgate_router.recorder import Recorder, now_us
@@ -120,6 +121,8 @@ class Route:
     names: frozenset[str]
     extractor: Extractor
     sticky: bytes | None
+    segment_header: bytes | None
+    segment_path: tuple[str | int, ...] | None
     production: UpstreamPool
     candidate: UpstreamPool
     is_json: bool
@@ -137,6 +140,31 @@ def _mirrored(task: asyncio.Task[Answer]) -> Answer:
 def valid_request_id(value: bytes) -> bool:
     """1 to 200 visible ASCII characters: safe in a header, a log line and a text column."""
     return 0 < len(value) <= 200 and all(0x21 <= byte <= 0x7E for byte in value)
+
+
+def segment_text(value: object) -> str | None:
+    """A request's segment (spec.analysis.segmentBy) as the text column holds it: a header's value (bytes), or
+    the string or number found at the configured path of the request; None for anything else or empty."""
+    if isinstance(value, bytes | str) and value:
+        return key_text(value.encode() if isinstance(value, str) else value)[:128]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(value)[:128]
+    return None
+
+
+def _segment(route: Route, request: Request, document: object) -> str | None:
+    """The HTTP request's segment: the segmentBy header's value, or the value at segmentBy's path of the JSON
+    body; None when not configured or absent."""
+    if route.segment_header is not None:
+        return segment_text(request.header(route.segment_header))
+    if route.segment_path is not None:
+        return segment_text(walk_json(document, route.segment_path))
+    return None
+
+
+def key_text(key: bytes) -> str:
+    """A sticky key as the text column holds it: UTF-8 (invalid bytes replaced), no NUL, at most 200 characters."""
+    return key[:800].decode("utf-8", "replace").replace("\x00", "\ufffd")[:200]
 
 
 def _is_json_type(content_type: bytes | None) -> bool:
@@ -175,6 +203,8 @@ class Proxy:
             names=served_names(config),
             extractor=Extractor(config.prediction_path, config.confidence_path),
             sticky=config.sticky_header.lower().encode() if config.sticky_header else None,
+            segment_header=config.segment_header.lower().encode() if config.segment_header else None,
+            segment_path=parse_json_path(config.segment_path) if config.segment_path else None,
             production=pools[config.production.base_url],
             candidate=pools[config.candidate.base_url],
             is_json=config.protocol.value == "json",
@@ -321,6 +351,7 @@ class Proxy:
         config = route.config
         key = (request.header(route.sticky) if route.sticky else None) or request_id
         candidate_share = to_candidate(key, route.salt, route.limit)
+        recorded_key = (key_text(key) if route.sticky else None, _segment(route, request, parsed))
         headers = self._forward_headers(request, request_id)
         features = None
         if self.settings.record_features:
@@ -345,14 +376,18 @@ class Proxy:
                     mirror.add_done_callback(record_shadow)
                     return
                 candidate = _mirrored(mirror) if mirror is not None else None
-                self._record(route, received, request_id, "production", production, candidate, False, features)
+                self._record(
+                    route, received, request_id, "production", production, candidate, False, features, recorded_key
+                )
 
             response.after = record_shadow
             return response
 
         if not candidate_share:
             production = await self._infer_call(route, "production", "answer", production_target, headers, request.body)
-            return self._answered(route, received, request_id, started, "production", production, None, False, features)
+            return self._answered(
+                route, received, request_id, started, "production", production, None, False, features, recorded_key
+            )
         candidate = await self._infer_call(route, "candidate", "answer", candidate_target, headers, request.body)
         if candidate.failed and config.fallback_to_production:
             self.metrics.fallbacks.inc()
@@ -360,9 +395,11 @@ class Proxy:
                 route, "production", "fallback", production_target, headers, request.body
             )
             return self._answered(
-                route, received, request_id, started, "production", production, candidate, True, features
+                route, received, request_id, started, "production", production, candidate, True, features, recorded_key
             )
-        return self._answered(route, received, request_id, started, "candidate", None, candidate, False, features)
+        return self._answered(
+            route, received, request_id, started, "candidate", None, candidate, False, features, recorded_key
+        )
 
     def _answered(
         self,
@@ -375,12 +412,13 @@ class Proxy:
         candidate: Answer | None,
         fallback: bool,
         features: str | None,
+        key: tuple[str | None, str | None],
     ) -> Response:
         answer = production if served_by == "production" else candidate
         assert answer is not None
         response = self._respond(answer, served_by, request_id, started)
         response.after = lambda: self._record(
-            route, received, request_id, served_by, production, candidate, fallback, features
+            route, received, request_id, served_by, production, candidate, fallback, features, key
         )
         return response
 
@@ -513,6 +551,7 @@ class Proxy:
         candidate: Answer | None,
         fallback: bool,
         features: str | None,
+        key: tuple[str | None, str | None],
     ) -> None:
         if self._recent.seen(request_id):
             self.metrics.duplicate_ids.inc()
@@ -526,6 +565,7 @@ class Proxy:
             self._side(route.extractor, config.candidate.version, candidate),
             fallback,
             features,
+            key,
         )
 
     def put_row(
@@ -538,9 +578,12 @@ class Proxy:
         candidate: Row,
         fallback: bool,
         features: str | None,
+        key: tuple[str | None, str | None],
     ) -> None:
         """Queue one predictions row (HTTP and gRPC alike); each side is (version, prediction, confidence,
-        latency_ms, status, error), all None for a side that was not called."""
+        latency_ms, status, error), all None for a side that was not called; `key`: the sticky key the side was
+        chosen by (None without stickyHeader) and the request's segment (None without segmentBy or when the
+        request has none)."""
         config = route.config
         row: Row = (
             received,
@@ -555,6 +598,7 @@ class Proxy:
             *candidate,
             fallback,
             features,
+            *key,
         )
         self.recorder.put(row)
 

@@ -66,6 +66,8 @@ PREDICTION_COLUMNS = (
     "candidate_error",
     "fallback",
     "features",
+    "sticky_key",
+    "segment",
 )
 OUTCOME_COLUMNS = ("time", "namespace", "deployment", "request_id", "outcome")
 OUTCOME_CONFLICT = (("namespace", "deployment", "request_id", "time"), "outcome")
@@ -77,8 +79,9 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _to_record(row: Row) -> Row:
-    return (EPOCH + timedelta(microseconds=row[0]), *row[1:])
+def _to_record(row: Row, width: int) -> Row:
+    # A row spooled by an older router may lack the columns added since (at the end): they are NULL.
+    return (EPOCH + timedelta(microseconds=row[0]), *row[1:], *(None,) * (width - len(row)))
 
 
 # What a database that is away, restarting or killed mid-statement raises. InternalClientError covers
@@ -397,7 +400,7 @@ class Recorder:
 
     async def _write(self, connection: asyncpg.Connection, rows: Sequence[Row]) -> None:
         try:
-            await self._insert(connection, [_to_record(row) for row in rows])
+            await self._insert(connection, [_to_record(row, len(self.columns)) for row in rows])
         except _REFUSED as exc:
             log.warning("%s: the database refused a batch (%s); finding the rows it refuses", self.table, exc)
             written = await self._write_bisecting(connection, rows)
@@ -450,7 +453,7 @@ class Recorder:
         while pending:
             part = pending.pop()
             try:
-                await self._insert(connection, [_to_record(row) for row in part])
+                await self._insert(connection, [_to_record(row, len(self.columns)) for row in part])
             except _REFUSED as exc:
                 if len(part) > 1:
                     middle = len(part) // 2

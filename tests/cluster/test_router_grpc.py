@@ -134,11 +134,30 @@ async def test_canary_split_follows_the_sticky_key_like_http(
     share = sum(served_by == "candidate" for _, _, served_by, _ in results) / len(results)
     assert 0.2 < share < 0.4
     recorded = {row["request_id"]: row for row in await rows(db, deployment, 300)}
-    for _, value, served_by, request_id in results:
+    for index, value, served_by, request_id in results:
         row = recorded[request_id]
+        assert row["sticky_key"] == f"acct-{index:06d}", "the key the side was chosen by, as HTTP records it"
         assert row["served_by"] == served_by and row["mode"] == "canary"
         side = "candidate" if served_by == "candidate" else "production"
         assert row[f"{side}_prediction"] == value and row[f"{side}_status"] == 200
+
+
+async def test_the_segment_is_recorded_from_metadata_or_the_request(
+    servers: tuple[ModelServer, ModelServer], start_router: StartRouter, db: asyncpg.Connection, deployment: str
+) -> None:
+    """segmentBy.header read from the call's metadata; segmentBy.path read in the request as its REST body."""
+    router = start_router(config_for(servers, deployment, segmentHeader="X-Instrument"))
+    code, *_ = await call(router.grpc_address, "ModelInfer", infer_request(1), (("x-instrument", "EURUSD"),))
+    assert code is grpc.StatusCode.OK
+    assert (await rows(db, deployment, 1))[0]["segment"] == "EURUSD"
+
+    revision = router.readiness().json()["revision"]
+    router.write_config(config_for(servers, deployment, segmentPath="inputs[0].data[0]"))
+    wait_until(lambda: router.readiness().json()["revision"] != revision, 5, "the new config")
+    for raw in (False, True):
+        code, *_ = await call(router.grpc_address, "ModelInfer", infer_request(7.5, raw=raw))
+        assert code is grpc.StatusCode.OK
+    assert [row["segment"] for row in (await rows(db, deployment, 3))[1:]] == ["7.5", "7.5"], "contents or raw"
 
 
 async def test_the_candidate_failing_falls_back_to_production(

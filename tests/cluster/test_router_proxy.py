@@ -20,7 +20,7 @@ import tritonclient.http as triton
 
 from shadowgate_operator.migrate import migrate
 from shadowgate_router.hashing import salt_for, threshold, to_candidate
-from tests.support.load import Result, run_load
+from tests.support.load import Result, infer_body, run_load
 from tests.support.router import ModelServer, Router, free_port, model_pair, router_config, wait_until
 
 pytestmark = pytest.mark.database
@@ -123,6 +123,7 @@ async def test_shadow_answers_from_production_and_records_both_sides(
         assert (row["production_version"], row["production_status"], row["production_error"]) == ("1.0", 200, None)
         assert row["production_prediction"] == result.index + 1
         assert row["production_confidence"] == 0.75 and row["production_latency_ms"] > 0
+        assert row["sticky_key"] == f"acct-{result.index:06d}", "the key the side was chosen by"
         if to_candidate(f"acct-{result.index:06d}".encode(), salt, limit):
             mirrored += 1
             assert (row["candidate_version"], row["candidate_status"], row["candidate_error"]) == ("2.0", 200, None)
@@ -150,6 +151,31 @@ async def test_canary_split_follows_the_hash_on_every_request(
     assert sum(row["served_by"] == "candidate" for row in recorded) == sum(
         result.served_by == "candidate" for result in results
     )
+
+    router.write_config(config_for(servers, deployment, mode="canary", weight=20, stickyHeader=None))
+    wait_until(lambda: router.readiness().json()["revision"] != recorded[0]["config_revision"], 5, "the new config")
+    await run_load(f"{router.url}/v2/models/fraud/infer", 10, rate=100, headers=account)
+    unkeyed = (await rows(db, deployment, 3010))[3000:]
+    assert {row["sticky_key"] for row in unkeyed} == {None}, "no stickyHeader: each request is its own key"
+
+
+async def test_the_segment_is_recorded_from_a_header_or_the_body(
+    servers: tuple[ModelServer, ModelServer], start_router: StartRouter, db: asyncpg.Connection, deployment: str
+) -> None:
+    """spec.analysis.segmentBy: the header's value, or the string or number at a path of the JSON body."""
+    router = start_router(config_for(servers, deployment, segmentHeader="X-Instrument"))
+
+    def instrument(index: int) -> dict[str, str]:
+        return {"X-Instrument": "EURUSD"} if index == 0 else {}
+
+    await run_load(f"{router.url}/v2/models/fraud/infer", 2, rate=100, headers=instrument)
+    assert {row["segment"] for row in await rows(db, deployment, 2)} == {"EURUSD", None}, "absent: NULL"
+
+    revision = router.readiness().json()["revision"]
+    router.write_config(config_for(servers, deployment, segmentPath="inputs[0].data[0]"))
+    wait_until(lambda: router.readiness().json()["revision"] != revision, 5, "the new config")
+    await run_load(f"{router.url}/v2/models/fraud/infer", 1, rate=100, body=lambda index: infer_body(7))
+    assert (await rows(db, deployment, 3))[2]["segment"] == "7"
 
 
 async def test_canary_falls_back_to_production_when_the_candidate_fails(

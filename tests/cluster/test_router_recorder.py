@@ -14,7 +14,7 @@ import pytest
 
 from shadowgate_operator.localenv import Postgres
 from shadowgate_router.metrics import RouterMetrics
-from shadowgate_router.recorder import OUTCOME_COLUMNS, Recorder, now_us
+from shadowgate_router.recorder import OUTCOME_COLUMNS, PREDICTION_COLUMNS, Recorder, now_us
 from shadowgate_router.spool import Spool
 from tests.support.router import migrated_postgres
 
@@ -82,6 +82,43 @@ async def test_a_batch_replayed_after_a_crash_lands_once(own_database: Postgres,
         writer.start()
         await writer.close(5.0)
     assert await copies(own_database.dsn, deployment) == {f"r-{n}": 1 for n in range(50)}
+
+
+async def test_prediction_rows_spooled_by_an_older_router_land_with_the_newer_columns_null(
+    own_database: Postgres, tmp_path: Path
+) -> None:
+    """A router upgraded during an outage finds rows its predecessor spooled without sticky_key and segment
+    (the columns added last): they are written with those columns NULL, beside the new router's full rows."""
+    deployment = f"older-{secrets.token_hex(3)}"
+    start = now_us()
+    sides = ("1.0", 1.0, None, 2.5, 200, None, "2.0", 1.5, None, 3.0, 200, None)
+    older = [
+        (start + n, "ns", deployment, f"old-{n}", "production", "shadow", 100, "rev", *sides, False, None)
+        for n in range(3)
+    ]
+    assert len(older[0]) == len(PREDICTION_COLUMNS) - 2
+    Spool(tmp_path, "predictions").append(older)
+    writer = Recorder(
+        "predictions", PREDICTION_COLUMNS, own_database.dsn, tmp_path, RouterMetrics(), flush_interval=0.05
+    )
+    writer.start()
+    writer.put(
+        (start + 10, "ns", deployment, "new-0", "production", "shadow", 100, "rev", *sides, False, None, "k", "A")
+    )
+    await writer.close(5.0)
+    connection = await asyncpg.connect(own_database.dsn)
+    try:
+        found = await connection.fetch(
+            "SELECT request_id, sticky_key, segment FROM predictions WHERE deployment = $1 ORDER BY time", deployment
+        )
+    finally:
+        await connection.close()
+    assert [tuple(row) for row in found] == [
+        ("old-0", None, None),
+        ("old-1", None, None),
+        ("old-2", None, None),
+        ("new-0", "k", "A"),
+    ]
 
 
 async def test_a_row_the_database_refuses_is_set_aside(own_database: Postgres, tmp_path: Path) -> None:
