@@ -76,7 +76,7 @@ dev-down: $(INSTALLED)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-# Analysis cost with 1M and 10M prediction rows (200k in the window) on a throwaway PostgreSQL; ~10 min.
+# Analysis cost with 1M and 10M prediction rows (200k in a 30-day window), plain PostgreSQL and TimescaleDB; ~1 h.
 .PHONY: bench-analysis
 bench-analysis: $(INSTALLED)
 	$(BIN)/python bench/analysis/run.py $(BENCH_ARGS)

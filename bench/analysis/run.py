@@ -1,8 +1,12 @@
-"""bench/analysis: how long one ShadowDeployment's analysis takes with millions of rows in the tables.
+"""bench/analysis: how long one ShadowDeployment's analysis takes with millions of rows in the tables,
+on plain PostgreSQL and on TimescaleDB in one run.
 
-Starts its own throwaway PostgreSQL, loads prediction and outcome rows with generate_series, and measures
+For each database (`--editions`, default both: a throwaway plain PostgreSQL, then a throwaway
+TimescaleDB from the cached build), loads prediction and outcome rows with generate_series and measures
 at two table sizes (default 1 million and 10 million prediction rows, the same 200,000 in the current
-window; outcomes for about 95% of them, 2% corrected once):
+window, which reaches 30 days back (`--span`); outcomes for about 95% of them, 2% corrected once). On
+TimescaleDB the storage policy's compression jobs are run once the rows are in (as the policy would an
+hour after migrate), so most of the window is compressed:
 
 - the whole-window query (`window_metrics`, what replay uses): it reads every row of the window;
 - a cold first refresh of a `WindowAnalysis` without saved sums (what an operator would pay on taking
@@ -20,8 +24,9 @@ At the end of each size the incremental result is checked against the whole-wind
 of both statements (EXPLAIN ANALYZE, BUFFERS) are printed. Timings are medians of repeated runs; the
 machine's load average is printed beside them, since other work on the machine skews them.
 
-    make bench-analysis                                 # 1M and 10M rows, about 12 minutes
+    make bench-analysis                                 # both databases, 1M and 10M rows: about an hour
     .venv/bin/python bench/analysis/run.py --sizes 1000000 --runs 6    # quicker
+    .venv/bin/python bench/analysis/run.py --editions timescaledb --compress-after 2d   # another horizon
 """
 
 from __future__ import annotations
@@ -41,17 +46,18 @@ from typing import Any
 
 import asyncpg
 
+from shadowgate_operator import timescale
 from shadowgate_operator.api import Metric, TrafficMode
 from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.metrics import WindowMetrics
-from shadowgate_operator.migrate import migrate
+from shadowgate_operator.migrate import migrate_with_report
 from shadowgate_operator.queries import WindowAnalysis, explain, whole_window_query, window_metrics
 
 NAMESPACE, TARGET = "bench", "target"
 OTHERS = tuple(f"model-{i}" for i in range(1, 10))
 LIVE_OTHERS = OTHERS[:2]
 """Deployments that keep writing while the target is measured: rows outside its window, growing."""
-WINDOW_SPAN = dt.timedelta(minutes=10)
+EDITIONS = ("postgres", "timescaledb")
 RESTARTS = 3
 """Restarts measured per rate (the median is reported)."""
 TICK = 0.1
@@ -138,6 +144,7 @@ class Figures:
     steady: list[Steady]
     window_rows_after: int
     matches: bool
+    edition: str = ""
 
 
 class Clock:
@@ -410,23 +417,53 @@ def _same(a: WindowMetrics, b: WindowMetrics) -> bool:
     )
 
 
-async def bench(dsn: str, args: argparse.Namespace) -> int:
+async def _compress(dsn: str, since: dt.datetime) -> str:
+    """On TimescaleDB with a compression policy: run its jobs now, as the policy would (their first run is
+    an hour after migrate), and say what they compressed."""
     connection = await asyncpg.connect(dsn)
     try:
-        await migrate(connection)
+        if await timescale.compression_horizon(connection) is None:
+            return "no compression on this edition"
+        jobs = await connection.fetch(
+            "SELECT job_id FROM timescaledb_information.jobs WHERE proc_name = 'policy_compression' ORDER BY 1"
+        )
+        started = time.monotonic()
+        for job in jobs:
+            await connection.execute("CALL run_job($1)", job["job_id"])
+        await connection.execute("ANALYZE predictions; ANALYZE outcomes")
+        row = await connection.fetchrow(
+            """SELECT count(*) FILTER (WHERE is_compressed) AS compressed, count(*) AS chunks
+               FROM timescaledb_information.chunks WHERE hypertable_name = 'predictions' AND range_end > $1""",
+            since,
+        )
+        return (
+            f"compression policy run in {time.monotonic() - started:.0f}s: {row['compressed']} of the "
+            f"{row['chunks']} chunks of predictions in the window compressed"
+        )
+    finally:
+        await connection.close()
+
+
+async def bench(dsn: str, edition: str, args: argparse.Namespace) -> list[Figures]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        changes = {} if args.compress_after is None else {"compress_after": args.compress_after}
+        await migrate_with_report(connection, changes=changes)
         now: dt.datetime = await connection.fetchval("SELECT now()")
         settings = await connection.fetch(
             "SELECT name, current_setting(name) AS setting FROM pg_settings WHERE name IN "
             "('shared_buffers', 'work_mem', 'max_parallel_workers_per_gather', 'server_version')"
         )
+        storage = await timescale.summary(connection)
     finally:
         await connection.close()
-    log("PostgreSQL: " + ", ".join(f"{row['name']}={row['setting']}" for row in settings))
+    log(f"{edition}: " + ", ".join(f"{row['name']}={row['setting']}" for row in settings) + f"; {storage}")
     window = args.window
+    span: dt.timedelta = args.span
 
     results: list[Figures] = []
     loaded = 0
-    oldest = now - WINDOW_SPAN
+    oldest = now - span
     for phase, size in enumerate(sorted(args.sizes)):
         # Each size measures a deployment of its own whose window holds exactly `window` rows; the
         # previous size's target and its live rows are then just more rows outside the window.
@@ -436,8 +473,8 @@ async def bench(dsn: str, args: argparse.Namespace) -> int:
             now = await connection.fetchval("SELECT now()")
         finally:
             await connection.close()
-        since = now - WINDOW_SPAN
-        log(f"\n== {size:,} prediction rows, {window:,} in the current window of {target} ==")
+        since = now - span
+        log(f"\n== {edition}: {size:,} prediction rows, {window:,} in the {_span(span)} window of {target} ==")
         segments = [(target, since, now, window)]
         if phase == 0:  # two deployments busy during the window too: their rows interleave on disk
             segments += [(other, since, now, window) for other in LIVE_OTHERS]
@@ -456,7 +493,9 @@ async def bench(dsn: str, args: argparse.Namespace) -> int:
         finally:
             await connection.close()
         log(f"  tables: {total:,} predictions, {outcomes:,} outcomes")
+        log(f"  {await _compress(dsn, since)}")
         figures, steady_plan, whole_plan = await measure(dsn, target, total, window, since, args)
+        figures.edition = edition
         results.append(figures)
         log("  plan of a steady-state refresh (rows recorded in one interval):")
         for line in steady_plan:
@@ -465,11 +504,17 @@ async def bench(dsn: str, args: argparse.Namespace) -> int:
         for line in whole_plan:
             log(f"    {line}")
         log(f"  incremental result equals the whole-window query: {'yes' if figures.matches else 'NO'}")
+    return results
 
-    log("\n== summary: median wall ms [backend CPU ms]; load average before/after each steady-state phase ==")
+
+def summarize(results: list[Figures], args: argparse.Namespace) -> int:
     log(
-        f"{'predictions':>12} {'window':>8} {'whole-window':>14} {'cold first':>12} {'req/s':>6} {'every':>6}"
-        f" {'arrivals per run':>17} {'refresh':>13} {'p90':>6} {'restart':>13} {'load':>9}  same"
+        f"\n== summary ({_span(args.span)} window): median wall ms [backend CPU ms]; load average before/after"
+        " each steady-state phase =="
+    )
+    log(
+        f"{'database':<26} {'predictions':>12} {'window':>8} {'whole-window':>14} {'cold first':>12} {'req/s':>6}"
+        f" {'every':>6} {'arrivals per run':>17} {'refresh':>13} {'p90':>6} {'restart':>13} {'load':>9}  same"
     )
     for f in results:
         whole = f"{median(f.whole_window_ms):.0f} [{median(f.whole_window_cpu_ms):.0f}]"
@@ -479,21 +524,23 @@ async def bench(dsn: str, args: argparse.Namespace) -> int:
             refresh = f"{median(steady.refresh_ms):.1f} [{median(steady.refresh_cpu_ms):.1f}]"
             restart = f"{steady.resume_ms:.1f} [{steady.resume_cpu_ms:.1f}]"
             log(
-                f"{f.rows:>12,} {f.window_rows:>8,} {whole:>14} {first:>12} {rate:>6} {steady.seconds_per_run:>5.1f}s"
-                f" {arrivals:>17} {refresh:>13} {p90(steady.refresh_ms):>6.1f} {restart:>13}"
-                f" {steady.load[0]:>4.1f}/{steady.load[1]:<4.1f}  {'yes' if f.matches else 'NO'}"
+                f"{f.edition:<26} {f.rows:>12,} {f.window_rows:>8,} {whole:>14} {first:>12} {rate:>6}"
+                f" {steady.seconds_per_run:>5.1f}s {arrivals:>17} {refresh:>13} {p90(steady.refresh_ms):>6.1f}"
+                f" {restart:>13} {steady.load[0]:>4.1f}/{steady.load[1]:<4.1f}  {'yes' if f.matches else 'NO'}"
             )
-    for index, rate in enumerate(sorted(args.rates)):
-        wall = max(median(f.steady[index].refresh_ms) for f in results)
-        cpu = max(median(f.steady[index].refresh_cpu_ms) for f in results)
-        slowest_restart = max(f.steady[index].resume_ms for f in results)
-        log(
-            f"{rate:,} requests/s: slowest median analysis read {wall:.1f} ms wall"
-            f" ({'within' if wall <= args.budget_ms else 'OVER'} {args.budget_ms:.0f} ms),"
-            f" {cpu:.1f} ms backend CPU ({'within' if cpu <= args.budget_ms else 'OVER'});"
-            f" after a restart (median of {RESTARTS}) {slowest_restart:.1f} ms"
-            f" ({'within' if slowest_restart <= args.budget_ms else 'OVER'})"
-        )
+    for edition in dict.fromkeys(f.edition for f in results):
+        mine = [f for f in results if f.edition == edition]
+        for index, rate in enumerate(sorted(args.rates)):
+            wall = max(median(f.steady[index].refresh_ms) for f in mine)
+            cpu = max(median(f.steady[index].refresh_cpu_ms) for f in mine)
+            slowest_restart = max(f.steady[index].resume_ms for f in mine)
+            log(
+                f"{edition}, {rate:,} requests/s: slowest median analysis read {wall:.1f} ms wall"
+                f" ({'within' if wall <= args.budget_ms else 'OVER'} {args.budget_ms:.0f} ms),"
+                f" {cpu:.1f} ms backend CPU ({'within' if cpu <= args.budget_ms else 'OVER'});"
+                f" after a restart (median of {RESTARTS}) {slowest_restart:.1f} ms"
+                f" ({'within' if slowest_restart <= args.budget_ms else 'OVER'})"
+            )
     cadence = f"every {args.interval:g}s" if args.interval else "when the operator would (catch_up_seconds)"
     log(
         f"(runs {cadence}: between analyses the operator keeps a progressing window's sums caught up, so each"
@@ -503,6 +550,20 @@ async def bench(dsn: str, args: argparse.Namespace) -> int:
     return 0 if all(f.matches for f in results) else 1
 
 
+def _span(span: dt.timedelta) -> str:
+    return f"{span.days}-day" if span >= dt.timedelta(days=1) else f"{span.total_seconds() / 60:g}-minute"
+
+
+def parse_span(text: str) -> dt.timedelta:
+    """`30d`, `12h` or `10m`."""
+    match = re.fullmatch(r"(\d+)([dhm])", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a span like 30d, 12h or 10m")
+    amount, unit = int(match.group(1)), match.group(2)
+    seconds = {"d": 86400, "h": 3600, "m": 60}[unit]
+    return dt.timedelta(seconds=amount * seconds)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -510,12 +571,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--window", type=int, default=200_000, help="the target's rows in its current window")
     parser.add_argument(
+        "--span",
+        type=parse_span,
+        default=dt.timedelta(days=30),
+        help="how far back the target's window goes (default 30d: on TimescaleDB most of it is compressed)",
+    )
+    parser.add_argument(
+        "--editions",
+        nargs="+",
+        choices=EDITIONS,
+        default=list(EDITIONS),
+        help="databases to measure one after the other, each a throwaway cluster (timescaledb needs the "
+        "cached build: `make binaries` with SHADOWGATE_TIMESCALEDB_SOURCE)",
+    )
+    parser.add_argument(
+        "--compress-after",
+        type=timescale.parse_horizon,
+        default=None,
+        help="TimescaleDB: the storage policy's compression horizon (default: the policy's default, 7d)",
+    )
+    parser.add_argument(
         "--rates",
         type=int,
         nargs="+",
         default=[110, 333, 667],
         help="requests/s the target receives (each with an outcome), one steady-state phase each: 110 fills a "
-        "200,000-request window in a 30-minute step, 333 in the bench's 10-minute window, 667 twice that",
+        "200,000-request window in a 30-minute step, 333 in 10 minutes, 667 twice that",
     )
     parser.add_argument(
         "--interval",
@@ -532,13 +613,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="PostgreSQL shared_buffers ('default' keeps the built-in 128MB, small for a 5 GB dataset)",
     )
     args = parser.parse_args(argv)
-    with Postgres() as postgres:
-        if args.shared_buffers != "default":
-            asyncio.run(_configure(postgres.dsn, args.shared_buffers))
-            postgres.stop()
-            postgres.start()
-        log(f"throwaway PostgreSQL at {postgres.dsn}")
-        return asyncio.run(bench(postgres.dsn, args))
+    results: list[Figures] = []
+    for edition in args.editions:
+        with Postgres(timescaledb=edition == "timescaledb") as postgres:
+            if edition == "timescaledb" and not postgres.timescale:
+                log(f"timescaledb skipped: {postgres.timescale_reason}")
+                continue
+            if args.shared_buffers != "default":
+                asyncio.run(_configure(postgres.dsn, args.shared_buffers))
+                postgres.stop()
+                postgres.start()
+            log(f"throwaway {postgres.server} at {postgres.dsn}")
+            results += asyncio.run(bench(postgres.dsn, postgres.server.split(" with ")[-1], args))
+    return summarize(results, args)
 
 
 async def _configure(dsn: str, shared_buffers: str) -> None:
