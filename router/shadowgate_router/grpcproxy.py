@@ -28,6 +28,7 @@ what the client sends and calls the model servers uncompressed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -42,7 +43,7 @@ from shadowgate_router.config import DEFAULT_MIRROR_DROP_HEADERS, Protocol, Rout
 from shadowgate_router.hashing import to_candidate
 from shadowgate_router.httpserver import new_request_id
 from shadowgate_router.oip import inference_pb2
-from shadowgate_router.protocols import Extractor, grpc_answer_document, grpc_request_document, walk_json
+from shadowgate_router.protocols import Extractor, grpc_request_document, walk_json
 from shadowgate_router.proxy import CANCELLED, NO_PREDICTION, Proxy, Route, key_text, segment_text, valid_request_id
 from shadowgate_router.recorder import now_us
 from shadowgate_router.spool import Row
@@ -313,12 +314,16 @@ class GrpcProxy:
         features = _features(request) if proxy.settings.record_features else None
         upstreams = self._upstreams
 
+        called = request.model_name  # as the client sent it (`data`)
+        unversioned = not request.model_version
         production_data = data
-        if request.model_name != config.production.model_name:
+        if called != config.production.model_name:
             request.model_name = config.production.model_name
             production_data = request.SerializeToString()
 
         def candidate_data() -> bytes:
+            if called == config.candidate.model_name and unversioned:
+                return data  # the call as the client sent it
             request.model_name = config.candidate.model_name
             request.model_version = ""  # a version in the call is production's; the candidate's default
             return request.SerializeToString()
@@ -336,6 +341,7 @@ class GrpcProxy:
                         candidate_data(),
                         mirrored,
                         config.mirror_timeout_seconds,
+                        keep_metadata=False,
                     )
                 )
                 proxy.track_mirror(mirror)
@@ -391,7 +397,10 @@ class GrpcProxy:
         metadata: Metadata,
         time_limit: float,
         method: str = MODEL_INFER,
+        keep_metadata: bool = True,
     ) -> GrpcAnswer:
+        """One call to a model server. `keep_metadata`: also take its initial and trailing metadata (for the
+        client; a shadow copy's are never used)."""
         started = time.perf_counter()
         if channel is None:
             answer = GrpcAnswer(
@@ -404,15 +413,19 @@ class GrpcProxy:
             except grpc.aio.AioRpcError as exc:
                 answer = _failure(exc, time_limit, (time.perf_counter() - started) * 1000)
             else:
-                answer = GrpcAnswer(
-                    grpc.StatusCode.OK,
-                    None,
-                    "",
-                    (time.perf_counter() - started) * 1000,
-                    body,
-                    _pairs(await call.initial_metadata()),
-                    _pairs(await call.trailing_metadata()),
-                )
+                latency_ms = (time.perf_counter() - started) * 1000
+                if keep_metadata:
+                    answer = GrpcAnswer(
+                        grpc.StatusCode.OK,
+                        None,
+                        "",
+                        latency_ms,
+                        body,
+                        _pairs(await call.initial_metadata()),
+                        _pairs(await call.trailing_metadata()),
+                    )
+                else:
+                    answer = GrpcAnswer(grpc.StatusCode.OK, None, "", latency_ms, body)
         label = answer.error or str(answer.status)
         self.proxy.count_call(side, role, label, answer.latency_ms)
         return answer
@@ -635,11 +648,8 @@ def _side(extract: Extractor, version: str, answer: GrpcAnswer | None) -> Row:
     prediction = confidence = None
     error = answer.error
     if answer.code is grpc.StatusCode.OK and answer.body is not None:
-        try:
-            document = grpc_answer_document(inference_pb2.ModelInferResponse.FromString(answer.body))
-        except DecodeError:
-            document = None
-        prediction, confidence = extract.read(document) if document is not None else (None, None)
+        with contextlib.suppress(DecodeError):  # not a ModelInferResponse: recorded as no_prediction
+            prediction, confidence = extract.read_grpc(inference_pb2.ModelInferResponse.FromString(answer.body))
         if prediction is None:
             error = NO_PREDICTION
     return (version, prediction, confidence, round(answer.latency_ms, 3), answer.status, error)

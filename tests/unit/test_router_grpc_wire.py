@@ -118,3 +118,38 @@ def test_huge_outputs_are_read_only_as_far_as_needed() -> None:
     answer.outputs.add(name="big", datatype="INT64", shape=[100_000]).contents.int64_contents.extend(range(100_000))
     data = grpc_answer_document(answer)["outputs"][0]["data"]
     assert data[:3] == [0, 1, 2] and len(data) == 1024
+
+
+@pytest.mark.parametrize(
+    ("prediction", "confidence"),
+    [
+        ("outputs[0].data[0]", "outputs[1].data[0]"),
+        ("outputs[0].data[1]", "outputs[2].data[0]"),
+        ("outputs[1].data[0]", None),
+        ("outputs[3].data[0]", "outputs[0].data[5]"),  # past the end: no prediction, no confidence
+        ("outputs[0].name", "outputs[0].shape[0]"),  # not data: read from the whole document
+        ("parameters.score", "id"),
+        ("outputs[2].data[0]", "outputs[0].data"),  # a list is no number
+    ],
+)
+def test_reading_a_grpc_answer_lazily_gives_what_the_whole_document_gives(
+    prediction: str, confidence: str | None
+) -> None:
+    """Extractor.read_grpc builds only the outputs a path walks through; whatever the path, it reads what
+    `read` reads from grpc_answer_document (the recorded rows stay the same)."""
+    extract = Extractor(prediction, confidence)
+    typed = inference_pb2.ModelInferResponse(model_name="fraud", id="7")
+    typed.outputs.add(name="score", datatype="FP32", shape=[2]).contents.fp32_contents.extend([0.25, 0.5])
+    typed.outputs.add(name="label", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"0.125")
+    typed.outputs.add(name="flag", datatype="BOOL", shape=[1]).contents.bool_contents.append(True)
+    typed.parameters["score"].double_param = 0.75
+    raw = inference_pb2.ModelInferResponse(model_name="fraud", id="8")
+    raw.outputs.add(name="score", datatype="FP64", shape=[2])
+    raw.outputs.add(name="label", datatype="BYTES", shape=[1])
+    raw.outputs.add(name="flag", datatype="BOOL", shape=[1])
+    raw.raw_output_contents.extend([struct.pack("<2d", -1.5, 2.5), struct.pack("<I", 3) + b"0.5", b"\x00"])
+    partly_raw = inference_pb2.ModelInferResponse()  # fewer raw contents than outputs: the rest typed
+    partly_raw.CopyFrom(typed)
+    partly_raw.raw_output_contents.append(struct.pack("<2f", 1.0, 2.0))
+    for answer in (typed, raw, partly_raw, inference_pb2.ModelInferResponse()):
+        assert extract.read_grpc(answer) == extract.read(grpc_answer_document(answer))
