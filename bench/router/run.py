@@ -20,6 +20,11 @@ every request (the same work as nginx's `mirror`, plus a row per request in the 
    client), and at the maximum rate with h2load (nghttp2's C load generator, 16 connections). Targets: the
    router adds <= 1 ms at p50 and <= 5 ms at p99 over the direct gRPC call. (No nginx gRPC baseline: nginx
    cannot mirror gRPC.)
+4. The floor for gRPC, in the same run: bench/router/bare_grpc_proxy.py, a grpc.aio bytes proxy with none of
+   the router's logic (it answers from production, mirrors every call to the candidate and sends initial
+   metadata of its own, as the router does; it reads, records and counts nothing), on the same grpcio set-up
+   as the router, measured like the router (latency, maximum rate, CPU per request). What the router adds
+   beyond it is the router's own cost; the rest is grpcio's (bench/router/README.md).
 
 It installs nginx, wrk and h2load with apt-get when they are missing (as root). Traffic goes to 127.0.0.1 only and
 every phase is bounded in time. Take figures when `uptime` shows the machine otherwise idle: the load
@@ -56,6 +61,7 @@ import uvloop
 
 from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.migrate import migrate_dsn
+from shadowgate_router.cli import GRPC_EXPERIMENTS
 from shadowgate_router.oip import inference_pb2
 from shadowgate_router.upstream import UpstreamError, UpstreamPool
 
@@ -139,7 +145,18 @@ def ensure_tools() -> None:
         subprocess.run(install, env=env, check=True, capture_output=True)
 
 
-def wait_http(url: str, what: str, timeout: float = 20) -> None:
+def wait_port(port: int, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"{what} did not come up on port {port}")
+
+
+def wait_http(url: str, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -191,8 +208,10 @@ class Target:
 
     rounds: list[list[float]] = field(default_factory=list)
     """The latencies of each fixed-rate round."""
+    pid: int | None = None
+    """The proxy process whose CPU time per request is measured (None: not measured)."""
     cpu_us: list[float] = field(default_factory=list)
-    """The router process's CPU time per request in each fixed-rate round (router targets only): unlike
+    """The proxy process's CPU time per request in each fixed-rate round (router targets only): unlike
     latency, hardly moved by other work on the machine, so a change to the hot path shows here first."""
 
     def percentile(self, fraction: float) -> float:
@@ -259,9 +278,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def fixed_rate_rounds(
-    targets: list[Target], rate: float, seconds: float, rounds: int, router_pid: int, via_router: set[str]
-) -> None:
+async def fixed_rate_rounds(targets: list[Target], rate: float, seconds: float, rounds: int) -> None:
     """One warm connection pool (or gRPC channel) per target for the whole phase, targets taking turns in
     each round."""
     clients: list[UpstreamPool | grpc.aio.Channel] = [
@@ -272,11 +289,11 @@ async def fixed_rate_rounds(
         await fixed_rate(target, rate, 1.0, client, record=False)  # warm up connections and code paths
     for _ in range(rounds):
         for target, client in zip(targets, clients, strict=True):
-            before = cpu_seconds(router_pid)
+            before = cpu_seconds(target.pid) if target.pid is not None else 0.0
             await fixed_rate(target, rate, seconds, client)
-            if target.name in via_router:
+            if target.pid is not None:
                 await asyncio.sleep(0.5)  # the copies' ends and the last flush belong to this round
-                target.cpu_us.append((cpu_seconds(router_pid) - before) / int(rate * seconds) * 1e6)
+                target.cpu_us.append((cpu_seconds(target.pid) - before) / int(rate * seconds) * 1e6)
     for client in clients:
         await client.close()
 
@@ -402,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             "production-grpc",
             "candidate-grpc",
             "router-grpc",
+            "bare-grpc",
         )
         ports = {name: free_port() for name in names}
         for name, bias in (("production", 0), ("candidate", 100)):
@@ -452,25 +470,26 @@ def main(argv: list[str] | None = None) -> int:
         grpc_frame = work / "infer.grpc"  # gRPC's framing: not compressed, 4-byte big-endian length, message
         grpc_frame.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
 
+        bare = processes.start(
+            "bare-grpc-proxy",
+            [sys.executable, str(Path(__file__).parent / "bare_grpc_proxy.py"), "--listen",
+             f"127.0.0.1:{ports['bare-grpc']}", "--production", f"127.0.0.1:{ports['production-grpc']}",
+             "--candidate", f"127.0.0.1:{ports['candidate-grpc']}", "--initial-metadata"],
+            env={"GRPC_EXPERIMENTS": GRPC_EXPERIMENTS},  # grpcio as the router sets it up
+        )  # fmt: skip
+        wait_port(ports["bare-grpc"], "the bare gRPC proxy")
+
         targets = [
             Target("direct to production", f"http://127.0.0.1:{ports['production']}"),
             Target("nginx with mirror", f"http://127.0.0.1:{ports['nginx']}"),
-            Target("shadowgate router", f"http://127.0.0.1:{ports['router']}"),
+            Target("shadowgate router", f"http://127.0.0.1:{ports['router']}", pid=router_process.pid),
             Target("gRPC direct", f"127.0.0.1:{ports['production-grpc']}", grpc=True),
-            Target("gRPC via router", f"127.0.0.1:{ports['router-grpc']}", grpc=True),
+            Target("gRPC via router", f"127.0.0.1:{ports['router-grpc']}", grpc=True, pid=router_process.pid),
+            Target("gRPC bare grpc.aio", f"127.0.0.1:{ports['bare-grpc']}", grpc=True, pid=bare.pid),
         ]
         print(f"fixed rate: {args.rate:g} req/s, {args.rounds} rounds of {args.seconds:g} s per target", flush=True)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(
-                fixed_rate_rounds(
-                    targets,
-                    args.rate,
-                    args.seconds,
-                    args.rounds,
-                    router_process.pid,
-                    {targets[2].name, targets[4].name},
-                )
-            )
+            runner.run(fixed_rate_rounds(targets, args.rate, args.seconds, args.rounds))
         print(f"maximum rate: wrk (HTTP) and h2load (gRPC), {args.connections} connections, "
               f"{args.max_rounds} x {args.max_seconds:g} s", flush=True)  # fmt: skip
         for _ in range(args.max_rounds):
@@ -494,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> int:
-    direct, nginx, router, grpc_direct, grpc_router = targets
+    direct, nginx, router, grpc_direct, grpc_router, grpc_bare = targets
     print()
     print(f"fixed rate {args.rate:g} req/s, all rounds pooled            | median of {len(direct.rounds)} rounds "
           f"| maximum rate (wrk/h2load, best run)")  # fmt: skip
@@ -519,7 +538,7 @@ def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> in
             "round_median_p99_ms": target.round_median(0.99),
             "max_rps": max(target.max_rate),
         }
-    for proxy, baseline in ((nginx, direct), (router, direct), (grpc_router, grpc_direct)):
+    for proxy, baseline in ((nginx, direct), (router, direct), (grpc_router, grpc_direct), (grpc_bare, grpc_direct)):
         added = figures[proxy.name]
         added["added_p50_ms"] = proxy.round_median(0.5) - baseline.round_median(0.5)
         added["added_p99_ms"] = proxy.round_median(0.99) - baseline.round_median(0.99)
@@ -538,16 +557,21 @@ def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> in
         f"added p99 {router_added['added_p99_ms'] / max(nginx_added['added_p99_ms'], 1e-9):.2f}x, "
         f"max rate {ratio:.2f}x"
     )
-    for proxy in (router, grpc_router):
-        figures[proxy.name]["router_cpu_us_per_request"] = statistics.median(proxy.cpu_us)
+    for proxy in (router, grpc_router, grpc_bare):
+        figures[proxy.name]["cpu_us_per_request"] = statistics.median(proxy.cpu_us)
     print(
         f"router CPU per request (median of rounds, mirrored and recorded): HTTP "
-        f"{statistics.median(router.cpu_us):.0f} us, gRPC {statistics.median(grpc_router.cpu_us):.0f} us"
+        f"{statistics.median(router.cpu_us):.0f} us, gRPC {statistics.median(grpc_router.cpu_us):.0f} us; "
+        f"a bare grpc.aio proxy (mirrors, sends initial metadata, nothing else): "
+        f"{statistics.median(grpc_bare.cpu_us):.0f} us"
     )
     grpc_added = figures[grpc_router.name]
     grpc_ratio = max(grpc_router.max_rate) / max(grpc_direct.max_rate)
     figures["grpc_router_vs_direct_max_rps"] = grpc_ratio
-    print(f"gRPC via router / direct: max rate {grpc_ratio:.2f}x (the direct call is not mirrored)")
+    print(
+        f"gRPC via router / direct: max rate {grpc_ratio:.2f}x (the direct call is not mirrored); bare grpc.aio "
+        f"proxy / direct: {max(grpc_bare.max_rate) / max(grpc_direct.max_rate):.2f}x"
+    )
     verdicts = [
         ("router adds <= 1 ms at p50", router_added["added_p50_ms"] <= 1.0),
         ("router adds <= 5 ms at p99", router_added["added_p99_ms"] <= 5.0),
