@@ -105,7 +105,7 @@ def _binary_inputs(header: dict[str, Any], raw: bytes) -> list[Any]:
 def _body_id(header_length: str | None, body: bytes) -> str | None:
     try:
         document = json.loads(body[: int(header_length)] if header_length else body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     value = document.get("id") if isinstance(document, dict) else None
     return value if isinstance(value, str) else None
@@ -115,7 +115,7 @@ def _wants_binary(header_length: str | None, body: bytes) -> bool:
     """Whether the client asked for binary outputs (``binary_data`` on an output, or binary_data_output)."""
     try:
         document = json.loads(body[: int(header_length)] if header_length else body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     if document.get("parameters", {}).get("binary_data_output"):
         return True
@@ -165,7 +165,7 @@ class ModelServer:
             else:  # the binary tensor data extension: a JSON header, then the inputs' raw bytes
                 document = json.loads(body[: int(header_length)])
                 document = {"inputs": _binary_inputs(document, body[int(header_length) :])}
-        except (ValueError, struct.error):
+        except (ValueError, RecursionError, struct.error):  # too deep for json: a 400, as real servers give
             return web.json_response({"error": "malformed JSON"}, status=400), 0.0
         self.stats.requests += 1
         self.stats.request_ids.append(request.headers.get("X-Request-Id", ""))
