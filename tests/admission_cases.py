@@ -247,4 +247,20 @@ CASES: tuple[Case, ...] = (
     Case("router-image-with-space", _spec(router={"image": "shadowgate :0.1.0"}), "spec.router.image"),
     Case("outcomes-missing", _spec(outcomes=None), "spec.outcomes: Required value"),
     Case("production-missing", _spec(production=None), "spec.production: Required value"),
+    Case(
+        "notification-names-repeated",
+        _spec(notifications=[{"name": "team", "urlSecretRef": {"name": "hooks"}}] * 2),
+        "each receiver in notifications needs its own name",
+    ),
+    Case(
+        "notification-format-unknown",
+        _spec(notifications=[{"name": "team", "format": "teams", "urlSecretRef": {"name": "hooks"}}]),
+        'supported values: "cloudevents", "slack"',
+    ),
+    Case(
+        "notification-event-lowercase",
+        _spec(notifications=[{"name": "team", "urlSecretRef": {"name": "hooks"}, "events": ["promoted"]}]),
+        "spec.notifications[0].events[0]",
+    ),
+    Case("notification-without-url", _spec(notifications=[{"name": "team"}]), "urlSecretRef: Required value"),
 )

@@ -756,6 +756,48 @@ class OutcomesSpec(ApiModel):
     """Clients must send this token as `Authorization: Bearer <token>`."""
 
 
+EVENT_REASON_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
+EventReason = Annotated[str, StringConstraints(pattern=EVENT_REASON_PATTERN, max_length=128)]
+"""The reason of a transition's Event: AnalysisStarted, StepAdvanced, Promoted, RolledBack, Failed, ..."""
+
+
+class NotificationFormat(StrEnum):
+    """What a notification receiver expects."""
+
+    CLOUDEVENTS = "cloudevents"
+    """A CloudEvents 1.0 event in structured JSON mode (Content-Type application/cloudevents+json)."""
+    SLACK = "slack"
+    """A Slack incoming webhook's payload (text and blocks); Mattermost and Rocket.Chat read it too."""
+
+
+class UrlSecretRef(ApiModel):
+    """A key of a Secret in the ShadowDeployment's namespace holding a receiver's URL (a Slack webhook
+    URL is a credential)."""
+
+    name: DnsSubdomain
+    """Name of the Secret."""
+    key: SecretKey = "url"
+    """Key in the Secret whose value is the URL, e.g. https://hooks.slack.com/services/T0/B0/XXXX."""
+
+
+class NotificationTarget(ApiModel):
+    """A receiver told of each transition (at least once; each message carries an id for dropping
+    duplicates)."""
+
+    name: Identifier
+    """Names the receiver in the operator's metrics and logs; unique within spec.notifications."""
+    format: NotificationFormat = NotificationFormat.CLOUDEVENTS
+    """cloudevents (any CloudEvents receiver: Knative, Argo Events, an HTTP endpoint of yours) or slack."""
+    url_secret_ref: UrlSecretRef
+    """The Secret key holding the receiver's URL; read when a message is sent, so a rotated URL is used
+    from the next message on."""
+    events: list[EventReason] = Field(default_factory=list, max_length=16)
+    """Only these transitions (Event reasons, e.g. [Promoted, RolledBack]); empty: all of them."""
+
+    def wants(self, reason: str) -> bool:
+        return not self.events or reason in self.events
+
+
 class ShadowDeploymentSpec(ApiModel):
     """The desired rollout of a candidate model beside the production model."""
 
@@ -781,6 +823,19 @@ class ShadowDeploymentSpec(ApiModel):
     """How clients authenticate when they post outcomes."""
     paused: StrictBool = False
     """Freeze the rollout: traffic stays where it is and no decision is taken until unpaused."""
+    notifications: list[NotificationTarget] = Field(default_factory=list, max_length=8)
+    """Receivers told of each transition (analysis started, step advanced, promoted, rolled back, failed,
+    paused, manual actions): CloudEvents or Slack webhooks, delivered at least once, retried with backoff,
+    never delaying a decision."""
+
+    @rule(
+        "!has(self.notifications) || self.notifications.all(n, self.notifications.exists_one(m, m.name == n.name))",
+        "each receiver in notifications needs its own name",
+        field_path=".notifications",
+    )
+    def _notification_names_unique(self) -> bool:
+        names = [target.name for target in self.notifications]
+        return len(names) == len(set(names))
 
     @rule(
         "self.protocol != 'json' || has(self.prediction)",
