@@ -1,0 +1,309 @@
+"""The delivery worker: posts queued notifications, at least once, with retries and backoff.
+
+One `Deliverer` per operator serves the queue of every database it is told about (`watch`). It keeps up to
+`concurrency` posts in flight, each in a task of its own, at most one per receiver (the queue hands out a
+receiver's messages in order, one at a time): a receiver that hangs holds one slot for at most the
+request timeout and delays only its own messages, never the others', and never the Reconciler, which
+only inserts rows. Each attempt:
+
+1. reads the receiver's URL from its Secret (so a rotated URL is used at once, and no URL is stored);
+2. posts the queued body as is (same id on every attempt);
+3. 2xx: delivered. An answer that says this body can never be taken (a redirect, 400, 405, 410, 413, 415,
+   422) or a URL the operator will not post to: abandoned at once. Anything else (5xx, 429, 401, 403,
+   404, a timeout, a refused connection, a Secret not there yet): due again after a backoff (doubling
+   from `first_delay` to `max_delay`, with jitter; at least what a Retry-After asks, within `max_delay`),
+   until the message is `give_up_after` old. 401, 403 and 404 are retried because the URL is read again
+   at each attempt: a Slack webhook revoked and replaced in the Secret works from the next attempt on.
+
+Every failed attempt and every abandoned message is counted in the operator's metrics (`DeliveryMetrics`)
+and logged with the receiver's answer. A worker that stops (or dies) with messages claimed leaves them to
+the next one when their lease ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from shadowgate_operator.api import url_problems
+from shadowgate_operator.notify.queue import Claimed, NotificationQueue
+
+logger = logging.getLogger(__name__)
+
+USER_AGENT = "shadowgate-notifier/1"
+KEEP_FINISHED = dt.timedelta(days=7)
+"""Delivered and abandoned rows are kept this long: the record of what was said to whom."""
+REFUSED_FOR_GOOD = frozenset({400, 405, 410, 413, 415, 422})
+"""Answers that mean the same body will never be taken, wherever the URL points."""
+
+
+class SecretReader(Protocol):
+    """Where receivers' URLs are read (kube.Kube)."""
+
+    async def get_secret_value(self, namespace: str, name: str, key: str) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    first_delay: float = 2.0
+    """Seconds before the second attempt; each later wait doubles."""
+    max_delay: float = 300.0
+    """Longest wait between two attempts."""
+    give_up_after: float = 24 * 3600.0
+    """A message this many seconds old is abandoned after its next failure."""
+    timeout: float = 10.0
+    """Seconds an attempt may take (connect, send, answer)."""
+    lease: float = 60.0
+    """Seconds a claimed message is held by its worker before another may take it (> timeout)."""
+
+    def delay(self, attempts: int, retry_after: float | None = None) -> float:
+        """The wait after the `attempts`-th failed attempt: half the doubled delay plus a random half
+        (so many messages failing together do not come back together), at least `retry_after`."""
+        ceiling = min(self.max_delay, self.first_delay * 2.0 ** max(0, attempts - 1))
+        wait = ceiling / 2 + random.uniform(0, ceiling / 2)
+        if retry_after is not None:
+            wait = max(wait, min(retry_after, self.max_delay))
+        return wait
+
+
+class DeliveryMetrics:
+    """The notification series of the operator's /metrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.delivered = Counter(
+            "shadowgate_notifications_delivered",
+            "Notifications a receiver accepted (2xx), by format (cloudevents, slack).",
+            ["format"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "shadowgate_notification_failures",
+            "Delivery attempts that failed, by format and cause (http_5xx, http_4xx, http_429, timeout, connect, "
+            "http_3xx, transport, no_url, bad_url); most are retried.",
+            ["format", "cause"],
+            registry=registry,
+        )
+        self.abandoned = Counter(
+            "shadowgate_notifications_abandoned",
+            "Notifications given up on (refused for good, or still failing after the retry period), by format "
+            "and the last attempt's cause.",
+            ["format", "cause"],
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "shadowgate_notifications_waiting",
+            "Notifications queued and not delivered yet, in every database this operator uses.",
+            registry=registry,
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """How one attempt ended."""
+
+    ok: bool
+    cause: str = ""
+    """For a failure: a short word for the metrics label."""
+    detail: str = ""
+    """For a failure: what happened, in words (the receiver's status and answer)."""
+    retry: bool = True
+    retry_after: float | None = None
+
+
+def usable_url(url: str) -> str | None:
+    """Why the operator will not post to `url`, None when it will: http(s), a host, no user:password@, not a
+    link-local or metadata address (the same rules as model URLs; a query string is allowed here)."""
+    parts = urlsplit(url)
+    if parts.fragment:
+        return "the URL has a #fragment"
+    problems = url_problems(urlunsplit(parts._replace(query="")))
+    return problems[0] if problems else None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, (parsedate_to_datetime(value) - dt.datetime.now(dt.UTC)).total_seconds())
+    return None
+
+
+@dataclass
+class Deliverer:
+    secrets: SecretReader
+    metrics: DeliveryMetrics
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    concurrency: int = 8
+    poll_seconds: float = 1.0
+    """How often due messages are looked for when nothing wakes the worker."""
+    http: httpx.AsyncClient | None = None
+    _queues: dict[int, NotificationQueue] = field(default_factory=dict)
+    _inflight: set[asyncio.Task[None]] = field(default_factory=set)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _counted_at: float = 0.0
+    _pruned_at: float = 0.0
+    _own_http: bool = False
+
+    def __post_init__(self) -> None:
+        if self.http is None:
+            self.http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.policy.timeout),
+                limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency),
+                follow_redirects=False,
+                headers={"User-Agent": USER_AGENT},
+            )
+            self._own_http = True
+
+    def watch(self, queue: NotificationQueue) -> None:
+        """Deliver this queue's messages too (idempotent: one queue per pool)."""
+        self._queues.setdefault(id(queue.pool), queue)
+        self.wake()
+
+    def wake(self) -> None:
+        """Look for due messages now (e.g. after queueing some) rather than at the next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until cancelled; never raises for a database or receiver that misbehaves."""
+        while True:
+            self._wake.clear()
+            claimed = await self.claim_and_start()
+            free = self.concurrency - len(self._inflight)
+            if claimed and free > 0:
+                continue  # there may be more due
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+
+    async def claim_and_start(self) -> int:
+        """Claim as many due messages as there are free slots and start posting them; returns how many."""
+        started = 0
+        for queue in list(self._queues.values()):
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                break
+            try:
+                claimed = await queue.claim(free, self.policy.lease)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.warning("notifications: cannot read the queue now (%s); trying again", type(exc).__name__)
+                continue
+            for each in claimed:
+                task = asyncio.create_task(self._attempt(queue, each))
+                self._inflight.add(task)
+                task.add_done_callback(self._finished)
+            started += len(claimed)
+        await self._housekeeping()
+        return started
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("notifications: an attempt failed unexpectedly", exc_info=task.exception())
+        self.wake()
+
+    async def drain(self, seconds: float) -> None:
+        """Wait up to `seconds` for the posts in flight to finish."""
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=seconds)
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Let the posts in flight finish within `grace` seconds, cancel the rest (their messages are due
+        again when their lease ends), and close the HTTP client if this worker made it."""
+        await self.drain(grace)
+        for task in list(self._inflight):
+            task.cancel()
+        if self._inflight:
+            await asyncio.wait(list(self._inflight))
+        if self._own_http and self.http is not None:
+            await self.http.aclose()
+
+    async def _housekeeping(self) -> None:
+        """Every 15 s the waiting gauge; every hour, finished rows older than `KEEP_FINISHED` go."""
+        now = time.monotonic()
+        if now - self._counted_at < 15.0:
+            return
+        self._counted_at = now
+        prune, total = now - self._pruned_at >= 3600.0, 0
+        if prune:
+            self._pruned_at = now
+        for queue in list(self._queues.values()):
+            with contextlib.suppress(OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                total += await queue.waiting()
+                if prune:
+                    await queue.prune(KEEP_FINISHED)
+        self.metrics.waiting.set(total)
+
+    async def _attempt(self, queue: NotificationQueue, claimed: Claimed) -> None:
+        message = claimed.message
+        outcome = await self._post(claimed)
+        label = message.format.value
+        where = f"{message.namespace}/{message.deployment} -> {message.receiver}"
+        try:
+            if outcome.ok:
+                self.metrics.delivered.labels(label).inc()
+                await queue.delivered(claimed)
+                logger.info("notification %s delivered to %s (attempt %d)", message.id, where, claimed.attempts)
+                return
+            self.metrics.failures.labels(label, outcome.cause).inc()
+            age = (dt.datetime.now(dt.UTC) - claimed.created_at).total_seconds()
+            if not outcome.retry or age >= self.policy.give_up_after:
+                self.metrics.abandoned.labels(label, outcome.cause).inc()
+                await queue.abandon(claimed, outcome.detail)
+                logger.error(
+                    "notification %s to %s abandoned after %d attempts: %s", message.id, where, claimed.attempts,
+                    outcome.detail,
+                )  # fmt: skip
+                return
+            delay = self.policy.delay(claimed.attempts, outcome.retry_after)
+            await queue.retry(claimed, outcome.detail, delay)
+            logger.warning(
+                "notification %s to %s: attempt %d failed (%s); next in %.1fs", message.id, where, claimed.attempts,
+                outcome.detail, delay,
+            )  # fmt: skip
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # The outcome is lost with the database; the lease ends and the message is attempted again.
+            logger.warning("notification %s to %s: outcome not recorded (%s)", message.id, where, type(exc).__name__)
+
+    async def _post(self, claimed: Claimed) -> Attempt:
+        message = claimed.message
+        try:
+            url = await self.secrets.get_secret_value(message.namespace, message.url_secret, message.url_key)
+        except Exception as exc:  # the API server away or refusing: worth another try, not a crash
+            return Attempt(False, "no_url", f"cannot read Secret {message.url_secret}: {exc}")
+        if url is None:
+            return Attempt(False, "no_url", f"Secret {message.url_secret} has no key {message.url_key!r} (yet)")
+        url = url.strip()
+        problem = usable_url(url)
+        if problem is not None:
+            return Attempt(False, "bad_url", f"Secret {message.url_secret} key {message.url_key}: {problem}", False)
+        assert self.http is not None
+        try:
+            response = await self.http.post(url, content=message.envelope.body, headers=message.envelope.headers)
+        except httpx.TimeoutException:
+            return Attempt(False, "timeout", f"no answer within {self.policy.timeout:g}s")
+        except httpx.ConnectError as exc:
+            return Attempt(False, "connect", f"cannot connect: {exc}")
+        except httpx.HTTPError as exc:
+            return Attempt(False, "transport", f"{type(exc).__name__}: {exc}")
+        status = response.status_code
+        if 200 <= status < 300:
+            return Attempt(True)
+        answer = f"HTTP {status}: {response.text[:200]!r}"
+        if status < 400 or status in REFUSED_FOR_GOOD:
+            return Attempt(False, "http_3xx" if status < 400 else "http_4xx", answer, retry=False)
+        cause = "http_5xx" if status >= 500 else "http_429" if status == 429 else "http_4xx"
+        return Attempt(False, cause, answer, True, _retry_after(response.headers.get("Retry-After")))
