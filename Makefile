@@ -18,10 +18,11 @@ help:
 	@echo "make crds    regenerate crds/ (and manifests/crds/) from the pydantic types"
 
 $(INSTALLED): pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
+	@$(PYTHON) hack/preflight.py  # Python >= 3.11, its venv module (python3.X-venv on Debian), disk space
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,demo]'
+	@# setuptools' notice on every editable install of a multi-root project, not a problem: left out of the output
+	PYTHONWARNINGS='ignore:Editable installation:UserWarning' $(BIN)/pip install --quiet -e '.[dev,demo]'
 	@touch $@
 
 setup: $(INSTALLED)
@@ -30,7 +31,7 @@ binaries: $(INSTALLED)
 	$(BIN)/shadowgate dev build
 
 test: binaries
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=15 $(PYTEST_ARGS)
 
 # The router in front of real MLServer, KServe and Triton servers with real clients (tests/protocols/); the
 # servers' venvs are built once with uv and cached in ~/.cache/shadowgate/model-servers.

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from shadowgate_operator.localenv.binaries import KUBERNETES
+from shadowgate_operator.localenv.crds import install_crds
 from tests.conftest import REPO_ROOT, Kubectl
 from tests.support.operator import OperatorProcess, apply
 
@@ -15,10 +17,9 @@ CRD_NAME = "shadowdeployments.shadowgate.io"
 
 
 @pytest.fixture(scope="session")
-def shadow_crd(kubectl: Kubectl) -> str:
-    """The ShadowDeployment CRD from crds/, applied and Established."""
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
-    kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+def shadow_crd(kubeconfig: str) -> str:
+    """The CRDs from crds/, applied, Established and explained (`kubectl explain` works at once)."""
+    install_crds(KUBERNETES.path("kubectl"), kubeconfig, [REPO_ROOT / "crds"])
     return CRD_NAME
 
 

@@ -26,6 +26,7 @@ import yaml
 from shadowgate_operator.demo.scenarios import SCENARIOS, Pace
 from shadowgate_operator.localenv import ComponentError, ControlPlane, Postgres
 from shadowgate_operator.localenv.binaries import REPO_ROOT, ensure_binaries
+from shadowgate_operator.localenv.crds import install_crds
 
 DEMO_NAMESPACE = "shadowgate-demo"
 
@@ -80,9 +81,7 @@ def run(args: argparse.Namespace) -> int:
             timescale = "" if database.timescale else f"; plain, no timescaledb: {database.timescale_reason}"
             _say(f"PostgreSQL up at {database.dsn} ({database.server}{timescale})")
             environment = Environment(binaries.kubectl, plane.kubeconfig, database.dsn, DEMO_NAMESPACE, output)
-            for crd in _crds():
-                environment.kubectl_run("apply", "--server-side", "-f", str(crd))
-            environment.kubectl_run("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+            install_crds(binaries.kubectl, plane.kubeconfig, _crds())
             environment.kubectl_run("create", "namespace", DEMO_NAMESPACE)
             _say(f"CRDs installed; namespace {DEMO_NAMESPACE}")
             timings["control plane, PostgreSQL, CRDs"] = time.monotonic() - started

