@@ -1045,6 +1045,12 @@ class ShadowDeploymentStatus(StatusModel):
     """Percent of requests the router currently sends to the candidate."""
     samples: int | None = Field(default=None, ge=0)
     """Scored requests in the current step."""
+    step: Annotated[str, StringConstraints(pattern=r"^[0-9]+/[0-9]+$", max_length=8)] | None = None
+    """The current step as `kubectl get -o wide` shows it: 2/3 is the second of three steps (currentStep + 1
+    of spec.traffic.steps)."""
+    score: float | None = Field(default=None, ge=-1, le=1)
+    """The overall score as `kubectl get` shows it: metrics.overallScore once the step has minSamples scored
+    requests, unset before (while it holds only latency and errors, quality not being established yet)."""
     metrics: AnalysisMetrics | None = None
     """The latest analysis of the current step."""
     conditions: list[Condition] = Field(

@@ -294,4 +294,17 @@ def plan_rollout(
     transitions = [notice.reason for notice in notices if notice.reason not in ("ActionIgnored", "InvalidAction")]
     transition_reason = transitions[-1] if transitions else None
     status = _conditions(status, sd.metadata.generation, now, router, transition_reason, permission_problem, blocked)
+    status = with_columns(spec, status)
     return Plan(status=status, notices=tuple(notices), judged_samples=judged_samples)
+
+
+def with_columns(spec: ShadowDeploymentSpec, status: ShadowDeploymentStatus) -> ShadowDeploymentStatus:
+    """status.step ("2/3") and status.score, which `kubectl get` shows, from the rest of status: the score
+    only once the step has minSamples scored requests (before, it is latency and errors alone)."""
+    steps = len(spec.traffic.steps)
+    step = None if status.current_step is None else f"{min(status.current_step, steps - 1) + 1}/{steps}"
+    judged = status.metrics is not None and (status.samples or 0) >= spec.analysis.min_samples
+    score = status.metrics.overall_score if judged and status.metrics is not None else None
+    if (status.step, status.score) == (step, score):
+        return status
+    return status.model_copy(update={"step": step, "score": score})

@@ -122,9 +122,25 @@ def test_example_gets_its_router_status_conditions_and_events(
     assert "mirroring 5% of requests to candidate fraud-v2" in event["message"]
 
     table = kubectl("get", "shadow", "-n", namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "MODE", "WEIGHT", "PHASE", "SAMPLES", "SCORE", "AGE"]
-    assert table[1].split()[:5] == ["fraud-detector", "shadow", "5", "Progressing", "0"]
+    assert table[0].split() == ["NAME", "MODE", "WEIGHT", "PHASE", "READY", "SAMPLES", "SCORE", "AGE"]
+    assert table[1].split()[:6] == ["fraud-detector", "shadow", "5", "Progressing", "False", "0"]
+    assert table[1][table[0].index("SCORE") : table[0].index("AGE")].strip() == ""  # no score before minSamples
+    wide = kubectl("get", "shadow", "-n", namespace, "-o", "wide").stdout.splitlines()
+    header = wide[0].split()
+    assert header[:7] == ["NAME", "MODE", "STEP", "WEIGHT", "PHASE", "READY", "SAMPLES"]
+    assert wide[1].split()[:7] == ["fraud-detector", "shadow", "1/3", "5", "Progressing", "False", "0"]
     operator.assert_running()
+
+
+def test_kubectl_explain_shows_defaults_and_every_allowed_value(kubectl: Kubectl, shadow_crd: str) -> None:
+    """Right after the CRD helper returns (it waits for discovery and the OpenAPI document, not only for
+    Established), with the defaults and enums written into the descriptions by crd.py."""
+    explained = " ".join(kubectl("explain", "shadowdeployment.spec.analysis.minSamples").stdout.split())
+    assert "FIELD: minSamples <integer>" in explained
+    assert "before it can pass or fail on quality. Default: 100." in explained
+    analysis = " ".join(kubectl("explain", "shadowdeployment.spec.analysis").stdout.split())
+    assert "One of: mae, rmse, accuracy, directionalAccuracy, logLoss. Default: mae." in analysis
+    assert "Default: 30s." in analysis and "Default: 0.99." in analysis
 
 
 def test_deleting_it_garbage_collects_the_children(

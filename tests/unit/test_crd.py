@@ -140,16 +140,44 @@ def test_conditions_are_a_map_keyed_by_type(schema: dict[str, Any]) -> None:
 
 def test_printer_columns_point_at_real_fields(schema: dict[str, Any]) -> None:
     names = [column["name"] for column in crd.PRINTER_COLUMNS if not column.get("priority")]
-    assert names == ["Mode", "Weight", "Phase", "Samples", "Score", "Age"]
+    assert names == ["Mode", "Weight", "Phase", "Ready", "Samples", "Score", "Age"]
+    wide = [column["name"] for column in crd.PRINTER_COLUMNS]
+    assert wide[:3] == ["Mode", "Step", "Weight"]
     for column in crd.PRINTER_COLUMNS:
-        parts = column["jsonPath"].lstrip(".").split(".")
+        path = column["jsonPath"].replace('[?(@.type=="Ready")]', "[]")
+        parts = path.lstrip(".").split(".")
         if parts[0] == "metadata":
             continue
         node = schema
         for part in parts:
-            node = node["properties"][part]
+            node = node["properties"][part.removesuffix("[]")]
+            if part.endswith("[]"):
+                node = node["items"]
         expected = {"date": "string", "integer": "integer", "number": "number", "string": "string"}[column["type"]]
         assert node["type"] == expected, column
+
+
+def test_every_default_is_in_its_description_as_kubectl_explain_shows_it(schema: dict[str, Any]) -> None:
+    """kubectl explain prints descriptions, not defaults: each description ends by saying it."""
+    spec = schema["properties"]["spec"]
+    with_defaults = [(path, node) for path, node in walk(spec) if "default" in node and "properties" not in node]
+    assert len(with_defaults) >= 20
+    for path, node in with_defaults:
+        assert node["description"].endswith(f"Default: {crd._shown(node['default'])}."), path
+    analysis = spec["properties"]["analysis"]["properties"]
+    assert analysis["minSamples"]["description"].endswith("Default: 100.")
+    assert spec["properties"]["traffic"]["properties"]["steps"]["description"].endswith("Default: [10].")
+    assert spec["properties"]["paused"]["description"].endswith("Default: false.")
+
+
+def test_every_allowed_value_is_named_where_kubectl_would_cut_the_list(schema: dict[str, Any]) -> None:
+    """kubectl explain's field list shows four enum values, then "....": the description names them all."""
+    for path, node in walk(schema):
+        if "enum" in node:
+            assert all(str(value) in node["description"] for value in node["enum"]), path
+    metric = schema["properties"]["spec"]["properties"]["analysis"]["properties"]["metric"]
+    assert len(metric["enum"]) > crd.KUBECTL_ENUM_LIMIT
+    assert "One of: mae, rmse, accuracy, directionalAccuracy, logLoss." in metric["description"]
 
 
 def test_cli_check_reports_a_stale_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

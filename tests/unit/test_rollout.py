@@ -207,3 +207,31 @@ def test_a_blocked_router_makes_ready_false_with_its_own_reason() -> None:
     assert condition(both, ConditionType.READY) == ("False", "PermissionDenied")
     healed = plan_rollout(after(blocked), T0 + timedelta(seconds=2), router=router)
     assert condition(healed, ConditionType.READY) == ("True", "RouterAvailable")
+
+
+def window(n: int) -> WindowMetrics:
+    """A window of n scored requests where the candidate is clearly better (shadow mode)."""
+    return WindowMetrics(
+        production=SideMetrics(requests=n, latency_p99_ms=10.0, loss=Moments(n, 0.7 * n, 0.7 * 0.7 * n + n)),
+        candidate=SideMetrics(requests=n, latency_p99_ms=10.0, loss=Moments(n, 0.5 * n, 0.5 * 0.5 * n + n)),
+        scored=n,
+        paired=True,
+        loss_difference=Moments(n, 0.2 * n, 0.2 * 0.2 * n + 0.25 * n),
+    )
+
+
+def test_kubectl_get_shows_the_step_and_a_score_only_once_the_step_has_min_samples() -> None:
+    """status.step and status.score are the Step and Score columns: the score is blank while it would be
+    latency and errors alone (fewer than minSamples scored requests)."""
+    first = started()
+    assert (first.status.step, first.status.score) == ("1/3", None)
+    early = plan_rollout(after(first), T0 + timedelta(seconds=30), analyse=True, metrics=window(40))
+    assert early.status.metrics is not None and early.status.metrics.overall_score is not None
+    assert (early.status.step, early.status.samples, early.status.score) == ("1/3", 40, None)
+    judged = plan_rollout(after(early), T0 + timedelta(seconds=60), analyse=True, metrics=window(40_000))
+    assert reasons(judged) == ["StepAdvanced"]  # the next step starts with no samples: no score again
+    assert (judged.status.step, judged.status.samples, judged.status.score) == ("2/3", 0, None)
+    promoted = plan_rollout(after(first, {"spec": {"traffic": {"steps": [5]}}}), T0, analyse=True, metrics=window(400))
+    assert promoted.status.phase is Phase.PROMOTED
+    assert promoted.status.metrics is not None
+    assert (promoted.status.step, promoted.status.score) == ("1/1", promoted.status.metrics.overall_score)
