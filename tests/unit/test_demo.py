@@ -6,12 +6,14 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+from typing import Any
 
 import numpy as np
 import pytest
 
 from shadowgate_operator.api import ShadowDeployment
 from shadowgate_operator.demo.progress import Counters, Progress
+from shadowgate_operator.demo.report import chart_figure
 from shadowgate_operator.demo.scenarios import SCENARIOS, Pace, manifest
 from shadowgate_operator.demo.story import prometheus_sum
 from trading import market
@@ -132,3 +134,59 @@ def test_prometheus_sums_every_sample_of_one_metric_only() -> None:
         "shadowgate_router_responses_total_other 5.0\n"
     )
     assert prometheus_sum(exposition, "shadowgate_router_responses_total") == 12.0
+
+
+def _chart_rows(weights: list[int], decisions: dict[int, str], samples: list[int]) -> tuple[list[Any], list[Any]]:
+    start = dt.datetime(2026, 11, 25, 15, 30, tzinfo=dt.UTC)
+    metrics = [
+        {
+            "time": start + dt.timedelta(seconds=6 * (index + 1)), "samples": count,
+            "overall_score": 0.3 if count < 150 else (1.0 if decisions.get(index) != "RollBack" else -0.4),
+            "production_value": 0.64, "candidate_value": 0.47, "decision": decisions.get(index, "Wait"),
+        }
+        for index, count in enumerate(samples)
+    ]  # fmt: skip
+    events = [
+        {"time": start + dt.timedelta(seconds=6 * (index + 1) + 2), "event": decision, "weight": weights[n + 1]}
+        for n, (index, decision) in enumerate(sorted(decisions.items()))
+    ]
+    return metrics, events
+
+
+def test_the_rollback_chart_shows_5_percent_and_says_what_each_panel_means() -> None:
+    """What someone who has not read the README needs from the picture alone (the real charts: docs/)."""
+    import matplotlib.pyplot as plt
+
+    spec = manifest(SCENARIOS["rollback"], "http://127.0.0.1:1", "http://127.0.0.1:2", Pace())["spec"]
+    metrics, events = _chart_rows([5, 0], {5: "RollBack"}, [10, 60, 100, 140, 190, 239])
+    start = metrics[0]["time"] - dt.timedelta(seconds=6)
+    figure = chart_figure(spec, "rollback", start, metrics, events)
+    weight_axis, score_axis, loss_axis = figure.axes
+    assert weight_axis.get_ylim()[1] < 10  # 5% fills the panel, and its drop to 0 is plain
+    texts = [text.get_text() for axis in figure.axes for text in axis.texts]
+    assert "5%" in texts and "0%" in texts and "RollBack" in texts
+    legend = [text.get_text() for text in score_axis.get_legend().get_texts()]
+    assert any("latency and errors only" in line for line in legend)
+    assert "lower is better" in loss_axis.get_title(loc="left") and "lower is better" in loss_axis.get_ylabel()
+    # The decision's label sits above the weight panel, clear of every line in it.
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
+    label = next(text for text in weight_axis.texts if text.get_text() == "RollBack")
+    assert label.get_window_extent(renderer).y0 >= weight_axis.get_window_extent(renderer).y1
+    plt.close(figure)
+
+
+def test_the_promote_charts_decision_labels_do_not_overlap() -> None:
+    import matplotlib.pyplot as plt
+
+    spec = manifest(SCENARIOS["promote"], "http://127.0.0.1:1", "http://127.0.0.1:2", Pace())["spec"]
+    metrics, events = _chart_rows(
+        [5, 20, 50, 100], {6: "Advance", 8: "Advance", 9: "Promote"}, [20] * 6 + [211, 68, 268, 264]
+    )
+    figure = chart_figure(spec, "promote", metrics[0]["time"], metrics, events)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
+    labels = [t.get_window_extent(renderer) for t in figure.axes[0].texts if t.get_text() in ("Advance", "Promote")]
+    assert len(labels) == 3
+    assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1 :])
+    plt.close(figure)

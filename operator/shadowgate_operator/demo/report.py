@@ -5,7 +5,8 @@
   under the spec the operator recorded (what actually happened is in the Events just above);
 - what the clients saw after the decision (X-Shadowgate-Served-By of the last requests);
 - a PNG chart from deployment_metrics: the candidate's weight, the overall score against the
-  thresholds, and each model's error (the analysis metric) over time.
+  thresholds (saying which points are latency and errors only), and each model's analysis metric
+  (saying whether lower is better) over time.
 """
 
 from __future__ import annotations
@@ -77,16 +78,36 @@ async def recorded(result: StoryResult) -> tuple[list[dict[str, Any]], list[dict
     return metrics, events
 
 
-def write_chart(result: StoryResult, metrics: list[dict[str, Any]], events: list[dict[str, Any]], path: Path) -> Path:
-    """Weight, overall score and each model's error per analysis, against seconds since the apply."""
+HIGHER_IS_BETTER = frozenset({"accuracy", "directionalAccuracy"})
+"""The analysis metrics where a higher value is better; for mae, rmse and logLoss lower is better."""
+
+
+def chart_figure(
+    spec: dict[str, Any],
+    title: str,
+    start: dt.datetime,
+    metrics: list[dict[str, Any]],
+    events: list[dict[str, Any]],
+) -> Any:
+    """The demo's chart as a matplotlib Figure: three panels over seconds since the apply, each titled with
+    what it shows and how to read it.
+
+    - the candidate's weight as the router applied it, on a scale that fits the weights (a 5% step and
+      its drop to 0 stay visible), each level labelled;
+    - the overall score against both thresholds; while a step has fewer than minSamples scored requests
+      the points are hollow: the score then holds only latency and errors (quality not counted yet);
+    - each model's analysis metric over the step so far, saying whether lower or higher is better.
+
+    Decisions are vertical lines, labelled above the top panel (never on a line)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    spec = result.manifest["spec"]
     analysis, traffic = spec["analysis"], spec["traffic"]
-    start = dt.datetime.fromtimestamp(result.applied_at, dt.UTC)
+    metric = analysis["metric"]
+    min_samples = analysis["minSamples"]
 
     def seconds(moment: dt.datetime) -> float:
         return (moment - start).total_seconds()
@@ -94,13 +115,9 @@ def write_chart(result: StoryResult, metrics: list[dict[str, Any]], events: list
     times = [seconds(row["time"]) for row in metrics]
     nan = float("nan")
     figure, (weight_axis, score_axis, loss_axis) = plt.subplots(
-        3, 1, figsize=(10, 8), sharex=True, gridspec_kw={"height_ratios": [1, 1.2, 1.2]}
+        3, 1, figsize=(10, 9.5), sharex=True, gridspec_kw={"height_ratios": [1, 1.3, 1.3], "hspace": 0.45}
     )
-    how = {"shadow": "shadowed", "canary": "canaried"}.get(traffic["mode"], traffic["mode"])
-    figure.suptitle(
-        f"{result.name}: {spec['candidate']['name']} {how} beside {spec['production']['name']} - {result.phase}",
-        fontsize=13,
-    )
+    figure.suptitle(title, fontsize=13)
 
     # The weight as the router had it: each event row carries the weight from then on.
     weight_times, weights = [0.0], [traffic["steps"][0]]
@@ -112,37 +129,97 @@ def write_chart(result: StoryResult, metrics: list[dict[str, Any]], events: list
     weight_times.append(end)
     weights.append(weights[-1])
     weight_axis.step(weight_times, weights, where="post", color="tab:blue", linewidth=2)
-    weight_axis.set_ylabel("candidate weight (%)")
-    weight_axis.set_ylim(-5, 105)
+    top = max(weights)
+    weight_axis.set_ylim(-0.08 * top, 1.3 * top)
+    for begin, finish, level in zip(weight_times, weight_times[1:], weights, strict=False):
+        if finish - begin > 0:
+            weight_axis.annotate(
+                f"{level}%", ((begin + finish) / 2, level), textcoords="offset points", xytext=(0, 4),
+                ha="center", va="bottom", fontsize=8, color="tab:blue",
+            )  # fmt: skip
+    weight_axis.set_ylabel("weight (%)")
+    weight_axis.set_title("Share of requests sent to the candidate (the router's weight)", loc="left", fontsize=10)
     weight_axis.grid(alpha=0.3)
 
+    waiting = [(row["samples"] or 0) < min_samples for row in metrics]
     scores = [row["overall_score"] if row["overall_score"] is not None else nan for row in metrics]
-    score_axis.plot(times, scores, marker="o", color="tab:purple", label="overall score")
-    score_axis.axhline(analysis["promotionThreshold"], color="tab:green", linestyle="--", label="promotionThreshold")
-    score_axis.axhline(-analysis["rollbackThreshold"], color="tab:red", linestyle="--", label="-rollbackThreshold")
+    score_axis.plot(times, scores, color="tab:purple", linewidth=1, alpha=0.6)
+    judged = [(t, v) for t, v, w in zip(times, scores, waiting, strict=True) if not w]
+    early = [(t, v) for t, v, w in zip(times, scores, waiting, strict=True) if w]
+    if judged:
+        score_axis.plot(*zip(*judged, strict=True), "o", color="tab:purple")
+    if early:
+        score_axis.plot(*zip(*early, strict=True), "o", markerfacecolor="white", color="tab:purple")
+    promote_at, rollback_at = analysis["promotionThreshold"], -analysis["rollbackThreshold"]
+    score_axis.axhline(promote_at, color="tab:green", linestyle="--")
+    score_axis.axhline(rollback_at, color="tab:red", linestyle="--")
+    score_axis.set_ylim(-1.1, 1.1)
     score_axis.set_ylabel("overall score")
-    score_axis.set_ylim(-1.05, 1.05)
-    score_axis.legend(loc="lower left", fontsize=8)
+    score_axis.set_title(
+        "Overall score of the candidate: quality, latency and errors weighted, from -1 to +1", loc="left", fontsize=10
+    )
+    handles = [
+        Line2D([], [], marker="o", color="tab:purple", label=f"score, once the step has {min_samples} scored requests"),
+        Line2D(
+            [], [], marker="o", markerfacecolor="white", color="tab:purple", linestyle="none",
+            label=f"score while waiting for {min_samples} scored requests: latency and errors only",
+        ),
+        Line2D([], [], color="tab:green", linestyle="--",
+               label=f"promotionThreshold {promote_at:+.2f}: at or above, and significant: the step passes"),
+        Line2D([], [], color="tab:red", linestyle="--",
+               label=f"-rollbackThreshold {rollback_at:+.2f}: at or below: rolled back"),
+    ]  # fmt: skip
+    score_axis.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.9)
     score_axis.grid(alpha=0.3)
 
     for side, color in (("production", "tab:gray"), ("candidate", "tab:orange")):
         values = [row[f"{side}_value"] if row[f"{side}_value"] is not None else nan for row in metrics]
         label = f"{spec[side]['name']} ({side})"
         loss_axis.plot(times, values, marker="o", color=color, label=label)
-    loss_axis.set_ylabel(f"{analysis['metric']}\n(over the step so far)")
+    better = "higher" if metric in HIGHER_IS_BETTER else "lower"
+    loss_axis.set_ylabel(f"{metric} ({better} is better)")
+    loss_axis.set_title(
+        f"Quality: each model's {metric} on its scored requests in the step so far ({better} is better)",
+        loc="left",
+        fontsize=10,
+    )
     loss_axis.set_xlabel("seconds since kubectl apply")
-    loss_axis.legend(loc="upper right", fontsize=8)
+    loss_axis.legend(loc="best", fontsize=8)
     loss_axis.grid(alpha=0.3)
 
-    for row, moment in zip(metrics, times, strict=True):
-        if row["decision"] != "Wait":
-            for axis in (weight_axis, score_axis, loss_axis):
-                axis.axvline(moment, color="black", alpha=0.25, linewidth=1)
-            weight_axis.annotate(
-                row["decision"], (moment, 100), textcoords="offset points", xytext=(3, -12), fontsize=8
-            )
+    decided = [(when, row["decision"]) for row, when in zip(metrics, times, strict=True) if row["decision"] != "Wait"]
+    previous_x = -1e9
+    level = 0
+    for moment, decision in decided:
+        for axis in (weight_axis, score_axis, loss_axis):
+            axis.axvline(moment, color="black", alpha=0.3, linewidth=1, linestyle=":")
+        # Above the top panel, in the space under its title; two close decisions are staggered.
+        level = 1 - level if moment - previous_x < 0.12 * end else 0
+        previous_x = moment
+        weight_axis.annotate(
+            decision, (moment, 1.0), xycoords=("data", "axes fraction"), textcoords="offset points",
+            xytext=(0, 2 + 10 * level), ha="center", va="bottom", fontsize=8,
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "0.6", "linewidth": 0.5},
+        )  # fmt: skip
+    if decided:
+        figure.text(
+            0.99, 0.005, "dotted lines: the operator's decisions (Advance, Promote, RollBack)",
+            ha="right", va="bottom", fontsize=8, color="0.3",
+        )  # fmt: skip
     loss_axis.set_xlim(0, end)
-    figure.tight_layout()
+    figure.subplots_adjust(top=0.9, bottom=0.07, left=0.08, right=0.98)
+    return figure
+
+
+def write_chart(result: StoryResult, metrics: list[dict[str, Any]], events: list[dict[str, Any]], path: Path) -> Path:
+    """The chart (see chart_figure) of the story's rows, as a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    spec = result.manifest["spec"]
+    how = {"shadow": "shadowed", "canary": "canaried"}.get(spec["traffic"]["mode"], spec["traffic"]["mode"])
+    title = f"{result.name}: {spec['candidate']['name']} {how} beside {spec['production']['name']} - {result.phase}"
+    start = dt.datetime.fromtimestamp(result.applied_at, dt.UTC)
+    figure = chart_figure(spec, title, start, metrics, events)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
