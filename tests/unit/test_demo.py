@@ -164,14 +164,14 @@ def test_the_rollback_chart_shows_5_percent_and_says_what_each_panel_means() -> 
     weight_axis, score_axis, loss_axis = figure.axes
     assert weight_axis.get_ylim()[1] < 10  # 5% fills the panel, and its drop to 0 is plain
     texts = [text.get_text() for axis in figure.axes for text in axis.texts]
-    assert "5%" in texts and "0%" in texts and "RollBack" in texts
+    assert "5%" in texts and "0%" in texts and "RollBack \u2192 0%" in texts
     legend = [text.get_text() for text in score_axis.get_legend().get_texts()]
     assert any("latency and errors only" in line for line in legend)
     assert "lower is better" in loss_axis.get_title(loc="left") and "lower is better" in loss_axis.get_ylabel()
     # The decision's label sits above the weight panel, clear of every line in it.
     figure.canvas.draw()
     renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
-    label = next(text for text in weight_axis.texts if text.get_text() == "RollBack")
+    label = next(text for text in weight_axis.texts if text.get_text().startswith("RollBack"))
     assert label.get_window_extent(renderer).y0 >= weight_axis.get_window_extent(renderer).y1
     plt.close(figure)
 
@@ -186,7 +186,9 @@ def test_the_promote_charts_decision_labels_do_not_overlap() -> None:
     figure = chart_figure(spec, "promote", metrics[0]["time"], metrics, events)
     figure.canvas.draw()
     renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
-    labels = [t.get_window_extent(renderer) for t in figure.axes[0].texts if t.get_text() in ("Advance", "Promote")]
+    decided = [t for t in figure.axes[0].texts if t.get_text().startswith(("Advance", "Promote"))]
+    assert [t.get_text() for t in decided] == ["Advance \u2192 20%", "Advance \u2192 50%", "Promote \u2192 100%"]
+    labels = [t.get_window_extent(renderer) for t in decided]
     assert len(labels) == 3
     assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1 :])
     plt.close(figure)

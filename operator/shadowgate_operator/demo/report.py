@@ -115,7 +115,7 @@ def chart_figure(
     times = [seconds(row["time"]) for row in metrics]
     nan = float("nan")
     figure, (weight_axis, score_axis, loss_axis) = plt.subplots(
-        3, 1, figsize=(10, 9.5), sharex=True, gridspec_kw={"height_ratios": [1, 1.3, 1.3], "hspace": 0.45}
+        3, 1, figsize=(10, 10.5), sharex=True, gridspec_kw={"height_ratios": [1, 1.3, 1.3], "hspace": 0.62}
     )
     figure.suptitle(title, fontsize=13)
 
@@ -129,12 +129,17 @@ def chart_figure(
     weight_times.append(end)
     weights.append(weights[-1])
     weight_axis.step(weight_times, weights, where="post", color="tab:blue", linewidth=2)
-    top = max(weights)
-    weight_axis.set_ylim(-0.08 * top, 1.3 * top)
+    # Linear up to the smallest step, logarithmic above: 5% and 0% stay apart beside 100%.
+    levels = sorted({0, *weights})
+    smallest = min([level for level in levels if level > 0] or [1])
+    weight_axis.set_yscale("symlog", linthresh=smallest, linscale=0.6)
+    weight_axis.set_ylim(-0.1 * smallest, max(weights) * 1.6)
+    weight_axis.set_yticks(levels, [f"{level}%" for level in levels])
+    weight_axis.minorticks_off()
     for begin, finish, level in zip(weight_times, weight_times[1:], weights, strict=False):
         if finish - begin > 0:
             weight_axis.annotate(
-                f"{level}%", ((begin + finish) / 2, level), textcoords="offset points", xytext=(0, 4),
+                f"{level}%", ((begin + finish) / 2, level), textcoords="offset points", xytext=(0, 3),
                 ha="center", va="bottom", fontsize=8, color="tab:blue",
             )  # fmt: skip
     weight_axis.set_ylabel("weight (%)")
@@ -168,8 +173,11 @@ def chart_figure(
                label=f"promotionThreshold {promote_at:+.2f}: at or above, and significant: the step passes"),
         Line2D([], [], color="tab:red", linestyle="--",
                label=f"-rollbackThreshold {rollback_at:+.2f}: at or below: rolled back"),
+        Line2D([], [], color="black", alpha=0.4, linestyle=":",
+               label="a decision of the operator (named above the top panel)"),
     ]  # fmt: skip
-    score_axis.legend(handles=handles, loc="lower left", fontsize=8, framealpha=0.9)
+    # Below the panel, in the gap before the next one: never over a point.
+    score_axis.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.0, -0.03), ncol=2, fontsize=8, frameon=False)
     score_axis.grid(alpha=0.3)
 
     for side, color in (("production", "tab:gray"), ("candidate", "tab:orange")):
@@ -190,24 +198,25 @@ def chart_figure(
     decided = [(when, row["decision"]) for row, when in zip(metrics, times, strict=True) if row["decision"] != "Wait"]
     previous_x = -1e9
     level = 0
+    step = 0
     for moment, decision in decided:
         for axis in (weight_axis, score_axis, loss_axis):
-            axis.axvline(moment, color="black", alpha=0.3, linewidth=1, linestyle=":")
-        # Above the top panel, in the space under its title; two close decisions are staggered.
+            axis.axvline(moment, color="black", alpha=0.4, linewidth=1, linestyle=":")
+        if decision == "Advance":
+            step += 1
+            to = traffic["steps"][min(step, len(traffic["steps"]) - 1)]
+        else:
+            to = {"Promote": 100}.get(decision, 0)
+        # Above the top panel, under its title's line; two close decisions are staggered.
         level = 1 - level if moment - previous_x < 0.12 * end else 0
         previous_x = moment
         weight_axis.annotate(
-            decision, (moment, 1.0), xycoords=("data", "axes fraction"), textcoords="offset points",
-            xytext=(0, 2 + 10 * level), ha="center", va="bottom", fontsize=8,
+            f"{decision} \u2192 {to}%", (moment, 1.0), xycoords=("data", "axes fraction"),
+            textcoords="offset points", xytext=(0, 2 + 11 * level), ha="center", va="bottom", fontsize=8,
             bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "0.6", "linewidth": 0.5},
         )  # fmt: skip
-    if decided:
-        figure.text(
-            0.99, 0.005, "dotted lines: the operator's decisions (Advance, Promote, RollBack)",
-            ha="right", va="bottom", fontsize=8, color="0.3",
-        )  # fmt: skip
     loss_axis.set_xlim(0, end)
-    figure.subplots_adjust(top=0.9, bottom=0.07, left=0.08, right=0.98)
+    figure.subplots_adjust(top=0.9, bottom=0.06, left=0.08, right=0.98)
     return figure
 
 
@@ -217,7 +226,10 @@ def write_chart(result: StoryResult, metrics: list[dict[str, Any]], events: list
 
     spec = result.manifest["spec"]
     how = {"shadow": "shadowed", "canary": "canaried"}.get(spec["traffic"]["mode"], spec["traffic"]["mode"])
-    title = f"{result.name}: {spec['candidate']['name']} {how} beside {spec['production']['name']} - {result.phase}"
+    title = (
+        f"{result.name}: candidate {spec['candidate']['name']} {how} beside production "
+        f"{spec['production']['name']}: {result.phase}"
+    )
     start = dt.datetime.fromtimestamp(result.applied_at, dt.UTC)
     figure = chart_figure(spec, title, start, metrics, events)
     path.parent.mkdir(parents=True, exist_ok=True)
