@@ -10,12 +10,20 @@ SCENARIO ?= promote
 .PHONY: help setup binaries test test-protocols test-unit lint format crds protos demo clean dev-up dev-down bench-decision
 
 help:
-	@echo "make test    set up everything, then run the whole test suite (real API server and PostgreSQL)"
+	@echo "make test            set up everything (venv, Go if missing, control plane, PostgreSQL, TimescaleDB), run the suite"
+	@echo "make demo            the whole story on one machine: a candidate shadowed and promoted (SCENARIO=rollback: rolled back)"
 	@echo "make test-protocols  the router in front of real MLServer, KServe and Triton servers and clients"
-	@echo "make demo    the whole story on one machine: a candidate shadowed and promoted (SCENARIO=rollback: rolled back)"
-	@echo "make e2e     the kind-e2e story on a local node with real pods, no Docker (root): promote, then rollback"
-	@echo "make lint    ruff, mypy and the stale-CRD check"
-	@echo "make crds    regenerate crds/ (and manifests/crds/) from the pydantic types"
+	@echo "make e2e             the kind-e2e story on a local node with real pods, no Docker (root): promote, then rollback"
+	@echo "make lint            ruff, ruff format --check, mypy and the stale-CRD check"
+	@echo "make format          ruff --fix and ruff format"
+	@echo "make crds            regenerate crds/ (and manifests/crds/) from the pydantic types"
+	@echo "make protos          regenerate the router's Open Inference Protocol gRPC messages"
+	@echo "make setup           only the venv (.venv) with the package and its dev and demo extras"
+	@echo "make binaries        only the set-up: the control-plane binaries, PostgreSQL, TimescaleDB (cached)"
+	@echo "make test-unit       the tests that need no API server or database"
+	@echo "make dev-up|dev-down a local control plane and PostgreSQL for development (shadowgate dev up/down)"
+	@echo "make bench-decision|bench-analysis|bench-router|bench-admission|bench-hostile  benchmarks (README: Benchmarks)"
+	@echo "make clean           remove the venv and tool caches (not ~/.cache/shadowgate nor Go's caches)"
 
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) hack/preflight.py  # Python >= 3.11, its venv module (python3.X-venv on Debian), disk space

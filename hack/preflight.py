@@ -46,7 +46,9 @@ def main():
         print(f"installing {package} from Debian's packages (`python3 -m venv` needs it)", file=sys.stderr)
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         for argv in ([apt_get, "update", "-q"], [apt_get, "install", "-y", "-q", "--no-install-recommends", package]):
-            if subprocess.run(argv, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+            result = subprocess.run(argv, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                print((result.stdout + result.stderr).strip()[-2000:], file=sys.stderr)
                 fail(f"`{' '.join(argv)}` failed; install {package} by hand")
         if not has_venv():
             fail(f"{package} is installed but {sys.executable} still has no ensurepip")

@@ -95,7 +95,7 @@ def up(args: argparse.Namespace) -> int:
         "pids": [*control_plane.pids(), *([database.pid()] if database.pid() else [])],
     }
     state_path().write_text(json.dumps(state, indent=2))
-    print(f"# control plane and PostgreSQL up in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    print(f"# control plane, PostgreSQL and CRDs up in {time.monotonic() - started:.1f}s", file=sys.stderr)
     print(
         f"# {database.server}" + ("" if database.timescale else f", no timescaledb ({database.timescale_reason})"),
         file=sys.stderr,
