@@ -55,6 +55,16 @@ class OperatorMetrics:
             ["verb", "kind"],
             registry=registry,
         )
+        self.api_requests = Counter(
+            "shadowgate_operator_api_requests",
+            "Kubernetes API requests the Reconciler made, by verb, kind and HTTP status (0: no answer); kopf's "
+            "own watches and metadata patches are not included.",
+            ["verb", "kind", "code"],
+            registry=registry,
+        )
+
+    def count_request(self, verb: str, kind: str, code: int) -> None:
+        self.api_requests.labels(verb, kind, str(code)).inc()
 
     def serve(self, address: str) -> None:
         """Serve /metrics on HOST:PORT from a background thread."""

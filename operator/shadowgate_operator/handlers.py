@@ -41,11 +41,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         for plural in PEERING_PLURALS:
             settings.watching.field_selectors["kopf.dev", plural] = f"metadata.name={settings.peering.name}"
     # `shadowgate operator` puts its settings in the memo; anything else running these handlers gets defaults.
+    metrics = getattr(memo, "operator_metrics", None) or OperatorMetrics()
     memo.reconciler = Reconciler(
-        kube=Kube.from_environment(),
+        kube=Kube.connect(counted=metrics.count_request),
         settings=getattr(memo, "operator_settings", None) or OperatorSettings.from_env(),
         databases=Databases(run_migrations=getattr(memo, "run_migrations", True)),
-        metrics=getattr(memo, "operator_metrics", None) or OperatorMetrics(),
+        metrics=metrics,
     )
 
 

@@ -1,8 +1,9 @@
 """Kubernetes API I/O for the operator: fetch, server-side apply, status replace, Events.
 
-The only module that talks to the API server. Credentials come from the `kubernetes` package's
-loaders (in-cluster service account, else kubeconfig); requests go through one async httpx client.
-Objects are plain dicts (what the builders return).
+The only module of the operator that talks to the API server. Credentials come from kubeaccess.load
+(the kubeconfig named by $KUBECONFIG, else the pod's service account); requests go through one async
+httpx client, each counted by verb, kind and HTTP status when a counter is given (the exporter's
+shadowgate_operator_api_requests_total). Objects are plain dicts (what the builders return).
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import base64
 import datetime as dt
 import hashlib
 import re
-import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import kubernetes
 
+from shadowgate_operator import kubeaccess
 from shadowgate_operator.api import GROUP, PLURAL, VERSION
 
 FIELD_MANAGER = "shadowgate-operator"
@@ -83,42 +84,35 @@ def _reason(response: httpx.Response) -> str:
         return response.reason_phrase
 
 
+Counted = Callable[[str, str, int], None]
+"""Called once per API request with (verb, kind, HTTP status; 0 when no answer came)."""
+
+
 @dataclass
 class Kube:
-    configuration: kubernetes.client.Configuration
+    access: kubeaccess.KubeAccess
     http: httpx.AsyncClient
+    counted: Counted | None = None
 
     @classmethod
-    def from_environment(cls) -> Kube:
-        """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
-        configuration = kubernetes.client.Configuration()
-        try:
-            kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        verify: ssl.SSLContext | bool = False
-        if configuration.verify_ssl:
-            verify = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-            if configuration.cert_file:
-                verify.load_cert_chain(configuration.cert_file, configuration.key_file)
+    def connect(cls, kubeconfig: str | None = None, counted: Counted | None = None) -> Kube:
+        """The API server of `kubeconfig`, else as kubeaccess.load finds it ($KUBECONFIG, the pod's service
+        account, ~/.kube/config)."""
+        access = kubeaccess.load(kubeconfig)
         http = httpx.AsyncClient(
-            base_url=configuration.host,
-            verify=verify,
+            base_url=access.server,
+            verify=access.verify,
             timeout=httpx.Timeout(30.0, connect=5.0),
             limits=httpx.Limits(max_connections=20),
         )
-        return cls(configuration, http)
+        return cls(access, http, counted)
 
     async def close(self) -> None:
         await self.http.aclose()
 
     def _headers(self, content_type: str) -> dict[str, str]:
-        headers = {"Content-Type": content_type, "Accept": "application/json"}
-        # Re-read on every call: in-cluster tokens are rotated and the loader's hook refreshes them.
-        bearer = self.configuration.auth_settings().get("BearerToken")
-        if bearer and bearer.get("value"):
-            headers["Authorization"] = str(bearer["value"])
-        return headers
+        # Re-read on every call: in-cluster tokens are rotated, exec plugins renew theirs.
+        return {"Content-Type": content_type, "Accept": "application/json", **self.access.headers()}
 
     async def _call(
         self,
@@ -131,12 +125,17 @@ class Kube:
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
+        kind = what.partition(" ")[0]
         try:
             response = await self.http.request(
                 method, path, params=query, json=body, headers=self._headers(content_type)
             )
         except httpx.HTTPError as exc:
+            if self.counted is not None:
+                self.counted(verb, kind, 0)
             raise KubeError(verb, what, 0, f"{type(exc).__name__}: {exc}") from None
+        if self.counted is not None:
+            self.counted(verb, kind, response.status_code)
         if response.status_code >= 400:
             raise KubeError(verb, what, response.status_code, _reason(response))
         result = response.json()

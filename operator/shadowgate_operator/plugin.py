@@ -24,17 +24,14 @@ import asyncio
 import base64
 import datetime as dt
 import json
-import os
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 from pydantic import ValidationError
 
 from shadowgate_operator.api import (
@@ -207,8 +204,8 @@ def history_rows(records: Sequence[dict[str, Any]]) -> list[list[str]]:
 class Cluster:
     """The API server, reached the way kubectl does (kubeconfig, context), with plain REST calls.
 
-    A command-line tool starts for every call: the credentials come from the router's small kubeconfig
-    reader (the kubernetes package only for exec/auth-provider users) instead of the whole client.
+    A command-line tool starts for every call: the credentials come from the operator's small loader
+    (kubeaccess; the kubernetes package only for exec/auth-provider users) instead of the whole client.
     """
 
     http: httpx.Client
@@ -217,14 +214,14 @@ class Cluster:
 
     @classmethod
     def connect(cls, kubeconfig: str | None, context: str | None, namespace: str | None) -> Cluster:
-        from shadowgate_router.kubeapi import KubeAccessError, load
+        from shadowgate_operator.kubeaccess import KubeAccessError, load
 
         try:
             access = load(kubeconfig, context)
         except (KubeAccessError, OSError, ValueError) as exc:
             raise PluginError(f"no usable kubeconfig: {exc}") from None
-        http = httpx.Client(base_url=access.server, verify=access.ssl_context, timeout=httpx.Timeout(30, connect=5))
-        return cls(http, access.headers, namespace or _context_namespace(kubeconfig, context))
+        http = httpx.Client(base_url=access.server, verify=access.verify, timeout=httpx.Timeout(30, connect=5))
+        return cls(http, access.headers, namespace or access.namespace)
 
     def _call(self, what: str, method: str, path: str, **options: Any) -> Any:
         headers = {"Accept": "application/json", **self.headers(), **options.pop("headers", {})}
@@ -281,18 +278,6 @@ class Cluster:
         if key not in data:
             raise PluginError(f"secret {self.namespace}/{name} has no key {key!r}")
         return base64.b64decode(data[key]).decode()
-
-
-def _context_namespace(kubeconfig: str | None, context: str | None) -> str:
-    """The namespace the kubeconfig's context names, as kubectl uses it; `default` otherwise."""
-    path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or str(Path.home() / ".kube" / "config")
-    try:
-        document = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return "default"
-    name = context or document.get("current-context")
-    chosen: dict[str, Any] = next((c for c in document.get("contexts") or [] if c.get("name") == name), {})
-    return str((chosen.get("context") or {}).get("namespace") or "default")
 
 
 async def read_history(dsn: str, namespace: str, name: str, limit: int) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 import asyncpg
 import httpx
 
+from shadowgate_operator import kubeaccess
 from shadowgate_operator.api import GROUP, PLURAL, VERSION
 from shadowgate_operator.demo.progress import Counters, Progress
 from shadowgate_operator.demo.scenarios import Pace, Scenario, manifest
@@ -47,7 +48,6 @@ from shadowgate_operator.demo.stack import (
 from shadowgate_operator.localenv.errors import ComponentError
 from shadowgate_operator.localenv.process import ManagedProcess, free_port
 from shadowgate_operator.migrate import migrate_dsn
-from shadowgate_router import kubeapi
 
 FINISHED = ("Promoted", "RolledBack", "Failed")
 DECIDED = ("Promote", "RollBack", "Fail")
@@ -167,9 +167,9 @@ class _Story:
         applied_at = time.time()
 
         name = document["metadata"]["name"]
-        access = kubeapi.load(str(environment.kubeconfig))
+        access = kubeaccess.load(str(environment.kubeconfig))
         async with (
-            httpx.AsyncClient(base_url=access.server, verify=access.ssl_context, timeout=10.0) as api,
+            httpx.AsyncClient(base_url=access.server, verify=access.verify, timeout=10.0) as api,
             httpx.AsyncClient(timeout=5.0) as http,
         ):
             kube = _Kube(api, access, environment.namespace, self.stack)
@@ -325,7 +325,7 @@ class _Kube:
     """The few reads the story makes from the API server, with the kubeconfig's credentials."""
 
     api: httpx.AsyncClient
-    access: kubeapi.KubeAccess
+    access: kubeaccess.KubeAccess
     namespace: str
     stack: Stack
 
