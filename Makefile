@@ -14,7 +14,7 @@ help:
 	@echo "make demo            the whole story on one machine: a candidate shadowed and promoted (SCENARIO=rollback: rolled back)"
 	@echo "make test-protocols  the router in front of real MLServer, KServe and Triton servers and clients"
 	@echo "make e2e             the kind-e2e story on a local node with real pods, no Docker (root): promote, then rollback"
-	@echo "make lint            ruff, ruff format --check, mypy and the stale-CRD check"
+	@echo "make lint            ruff, ruff format --check, mypy, the import contracts (.importlinter) and the stale-CRD check"
 	@echo "make format          ruff --fix and ruff format"
 	@echo "make crds            regenerate crds/ (and manifests/crds/) from the pydantic types"
 	@echo "make protos          regenerate the router's Open Inference Protocol gRPC messages"
@@ -22,7 +22,7 @@ help:
 	@echo "make binaries        only the set-up: the control-plane binaries, PostgreSQL, TimescaleDB (cached)"
 	@echo "make test-unit       the tests that need no API server or database"
 	@echo "make dev-up|dev-down a local control plane and PostgreSQL for development (shadowgate dev up/down)"
-	@echo "make bench-decision|bench-analysis|bench-router|bench-admission|bench-hostile  benchmarks (README: Benchmarks)"
+	@echo "make bench-decision|bench-analysis|bench-router|bench-admission|bench-hostile|bench-operator  benchmarks (README: Benchmarks)"
 	@echo "make clean           remove the venv and tool caches (not ~/.cache/shadowgate nor Go's caches)"
 
 $(INSTALLED): pyproject.toml
@@ -54,6 +54,7 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/shadowgate crd --check
 
 crds: $(INSTALLED)
@@ -125,3 +126,9 @@ e2e: $(INSTALLED)
 .PHONY: bench-hostile
 bench-hostile: $(INSTALLED)
 	$(BIN)/python bench/hostile/run.py $(BENCH_ARGS)
+
+# One operator with 1,000 ShadowDeployments on the local control plane, baseline and current code: CPU,
+# memory, API requests, time to Progressing, weight-change latency; ~25 min.
+.PHONY: bench-operator
+bench-operator: binaries
+	$(BIN)/python bench/operator/run.py $(BENCH_ARGS)
