@@ -1,0 +1,78 @@
+"""Run `shadowgate operator` with every Kubernetes API request it makes counted, whatever its version.
+
+    python bench/operator/counting.py COUNTS.json operator --namespace bench ...
+
+The operator's own calls go through httpx and kopf's through aiohttp; both clients are wrapped before
+the operator starts, so the baseline (an older checkout on PYTHONPATH) and the current code are counted
+the same way. Every second the counts are written to COUNTS.json: per client, method and kind of call
+(a watch is a GET with watch=true and is counted once, when it is opened).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+COUNTS: collections.Counter[str] = collections.Counter()
+
+
+def _label(client: str, method: str, url: str, params: Any) -> str:
+    text = f"{url} {params or ''}"
+    watch = "watch=true" in text or "watch=True" in text or "'watch': 'true'" in text or "'watch': True" in text
+    return f"{client} {method.upper()}{' (watch)' if watch else ''}"
+
+
+def _wrap_httpx() -> None:
+    import httpx
+
+    original = httpx.AsyncClient.send
+
+    async def send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        COUNTS[_label("operator", request.method, str(request.url), None)] += 1
+        return await original(self, request, **kwargs)
+
+    httpx.AsyncClient.send = send  # type: ignore[method-assign]
+
+
+def _wrap_aiohttp() -> None:
+    import aiohttp
+
+    original = aiohttp.ClientSession._request
+
+    async def _request(self: aiohttp.ClientSession, method: str, url: Any, **kwargs: Any) -> Any:
+        COUNTS[_label("kopf", method, str(url), kwargs.get("params"))] += 1
+        return await original(self, method, url, **kwargs)
+
+    aiohttp.ClientSession._request = _request  # type: ignore[method-assign]
+
+
+def _dump_forever(path: Path) -> None:
+    while True:
+        snapshot = dict(COUNTS)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({"time": time.time(), "counts": snapshot}))
+        os.replace(temporary, path)
+        time.sleep(1.0)
+
+
+def main() -> int:
+    path = Path(sys.argv[1])
+    _wrap_httpx()
+    _wrap_aiohttp()
+    threading.Thread(target=_dump_forever, args=(path,), daemon=True).start()
+    import shadowgate_operator
+    from shadowgate_operator.cli import main as cli_main
+
+    print(f"counting API requests of {Path(shadowgate_operator.__file__).parent}", file=sys.stderr, flush=True)
+    result: int = cli_main(sys.argv[2:])
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
