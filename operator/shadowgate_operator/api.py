@@ -566,20 +566,18 @@ class Metric(StrEnum):
     DIRECTIONAL_ACCURACY = "directionalAccuracy"
     LOG_LOSS = "logLoss"
 
-    @property
-    def lower_is_better(self) -> bool:
-        return self not in (Metric.ACCURACY, Metric.DIRECTIONAL_ACCURACY)
-
 
 class ScoreWeights(ApiModel):
     """Relative weights of the parts of the overall score; normalised to sum to 1."""
 
     quality: Fraction = 0.7
-    """Weight of the relative improvement in the analysis metric."""
+    """Weight of quality: the relative improvement in the analysis metric, times the evidence for it."""
     latency: Fraction = 0.2
-    """Weight of the relative improvement in p99 latency."""
+    """Weight of the p99 latency guardrail: 1 when the candidate is no slower than production, 0 at 25%
+    slower, -1 at 50% (a faster candidate scores no more than an equal one)."""
     errors: Fraction = 0.1
-    """Weight of the relative improvement in error rate."""
+    """Weight of the error-rate guardrail: 1 when the candidate fails no more often than production, 0 at
+    half of maxErrorRate more, -1 at maxErrorRate more (fewer errors score no more than equal ones)."""
 
     @rule(
         "self.quality + self.latency + self.errors > 0.0",
@@ -900,11 +898,8 @@ class Phase(StrEnum):
     """Where the rollout is."""
 
     PENDING = "Pending"
-    INITIALIZING = "Initializing"
     PROGRESSING = "Progressing"
-    PROMOTING = "Promoting"
     PROMOTED = "Promoted"
-    ROLLING_BACK = "RollingBack"
     ROLLED_BACK = "RolledBack"
     PAUSED = "Paused"
     FAILED = "Failed"
@@ -1037,8 +1032,8 @@ class ShadowDeploymentStatus(StatusModel):
     """What the operator observed and decided; written only by the operator."""
 
     phase: Phase | None = None
-    """Where the rollout is: Pending, Initializing, Progressing, Promoting, Promoted, RollingBack,
-    RolledBack, Paused or Failed."""
+    """Where the rollout is: Pending (not reconciled yet), Progressing, Paused, or finished: Promoted,
+    RolledBack or Failed."""
     current_step: int | None = Field(default=None, ge=0, le=19)
     """Index into spec.traffic.steps of the step being analysed (0 is the first)."""
     current_weight: int | None = Field(default=None, ge=0, le=100)

@@ -157,18 +157,11 @@ def role_binding(sd: ShadowDeployment) -> Manifest:
 
 
 def routing(sd: ShadowDeployment) -> tuple[TrafficMode, int]:
-    """Mode and candidate weight the router should apply in the current phase.
-
-    After promotion every request is answered by the candidate, whatever the analysis mode was;
-    before the first step, after a rollback and on failure the candidate gets nothing.
-    """
-    phase = sd.status.phase_or_pending
-    if phase in (Phase.PROMOTING, Phase.PROMOTED):
-        return TrafficMode.CANARY, 100
-    if phase in (Phase.PENDING, Phase.INITIALIZING, Phase.ROLLING_BACK, Phase.ROLLED_BACK, Phase.FAILED):
-        return sd.spec.traffic.mode, 0
-    # Progressing, or Paused: traffic stays where the analysis left it.
-    return sd.spec.traffic.mode, sd.status.current_weight or 0
+    """Mode and candidate weight the router applies: the weight status records (rollout.weight_for is the
+    one rule from phase and step to weight, and every planned status carries its result); after promotion
+    every request is answered by the candidate, whatever the analysis mode was."""
+    mode = TrafficMode.CANARY if sd.status.phase_or_pending is Phase.PROMOTED else sd.spec.traffic.mode
+    return mode, sd.status.current_weight or 0
 
 
 def _upstream(sd: ShadowDeployment, endpoint: ModelEndpoint) -> Upstream:

@@ -18,12 +18,9 @@ PHASE_CONDITION_TYPES = (ConditionType.PROGRESSING, ConditionType.PROMOTED, Cond
 # router pods, not the phase.
 PHASE_CONDITIONS: Mapping[Phase, tuple[ConditionStatus, ConditionStatus, ConditionStatus]] = {
     Phase.PENDING: (UNKNOWN, FALSE, FALSE),
-    Phase.INITIALIZING: (TRUE, FALSE, FALSE),
     Phase.PROGRESSING: (TRUE, FALSE, FALSE),
     Phase.PAUSED: (FALSE, FALSE, FALSE),
-    Phase.PROMOTING: (TRUE, FALSE, FALSE),
     Phase.PROMOTED: (FALSE, TRUE, FALSE),
-    Phase.ROLLING_BACK: (TRUE, FALSE, FALSE),
     Phase.ROLLED_BACK: (FALSE, FALSE, TRUE),
     Phase.FAILED: (FALSE, FALSE, FALSE),
 }

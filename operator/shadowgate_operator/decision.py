@@ -77,7 +77,7 @@ from shadowgate_operator.api import (
     ShadowDeploymentSpec,
     ShadowDeploymentStatus,
 )
-from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
+from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics, metric_value
 from shadowgate_operator.stats import (
     NO_EVIDENCE,
     Estimate,
@@ -336,14 +336,8 @@ def _where(spec: ShadowDeploymentSpec, status: ShadowDeploymentStatus) -> str:
 
 
 def _metric_value(metric: Metric, side: SideMetrics) -> float | None:
-    if side.metric_value is not None:
-        return side.metric_value
-    mean = side.loss.mean
-    if mean is None:
-        return None
-    if metric in (Metric.ACCURACY, Metric.DIRECTIONAL_ACCURACY):
-        return 1.0 - mean
-    return _loss_scale(metric, mean)
+    # As measured (queries fill it in), else from the losses by the same definition.
+    return side.metric_value if side.metric_value is not None else metric_value(metric, side.loss)
 
 
 def _model_metrics(metric: Metric, side: SideMetrics) -> ModelMetrics:

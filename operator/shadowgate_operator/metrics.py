@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from shadowgate_operator.api import Metric
+
 
 @dataclass(frozen=True)
 class Moments:
@@ -30,11 +32,6 @@ class Moments:
         if self.n < 2:
             return None
         return max(0.0, (self.total_squares - self.total * self.total / self.n) / (self.n - 1))
-
-    @property
-    def std(self) -> float | None:
-        variance = self.variance
-        return None if variance is None else math.sqrt(variance)
 
 
 @dataclass(frozen=True)
@@ -72,3 +69,18 @@ class WindowMetrics:
     """Paired only: production loss minus candidate loss, per scored request (positive = candidate better)."""
     agreement: float | None = None
     """Shadow: share of paired requests where both predicted the same (rounded class / sign / within 1e-9)."""
+
+
+def metric_value(metric: Metric, loss: Moments) -> float | None:
+    """The configured metric as people read it, from the mean per-request loss: the mean itself for mae
+    and logLoss, its square root for rmse (the loss is the squared error), and 1 - the mean (the share
+    right) for accuracy and directionalAccuracy. The one definition: the SQL's sums and the decision's
+    messages both go through it."""
+    mean = loss.mean
+    if mean is None:
+        return None
+    if metric is Metric.RMSE:
+        return math.sqrt(max(mean, 0.0))
+    if metric in (Metric.ACCURACY, Metric.DIRECTIONAL_ACCURACY):
+        return 1.0 - mean
+    return mean

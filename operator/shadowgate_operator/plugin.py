@@ -39,12 +39,13 @@ from shadowgate_operator.api import (
     GROUP,
     PLURAL,
     VERSION,
+    ActionVerb,
     ModelMetrics,
     Phase,
     ShadowDeployment,
 )
 
-ACTION_VERBS = ("promote", "abort", "retry")
+ACTION_VERBS = tuple(verb.value for verb in ActionVerb)  # promote, abort, retry: what the operator accepts
 WAIT_SECONDS = 15.0
 
 

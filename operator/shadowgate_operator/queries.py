@@ -78,7 +78,7 @@ import asyncpg
 
 from shadowgate_operator import timescale
 from shadowgate_operator.api import Metric, TrafficMode
-from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
+from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics, metric_value
 
 logger = logging.getLogger(__name__)
 
@@ -509,17 +509,6 @@ def _moments(n: int, total: float, squares: float) -> Moments:
     return Moments(n, total, squares) if n else Moments()
 
 
-def _metric_value(metric: Metric, loss: Moments) -> float | None:
-    mean = loss.mean
-    if mean is None:
-        return None
-    if metric is Metric.RMSE:
-        return math.sqrt(max(mean, 0.0))
-    if metric in (Metric.ACCURACY, Metric.DIRECTIONAL_ACCURACY):
-        return 1.0 - mean
-    return mean
-
-
 def _side(requests: int, errors: int, latency: LatencySketch, loss: Moments, metric: Metric) -> SideMetrics:
     p50, p95, p99 = (latency.quantile(q) for q in QUANTILES)
     return SideMetrics(
@@ -529,7 +518,7 @@ def _side(requests: int, errors: int, latency: LatencySketch, loss: Moments, met
         latency_p95_ms=p95,
         latency_p99_ms=p99,
         loss=loss,
-        metric_value=_metric_value(metric, loss),
+        metric_value=metric_value(metric, loss),
     )
 
 

@@ -138,11 +138,6 @@ def test_weights_are_normalised() -> None:
     assert spec.analysis.weights.normalized() == (0.5, 0.5, 0.0)
 
 
-def test_metric_direction() -> None:
-    assert Metric.MAE.lower_is_better and Metric.LOG_LOSS.lower_is_better
-    assert not Metric.ACCURACY.lower_is_better and not Metric.DIRECTIONAL_ACCURACY.lower_is_better
-
-
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_python_refuses_what_the_api_server_refuses(case: Case) -> None:
     with pytest.raises(ValidationError) as refused:
