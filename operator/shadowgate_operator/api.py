@@ -1028,6 +1028,53 @@ class HandledAction(StatusModel):
     time: AwareDatetime
 
 
+class EventType(StrEnum):
+    """The type of a Kubernetes Event."""
+
+    NORMAL = "Normal"
+    WARNING = "Warning"
+
+
+CAMEL_CASE_REASON = r"^[A-Z][A-Za-z0-9]*$"
+
+
+class AnnouncedEvent(StatusModel):
+    """One Event of a transition, as the operator posts it."""
+
+    type: EventType
+    reason: Annotated[str, StringConstraints(pattern=CAMEL_CASE_REASON, max_length=128)]
+    """AnalysisStarted, StepAdvanced, Promoted, RolledBack, Failed, GateFailed, Paused, Resumed, ..."""
+    message: Annotated[str, StringConstraints(max_length=1024)]
+
+
+class AnalysedStep(StatusModel):
+    """The step an analysis judged when it decided a transition (for its deployment_metrics row)."""
+
+    step: int = Field(ge=0, le=19)
+    weight: int = Field(ge=0, le=100)
+    samples: int = Field(ge=0)
+    """Scored requests the analysis counted."""
+
+
+class Transition(StatusModel):
+    """The latest transition (a new analysis, step, phase or manual verb) and the Events announcing it.
+
+    It is written with the status it led to, before anything else: the operator then posts its Events
+    and writes its deployment_events (and deployment_metrics) rows under names and times derived from
+    `sequence` and `time`, and does so again after a restart or when a standby replica takes over. The
+    API server and the database keep the first copy, so none is lost and none is doubled."""
+
+    sequence: int = Field(ge=1)
+    """1 for the first transition of this object, then one more for each."""
+    time: AwareDatetime
+    """When it was decided (with sub-second precision: it orders the history rows)."""
+    action: Annotated[str, StringConstraints(max_length=256)] | None = None
+    """The shadowgate.io/action value this transition carried out or ignored, if any."""
+    analysed: AnalysedStep | None = None
+    """The step an analysis judged, when an analysis decided this transition."""
+    events: list[AnnouncedEvent] = Field(default_factory=list, max_length=8)
+
+
 class ShadowDeploymentStatus(StatusModel):
     """What the operator observed and decided; written only by the operator."""
 
@@ -1066,6 +1113,8 @@ class ShadowDeploymentStatus(StatusModel):
     """Hash of production and candidate the analysis belongs to; a change in spec restarts the analysis."""
     last_action: HandledAction | None = None
     """The last manual verb (shadowgate.io/action annotation) carried out."""
+    last_transition: Transition | None = None
+    """The latest transition and the Events that announce it (see Transition)."""
     message: Annotated[str, StringConstraints(max_length=4096)] | None = None
     """The current state in one sentence."""
 

@@ -1,48 +1,39 @@
 """The operator's own Prometheus metrics: what each rollout is doing, and what went wrong with the API.
 
 What the operator exports, kept apart from what it reads (metrics.py, queries.py). One registry per
-Reconciler rather than the process-global one, so tests can run several. Series are per
-ShadowDeployment (namespace, name) and removed when it goes, so they stay bounded.
+Reconciler rather than the process-global one, so tests can run several. The per-rollout series are
+read from the operator's records when scraped (`follow`): a ShadowDeployment's series go with its
+record, so there is nothing to remove when it is deleted.
 """
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from shadowgate_operator.api import ConditionStatus, ConditionType, Phase, ShadowDeploymentStatus
 
 ROLLOUT = ("namespace", "name")
 
 
+class Followed(Protocol):
+    """What the exporter reads of a record (record.Rollout)."""
+
+    namespace: str
+    name: str
+    status: ShadowDeploymentStatus | None
+
+    @property
+    def rows_waiting(self) -> int: ...
+
+
 class OperatorMetrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self.phase = Gauge(
-            "shadowgate_rollout_phase",
-            "1 for the phase each ShadowDeployment is in, 0 for the others.",
-            [*ROLLOUT, "phase"],
-            registry=registry,
-        )
-        self.weight = Gauge(
-            "shadowgate_rollout_weight_percent",
-            "Percent of requests the router sends to the candidate.",
-            ROLLOUT,
-            registry=registry,
-        )
-        self.samples = Gauge(
-            "shadowgate_rollout_samples", "Scored requests in the current step.", ROLLOUT, registry=registry
-        )
-        self.score = Gauge(
-            "shadowgate_rollout_overall_score",
-            "The latest analysis' overall score, from -1 to 1 (absent before the first one).",
-            ROLLOUT,
-            registry=registry,
-        )
-        self.ready = Gauge(
-            "shadowgate_rollout_ready", "1 when the Ready condition is True, else 0.", ROLLOUT, registry=registry
-        )
         self.events = Counter(
             "shadowgate_operator_events",
             "Events the operator recorded, by type and reason (Promoted, RolledBack, PermissionDenied, ...).",
@@ -66,33 +57,66 @@ class OperatorMetrics:
     def count_request(self, verb: str, kind: str, code: int) -> None:
         self.api_requests.labels(verb, kind, str(code)).inc()
 
+    def follow(self, records: Iterable[Followed]) -> None:
+        """Export the rollout series of these records (read at each scrape)."""
+        self.registry.register(_RolloutCollector(records))
+
     def serve(self, address: str) -> None:
         """Serve /metrics on HOST:PORT from a background thread."""
         host, _, port = address.rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0", registry=self.registry)
 
-    def observe(self, namespace: str, name: str, status: ShadowDeploymentStatus) -> None:
-        current = status.phase_or_pending
-        for phase in Phase:
-            self.phase.labels(namespace, name, phase.value).set(1 if phase is current else 0)
-        self.weight.labels(namespace, name).set(status.current_weight or 0)
-        self.samples.labels(namespace, name).set(status.samples or 0)
-        score = status.metrics.overall_score if status.metrics is not None else None
-        if score is None:
-            self._remove(self.score, namespace, name)
-        else:
-            self.score.labels(namespace, name).set(score)
-        ready = status.condition(ConditionType.READY)
-        self.ready.labels(namespace, name).set(1 if ready is not None and ready.status is ConditionStatus.TRUE else 0)
 
-    def forget(self, namespace: str, name: str) -> None:
-        """The ShadowDeployment is gone: drop its series."""
-        for phase in Phase:
-            self._remove(self.phase, namespace, name, phase.value)
-        for gauge in (self.weight, self.samples, self.score, self.ready):
-            self._remove(gauge, namespace, name)
+class _RolloutCollector(Collector):
+    def __init__(self, records: Iterable[Followed]):
+        self.records = records
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        phase, weight, samples, score, ready, waiting = families = self._families()
+        for record in self.records:
+            status = record.status
+            if status is None:
+                continue
+            key = [record.namespace, record.name]
+            current = status.phase_or_pending
+            for each in Phase:
+                phase.add_metric([*key, each.value], 1 if each is current else 0)
+            weight.add_metric(key, status.current_weight or 0)
+            samples.add_metric(key, status.samples or 0)
+            if status.metrics is not None and status.metrics.overall_score is not None:
+                score.add_metric(key, status.metrics.overall_score)
+            condition = status.condition(ConditionType.READY)
+            ready.add_metric(key, 1 if condition is not None and condition.status is ConditionStatus.TRUE else 0)
+            waiting.add_metric(key, record.rows_waiting)
+        return iter(families)
 
     @staticmethod
-    def _remove(gauge: Gauge, *labels: str) -> None:
-        with contextlib.suppress(KeyError):
-            gauge.remove(*labels)
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        labels = list(ROLLOUT)
+        return (
+            GaugeMetricFamily(
+                "shadowgate_rollout_phase",
+                "1 for the phase each ShadowDeployment is in, 0 for the others.",
+                labels=[*labels, "phase"],
+            ),
+            GaugeMetricFamily(
+                "shadowgate_rollout_weight_percent",
+                "Percent of requests the router sends to the candidate.",
+                labels=labels,
+            ),
+            GaugeMetricFamily("shadowgate_rollout_samples", "Scored requests in the current step.", labels=labels),
+            GaugeMetricFamily(
+                "shadowgate_rollout_overall_score",
+                "The latest analysis' overall score, from -1 to 1 (absent before the first one).",
+                labels=labels,
+            ),
+            GaugeMetricFamily("shadowgate_rollout_ready", "1 when the Ready condition is True, else 0.", labels=labels),
+            GaugeMetricFamily(
+                "shadowgate_rollout_history_rows_waiting",
+                "deployment_events and deployment_metrics rows waiting for the database (it is away).",
+                labels=labels,
+            ),
+        )

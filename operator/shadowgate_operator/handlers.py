@@ -1,26 +1,37 @@
-"""kopf glue: every handler hands the object's name to the Reconciler and returns.
+"""kopf glue: watch events go to the Reconciler's records, and one loop per object runs the Reconciler.
 
-Change handlers (create, update, resume) reconcile at once; a daemon per object runs the analysis at
-the object's own spec.analysis.interval. Daemons need a finalizer (so kopf can stop them before the
-object goes): it is named shadowgate.io/finalizer, and the operator must run for a deletion to finish.
+- Every watch event of a ShadowDeployment updates its record (`Rollouts.seen`) and wakes its loop when
+  the spec, the manual-verb annotation or the deletion state changed. No create/update handler runs:
+  kopf stores no progress or last-handled state in the object.
+- Every watch event of a router Deployment (label app.kubernetes.io/managed-by=shadowgate) gives its
+  availability to the record (`Rollouts.router_seen`): Ready follows it without polling.
+- A daemon per object is its loop: reconcile when woken or due (the analysis at spec.analysis.interval,
+  a resync of its children every few minutes), sleep otherwise. Daemons need a finalizer (so kopf can
+  stop them before the object goes): it is named shadowgate.io/finalizer, and the operator must run for a
+  deletion to finish. When peering pauses this replica its loops stop; when it becomes the active one,
+  they start again and their first reconcile re-applies every child and re-posts the Events of the
+  transition in status (see service.py): whatever the replica before it left half-done is completed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import kopf
 
-from shadowgate_operator.api import ACTION_ANNOTATION, GROUP, PLURAL, VERSION
-from shadowgate_operator.builders import OperatorSettings
+from shadowgate_operator.api import GROUP, PLURAL, VERSION
+from shadowgate_operator.builders import MANAGER, OperatorSettings
 from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import REPORTING_COMPONENT, Kube, KubeError
 from shadowgate_operator.service import Reconciler
 from shadowgate_operator.store import Databases
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+ROUTERS = ("apps", "v1", "deployments")
 PEERING_PLURALS = ("clusterkopfpeerings", "kopfpeerings")
+RETRY_SECONDS = 5.0
 
 
 @kopf.on.startup()
@@ -36,6 +47,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.reporting_component = REPORTING_COMPONENT
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    settings.peering.lifetime = getattr(memo, "peering_lifetime", None) or settings.peering.lifetime
     if not settings.peering.standalone and settings.peering.name:
         # Watch only our own peering object, so the ClusterRole grants the peering resources by name alone.
         for plural in PEERING_PLURALS:
@@ -55,38 +67,35 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     await memo.reconciler.close()
 
 
-@kopf.on.resume(*RESOURCE)
-@kopf.on.create(*RESOURCE)
-@kopf.on.update(*RESOURCE)
-async def reconcile(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-    try:
-        await memo.reconciler.reconcile(namespace or "", name)
-    except KubeError as exc:
-        raise kopf.TemporaryError(str(exc), delay=5) from exc
+@kopf.on.event(*RESOURCE)
+def seen(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    memo.reconciler.rollouts.seen(dict(body), deleted=type == "DELETED")
 
 
-def _action_pending(annotations: Any, status: Any, **_: Any) -> bool:
-    """The action annotation holds a value the operator has not handled yet (status.lastAction)."""
-    value = annotations.get(ACTION_ANNOTATION)
-    return bool(value) and value != (status.get("lastAction") or {}).get("value")
-
-
-# kopf's change detection ignores annotations, so manual verbs arrive through raw watch events.
-@kopf.on.event(*RESOURCE, when=_action_pending)
-async def manual_action(namespace: str | None, name: str, memo: Any, logger: Any, **_: Any) -> None:
-    try:
-        await memo.reconciler.reconcile(namespace or "", name)
-    except KubeError as exc:
-        logger.warning(f"{ACTION_ANNOTATION} not handled yet: {exc}")
+@kopf.on.event(*ROUTERS, labels={"app.kubernetes.io/managed-by": MANAGER})
+def router_seen(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    if type != "DELETED":
+        memo.reconciler.rollouts.router_seen(dict(body))
 
 
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
-async def analysis_loop(stopped: Any, namespace: str | None, name: str, memo: Any, logger: Any, **_: Any) -> None:
-    """One loop per ShadowDeployment: analyse, then sleep until its spec.analysis.interval is up again."""
-    while not stopped:
-        try:
-            delay = await memo.reconciler.analyse_if_due(namespace or "", name)
-        except KubeError as exc:
-            logger.warning(f"analysis postponed: {exc}")
-            delay = 5.0
-        await stopped.wait(delay)
+async def rollout_loop(
+    stopped: kopf.DaemonStopped, namespace: str | None, name: str, memo: Any, logger: Any, **_: Any
+) -> None:
+    """One loop per ShadowDeployment: reconcile or do the light work in between, then sleep until woken or due."""
+    reconciler: Reconciler = memo.reconciler
+    namespace = namespace or ""
+    reconciler.resume(namespace, name)
+    stop = asyncio.ensure_future(stopped.wait())
+    try:
+        while not stopped:
+            try:
+                delay = await reconciler.tick(namespace, name)
+            except KubeError as exc:
+                logger.warning(f"reconcile postponed: {exc}")
+                delay = RETRY_SECONDS
+            woken = asyncio.ensure_future(reconciler.rollouts.get(namespace, name).wake.wait())
+            await asyncio.wait({woken, stop}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+    finally:
+        stop.cancel()

@@ -190,16 +190,30 @@ class Kube:
         return base64.b64decode(secret["data"][key]).decode(errors="replace")
 
     async def post_event(
-        self, involved: dict[str, Any], event_type: str, reason: str, message: str, now: dt.datetime
-    ) -> None:
-        """A core/v1 Event about `involved` (what `kubectl describe` and `kubectl get events` show)."""
+        self,
+        involved: dict[str, Any],
+        event_type: str,
+        reason: str,
+        message: str,
+        now: dt.datetime,
+        *,
+        name: str | None = None,
+        annotations: dict[str, str] | None = None,
+    ) -> bool:
+        """A core/v1 Event about `involved` (what `kubectl describe` and `kubectl get events` show).
+
+        With a `name`, posting the same Event again is harmless: the API server keeps the first and this
+        returns False. Returns True when the Event was created.
+        """
         meta = involved["metadata"]
-        digest = hashlib.sha256(f"{meta['uid']}{reason}{message}{now.isoformat()}".encode()).hexdigest()[:10]
+        if name is None:
+            digest = hashlib.sha256(f"{meta['uid']}{reason}{message}{now.isoformat()}".encode()).hexdigest()[:10]
+            name = f"{meta['name']}.{digest}"
         stamp = now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{meta['name']}.{digest}", "namespace": meta["namespace"]},
+            "metadata": {"name": name, "namespace": meta["namespace"], "annotations": annotations or {}},
             "involvedObject": {
                 "apiVersion": involved["apiVersion"],
                 "kind": involved["kind"],
@@ -219,10 +233,16 @@ class Kube:
             "lastTimestamp": stamp,
             "count": 1,
         }
-        await self._call(
-            "create",
-            f"Event {reason} for {meta['namespace']}/{meta['name']}",
-            "POST",
-            _object_path("v1", "Event", meta["namespace"]),
-            body=event,
-        )
+        try:
+            await self._call(
+                "create",
+                f"Event {reason} for {meta['namespace']}/{meta['name']}",
+                "POST",
+                _object_path("v1", "Event", meta["namespace"]),
+                body=event,
+            )
+        except KubeError as exc:
+            if exc.status == 409:  # AlreadyExists: posted before (by this operator or the one before it)
+                return False
+            raise
+        return True

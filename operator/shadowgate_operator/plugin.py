@@ -267,8 +267,8 @@ class Cluster:
         )
         return result
 
-    def events(self, uid: str, reason: str) -> list[dict[str, Any]]:
-        selector = f"involvedObject.uid={uid},reason={reason}"
+    def events(self, uid: str) -> list[dict[str, Any]]:
+        selector = f"involvedObject.uid={uid}"
         path = f"/api/v1/namespaces/{self.namespace}/events"
         items: list[dict[str, Any]] = self._call("events", "GET", path, params={"fieldSelector": selector})["items"]
         return items
@@ -347,11 +347,15 @@ def _wait(cluster: Cluster, name: str, seconds: float, done: Callable[[dict[str,
 
 
 def action_command(cluster: Cluster, args: argparse.Namespace) -> int:
+    """Set the verb, then wait for the operator to act on it: status.lastAction names the value once it is
+    handled, and the Event of that transition (annotated with the value) says what was done; it is posted
+    right after the status, so it is waited for too (the answer is never an earlier Event's)."""
     value = next_action(cluster.get(args.name), args.command)
     cluster.patch(args.name, {"metadata": {"annotations": {ACTION_ANNOTATION: value}}})
     print(f"shadowdeployment {cluster.namespace}/{args.name}: {ACTION_ANNOTATION}={value}")
     if args.wait <= 0:
         return 0
+    deadline = time.monotonic() + args.wait
     handled = _wait(
         cluster,
         args.name,
@@ -361,14 +365,26 @@ def action_command(cluster: Cluster, args: argparse.Namespace) -> int:
     if handled is None:
         print(f"the operator has not acted on it within {args.wait:g}s (is it running?); it will when it can")
         return 0
-    sd = _typed(handled)
-    events = cluster.events(handled["metadata"]["uid"], "ActionIgnored")
-    ignored = [event["message"] for event in events if value in event.get("message", "")]
-    if ignored:
-        print(f"ignored by the operator: {ignored[-1]}")
+    uid = handled["metadata"]["uid"]
+    event = None
+    while event is None:
+        event = next((e for e in cluster.events(uid) if _action_of(e) == value), None)
+        if event is None:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    sd = _typed(cluster.get(args.name))
+    if event is not None and event.get("reason") == "ActionIgnored":
+        print(f"ignored by the operator: {event.get('message', '')}")
         return 1
     print(f"{sd.status.phase_or_pending.value}: {sd.status.message or ''}".rstrip())
     return 0
+
+
+def _action_of(event: dict[str, Any]) -> str | None:
+    """The shadowgate.io/action value an Event of the operator's answers, if any."""
+    value = ((event.get("metadata") or {}).get("annotations") or {}).get(ACTION_ANNOTATION)
+    return str(value) if value is not None else None
 
 
 def pause_command(cluster: Cluster, args: argparse.Namespace) -> int:

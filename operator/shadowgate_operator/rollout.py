@@ -1,19 +1,24 @@
 """The rollout state machine: from a ShadowDeployment as read and the time, the status it should have.
 
-Pure: no I/O. The operator reads the object, calls `plan_rollout`, applies the router config for the
-planned weight, replaces the status, then records the planned Events. State lives only in status, so
-a restarted operator plans the same thing from the same object (no duplicate transitions).
+Pure: no I/O. The operator reads the object, calls `plan_rollout`, writes the planned status first
+(it is the record of what was decided), then makes the router's objects follow it and posts the
+Events of the transition the status names (status.lastTransition). State lives only in status, so a
+restarted operator plans the same thing from the same object, and finds in it the Events it still
+has to post (no transition decided twice, none left unannounced).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from shadowgate_operator import api
 from shadowgate_operator.api import (
     ACTION_ANNOTATION,
     ActionVerb,
+    AnalysedStep,
+    AnnouncedEvent,
     ConditionStatus,
     ConditionType,
     Decision,
@@ -24,6 +29,7 @@ from shadowgate_operator.api import (
     ShadowDeployment,
     ShadowDeploymentSpec,
     ShadowDeploymentStatus,
+    Transition,
 )
 from shadowgate_operator.conditions import set_condition, transition
 from shadowgate_operator.decision import analyse as analyse_window
@@ -41,6 +47,11 @@ class Notice:
     message: str
 
 
+UNANNOUNCED = frozenset({"InvalidAction"})
+"""Notices that are not part of a transition: warnings about a cause that stays (the Reconciler says
+them once per cause), not recorded in status.lastTransition."""
+
+
 @dataclass(frozen=True)
 class RouterState:
     """What the operator saw of the router Deployment."""
@@ -55,6 +66,14 @@ class RouterState:
     def describe(self) -> str:
         return f"{self.available_replicas} of {self.desired_replicas} router replicas available"
 
+    @classmethod
+    def from_deployment(cls, deployment: dict[str, Any]) -> RouterState:
+        status = deployment.get("status") or {}
+        return cls(
+            available_replicas=int(status.get("availableReplicas") or 0),
+            desired_replicas=int((deployment.get("spec") or {}).get("replicas") or 0),
+        )
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -63,6 +82,8 @@ class Plan:
     judged_samples: int | None = None
     """Scored requests the analysis judged, when one ran (for its deployment_metrics row): status.samples
     starts again at 0 when the decision advances to the next step."""
+    transition: Transition | None = None
+    """The transition this plan makes (also in status.lastTransition), or None."""
 
     @property
     def weight(self) -> int:
@@ -232,6 +253,7 @@ def plan_rollout(
     data_problem: str | None = None,
     permission_problem: str | None = None,
     blocked: Blocked | None = None,
+    stamp: dt.datetime | None = None,
 ) -> Plan:
     """The status `sd` should have now and the Events that announce the change.
 
@@ -239,7 +261,8 @@ def plan_rollout(
     `data_problem` says why there are none (the database is away); `router` is what the router
     Deployment reports, for the Ready condition; `permission_problem` says which API call the operator
     is not allowed to make (Ready is then False with reason PermissionDenied); `blocked` why the router
-    cannot follow although it may (Ready is then False with its reason).
+    cannot follow although it may (Ready is then False with its reason). A transition is stamped
+    `stamp` (default `now`): sub-second, so that its history rows keep their order.
     """
     spec, status = sd.spec, sd.status
     notices: list[Notice] = []
@@ -277,6 +300,7 @@ def plan_rollout(
     # The weight always follows the phase and step (new steps in spec apply at once; Paused keeps its own).
     status = status.model_copy(update={"current_weight": weight_for(spec, status)})
     judged_samples = None
+    analysed = None
     if status.phase is Phase.PROGRESSING and analyse:
         if data_problem is not None:
             decision = Decision(action=DecisionAction.WAIT, reason=f"Waiting for data: {data_problem}", time=now)
@@ -288,14 +312,22 @@ def plan_rollout(
             judged_samples = verdict.samples
             if verdict.gate is not None:
                 notices.append(Notice("Warning", "GateFailed", verdict.gate))
+        judged = AnalysedStep(
+            step=status.current_step or 0, weight=status.current_weight or 0, samples=status.samples or 0
+        )
         status, decided = apply_decision(spec, status, decision, now)
+        if decided:
+            analysed = judged
         notices += decided
 
     transitions = [notice.reason for notice in notices if notice.reason not in ("ActionIgnored", "InvalidAction")]
     transition_reason = transitions[-1] if transitions else None
     status = _conditions(status, sd.metadata.generation, now, router, transition_reason, permission_problem, blocked)
+    transition = _transition(sd.status.last_transition, notices, action, analysed, stamp or now)
+    if transition is not None:
+        status = status.model_copy(update={"last_transition": transition})
     status = with_columns(spec, status)
-    return Plan(status=status, notices=tuple(notices), judged_samples=judged_samples)
+    return Plan(status=status, notices=tuple(notices), judged_samples=judged_samples, transition=transition)
 
 
 def with_columns(spec: ShadowDeploymentSpec, status: ShadowDeploymentStatus) -> ShadowDeploymentStatus:
@@ -308,3 +340,24 @@ def with_columns(spec: ShadowDeploymentSpec, status: ShadowDeploymentStatus) -> 
     if (status.step, status.score) == (step, score):
         return status
     return status.model_copy(update={"step": step, "score": score})
+
+
+def _transition(
+    previous: Transition | None,
+    notices: list[Notice],
+    action: ManualAction | None,
+    analysed: AnalysedStep | None,
+    stamp: dt.datetime,
+) -> Transition | None:
+    announced = [notice for notice in notices if notice.reason not in UNANNOUNCED]
+    if not announced:
+        return None
+    return Transition(
+        sequence=(previous.sequence if previous is not None else 0) + 1,
+        time=stamp,
+        action=action.value if action is not None else None,
+        analysed=analysed,
+        events=[
+            AnnouncedEvent(type=api.EventType(n.type), reason=n.reason, message=n.message[:1024]) for n in announced
+        ],
+    )

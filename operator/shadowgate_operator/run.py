@@ -55,7 +55,12 @@ def run(args: argparse.Namespace) -> int:
         peering_name=args.peering,
         priority=priority,
         liveness_endpoint=args.liveness,
-        memo=kopf.Memo(operator_settings=settings, operator_metrics=metrics, run_migrations=not args.no_migrate),
+        memo=kopf.Memo(
+            operator_settings=settings,
+            operator_metrics=metrics,
+            run_migrations=not args.no_migrate,
+            peering_lifetime=args.peering_lifetime,
+        ),
     )
     return 0
 
@@ -70,6 +75,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument("-n", "--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     parser.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
     parser.add_argument("--peering", metavar="NAME", help="KopfPeering name shared by replicas (default: standalone)")
+    parser.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=20,
+        metavar="SECONDS",
+        help="a replica not heard from for this long is taken for dead and a standby takes over (default: 20)",
+    )
     parser.add_argument(
         "--priority",
         type=int,

@@ -3,6 +3,10 @@
 Each ShadowDeployment names its database through spec.database.secretRef (the same DSN its router
 writes to); several may share one. A pool is opened on first use of a DSN, after checking the database
 is safe to analyse on and applying pending migrations (unless the operator runs with --no-migrate).
+
+History rows (deployment_events, deployment_metrics) are written idempotently: a row whose deployment,
+time and event (or decision) are already there is not written again, so the rows of a transition can be
+written again after a restart or a takeover (from status.lastTransition) without doubling them.
 """
 
 from __future__ import annotations
@@ -11,14 +15,17 @@ import asyncio
 import datetime as dt
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 
+from shadowgate_operator.dbaway import DATABASE_AWAY, describe
+from shadowgate_operator.metrics import WindowMetrics
 from shadowgate_operator.migrate import database_problems, migrate_with_report
+from shadowgate_operator.queries import WindowAnalysis
 
 logger = logging.getLogger(__name__)
 
@@ -52,58 +59,6 @@ def dsn_problem(dsn: str) -> str | None:
     return None
 
 
-@dataclass
-class Databases:
-    run_migrations: bool = True
-    _pools: dict[str, asyncpg.Pool] = field(default_factory=dict)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    async def pool(self, dsn: str) -> asyncpg.Pool:
-        """The pool for `dsn`, opened (and the schema brought up to date) on first use."""
-        if dsn in self._pools:
-            return self._pools[dsn]
-        async with self._lock:
-            if dsn in self._pools:
-                return self._pools[dsn]
-            pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=10, command_timeout=30)
-            try:
-                async with pool.acquire() as connection:
-                    problems = await database_problems(connection)
-                    if problems:
-                        raise DatabaseUnavailable("; ".join(problems))
-                    if self.run_migrations:
-                        _, report = await migrate_with_report(connection)
-                        for problem in report.problems:
-                            logger.warning("database %s: %s", _where(dsn), problem)
-            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-                await pool.close()
-                raise DatabaseUnavailable(f"cannot use the database: {_describe(exc)}") from exc
-            except (ValueError, asyncpg.InterfaceError) as exc:
-                # The DSN did not parse (asyncpg's words may quote it, password and all: name the type only).
-                await pool.close()
-                raise DatabaseUnavailable(f"the DSN is not one asyncpg can use ({type(exc).__name__})") from exc
-            except BaseException:
-                await pool.close()
-                raise
-            self._pools[dsn] = pool
-            return pool
-
-    async def close(self) -> None:
-        for pool in self._pools.values():
-            await pool.close()
-        self._pools.clear()
-
-
-def _where(dsn: str) -> str:
-    """host:port/database of a DSN, without its credentials (for logs)."""
-    parts = urlsplit(dsn)
-    return f"{parts.hostname}:{parts.port}{parts.path}"
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 @dataclass(frozen=True)
 class EventRow:
     time: dt.datetime
@@ -115,20 +70,6 @@ class EventRow:
     weight: int | None
     message: str
     details: dict[str, Any] | None = None
-
-
-async def record_events(pool: asyncpg.Pool, rows: list[EventRow]) -> None:
-    if not rows:
-        return
-    await pool.executemany(
-        """INSERT INTO deployment_events (time, namespace, deployment, event, phase, step, weight, message, details)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)""",
-        [
-            (r.time, r.namespace, r.deployment, r.event, r.phase, r.step, r.weight, r.message,
-             json.dumps(r.details) if r.details is not None else None)
-            for r in rows
-        ],
-    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -150,72 +91,149 @@ class MetricsRow:
     metrics: dict[str, Any] | None = None
 
 
-async def record_metrics(pool: asyncpg.Pool, row: MetricsRow) -> None:
-    await pool.execute(
-        """INSERT INTO deployment_metrics (time, namespace, deployment, step, weight, samples, metric,
-               production_value, candidate_value, improvement, overall_score, p_value, decision, reason, metrics)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb)""",
-        row.time, row.namespace, row.deployment, row.step, row.weight, row.samples, row.metric,
-        row.production_value, row.candidate_value, row.improvement, row.overall_score, row.p_value,
-        row.decision, row.reason, json.dumps(row.metrics) if row.metrics is not None else None,
-    )  # fmt: skip
+_INSERT_EVENT = """
+INSERT INTO deployment_events (time, namespace, deployment, event, phase, step, weight, message, details)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb
+WHERE NOT EXISTS (
+    SELECT 1 FROM deployment_events WHERE namespace = $2 AND deployment = $3 AND time = $1 AND event = $4
+)"""
+
+_INSERT_METRICS = """
+INSERT INTO deployment_metrics (time, namespace, deployment, step, weight, samples, metric, production_value,
+    candidate_value, improvement, overall_score, p_value, decision, reason, metrics)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb
+WHERE NOT EXISTS (
+    SELECT 1 FROM deployment_metrics WHERE namespace = $2 AND deployment = $3 AND time = $1 AND decision = $13
+)"""
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    return json.dumps(value) if value is not None else None
 
 
 @dataclass
-class Outbox:
-    """deployment_events and deployment_metrics rows the database has not taken yet, per ShadowDeployment.
+class Database:
+    """One database (one DSN): what the Reconciler reads and writes there."""
+
+    pool: asyncpg.Pool
+
+    async def record_spec(
+        self, namespace: str, deployment: str, generation: int, revision: str, spec: dict[str, Any]
+    ) -> None:
+        """The spec an analysis ran under, once per generation (replay reads settings from here)."""
+        await self.pool.execute(
+            """INSERT INTO shadow_deployments (namespace, deployment, generation, candidate_revision, spec)
+               VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT DO NOTHING""",
+            namespace, deployment, generation, revision, json.dumps(spec),
+        )  # fmt: skip
+
+    async def write(self, events: Sequence[EventRow], metrics: Sequence[MetricsRow]) -> None:
+        """History rows, each unless the same one is there already, in one transaction."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            if events:
+                await connection.executemany(
+                    _INSERT_EVENT,
+                    [(r.time, r.namespace, r.deployment, r.event, r.phase, r.step, r.weight, r.message,
+                      _json(r.details)) for r in events],
+                )  # fmt: skip
+            if metrics:
+                await connection.executemany(
+                    _INSERT_METRICS,
+                    [(r.time, r.namespace, r.deployment, r.step, r.weight, r.samples, r.metric, r.production_value,
+                      r.candidate_value, r.improvement, r.overall_score, r.p_value, r.decision, r.reason,
+                      _json(r.metrics)) for r in metrics],
+                )  # fmt: skip
+
+    async def refresh(self, analysis: WindowAnalysis) -> WindowMetrics:
+        """Bring one deployment's window up to what was recorded (see WindowAnalysis.refresh)."""
+        async with self.pool.acquire() as connection:
+            return await analysis.refresh(connection)
+
+
+@dataclass
+class Databases:
+    """The Database of each DSN in use, shared by the ShadowDeployments that name it."""
+
+    run_migrations: bool = True
+    _open: dict[str, Database] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def get(self, dsn: str) -> Database:
+        """The Database of `dsn`, opened (and its schema brought up to date) on first use."""
+        if dsn in self._open:
+            return self._open[dsn]
+        async with self._lock:
+            if dsn in self._open:
+                return self._open[dsn]
+            pool = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=10, command_timeout=30)
+            try:
+                async with pool.acquire() as connection:
+                    problems = await database_problems(connection)
+                    if problems:
+                        raise DatabaseUnavailable("; ".join(problems))
+                    if self.run_migrations:
+                        _, report = await migrate_with_report(connection)
+                        for problem in report.problems:
+                            logger.warning("database %s: %s", _where(dsn), problem)
+            except (ValueError, asyncpg.InterfaceError) as exc:
+                # The DSN did not parse (asyncpg's words may quote it, password and all: name the type only).
+                await pool.close()
+                raise DatabaseUnavailable(f"the DSN is not one asyncpg can use ({type(exc).__name__})") from exc
+            except DATABASE_AWAY as exc:
+                await pool.close()
+                raise DatabaseUnavailable(f"cannot use the database: {describe(exc)}") from exc
+            except BaseException:
+                await pool.close()
+                raise
+            self._open[dsn] = Database(pool)
+            return self._open[dsn]
+
+    async def close(self) -> None:
+        for database in self._open.values():
+            await database.pool.close()
+        self._open.clear()
+
+
+Writer = Callable[[Sequence[EventRow], Sequence[MetricsRow]], Awaitable[None]]
+
+
+def _where(dsn: str) -> str:
+    """host:port/database of a DSN, without its credentials (for logs)."""
+    parts = urlsplit(dsn)
+    return f"{parts.hostname}:{parts.port}{parts.path}"
+
+
+@dataclass
+class Rows:
+    """One ShadowDeployment's history rows that the database has not taken yet.
 
     A database that is away delays these rows, it does not lose them: each reconcile that reaches the
     database writes what waits first, oldest first, each row with its own time. Memory is bounded by
-    `limit` rows per deployment (the oldest go first, with a log line); rows still waiting when the
-    operator stops are lost, while the Events and status that say the same remain.
+    `limit` rows (the oldest go first, with a log line). Rows still waiting when the operator stops are
+    lost, except those of the latest transition, which the next operator writes again from status.
     """
 
     limit: int = 10_000
-    _events: dict[tuple[str, str], list[EventRow]] = field(default_factory=dict)
-    _metrics: dict[tuple[str, str], list[MetricsRow]] = field(default_factory=dict)
+    events: list[EventRow] = field(default_factory=list)
+    metrics: list[MetricsRow] = field(default_factory=list)
 
-    def add(self, key: tuple[str, str], events: Sequence[EventRow] = (), metrics: Sequence[MetricsRow] = ()) -> None:
-        for waiting, new in ((self._events, events), (self._metrics, metrics)):
-            if not new:
-                continue
-            rows: list[Any] = waiting.setdefault(key, [])
-            rows.extend(new)
-            if len(rows) > self.limit:
-                logger.error(
-                    "%s/%s: %d rows waited too long for the database; dropping the oldest", *key, len(rows) - self.limit
-                )
-                del rows[: len(rows) - self.limit]
+    def add(self, events: Sequence[EventRow] = (), metrics: Sequence[MetricsRow] = ()) -> None:
+        for waiting, new in ((self.events, events), (self.metrics, metrics)):
+            waiting.extend(new)  # type: ignore[arg-type]
+            if len(waiting) > self.limit:
+                logger.error("%d history rows waited too long for the database; dropping the oldest",
+                             len(waiting) - self.limit)  # fmt: skip
+                del waiting[: len(waiting) - self.limit]
 
-    def waiting(self, key: tuple[str, str]) -> int:
-        return len(self._events.get(key, ())) + len(self._metrics.get(key, ()))
+    @property
+    def waiting(self) -> int:
+        return len(self.events) + len(self.metrics)
 
-    async def flush(self, pool: asyncpg.Pool, key: tuple[str, str]) -> None:
-        """Write what waits for this deployment; on an error, what was not written keeps waiting."""
-        events = self._events.get(key)
-        if events:
-            await record_events(pool, events)
-            del self._events[key]
-        metrics = self._metrics.get(key)
-        while metrics:
-            await record_metrics(pool, metrics[0])
-            metrics.pop(0)
-        self._metrics.pop(key, None)
-
-    def forget(self, key: tuple[str, str]) -> None:
-        dropped = self.waiting(key)
-        if dropped:
-            logger.warning("%s/%s is gone; %d of its rows never reached the database", *key, dropped)
-        self._events.pop(key, None)
-        self._metrics.pop(key, None)
-
-
-async def record_spec(
-    pool: asyncpg.Pool, namespace: str, deployment: str, generation: int, revision: str, spec: dict[str, Any]
-) -> None:
-    """The spec an analysis ran under, once per generation (replay reads settings from here)."""
-    await pool.execute(
-        """INSERT INTO shadow_deployments (namespace, deployment, generation, candidate_revision, spec)
-           VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT DO NOTHING""",
-        namespace, deployment, generation, revision, json.dumps(spec),
-    )  # fmt: skip
+    async def flush(self, write: Writer) -> None:
+        """Write what waits (with Database.write); on an error (DATABASE_AWAY), everything keeps waiting."""
+        if not self.waiting:
+            return
+        events, metrics = list(self.events), list(self.metrics)
+        await write(events, metrics)
+        del self.events[: len(events)]
+        del self.metrics[: len(metrics)]

@@ -10,17 +10,17 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from shadowgate_operator.localenv import Postgres
+from shadowgate_operator.localenv.process import free_port
 from shadowgate_operator.migrate import migrate_dsn
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import Kubectl
-from tests.support.operator import apply, eventually, example, reasons, rows, shadow, wait_phase
+from tests.support.operator import apply, eventually, example, metric, reasons, rows, shadow, wait_phase, wait_reasons
 from tests.support.seeder import Model, Seeder
 
 pytestmark = [pytest.mark.cluster, pytest.mark.database]
@@ -81,7 +81,7 @@ def test_a_better_candidate_is_promoted_through_every_step(
     assert status["currentWeight"] == 100
     assert status["lastDecision"]["action"] == "Promote"
     assert status["metrics"]["overallScore"] >= 0.7
-    assert reasons(kubectl, namespace, "better") == ["AnalysisStarted", "StepAdvanced", "Promoted"]
+    wait_reasons(kubectl, namespace, "better", ["AnalysisStarted", "StepAdvanced", "Promoted"])
     # Rows are written after status (status is the record of the decision): wait for them.
     events = recorded_until(migrated, EVENTS, namespace, "better", "Promoted", 10)
     assert events == ["AnalysisStarted", "StepAdvanced", "Promoted"]
@@ -110,7 +110,7 @@ def test_a_worse_candidate_is_rolled_back(
         rolled_back = wait("RolledBack", 90)
     assert rolled_back["status"]["currentWeight"] == 0
     assert rolled_back["status"]["lastDecision"]["action"] == "RollBack"
-    assert reasons(kubectl, namespace, "worse") == ["AnalysisStarted", "RolledBack"]
+    wait_reasons(kubectl, namespace, "worse", ["AnalysisStarted", "RolledBack"])
     assert shadow(kubectl, namespace, "worse")["status"]["currentStep"] == 0
 
 
@@ -123,7 +123,7 @@ def test_a_candidate_failing_ten_percent_is_rolled_back_by_the_gate_within_one_i
         rolled_back = wait("RolledBack", 5 + 5 + 5)  # one interval after the first, with slack for start-up
     reason = rolled_back["status"]["lastDecision"]["reason"]
     assert "error rate" in reason and "5.0%" in reason
-    assert "GateFailed" in reasons(kubectl, namespace, "flaky")
+    eventually(lambda: "GateFailed" in reasons(kubectl, namespace, "flaky"), 15, "the GateFailed Event")
 
 
 def test_the_sums_catch_up_between_analyses(
@@ -167,7 +167,8 @@ def test_rows_wait_for_a_database_that_is_away(kubectl: Kubectl, namespace: str,
         ):
             apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret},
                                        "stringData": {key: value}})  # fmt: skip
-        start_operator("--namespace", namespace)
+        metrics = f"127.0.0.1:{free_port()}"
+        start_operator("--namespace", namespace, "--metrics", metrics)
         apply(kubectl, namespace, manifest)
         wait_phase(kubectl, namespace, "outbox", "Progressing")
         eventually(lambda: rows(postgres.dsn, EVENTS, namespace, "outbox"), 10, "the AnalysisStarted row")
@@ -175,8 +176,10 @@ def test_rows_wait_for_a_database_that_is_away(kubectl: Kubectl, namespace: str,
         postgres.stop()
         kubectl("annotate", "shadowdeployment", "outbox", "-n", namespace, "shadowgate.io/action=promote")
         wait_phase(kubectl, namespace, "outbox", "Promoted")
-        assert "Promoted" in reasons(kubectl, namespace, "outbox")
-        time.sleep(6)  # an analysis interval with the database still away
+        eventually(lambda: "Promoted" in reasons(kubectl, namespace, "outbox"), 10, "the Promoted Event")
+        # The operator has tried to write the Promoted row and keeps it: the database is away.
+        waiting = "shadowgate_rollout_history_rows_waiting"
+        eventually(lambda: metric(f"http://{metrics}", waiting, name="outbox") >= 1, 30, "rows waiting")
         postgres.start()
 
         written = recorded_until(postgres.dsn, EVENTS, namespace, "outbox", "Promoted", 30)

@@ -109,8 +109,15 @@ def test_every_verb_steers_the_operator_and_status_shows_it(
     assert reasons(kubectl, namespace, "plug") == [
         "AnalysisStarted", "Paused", "Resumed", "Promoted", "ActionIgnored", "AnalysisRestarted", "RolledBack",
     ]  # fmt: skip
-    # history reads deployment_events through the DSN in the resource's own database Secret.
-    history = shadow_cmd("history", "plug").stdout.splitlines()
+    # history reads deployment_events through the DSN in the resource's own database Secret; the operator
+    # writes a transition's rows right after its Events.
+    history = eventually(
+        lambda: (
+            (lines := shadow_cmd("history", "plug").stdout.splitlines())[-1:] and "RolledBack" in lines[-1] and lines
+        ),
+        15,
+        "the RolledBack row in the history",
+    )
     assert history[0].split() == ["TIME", "EVENT", "PHASE", "STEP", "WEIGHT", "MESSAGE"]
     assert [line.split()[2] for line in history[1:]] == [
         "AnalysisStarted", "Paused", "Resumed", "Promoted", "ActionIgnored", "AnalysisRestarted", "RolledBack",

@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 T = TypeVar("T")
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
@@ -63,6 +65,22 @@ def eventually(probe: Callable[[], T | None], timeout: float, what: str, interva
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+def metric(url: str, sample_name: str, /, **labels: str) -> float:
+    """The sum of the samples named `sample_name` (with these labels) an operator's /metrics shows; 0 when
+    none."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 def get_json(kubectl: Kubectl, *args: str) -> Any:
@@ -120,6 +138,12 @@ def router_config(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]
 
 def reasons(kubectl: Kubectl, namespace: str, name: str) -> list[str]:
     return [event["reason"] for event in events_for(kubectl, namespace, name)]
+
+
+def wait_reasons(kubectl: Kubectl, namespace: str, name: str, expected: list[str], timeout: float = 15) -> None:
+    """Until the object's Events are exactly `expected`: the operator posts a transition's Events right
+    after the status that records it, so a test that saw the status waits for them."""
+    eventually(lambda: reasons(kubectl, namespace, name) == expected, timeout, f"the Events {expected} of {name}")
 
 
 def rows(dsn: str, sql: str, *args: Any) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from prometheus_client import generate_latest
 from shadowgate_operator.api import ShadowDeploymentStatus
 from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import KubeError
+from shadowgate_operator.record import Rollouts
 
 USER = 'User "system:serviceaccount:shadowgate-system:shadowgate-operator"'
 
@@ -36,11 +37,12 @@ def test_permission_denied_is_rbac_only(status: int, message: str, denied: bool)
 
 
 def test_rollout_series_follow_the_status_and_go_with_the_resource() -> None:
-    metrics = OperatorMetrics()
+    metrics, rollouts = OperatorMetrics(), Rollouts()
+    metrics.follow(rollouts)
     status = ShadowDeploymentStatus.model_validate(
         {"phase": "Progressing", "currentWeight": 10, "samples": 42, "metrics": {"overallScore": 0.5}}
     )
-    metrics.observe("models", "fraud", status)
+    rollouts.get("models", "fraud").status = status
     metrics.permission_denied.labels("apply", "Deployment").inc()
     text = generate_latest(metrics.registry).decode()
     assert 'shadowgate_rollout_phase{name="fraud",namespace="models",phase="Progressing"} 1.0' in text
@@ -51,7 +53,7 @@ def test_rollout_series_follow_the_status_and_go_with_the_resource() -> None:
     assert 'shadowgate_rollout_ready{name="fraud",namespace="models"} 0.0' in text
     assert 'shadowgate_operator_permission_denied_total{kind="Deployment",verb="apply"} 1.0' in text
 
-    metrics.observe("models", "fraud", status.model_copy(update={"metrics": None}))
+    rollouts.get("models", "fraud").status = status.model_copy(update={"metrics": None})
     assert "shadowgate_rollout_overall_score{" not in generate_latest(metrics.registry).decode()
-    metrics.forget("models", "fraud")
+    rollouts.drop("models", "fraud")
     assert 'name="fraud"' not in generate_latest(metrics.registry).decode()

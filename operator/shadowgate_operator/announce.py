@@ -1,0 +1,147 @@
+"""What a reconcile says besides status: the Events and history rows of transitions, and warnings.
+
+The Events and rows of a transition are derived from status.lastTransition and the status it led to
+(the functions below are pure), so the operator that wrote the transition, or the next one after a
+crash or a takeover, produces the same Event names and the same rows: posting or writing them twice
+leaves one copy (kube.Kube.post_event with a name, store.Database.write). `Announcer` posts them, and
+the warnings whose cause stays (a refused API call, a database away, an unknown verb) once per cause.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from typing import Any
+
+from shadowgate_operator.api import ACTION_ANNOTATION, GROUP, ShadowDeployment, Transition
+from shadowgate_operator.exporter import OperatorMetrics
+from shadowgate_operator.kube import KubeError
+from shadowgate_operator.ports import Cluster
+from shadowgate_operator.record import Rollout
+from shadowgate_operator.rollout import Notice
+from shadowgate_operator.store import EventRow, MetricsRow
+
+logger = logging.getLogger(__name__)
+
+TRANSITION_ANNOTATION = f"{GROUP}/transition"
+"""On each Event of a transition: its sequence number."""
+
+
+def event_name(name: str, uid: str, transition: Transition, index: int) -> str:
+    """Unique per object (its uid: a new object of the same name starts its sequence again), transition
+    and Event."""
+    return f"{name}.{uid[:8]}.t{transition.sequence}.{index}"
+
+
+def event_annotations(transition: Transition) -> dict[str, str]:
+    """The transition's sequence number and, when it handled a manual verb, the shadowgate.io/action value
+    it handled (`kubectl shadow promote` waits for the Event carrying its value)."""
+    annotations = {TRANSITION_ANNOTATION: str(transition.sequence)}
+    if transition.action is not None:
+        annotations[ACTION_ANNOTATION] = transition.action
+    return annotations
+
+
+def event_rows(sd: ShadowDeployment, transition: Transition) -> list[EventRow]:
+    """One deployment_events row per Event, a microsecond apart so that they keep their order."""
+    status = sd.status
+    return [
+        EventRow(
+            time=transition.time + dt.timedelta(microseconds=index),
+            namespace=sd.namespace,
+            deployment=sd.name,
+            event=event.reason,
+            phase=status.phase_or_pending.value,
+            step=status.current_step,
+            weight=status.current_weight,
+            message=event.message,
+            details={"sequence": transition.sequence},
+        )
+        for index, event in enumerate(transition.events)
+    ]
+
+
+def analysis_row(sd: ShadowDeployment, time: dt.datetime, step: int, weight: int, samples: int) -> MetricsRow | None:
+    """The deployment_metrics row of an analysis whose result is in `sd`'s status (planned)."""
+    measured, decision = sd.status.metrics, sd.status.last_decision
+    if decision is None:
+        return None
+    return MetricsRow(
+        time=time,
+        namespace=sd.namespace,
+        deployment=sd.name,
+        step=step,
+        weight=weight,
+        samples=samples,
+        metric=sd.spec.analysis.metric.value,
+        production_value=measured.production.metric_value if measured and measured.production else None,
+        candidate_value=measured.candidate.metric_value if measured and measured.candidate else None,
+        improvement=measured.improvement if measured else None,
+        overall_score=measured.overall_score if measured else None,
+        p_value=measured.p_value if measured else None,
+        decision=decision.action.value,
+        reason=decision.reason,
+        metrics=measured.to_dict() if measured else None,
+    )
+
+
+def transition_rows(sd: ShadowDeployment, transition: Transition) -> tuple[list[EventRow], list[MetricsRow]]:
+    """The history rows of a transition: its Events, and the analysis that decided it, if one did."""
+    metrics = []
+    judged = transition.analysed
+    if judged is not None:
+        row = analysis_row(sd, transition.time, judged.step, judged.weight, judged.samples)
+        metrics = [row] if row is not None else []
+    return event_rows(sd, transition), metrics
+
+
+@dataclass
+class Announcer:
+    kube: Cluster
+    metrics: OperatorMetrics
+
+    async def publish(self, record: Rollout, body: dict[str, Any], sd: ShadowDeployment) -> None:
+        """The Events and rows of the transition in `sd`'s status, unless this operator handed them out
+        already (record.published). A failed post leaves it to the next reconcile, which posts it again."""
+        transition = sd.status.last_transition
+        if transition is None or transition.sequence <= record.published:
+            return
+        meta = body["metadata"]
+        for index, event in enumerate(transition.events):
+            try:
+                created = await self.kube.post_event(
+                    body, event.type.value, event.reason, event.message, transition.time,
+                    name=event_name(meta["name"], meta["uid"], transition, index),
+                    annotations=event_annotations(transition),
+                )  # fmt: skip
+            except KubeError as exc:
+                logger.warning("%s/%s: Event %s not posted yet: %s", *record.key, event.reason, exc)
+                return
+            if created:
+                self.metrics.events.labels(event.type.value, event.reason).inc()
+        record.rows.add(*transition_rows(sd, transition))
+        record.published = transition.sequence
+
+    async def warn(
+        self,
+        record: Rollout,
+        body: dict[str, Any],
+        sd: ShadowDeployment,
+        warnings: list[Notice],
+        observed: AbstractSet[str],
+    ) -> None:
+        """Warnings whose cause is present now, each said once (record.say_once), with its history row."""
+        now = dt.datetime.now(dt.UTC)
+        status = sd.status
+        for notice in record.say_once(warnings, observed):
+            self.metrics.events.labels(notice.type, notice.reason).inc()
+            try:
+                await self.kube.post_event(body, notice.type, notice.reason, notice.message, now.replace(microsecond=0))
+            except KubeError as exc:  # a warning is worth a log line, not a failed reconcile
+                logger.warning("%s/%s: could not record Event %s: %s", *record.key, notice.reason, exc)
+            record.rows.add(events=[
+                EventRow(now, sd.namespace, sd.name, notice.reason, status.phase_or_pending.value,
+                         status.current_step, status.current_weight, notice.message)
+            ])  # fmt: skip

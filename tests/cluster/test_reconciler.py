@@ -1,0 +1,294 @@
+"""The Reconciler called in-process against the real API server and PostgreSQL (as kubebuilder tests
+Reconcile against envtest): what one reconcile writes, what it leaves alone, and what an operator dying
+between any two of its calls leaves behind. The subprocess tests (test_operator.py) stay for kopf's part.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from shadowgate_operator.builders import OperatorSettings
+from shadowgate_operator.kube import Kube, KubeError
+from shadowgate_operator.migrate import migrate_dsn
+from shadowgate_operator.ports import Database
+from shadowgate_operator.service import Reconciler
+from shadowgate_operator.store import Databases
+from tests.cluster.conftest import ApplyShadow
+from tests.conftest import Kubectl
+from tests.support.operator import events_for, example
+
+pytestmark = [pytest.mark.cluster, pytest.mark.database]
+
+EVENTS = "SELECT event, time FROM deployment_events WHERE namespace = $1 AND deployment = $2 ORDER BY time"
+WRITES = frozenset({"update", "apply", "create"})
+
+
+class Killed(BaseException):
+    """The operator process died here (BaseException: nothing in the operator catches it)."""
+
+
+class Calls:
+    """Kubernetes API calls and database writes, counted; `die_at` makes the n-th one kill the operator."""
+
+    def __init__(self, die_at: int | None = None):
+        self.die_at = die_at
+        self.seen = 0
+        self.kube: collections.Counter[str] = collections.Counter()
+
+    def step(self, what: str) -> None:
+        if self.die_at is not None and self.seen == self.die_at:
+            raise Killed(what)
+        self.seen += 1
+
+
+class CountingKube:
+    """The real Kube, each call counted (and possibly the last)."""
+
+    def __init__(self, kube: Kube, calls: Calls):
+        self._kube, self._calls = kube, calls
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._kube, name)
+        if name == "close":
+            return method
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self._calls.step(f"kube.{name}")
+            self._calls.kube[name] += 1
+            return await method(*args, **kwargs)
+
+        return call
+
+
+class DyingDatabases:
+    """The real Databases, whose writes may be where the operator dies."""
+
+    def __init__(self, databases: Databases, calls: Calls):
+        self._databases, self._calls = databases, calls
+
+    async def get(self, dsn: str) -> Database:
+        return DyingDatabase(await self._databases.get(dsn), self._calls)
+
+    async def close(self) -> None:
+        await self._databases.close()
+
+
+class DyingDatabase:
+    def __init__(self, database: Database, calls: Calls):
+        self._database, self._calls = database, calls
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._database, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if name == "write":
+                self._calls.step("database.write")
+            return await method(*args, **kwargs)
+
+        return call
+
+
+MakeReconciler = Callable[..., Reconciler]
+
+
+@pytest.fixture
+async def make_reconciler(kubeconfig: str, shadow_crd: str, dsn: str) -> AsyncIterator[MakeReconciler]:
+    """make_reconciler(calls) -> a Reconciler as a fresh operator process would have it."""
+    await migrate_dsn(dsn)
+    made: list[Reconciler] = []
+
+    def make(calls: Calls | None = None) -> Reconciler:
+        calls = calls or Calls()
+        reconciler = Reconciler(
+            kube=CountingKube(Kube.connect(kubeconfig), calls),
+            settings=OperatorSettings(router_image="registry.example/shadowgate:test"),
+            databases=DyingDatabases(Databases(), calls),
+        )
+        made.append(reconciler)
+        return reconciler
+
+    yield make
+    for reconciler in made:
+        await reconciler.close()
+
+
+async def history(dsn: str, namespace: str, name: str) -> list[str]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        return [row["event"] for row in await connection.fetch(EVENTS, namespace, name)]
+    finally:
+        await connection.close()
+
+
+def shadow(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(kubectl("get", "shadowdeployment", name, "-n", namespace, "-o", "json").stdout)
+    return found
+
+
+def annotate(kubectl: Kubectl, namespace: str, name: str, value: str) -> None:
+    kubectl("annotate", "--overwrite", "shadowdeployment", name, "-n", namespace, f"shadowgate.io/action={value}")
+
+
+async def test_a_reconcile_writes_status_children_event_and_row_then_nothing_until_something_changes(
+    kubectl: Kubectl, namespace: str, apply_shadow: ApplyShadow, make_reconciler: MakeReconciler, dsn: str
+) -> None:
+    apply_shadow(namespace, example("first", traffic={"mode": "shadow", "steps": [5, 50]}))
+    calls = Calls()
+    reconciler = make_reconciler(calls)
+    record = reconciler.rollouts.get(namespace, "first")
+
+    await reconciler.reconcile(record)
+    body = shadow(kubectl, namespace, "first")
+    status = body["status"]
+    assert (status["phase"], status["currentWeight"]) == ("Progressing", 5)
+    transition = status["lastTransition"]
+    assert (transition["sequence"], [e["reason"] for e in transition["events"]]) == (1, ["AnalysisStarted"])
+    event = events_for(kubectl, namespace, "first")[0]
+    assert event["metadata"]["name"] == f"first.{body['metadata']['uid'][:8]}.t1.0"
+    assert event["metadata"]["annotations"]["shadowgate.io/transition"] == "1"
+    assert await history(dsn, namespace, "first") == ["AnalysisStarted"]
+    assert calls.kube == {"get_shadowdeployment": 1, "get_secret_value": 1, "get": 1, "replace_status": 1,
+                          "apply": 6, "post_event": 1}  # fmt: skip
+
+    # The router Deployment's watch event (kopf delivers it to router_seen): Ready follows, no GET.
+    calls.kube.clear()
+    deployment = json.loads(kubectl("get", "deployment", "first-router", "-n", namespace, "-o", "json").stdout)
+    reconciler.rollouts.router_seen(deployment)
+    assert record.wake.is_set()
+    await reconciler.reconcile(record)
+    assert calls.kube == {"replace_status": 1}
+    ready = next(c for c in shadow(kubectl, namespace, "first")["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["reason"], ready["message"]) == ("RouterUnavailable", "0 of 2 router replicas available.")
+
+    # Nothing changed: nothing is read or written again (the object comes from the record, watches keep it).
+    calls.kube.clear()
+    await reconciler.reconcile(record)
+    assert sum(calls.kube.values()) == 0
+
+    # A new first step: the status and the ConfigMap change; the other children are left alone.
+    kubectl("patch", "shadowdeployment", "first", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"traffic":{"steps":[15,50]}}}')  # fmt: skip
+    reconciler.rollouts.seen(shadow(kubectl, namespace, "first"))
+    await reconciler.reconcile(record)
+    assert calls.kube == {"replace_status": 1, "apply": 1}
+    configmap = json.loads(kubectl("get", "configmap", "first-router", "-n", namespace, "-o", "json").stdout)
+    assert json.loads(configmap["data"]["config.json"])["weight"] == 15
+
+
+async def test_a_finished_rollout_is_left_alone_until_its_resync(
+    kubectl: Kubectl, namespace: str, apply_shadow: ApplyShadow, make_reconciler: MakeReconciler
+) -> None:
+    apply_shadow(namespace, example("done"))
+    calls = Calls()
+    reconciler = make_reconciler(calls)
+    await reconciler.tick(namespace, "done")
+    annotate(kubectl, namespace, "done", "promote")
+    reconciler.rollouts.seen(shadow(kubectl, namespace, "done"))
+    delay = await reconciler.tick(namespace, "done")
+    assert shadow(kubectl, namespace, "done")["status"]["phase"] == "Promoted"
+    assert delay > 400  # the next look is the resync (about 10 minutes), not the analysis interval
+    calls.kube.clear()
+    for _ in range(3):
+        await reconciler.tick(namespace, "done")
+    assert sum(calls.kube.values()) == 0
+
+
+async def test_a_conflicting_write_is_planned_again_from_a_fresh_read(
+    kubectl: Kubectl, namespace: str, apply_shadow: ApplyShadow, make_reconciler: MakeReconciler
+) -> None:
+    apply_shadow(namespace, example("raced"))
+    reconciler = make_reconciler()
+    record = reconciler.rollouts.get(namespace, "raced")
+    await reconciler.reconcile(record)
+    stale = record.body
+    annotate(kubectl, namespace, "raced", "abort")  # written after the record's copy: its resourceVersion is old
+    await reconciler.reconcile(record)  # plans from the stale copy, meets 409, reads again, plans again
+    assert record.body is not stale
+    assert shadow(kubectl, namespace, "raced")["status"]["phase"] == "RolledBack"
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("then", ["nothing", "another verb"])
+async def test_an_operator_dying_between_any_two_calls_loses_and_doubles_nothing(
+    kubectl: Kubectl,
+    namespace: str,
+    apply_shadow: ApplyShadow,
+    make_reconciler: MakeReconciler,
+    dsn: str,
+    then: str,
+) -> None:
+    """A promote by hand, with the operator killed before its 1st, 2nd, ... call; then (maybe) another verb
+    before the next operator starts. The next operator finishes the job: the status, the router following
+    it, and one Event and one history row per transition, in order, none lost or doubled."""
+    position = 0
+    while True:
+        name = f"die-{position}"
+        apply_shadow(namespace, example(name))
+        await make_reconciler().tick(namespace, name)  # AnalysisStarted, by an operator that lives
+        annotate(kubectl, namespace, name, "promote")
+        dying = make_reconciler(Calls(die_at=position))
+        try:
+            await dying.tick(namespace, name)
+            finished = True
+        except Killed:
+            finished = False
+        promoted = shadow(kubectl, namespace, name)["status"]["phase"] == "Promoted"
+        expected = ["AnalysisStarted", "Promoted"] if promoted else ["AnalysisStarted"]
+        if then == "another verb":  # the next operator meets a new transition before anything else
+            annotate(kubectl, namespace, name, "retry:2")
+            expected.append("AnalysisRestarted" if promoted else "ActionIgnored")
+        else:
+            expected = ["AnalysisStarted", "Promoted"]
+        successor = make_reconciler()
+        successor.resume(namespace, name)
+        await successor.tick(namespace, name)
+
+        status = shadow(kubectl, namespace, name)["status"]
+        weight = {"Promoted": 100, "Progressing": 5}[status["phase"]]
+        configmap = json.loads(kubectl("get", "configmap", f"{name}-router", "-n", namespace, "-o", "json").stdout)
+        assert json.loads(configmap["data"]["config.json"])["weight"] == weight, position
+        events = events_for(kubectl, namespace, name)
+        assert [event["reason"] for event in events] == expected, position
+        transitions = [int(event["metadata"]["annotations"]["shadowgate.io/transition"]) for event in events]
+        assert transitions == list(range(1, status["lastTransition"]["sequence"] + 1)), position
+        assert await history(dsn, namespace, name) == expected, position
+        if finished:  # the dying operator finished before its call number `position`: every point was tried
+            break
+        position += 1
+    assert position >= 4  # status, ConfigMap, Event, row at least
+
+
+async def test_a_refused_child_turns_ready_false_at_the_next_reconcile_with_one_status_write_each(
+    kubectl: Kubectl, namespace: str, apply_shadow: ApplyShadow, make_reconciler: MakeReconciler
+) -> None:
+    apply_shadow(namespace, example("refused"))
+    calls = Calls()
+    reconciler = make_reconciler(calls)
+    kube = reconciler.kube
+
+    async def refuse(obj: dict[str, Any]) -> dict[str, Any]:
+        calls.kube["apply"] += 1
+        if obj["kind"] == "Deployment":
+            raise KubeError("apply", f"Deployment {namespace}/refused-router", 403,
+                            'deployments.apps is forbidden: User "x" cannot patch resource "deployments"')  # fmt: skip
+        return await Kube.apply(kube._kube, obj)  # type: ignore[attr-defined]
+
+    kube.apply = refuse  # type: ignore[method-assign]
+    delay = await reconciler.tick(namespace, "refused")
+    record = reconciler.rollouts.get(namespace, "refused")
+    assert record.wake.is_set()  # Ready must follow at once
+    assert calls.kube["replace_status"] == 1
+    await reconciler.tick(namespace, "refused")
+    assert calls.kube["replace_status"] == 2
+    ready = next(c for c in shadow(kubectl, namespace, "refused")["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "PermissionDenied")
+    assert "Grant it in the ClusterRole shadowgate-operator" in ready["message"]
+    warnings = [e for e in events_for(kubectl, namespace, "refused") if e["reason"] == "PermissionDenied"]
+    assert len(warnings) == 1
+    assert delay >= 0.5
