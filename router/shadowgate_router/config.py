@@ -146,6 +146,12 @@ class RouterConfig(_Model):
     )
     """Request headers left out of shadow copies (compared case-insensitively): the client's credentials."""
 
+    @property
+    def candidate_answers_all(self) -> bool:
+        """Every request is answered by the candidate (canary at 100%: how the operator routes a promoted
+        rollout), so the paths that are not inference (metadata, readiness) go to it too."""
+        return self.mode is TrafficMode.CANARY and self.weight == 100
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def revision(self) -> str:

@@ -512,7 +512,7 @@ class GrpcProxy:
     # every other RPC
     def _answering(self, route: Route) -> tuple[str, grpc.aio.Channel | None, Upstream, bool]:
         config = route.config
-        if config.mode is TrafficMode.CANARY and config.weight == 100:
+        if config.candidate_answers_all:
             return "candidate", self._upstreams.candidate, config.candidate, True
         return "production", self._upstreams.production, config.production, False
 

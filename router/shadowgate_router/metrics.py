@@ -1,18 +1,16 @@
 """The router's own Prometheus metrics (what it exports, not what the operator queries).
 
 Each router owns a registry rather than using the process-global one, so several routers can live in
-one test process. Label sets are small and fixed (side, role, status class), so series stay bounded
-whatever the traffic; the hot path binds its children once instead of looking labels up per request.
+one test process. Label sets are small and fixed (side: production or candidate; role: answer, its
+answer went to the client, mirror, a shadow copy, or fallback, production after a candidate failure;
+status class), so series stay bounded whatever the traffic; the hot path binds its children once
+instead of looking labels up per request.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
-SIDES = ("production", "candidate")
-ROLES = ("answer", "mirror", "fallback")
-"""answer: its answer went to the client; mirror: shadow copy; fallback: production after a candidate failure."""
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

@@ -125,7 +125,6 @@ class Route:
     segment_path: tuple[str | int, ...] | None
     production: UpstreamPool
     candidate: UpstreamPool
-    is_json: bool
     mirror_drop: frozenset[bytes]
     """Lower-cased names of the request headers left out of shadow copies."""
 
@@ -207,7 +206,6 @@ class Proxy:
             segment_path=parse_json_path(config.segment_path) if config.segment_path else None,
             production=pools[config.production.base_url],
             candidate=pools[config.candidate.base_url],
-            is_json=config.protocol.value == "json",
             mirror_drop=frozenset(name.lower().encode() for name in config.mirror_drop_headers),
         )
         for url in [url for url in self._pools if url not in pools]:
@@ -242,10 +240,6 @@ class Proxy:
         for pool in self._pools.values():
             await pool.close()
 
-    @property
-    def mirrors_in_flight(self) -> int:
-        return len(self._mirrors)
-
     # requests
     async def handle(self, request: Request, client_id: bytes | None) -> Response:
         """Answer one model API request. `client_id` is the client's (valid) X-Request-Id header, if any."""
@@ -279,7 +273,7 @@ class Proxy:
 
     async def _passthrough(self, route: Route, request: Request, found: Match, request_id: bytes) -> Response:
         config = route.config
-        promoted = config.mode is TrafficMode.CANARY and config.weight == 100
+        promoted = config.candidate_answers_all
         side, pool, upstream = (
             ("candidate", route.candidate, config.candidate)
             if promoted

@@ -188,10 +188,6 @@ class Recorder:
         """Rows not yet in the database (in memory only, or on disk)."""
         return len(self._fresh) + self.spool.rows
 
-    @property
-    def connected(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed()
-
     def _update_gauges(self) -> None:
         self._queue_gauge.set(len(self._fresh))
         self._spool_bytes.set(self.spool.bytes)

@@ -294,10 +294,6 @@ class UpstreamPool:
         self._open = 0
         self._closed = False
 
-    @property
-    def open_connections(self) -> int:
-        return self._open
-
     async def request(
         self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes, time_limit: float
     ) -> UpstreamResponse:

@@ -89,3 +89,12 @@ def test_parse_json_path(path: str, parts: tuple[str | int, ...]) -> None:
 def test_parse_json_path_rejects_malformed_paths(path: str) -> None:
     with pytest.raises(ValueError, match="is not a path"):
         parse_json_path(path)
+
+
+@pytest.mark.parametrize(
+    ("mode", "weight", "answers_all"),
+    [("canary", 100, True), ("canary", 50, False), ("shadow", 100, False), ("shadow", 0, False)],
+)
+def test_the_candidate_answers_everything_only_in_canary_at_100(mode: str, weight: int, answers_all: bool) -> None:
+    config = RouterConfig.from_configmap_data(data(mode=mode, weight=weight))
+    assert config.candidate_answers_all is answers_all
