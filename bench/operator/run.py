@@ -50,6 +50,7 @@ BASELINE = "3e5ae46"
 NAMESPACE = "bench"
 WRITES = ("POST", "PUT", "PATCH", "DELETE")
 TICKS = os.sysconf("SC_CLK_TCK")
+WEIGHT_TIMEOUT = 120.0
 
 
 @dataclass
@@ -72,6 +73,8 @@ class Figures:
     window_seconds: float = 0.0
     requests: dict[str, int] = field(default_factory=dict)
     weight_change_seconds: list[float] = field(default_factory=list)
+    weight_changes_missed: int = 0
+    """Weight changes that did not reach the ConfigMap within WEIGHT_TIMEOUT (the rest are not tried)."""
     load: str = ""
 
     def per_minute(self, match: str = "") -> float:
@@ -234,6 +237,8 @@ async def measure(variant: Variant, args: argparse.Namespace, workdir: Path) -> 
         kubectl(kubeconfig, "create", "namespace", NAMESPACE)
         for secret, key, value in (("bench-db", "dsn", postgres.dsn), ("bench-outcomes", "token", "bench")):
             kubectl(kubeconfig, "create", "secret", "generic", secret, "-n", NAMESPACE, f"--from-literal={key}={value}")
+            # Labelled for the router (issue 12 D13: an operator that checks it uses only labelled Secrets).
+            kubectl(kubeconfig, "label", "secret", secret, "-n", NAMESPACE, "shadowgate.io/router-secret=true")
         operator = Operator(variant, kubeconfig, workdir)
         api = Api(kubeconfig)
         try:
@@ -276,10 +281,16 @@ async def measure(variant: Variant, args: argparse.Namespace, workdir: Path) -> 
                 )
                 while await router_weight(api, target) != first_step:
                     operator.check()
-                    if time.monotonic() - changed > 120:
-                        raise RuntimeError(f"the weight {first_step} did not reach {target}-router within 120 s")
+                    if time.monotonic() - changed > WEIGHT_TIMEOUT:
+                        break
                     await asyncio.sleep(0.02)
-                figures.weight_change_seconds.append(time.monotonic() - changed)
+                else:
+                    figures.weight_change_seconds.append(time.monotonic() - changed)
+                    continue
+                # Not within the limit (an operator that is behind on everything): a figure, not a crash.
+                figures.weight_changes_missed += 1
+                print(f"[{variant.name}] weight {first_step}: not in the ConfigMap within {WEIGHT_TIMEOUT:.0f} s")
+                break
         finally:
             await api.close()
             operator.stop()
@@ -318,6 +329,8 @@ def report(results: Sequence[Figures], interval: float) -> str:
         reached = f"{f.progressing_seconds:.0f} s" if f.progressing_seconds else f"{f.progressing} only"
         weights = f.weight_change_seconds
         change = f"{statistics.median(weights):.2f} / {max(weights):.2f} s" if weights else "-"
+        if f.weight_changes_missed:
+            change += f" ({f.weight_changes_missed} not within {WEIGHT_TIMEOUT:.0f} s)"
         rows.append(
             [
                 f.variant,
