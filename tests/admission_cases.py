@@ -143,6 +143,21 @@ CASES: tuple[Case, ...] = (
         "analysis.weights must not all be zero",
     ),
     Case("confidence-too-low", _spec(analysis={"confidence": 0.3}), CONFIDENCE),
+    Case(
+        "rollback-confidence-one",
+        _spec(analysis={"rollbackConfidence": 1.0}),
+        "analysis.rollbackConfidence must be from 0.5 to 0.9999",
+    ),
+    Case(
+        "gate-confidence-too-low", _spec(analysis={"gateConfidence": 0.2}), "analysis.gateConfidence must be from 0.5"
+    ),
+    Case(
+        "segment-by-both",
+        _spec(analysis={"segmentBy": {"header": "X-Instrument", "path": "parameters.instrument"}}),
+        "segmentBy: set exactly one of header or path",
+    ),
+    Case("segment-by-neither", _spec(analysis={"segmentBy": {}}), "segmentBy: set exactly one of header or path"),
+    Case("loss-cap-zero", _spec(analysis={"lossCap": 0}), "should be greater than 0"),
     Case("metric-unknown", _spec(analysis={"metric": "f1"}), 'supported values: "mae", "rmse"'),
     Case(
         "replicas-zero",

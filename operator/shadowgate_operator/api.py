@@ -592,15 +592,44 @@ class ScoreWeights(ApiModel):
         return self.quality / total, self.latency / total, self.errors / total
 
 
+class SegmentBy(ApiModel):
+    """Where a request's segment (an instrument, a market, a customer tier) is read from: exactly one of
+    header or path. The router records it with every prediction."""
+
+    header: HeaderName | None = None
+    """A request header, e.g. X-Instrument."""
+    path: JsonPath | None = None
+    """A path into the JSON request body, e.g. parameters.instrument or inputs[5].data[0]."""
+
+    @rule("has(self.header) != has(self.path)", "segmentBy: set exactly one of header or path")
+    def _one_source(self) -> bool:
+        return (self.header is None) != (self.path is None)
+
+
 class Analysis(ApiModel):
     """How the candidate is judged at each step."""
 
     interval: Duration = "30s"
     """How often the outcomes are scored and a decision is taken (5s to 60s)."""
     min_samples: int = Field(default=100, ge=1, le=100_000_000)
-    """Scored requests (predictions with an outcome) needed in a step before it can pass or fail on quality."""
+    """Scored requests (predictions with an outcome) needed before the candidate can pass or fail on
+    quality: scored pairs in shadow mode, counted since the analysis began (every shadow step asks the same
+    question, so evidence carries over); the candidate's scored requests in canary mode, counted since the
+    step began."""
     metric: Metric = Metric.MAE
-    """The quality metric: mae, rmse or logLoss (lower is better); accuracy or directionalAccuracy."""
+    """The quality metric: mae, rmse or logLoss (lower is better); accuracy or directionalAccuracy.
+    accuracy, directionalAccuracy and logLoss have bounded per-request losses (0/1; logLoss capped at
+    lossCap, 9.21 by default), so promotion and rollback use a test that is exact at every sample size.
+    mae and rmse are unbounded unless lossCap is set: their test is asymptotic and assumes a finite variance
+    and no rare loss large enough that 50 scored requests would usually miss it (README, "How the operator
+    decides")."""
+    loss_cap: float | None = Field(default=None, gt=0, le=1e12)
+    """Cap each request's loss at this value (mae: the absolute error, rmse: the squared error, logLoss:
+    -ln of the probability given to the outcome; ignored by the accuracies, whose losses are 0 or 1). With
+    a cap the losses are bounded and the test is exact at every sample size; the smaller the cap (within
+    what real losses reach), the sooner it decides (bench/decision). logLoss is capped at 9.21 unless set
+    (a probability clipped at 1e-4; at most 34.5, the 1e-15 clip). Unset for mae and rmse: no cap, the
+    asymptotic test."""
     promotion_threshold: float = Field(default=0.7, gt=0, le=1)
     """Overall score at or above which a significant step passes."""
     rollback_threshold: float = Field(default=0.3, gt=0, le=1)
@@ -608,12 +637,31 @@ class Analysis(ApiModel):
     weights: ScoreWeights = Field(default_factory=ScoreWeights)
     """Relative weights of quality, latency and errors in the overall score."""
     max_error_rate: Fraction = 0.05
-    """Hard gate: a candidate error rate above this rolls back at once."""
+    """Hard gate: the candidate is rolled back at once when its error rate is shown to be above this (at
+    gateConfidence), in the current step."""
     max_latency_p99_ms: float | None = Field(default=None, gt=0)
-    """Hard gate: a candidate p99 latency above this many milliseconds rolls back at once."""
+    """Hard gate: the candidate is rolled back at once when its p99 latency is shown to be above this many
+    milliseconds (more than 1% of its requests slower, at gateConfidence), in the current step."""
+    latency_tolerance_ms: float = Field(default=5.0, ge=0, le=60_000)
+    """The latency guardrail counts a p99 slowdown only beyond this many milliseconds (and only as far as it
+    is established): a few milliseconds of p99 are not a regression users feel."""
     confidence: float = 0.99
     """Confidence of the sequential significance test a step must pass, from 0.5 to 0.9999 (0.99 = 1% false
     promotions)."""
+    rollback_confidence: float = 0.95
+    """Confidence with which the candidate must be shown worse on quality to be rolled back, from 0.5 to
+    0.9999: an identical candidate is rolled back at most 1 - rollbackConfidence of the time (5%), however
+    often it is looked at."""
+    segment_by: SegmentBy | None = None
+    """Compare the models per segment too (an instrument, a market): promotion then also needs every segment
+    with at least minSamples scored requests (the 10 largest) to be shown, at confidence, no more than
+    segmentTolerance worse than production. Status shows the largest segments. Unset: no segments."""
+    segment_tolerance: float = Field(default=0.05, ge=0, le=1)
+    """How much worse than production (relative to production's loss in the segment) a segment may be
+    and still let the candidate pass: 0.05 = 5%."""
+    gate_confidence: float = 0.99
+    """Confidence with which a hard gate (maxErrorRate, maxLatencyP99Ms) must be shown exceeded to roll back,
+    from 0.5 to 0.9999: a candidate within its gates trips each at most 1 - gateConfidence of the time (1%)."""
     max_step_duration: Duration | None = None
     """Give up on a step that is still undecided after this long (rolled back); unset waits forever."""
 
@@ -627,6 +675,24 @@ class Analysis(ApiModel):
     )
     def _confidence_range(self) -> bool:
         return 0.5 <= self.confidence <= 0.9999
+
+    @rule(
+        "self.rollbackConfidence >= 0.5 && self.rollbackConfidence <= 0.9999",
+        "analysis.rollbackConfidence must be from 0.5 to 0.9999 (0.95 = an identical candidate rolled back at "
+        "most 5% of the time)",
+        field_path=".rollbackConfidence",
+    )
+    def _rollback_confidence_range(self) -> bool:
+        return 0.5 <= self.rollback_confidence <= 0.9999
+
+    @rule(
+        "self.gateConfidence >= 0.5 && self.gateConfidence <= 0.9999",
+        "analysis.gateConfidence must be from 0.5 to 0.9999 (0.99 = a candidate within its gates trips one at "
+        "most 1% of the time)",
+        field_path=".gateConfidence",
+    )
+    def _gate_confidence_range(self) -> bool:
+        return 0.5 <= self.gate_confidence <= 0.9999
 
     @rule(
         _cel_duration_within("self.interval", "5s", "60s"),
@@ -883,6 +949,20 @@ class ShadowDeploymentSpec(ApiModel):
     def confidence_path(self) -> str | None:
         return None if self.prediction is None else self.prediction.confidence_path
 
+    def analysis_revision(self) -> str:
+        """Hash of the settings the quality evidence depends on: evidence gathered under other settings
+        answers another question (an MAE p-value says nothing about log loss), so a change restarts it."""
+        compared = {
+            "metric": self.analysis.metric.value,
+            "lossCap": self.analysis.loss_cap,
+            "mode": self.traffic.mode.value,
+            "stickyHeader": self.traffic.sticky_header,
+            "fallbackToProduction": self.traffic.fallback_to_production,
+            "segmentBy": self.analysis.segment_by.to_dict() if self.analysis.segment_by else None,
+            "segmentTolerance": self.analysis.segment_tolerance,
+        }
+        return hashlib.sha256(json.dumps(compared, sort_keys=True).encode()).hexdigest()[:16]
+
     def candidate_revision(self) -> str:
         """Hash of what is being compared; status keeps it, and a new value restarts the analysis."""
         compared = self.model_dump(
@@ -968,12 +1048,39 @@ class ScoreComponents(StatusModel):
     maxErrorRate more, -1 at maxErrorRate more."""
 
 
+class QualityTest(StrEnum):
+    """Which sequential test the quality p-values come from (stats.py)."""
+
+    BETTING = "Betting"
+    """Bounded losses, requests assigned one by one: exact at every sample size."""
+    NORMAL_MIXTURE = "NormalMixture"
+    """Unbounded losses: asymptotic, valid as the scored requests grow."""
+    CLUSTERED_NORMAL_MIXTURE = "ClusteredNormalMixture"
+    """A sticky key groups requests: asymptotic in the number of keys, variance clustered by key."""
+
+
+class SegmentResult(StatusModel):
+    """One segment (spec.analysis.segmentBy) in the latest analysis."""
+
+    name: Annotated[str, StringConstraints(max_length=128)]
+    """The segment's value ("(none)": requests without one; "(other)": values beyond the tracked ones)."""
+    samples: int = Field(ge=0)
+    """Scored pairs (shadow) or the smaller side's scored requests (canary) in the segment."""
+    improvement: float | None = None
+    """Relative improvement of the candidate in the segment (0.1 = 10% better)."""
+    judged: bool = False
+    """Whether the segment has enough data to hold promotion back (minSamples, and among the 10 largest)."""
+    within_tolerance: bool | None = None
+    """Judged segments: whether the candidate is shown no more than segmentTolerance worse in it."""
+    p_value: float | None = Field(default=None, ge=0, le=1)
+    """Always-valid p-value of "the candidate is more than segmentTolerance worse in this segment"."""
+
+
 class AnalysisMetrics(StatusModel):
     """The latest analysis of the current step."""
 
     step: int | None = Field(default=None, ge=0, le=19)
-    """The step (index into spec.traffic.steps) these metrics were measured in; the sequential test's
-    p-values carry over from one analysis to the next only within a step."""
+    """The step (index into spec.traffic.steps) these metrics were measured in."""
     production: ModelMetrics | None = None
     candidate: ModelMetrics | None = None
     improvement: float | None = None
@@ -989,6 +1096,45 @@ class AnalysisMetrics(StatusModel):
     """Always-valid p-value of the candidate being worse on quality (the smallest of the step so far)."""
     agreement: float | None = Field(default=None, ge=0, le=1)
     """Share of paired requests where both models predicted the same (shadow mode)."""
+    test: QualityTest | None = None
+    """The test the p-values come from: Betting (exact), NormalMixture or ClusteredNormalMixture (asymptotic)."""
+    units: int | None = Field(default=None, ge=0)
+    """The independent units behind the quality test: scored requests, or sticky keys (the smaller side's in
+    canary mode)."""
+    quarantined: int | None = Field(default=None, ge=0)
+    """Scored requests left out because a prediction or outcome was not a sane finite number."""
+    segments: list[SegmentResult] = Field(default_factory=list, max_length=10)
+    """With spec.analysis.segmentBy: the largest segments."""
+
+
+class CanaryBets(StatusModel):
+    """The canary betting test's state (stats.TwoArmBets): each list is n and the sums of x, x^2, x^3, x^4."""
+
+    production: list[float] = Field(default_factory=list, max_length=5)
+    """Production's losses up to the previous analysis."""
+    candidate: list[float] = Field(default_factory=list, max_length=5)
+    """The candidate's losses up to the previous analysis."""
+    centre: float | None = None
+    """The pooled mean loss up to the previous analysis, the next bets' centre."""
+    better: list[float] = Field(default_factory=list, max_length=5)
+    """Accumulated scaled sums betting on the candidate being better."""
+    worse: list[float] = Field(default_factory=list, max_length=5)
+    """Accumulated scaled sums betting on the candidate being worse."""
+
+
+class EvidenceState(StatusModel):
+    """The sequential tests' running state, carried from one analysis to the next while the question stays
+    the same: across shadow steps, within a canary step; reset when the candidate or the analysis settings
+    change."""
+
+    since: AwareDatetime
+    """Start of the window the evidence is about (the analysis's start in shadow mode, the step's in canary)."""
+    p_better: float = Field(default=1.0, ge=0, le=1)
+    """Running minimum of the always-valid p-value of the candidate being better."""
+    p_worse: float = Field(default=1.0, ge=0, le=1)
+    """Running minimum of the always-valid p-value of the candidate being worse."""
+    bets: CanaryBets | None = None
+    """Canary mode with bounded losses: the betting test's state."""
 
 
 class DecisionAction(StrEnum):
@@ -1111,6 +1257,11 @@ class ShadowDeploymentStatus(StatusModel):
     """When the current step began."""
     candidate_revision: Annotated[str, StringConstraints(max_length=64)] | None = None
     """Hash of production and candidate the analysis belongs to; a change in spec restarts the analysis."""
+    analysis_revision: Annotated[str, StringConstraints(max_length=64)] | None = None
+    """Hash of the settings the evidence depends on (metric, lossCap, mode, stickyHeader, fallback,
+    segmentBy); a change restarts the analysis at step 1 with no evidence."""
+    evidence: EvidenceState | None = None
+    """The sequential tests' running state (p-values' running minima, canary bets)."""
     last_action: HandledAction | None = None
     """The last manual verb (shadowgate.io/action annotation) carried out."""
     last_transition: Transition | None = None

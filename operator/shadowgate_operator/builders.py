@@ -190,6 +190,8 @@ def router_config(sd: ShadowDeployment) -> RouterConfig:
         production=_upstream(sd, spec.production),
         candidate=_upstream(sd, spec.candidate),
         sticky_header=spec.traffic.sticky_header,
+        segment_header=spec.analysis.segment_by.header if spec.analysis.segment_by else None,
+        segment_path=spec.analysis.segment_by.path if spec.analysis.segment_by else None,
         fallback_to_production=spec.traffic.fallback_to_production,
         timeout_seconds=spec.traffic.timeout_seconds,
         mirror_timeout_seconds=spec.traffic.mirror_timeout_seconds,

@@ -27,15 +27,26 @@ of arrivals, not a whole interval's. The only whole reads left are of a new step
 just begun, and of a window whose saved sums are gone.
 
 Definitions (all in SQL, portable: plain PostgreSQL 15 and TimescaleDB hypertables, compressed chunks
-included). The window is the predictions of (namespace, deployment) with `time >= since` (and
-`<= until`); a side is one model, production or candidate.
+included). The *evidence window* is the predictions of (namespace, deployment) with `time >= since` (and
+`<= until`), the *step window* those with `time >= step_since` as well (metrics.py says why there are
+two); a side is one model, production or candidate.
 
-- Called: the side was asked (its status or its error is set). `requests` counts them; `errors` those
-  answered with HTTP status >= 500 or not at all (timeout, connection error, bad response).
-- Answered: the side returned a prediction (not NULL, no error, status below 400).
+- Called: the side was asked (its status or its error is set). `requests` counts them in the step
+  window; `errors` those answered with HTTP status >= 500 or not at all (timeout, connection error, bad
+  response).
+- Answered: the side returned a prediction (not NULL, no error, status below 400) that is a sane number:
+  finite and within SANE_LIMIT in absolute value, its confidence too.
 - Outcome: the latest by `time` among the request id's outcomes timestamped from `since - OUTCOME_LEEWAY`
   (and up to `until`): a late correction replaces an earlier outcome. The leeway absorbs clock skew
-  between whoever stamps the prediction and the outcome; an outcome cannot precede its request.
+  between whoever stamps the prediction and the outcome; an outcome cannot precede its request. An
+  outcome that is not a sane number (or, for logLoss, outside [0, 1]) scores nothing.
+- Quarantined: a scored request whose outcome or prediction is not a sane number: left out of every sum
+  and counted, so one absurd value can neither overflow the sums nor move the decision (issue 12 D7).
+- One scored prediction per request id (issue 12 D6): only the first prediction recorded for a request
+  id in the window can be scored, and only if it was made before the id's first outcome was recorded
+  (within CLOCK_SKEW). A client that sends a request id again, or sends one whose outcome is already
+  known, is answered and recorded but never scored: inference traffic alone cannot move a decision.
+  `unscored_repeats` counts them.
 - Intention to treat: a request the candidate was given (mirrored in shadow mode, routed to it in
   canary mode) is scored for the candidate on what the user got, or would get once it is promoted: its
   answer, or, when it failed (no answer or a 5xx) and the router falls back (canary rows say so; in
@@ -50,16 +61,24 @@ included). The window is the predictions of (namespace, deployment) with `time >
   mae |x - y|; rmse (x - y)^2; accuracy 0/1 for (x >= 0.5) != (y >= 0.5); directionalAccuracy 0/1 for
   sign(x) != sign(y) (a zero on either side is its own sign, so a flat outcome counts as a miss for a
   non-zero prediction); logLoss -(y ln p + (1 - y) ln(1 - p)) with p = c if present else x (c is read
-  as the probability of outcome 1), clipped to [1e-15, 1 - 1e-15].
+  as the probability of outcome 1), clipped to [1e-15, 1 - 1e-15]. Every loss is capped at the loss cap
+  (`Options.loss_cap`, decision.loss_bound: spec.analysis.lossCap; for logLoss 9.21 unless set).
+- Sums: per side and for the paired differences, the count and the sums of the first to fourth powers
+  of the losses (the bounded test of stats.py needs all four; the rest, two).
+- Keys (spec.traffic.stickyHeader set): each scored request's key (the recorded sticky_key, else its
+  request id) hashed into one of KEY_BUCKETS buckets, and per bucket each series' count and sum: enough
+  for a variance clustered by key (metrics.Clustered).
+- Segments (spec.analysis.segmentBy set): per recorded segment value (NULL: "(none)"; past
+  MAX_SEGMENTS distinct values: "(other)"), each series' count, sum and sum of squares.
 - metric_value: the mean loss for mae and logLoss, its square root for rmse, 1 - mean loss (the share
   right) for the two accuracies.
 - Agreement (shadow): among requests both sides answered (outcome or not), the share where they agree:
   same class at 0.5 (accuracy), same class of p (logLoss), same sign (directionalAccuracy), or within
   1e-9 relative to the larger magnitude, absolute below 1 (mae, rmse). None in canary mode.
-- Latency percentiles: over every call of the side that has a latency, failures and timeouts included
-  (a model that times out is slow). They come from a logarithmic histogram (`LatencySketch`, the
-  DDSketch mapping) with relative accuracy `LATENCY_RELATIVE_ACCURACY`: histograms add up across runs,
-  exact percentiles would need every value again each time.
+- Latency percentiles: over every call of the side in the step window that has a latency, failures and
+  timeouts included (a model that times out is slow). They come from a logarithmic histogram
+  (`LatencySketch`, the DDSketch mapping) with relative accuracy `LATENCY_RELATIVE_ACCURACY`: histograms
+  add up across runs, exact percentiles would need every value again each time.
 """
 
 from __future__ import annotations
@@ -68,7 +87,6 @@ import datetime as dt
 import json
 import logging
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import cache
@@ -77,8 +95,20 @@ from typing import Any
 import asyncpg
 
 from shadowgate_operator import timescale
-from shadowgate_operator.api import Metric, TrafficMode
-from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics, metric_value
+from shadowgate_operator.api import Metric, ShadowDeploymentSpec, TrafficMode
+from shadowgate_operator.metrics import (
+    LATENCY_FLOOR_MS,
+    LATENCY_RELATIVE_ACCURACY,
+    Clustered,
+    LatencySketch,
+    Moments,
+    SegmentMetrics,
+    SideMetrics,
+    WindowMetrics,
+    metric_value,
+)
+
+__all__ = ["LATENCY_FLOOR_MS", "LATENCY_RELATIVE_ACCURACY", "LatencySketch"]  # re-exported: tests, benches
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +124,21 @@ CLOCK_SKEW = dt.timedelta(seconds=1)
 """How far the router's clock (a prediction's `time`) may run ahead of the database's (`recorded_at`).
 An outcome is recorded after its request was made, so an outcome of a prediction made after the previous
 run (by more than this) can only have been recorded since: `WindowAnalysis` then finds it without an
-index probe; and a prediction recorded by a moment was made by that moment plus this. Beyond this skew,
-a prediction whose row is flushed after its own outcome, or whose outcome arrives in a later run, may go
-unscored by `WindowAnalysis` (`window_metrics` is not affected)."""
+index probe; and a prediction recorded by a moment was made by that moment plus this. A prediction made
+more than this after its request id's first outcome was recorded is not scored (issue 12 D6). Beyond
+this skew, a prediction whose row is flushed after its own outcome, or whose outcome arrives in a later
+run, may go unscored by `WindowAnalysis` (`window_metrics` is not affected)."""
 
-LATENCY_RELATIVE_ACCURACY = 0.001
-"""Latency percentiles are within 0.1% of the exact value (p99 of 250 ms: 249.75 to 250.25 ms)."""
+SANE_LIMIT = 1e15
+"""Predictions, confidences and outcomes beyond this in absolute value (or not finite) are quarantined:
+with every value within it, no sum of losses to the fourth power over any number of rows can overflow."""
 
-LATENCY_FLOOR_MS = 0.001
-"""Latencies below 1 microsecond are counted as 1 microsecond (the histogram has no bucket for zero)."""
+KEY_BUCKETS = 1024
+"""Sticky keys are hashed into this many buckets for the clustered variance: a bucket holds whole keys,
+so it is a (coarser) cluster; the state stays bounded however many keys there are."""
+
+MAX_SEGMENTS = 1000
+"""Segment values tracked one by one; requests with further values count in "(other)"."""
 
 QUANTILES = (0.5, 0.95, 0.99)
 
@@ -116,7 +152,7 @@ about this many rows (new requests and rescored ones): some 20-30 ms on a small 
 
 CATCH_UP_MIN_SECONDS = 1.0
 
-DEFINITION_VERSION = 2
+DEFINITION_VERSION = 3
 """Bump whenever what the sums mean changes (a loss, a flag, the histogram): saved sums of another
 version (table analysis_windows) are then not reused, and the analysis starts over."""
 
@@ -124,147 +160,122 @@ WHOLE_WINDOW_WORK_MEM = "64MB"
 """work_mem for reading a whole window: its hash join and the latest-outcome sort stay in memory."""
 
 
-# --- the latency histogram --------------------------------------------------------------------------
-
-
-@dataclass
-class LatencySketch:
-    """Counts of latencies per logarithmic bucket: bucket i holds (gamma^(i-1), gamma^i].
-
-    This is DDSketch's mapping (Masson, Rim, Lee: "DDSketch: a fast and fully-mergeable quantile sketch
-    with relative-error guarantees", VLDB 2019): every value in a bucket is within `relative_accuracy`
-    of the bucket's representative 2 gamma^i / (gamma + 1), so any percentile read from it is too.
-    Buckets are computed in SQL and merged here by adding counts.
-    """
-
-    relative_accuracy: float = LATENCY_RELATIVE_ACCURACY
-    counts: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def gamma(self) -> float:
-        return (1 + self.relative_accuracy) / (1 - self.relative_accuracy)
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts.values())
-
-    def bucket(self, value: float) -> int:
-        """The bucket of one latency, exactly as the SQL computes it (for tests and callers)."""
-        return math.ceil(math.log(max(value, LATENCY_FLOOR_MS)) / math.log(self.gamma))
-
-    def add_buckets(self, buckets: Iterable[int] | None) -> None:
-        """Count one value in each of these buckets (one per latency, as the SQL returns them)."""
-        for bucket, count in Counter(buckets or ()).items():
-            self.counts[bucket] = self.counts.get(bucket, 0) + count
-
-    def value(self, bucket: int) -> float:
-        gamma = self.gamma
-        return 2 * gamma**bucket / (gamma + 1)
-
-    def quantile(self, q: float) -> float | None:
-        """The q-quantile with linear interpolation between neighbouring values, as percentile_cont
-        does, each value read as its bucket's representative. None when empty."""
-        total = self.count
-        if total == 0:
-            return None
-        rank = q * (total - 1)
-        low = math.floor(rank)
-        low_value = high_value = None
-        seen = 0
-        for bucket in sorted(self.counts):
-            seen += self.counts[bucket]
-            if low_value is None and seen > low:
-                low_value = self.value(bucket)
-            if seen > low + 1 or seen == total:
-                high_value = self.value(bucket)
-                break
-        assert low_value is not None and high_value is not None
-        return low_value + (rank - low) * (high_value - low_value)
-
-
 # --- SQL --------------------------------------------------------------------------------------------
 # Parameters of every statement: $1 namespace, $2 deployment, $3 since, $4 since - OUTCOME_LEEWAY,
 # $5 ln(gamma) and $6 LATENCY_FLOOR_MS for the histogram, $7 whether the candidate's failures fall back
-# to production (shadow mode; canary rows say so themselves); then those of each variant (below).
+# to production (shadow mode; canary rows say so themselves), $8 the loss cap (NULL: none), $9 the step
+# window's start, $10 CLOCK_SKEW; then those of each variant (below).
 
 _COLUMNS = (
-    "request_id, production_prediction, production_confidence, production_latency_ms, production_status, "
+    "time, request_id, production_prediction, production_confidence, production_latency_ms, production_status, "
     "production_error, candidate_prediction, candidate_confidence, candidate_latency_ms, candidate_status, "
-    "candidate_error"
+    "candidate_error, sticky_key, segment"
 )
 _PREDICTION_COLUMNS = ", ".join(f"p.{column}" for column in _COLUMNS.split(", "))
 
-# The whole window at once. $8: predictions and outcomes stamped up to this time (NULL: no bound);
-# $9: recorded up to this time (NULL: no bound; rows from before recorded_at existed count as recorded
+# The whole window at once. $11: predictions and outcomes stamped up to this time (NULL: no bound);
+# $12: recorded up to this time (NULL: no bound; rows from before recorded_at existed count as recorded
 # at their time). Latest outcome per request: one sort by request id ("C" collation: byte order is
-# enough to group, and much cheaper than a linguistic one), then a hash join.
+# enough to group, and much cheaper than a linguistic one), then a hash join; the first prediction per
+# request id (issue 12 D6) by a window function over the same kind of sort.
 _WHOLE_WINDOW = f"""
 rows AS (
-    SELECT {_PREDICTION_COLUMNS}, true AS is_new, latest.outcome AS outcome_after, NULL::float8 AS outcome_before
-    FROM predictions p
+    SELECT p.*, true AS is_new, latest.outcome AS outcome_after, NULL::float8 AS outcome_before,
+        p.first_seen AND (latest.first_recorded IS NULL OR p.time <= latest.first_recorded + $10::interval)
+            AS scorable
+    FROM (
+        SELECT {_PREDICTION_COLUMNS},
+            row_number() OVER (PARTITION BY p.request_id COLLATE "C"
+                               ORDER BY coalesce(p.recorded_at, p.time), p.time) = 1 AS first_seen
+        FROM predictions p
+        WHERE p.namespace = $1 AND p.deployment = $2
+          AND p.time >= $3 AND p.time <= coalesce($11::timestamptz, 'infinity')
+          AND coalesce(p.recorded_at, p.time) <= coalesce($12::timestamptz, 'infinity')
+    ) p
     LEFT JOIN (
-        SELECT DISTINCT ON (o.request_id COLLATE "C") o.request_id, o.outcome
-        FROM outcomes o
-        WHERE o.namespace = $1 AND o.deployment = $2
-          AND o.time >= $4 AND o.time <= coalesce($8::timestamptz, 'infinity')
-          AND coalesce(o.recorded_at, o.time) <= coalesce($9::timestamptz, 'infinity')
+        SELECT DISTINCT ON (o.request_id COLLATE "C") o.request_id, o.outcome, o.first_recorded
+        FROM (
+            SELECT o.request_id, o.time, o.outcome,
+                min(coalesce(o.recorded_at, o.time)) OVER (PARTITION BY o.request_id COLLATE "C") AS first_recorded
+            FROM outcomes o
+            WHERE o.namespace = $1 AND o.deployment = $2
+              AND o.time >= $4 AND o.time <= coalesce($11::timestamptz, 'infinity')
+              AND coalesce(o.recorded_at, o.time) <= coalesce($12::timestamptz, 'infinity')
+        ) o
         ORDER BY o.request_id COLLATE "C", o.time DESC
     ) latest ON latest.request_id = p.request_id
-    WHERE p.namespace = $1 AND p.deployment = $2
-      AND p.time >= $3 AND p.time <= coalesce($8::timestamptz, 'infinity')
-      AND coalesce(p.recorded_at, p.time) <= coalesce($9::timestamptz, 'infinity')
 )"""
 
-# What changed between two moments of recording, ($8, $9]: predictions recorded in between (is_new:
+# What changed between two moments of recording, ($11, $12]: predictions recorded in between (is_new:
 # everything about them is added), and earlier predictions whose latest outcome may have changed
 # because an outcome for their request id arrived in between (only their scored part changes: the
-# loss with the latest outcome as of $9 is added, the one as of $8 taken away).
-# A request's latest outcome as of $9 is the later of the latest recorded in between (`latest`, a hash
-# join) and the latest recorded by $8 (`earlier`, an index probe, which is also the one as of $8).
-# Predictions made after $8 + $10 (CLOCK_SKEW) skip the probe: their outcomes came later still. A
-# prediction recorded by $8 was made by $8 + $10, which lets the index alone turn away the requests
-# whose only prediction arrived in between. The
-# statement runs with nested loops disabled (see _settings), so its shape does not depend on row
-# estimates, which are poor for rows recorded after the last ANALYZE: probes where written, hash joins
-# elsewhere. Cost follows the rows recorded in between, not the window or the tables.
+# loss with the latest outcome as of $12 is added, the one as of $11 taken away).
+# A request's latest outcome as of $12 is the later of the latest recorded in between (`latest`, a hash
+# join) and the latest recorded by $11 (`earlier`, an index probe, which is also the one as of $11).
+# Predictions made after $11 + $10 (CLOCK_SKEW) skip the probe: their outcomes came later still. A
+# prediction recorded by $11 was made by $11 + $10, which lets the index alone turn away the requests
+# whose only prediction arrived in between. Only the first prediction recorded per request id is scored:
+# a new one is first if it is the first of its id in between and none was recorded by $11 (an index
+# probe); an earlier one being rescored is the first recorded of its id. The statement runs with nested
+# loops disabled (see _settings), so its shape does not depend on row estimates, which are poor for rows
+# recorded after the last ANALYZE: probes where written, hash joins elsewhere. Cost follows the rows
+# recorded in between, not the window or the tables.
 _RECORDED_BETWEEN = f"""
 slice_outcomes AS MATERIALIZED (
-    SELECT o.request_id, o.time, o.outcome
+    SELECT o.request_id, o.time, o.outcome, o.recorded_at
     FROM outcomes o
-    WHERE o.namespace = $1 AND o.deployment = $2 AND o.recorded_at > $8 AND o.recorded_at <= $9 AND o.time >= $4
+    WHERE o.namespace = $1 AND o.deployment = $2 AND o.recorded_at > $11 AND o.recorded_at <= $12 AND o.time >= $4
 ),
 slice_latest AS (
-    SELECT DISTINCT ON (s.request_id COLLATE "C") s.request_id, s.time, s.outcome
-    FROM slice_outcomes s
+    SELECT DISTINCT ON (s.request_id COLLATE "C") s.request_id, s.time, s.outcome, s.first_recorded
+    FROM (
+        SELECT s.*, min(s.recorded_at) OVER (PARTITION BY s.request_id COLLATE "C") AS first_recorded
+        FROM slice_outcomes s
+    ) s
     ORDER BY s.request_id COLLATE "C", s.time DESC
 ),
-arrived AS (
-    SELECT {_PREDICTION_COLUMNS}, true AS is_new, p.time > $8 + $10::interval AS fresh
+new_predictions AS (
+    SELECT {_PREDICTION_COLUMNS}, p.time > $11 + $10::interval AS fresh,
+        row_number() OVER (PARTITION BY p.request_id COLLATE "C" ORDER BY p.recorded_at, p.time) = 1 AS first_in_slice
     FROM predictions p
-    WHERE p.namespace = $1 AND p.deployment = $2 AND p.recorded_at > $8 AND p.recorded_at <= $9
+    WHERE p.namespace = $1 AND p.deployment = $2 AND p.recorded_at > $11 AND p.recorded_at <= $12
       AND p.time >= $3
+),
+arrived AS (
+    SELECT n.{_COLUMNS.replace(", ", ", n.")}, true AS is_new, n.fresh,
+        n.first_in_slice AND NOT EXISTS (
+            SELECT 1 FROM predictions q
+            WHERE q.namespace = $1 AND q.deployment = $2 AND q.request_id = n.request_id
+              AND q.time >= $3 AND q.time <= $11 + $10::interval AND coalesce(q.recorded_at, q.time) <= $11
+        ) AS first_seen
+    FROM new_predictions n
     UNION ALL
-    SELECT {_PREDICTION_COLUMNS}, false AS is_new, false AS fresh
+    SELECT {_PREDICTION_COLUMNS}, false AS is_new, false AS fresh, true AS first_seen
     FROM slice_latest s
     CROSS JOIN LATERAL (
         SELECT {_COLUMNS} FROM predictions q
         WHERE q.namespace = $1 AND q.deployment = $2 AND q.request_id = s.request_id
-          AND q.time >= $3 AND q.time <= $8 + $10::interval AND coalesce(q.recorded_at, q.time) <= $8
-        OFFSET 0  -- a probe per request id: keeps the planner from flattening this into a join
+          AND q.time >= $3 AND q.time <= $11 + $10::interval AND coalesce(q.recorded_at, q.time) <= $11
+        ORDER BY coalesce(q.recorded_at, q.time), q.time
+        LIMIT 1  -- the first recorded: the only one of its id that can be scored
     ) p
 ),
 rows AS (
     SELECT a.*,
         CASE WHEN earlier.time IS NULL OR latest.time > earlier.time THEN latest.outcome ELSE earlier.outcome END
             AS outcome_after,
-        CASE WHEN NOT a.is_new THEN earlier.outcome END AS outcome_before
+        CASE WHEN NOT a.is_new THEN earlier.outcome END AS outcome_before,
+        -- A rescored prediction keeps its answer: outcomes recorded since cannot precede it.
+        a.first_seen AND (least(earlier.first_recorded, latest.first_recorded) IS NULL
+            OR a.time <= least(earlier.first_recorded, latest.first_recorded) + $10::interval) AS scorable
     FROM arrived a
     LEFT JOIN slice_latest latest ON latest.request_id = a.request_id
     LEFT JOIN LATERAL (
-        SELECT o.time, o.outcome FROM outcomes o
+        SELECT (array_agg(o.outcome ORDER BY o.time DESC))[1] AS outcome, max(o.time) AS time,
+            min(coalesce(o.recorded_at, o.time)) AS first_recorded
+        FROM outcomes o
         WHERE NOT a.fresh AND o.namespace = $1 AND o.deployment = $2 AND o.request_id = a.request_id
-          AND o.time >= $4 AND coalesce(o.recorded_at, o.time) <= $8
-        ORDER BY o.time DESC LIMIT 1
+          AND o.time >= $4 AND coalesce(o.recorded_at, o.time) <= $11
     ) earlier ON true
 )"""
 
@@ -279,6 +290,12 @@ _LOSS = {
         " + (1 - {y}) * ln(1 - least(greatest(coalesce({c}, {x}), 1e-15::float8), 1 - 1e-15::float8)))"
     ),
 }
+
+# A number the analysis will use: finite and within SANE_LIMIT (NaN compares above every number in
+# PostgreSQL, so abs(NaN) <= limit is false too). An outcome for logLoss must also be a probability.
+_SANE = f"(abs({{v}}) <= {SANE_LIMIT:.0e}::float8)"
+_SANE_OUTCOME = {metric: _SANE for metric in Metric}
+_SANE_OUTCOME[Metric.LOG_LOSS] = f"({_SANE} AND {{v}} BETWEEN 0 AND 1)"
 
 # Whether the two sides' predictions agree, per metric.
 _AGREE = {
@@ -305,78 +322,187 @@ flags AS (
         (production_status IS NOT NULL OR production_error IS NOT NULL) AS p_called,
         (coalesce(production_status >= 500, false) OR production_error IS NOT NULL) AS p_error,
         (production_prediction IS NOT NULL AND production_error IS NULL
-            AND coalesce(production_status < 400, true)) AS p_ok,
+            AND coalesce(production_status < 400, true)) AS p_answered,
+        coalesce({p_sane} AND (production_confidence IS NULL OR {p_confidence_sane}), false) AS p_sane,
         (candidate_status IS NOT NULL OR candidate_error IS NOT NULL) AS c_called,
         (coalesce(candidate_status >= 500, false) OR candidate_error IS NOT NULL) AS c_error,
         (candidate_prediction IS NOT NULL AND candidate_error IS NULL
-            AND coalesce(candidate_status < 400, true)) AS c_ok
+            AND coalesce(candidate_status < 400, true)) AS c_answered,
+        coalesce({c_sane} AND (candidate_confidence IS NULL OR {c_confidence_sane}), false) AS c_sane,
+        coalesce({y_after_sane}, false) AS y_after_sane,
+        coalesce({y_before_sane}, false) AS y_before_sane,
+        r.time >= $9 AS in_step
     FROM rows r
 ),
 served AS (
     -- c_fallback: the candidate failed (no answer or a 5xx, as the router falls back) and production's
     -- answer is what the user got: in canary mode the row holds it; in shadow mode production answered
     -- anyway, and $7 says whether the router would fall back to it once the candidate answers.
-    SELECT f.*, f.c_called AND NOT f.c_ok AND f.p_ok
+    SELECT f.*,
+        f.c_answered AND f.c_sane AS c_ok,
+        f.p_answered AND f.p_sane AS p_ok,
+        NOT f.c_answered AND f.c_called AND f.p_answered AND f.p_sane
             AND (coalesce(f.candidate_status >= 500, false)
                  OR f.candidate_error IS DISTINCT FROM 'no_prediction' AND f.candidate_error IS NOT NULL)
-            AND ($7 OR f.p_called AND NOT {paired}) AS c_fallback
+            AND ($7 OR f.p_called AND NOT {paired}) AS c_fallback,
+        f.outcome_after IS NOT NULL AND (NOT f.y_after_sane OR f.p_answered AND NOT f.p_sane
+            OR f.c_answered AND NOT f.c_sane) AS quarantine_after,
+        f.outcome_before IS NOT NULL AND (NOT f.y_before_sane OR f.p_answered AND NOT f.p_sane
+            OR f.c_answered AND NOT f.c_sane) AS quarantine_before
     FROM flags f
 ),
-losses AS (
-    SELECT f.*,
-        CASE WHEN {p_scored} AND outcome_after IS NOT NULL THEN {p_loss_after} END AS p_after,
-        CASE WHEN {p_scored} AND outcome_before IS NOT NULL THEN {p_loss_before} END AS p_before,
-        CASE WHEN {c_scored} AND outcome_after IS NOT NULL
-            THEN CASE WHEN c_ok THEN {c_loss_after} ELSE {p_loss_after} END END AS c_after,
-        CASE WHEN {c_scored} AND outcome_before IS NOT NULL
-            THEN CASE WHEN c_ok THEN {c_loss_before} ELSE {p_loss_before} END END AS c_before,
-        ({any_scored}) AS any_scored
-    FROM (SELECT s.*, s.c_ok OR s.c_fallback AS c_served FROM served s) f
+scoring AS (
+    SELECT s.*, s.c_ok OR s.c_fallback AS c_served,
+        CASE WHEN s.y_after_sane THEN s.outcome_after END AS y_after,
+        CASE WHEN s.y_before_sane THEN s.outcome_before END AS y_before
+    FROM served s
+),
+losses AS{materialized} (
+    SELECT f.*, p_after - c_after AS d_after, p_before - c_before AS d_before
+    FROM (
+        SELECT f.*,
+            CASE WHEN scorable AND {p_scored} AND y_after IS NOT NULL THEN least({p_loss_after}, $8::float8) END
+                AS p_after,
+            CASE WHEN scorable AND {p_scored} AND y_before IS NOT NULL THEN least({p_loss_before}, $8::float8) END
+                AS p_before,
+            CASE WHEN scorable AND {c_scored} AND y_after IS NOT NULL
+                THEN least(CASE WHEN c_ok THEN {c_loss_after} ELSE {p_loss_after} END, $8::float8) END AS c_after,
+            CASE WHEN scorable AND {c_scored} AND y_before IS NOT NULL
+                THEN least(CASE WHEN c_ok THEN {c_loss_before} ELSE {p_loss_before} END, $8::float8) END AS c_before,
+            scorable AND ({any_scored}) AS any_scored{group_columns}
+        FROM scoring f
+    ) f
 )
 SELECT
     count(*) AS rows_read,
-    count(*) FILTER (WHERE is_new AND p_called) AS production_requests,
-    count(*) FILTER (WHERE is_new AND p_error) AS production_errors,
-    count(*) FILTER (WHERE is_new AND c_called) AS candidate_requests,
-    count(*) FILTER (WHERE is_new AND c_error) AS candidate_errors,
-    count(*) FILTER (WHERE is_new AND p_ok AND c_ok) AS pairs,
-    count(*) FILTER (WHERE is_new AND p_ok AND c_ok AND {agree}) AS agreements,
-    count(*) FILTER (WHERE any_scored AND outcome_after IS NOT NULL)
-        - count(*) FILTER (WHERE any_scored AND outcome_before IS NOT NULL) AS scored,
-    count(p_after) - count(p_before) AS production_n,
-    coalesce(sum(p_after), 0) - coalesce(sum(p_before), 0) AS production_total,
-    coalesce(sum(p_after * p_after), 0) - coalesce(sum(p_before * p_before), 0) AS production_squares,
-    count(c_after) - count(c_before) AS candidate_n,
-    coalesce(sum(c_after), 0) - coalesce(sum(c_before), 0) AS candidate_total,
-    coalesce(sum(c_after * c_after), 0) - coalesce(sum(c_before * c_before), 0) AS candidate_squares,
-    count(p_after - c_after) - count(p_before - c_before) AS difference_n,
-    coalesce(sum(p_after - c_after), 0) - coalesce(sum(p_before - c_before), 0) AS difference_total,
-    coalesce(sum((p_after - c_after) * (p_after - c_after)), 0)
-        - coalesce(sum((p_before - c_before) * (p_before - c_before)), 0) AS difference_squares,
+    count(*) FILTER (WHERE is_new AND in_step AND p_called) AS production_requests,
+    count(*) FILTER (WHERE is_new AND in_step AND p_error) AS production_errors,
+    count(*) FILTER (WHERE is_new AND in_step AND c_called) AS candidate_requests,
+    count(*) FILTER (WHERE is_new AND in_step AND c_error) AS candidate_errors,
+    count(*) FILTER (WHERE is_new AND scorable AND p_ok AND c_ok) AS pairs,
+    count(*) FILTER (WHERE is_new AND scorable AND p_ok AND c_ok AND {agree}) AS agreements,
+    count(*) FILTER (WHERE any_scored AND y_after IS NOT NULL)
+        - count(*) FILTER (WHERE any_scored AND y_before IS NOT NULL) AS scored,
+    count(*) FILTER (WHERE scorable AND quarantine_after)
+        - count(*) FILTER (WHERE scorable AND quarantine_before) AS quarantined,
+    count(*) FILTER (WHERE is_new AND NOT scorable) AS unscored_repeats,
+{power_sums},
     array_agg(ceil(ln(greatest(production_latency_ms::float8, $6)) / $5)::int)
-        FILTER (WHERE is_new AND p_called AND production_latency_ms IS NOT NULL) AS production_buckets,
+        FILTER (WHERE is_new AND in_step AND p_called AND production_latency_ms IS NOT NULL) AS production_buckets,
     array_agg(ceil(ln(greatest(candidate_latency_ms::float8, $6)) / $5)::int)
-        FILTER (WHERE is_new AND c_called AND candidate_latency_ms IS NOT NULL) AS candidate_buckets
+        FILTER (WHERE is_new AND in_step AND c_called AND candidate_latency_ms IS NOT NULL) AS candidate_buckets{groups}
 FROM losses"""
 
 
+def _power_sums() -> str:
+    """count and sums of the first to fourth powers of each series, new values minus replaced ones."""
+    lines = []
+    for name, short in (("production", "p"), ("candidate", "c"), ("difference", "d")):
+        lines.append(f"    count({short}_after) - count({short}_before) AS {name}_n")
+        for power, label in ((1, "total"), (2, "squares"), (3, "cubes"), (4, "fourths")):
+            after = " * ".join([f"{short}_after"] * power)
+            before = " * ".join([f"{short}_before"] * power)
+            lines.append(f"    coalesce(sum({after}), 0) - coalesce(sum({before}), 0) AS {name}_{label}")
+    return ",\n".join(lines)
+
+
+_CONTRIBUTES = "(p_after IS NOT NULL OR p_before IS NOT NULL OR c_after IS NOT NULL OR c_before IS NOT NULL)"
+
+# Per sticky-key bucket: each series' count and sum (the clustered variance needs no more). The bucket is
+# the first 32 bits of md5 of the key: portable and the same in Python (tests), unlike hashtext().
+_KEY_COLUMN = (
+    f",\n            ('x' || substr(md5(coalesce(sticky_key, request_id)), 1, 8))::bit(32)::int & {KEY_BUCKETS - 1}"
+    " AS key_bucket"
+)
+_KEYED = f""",
+    (SELECT json_agg(json_build_array(k.key_bucket, k.p_n, k.p_t, k.c_n, k.c_t, k.d_n, k.d_t)) FROM (
+        SELECT key_bucket,
+            count(p_after) - count(p_before) AS p_n, coalesce(sum(p_after), 0) - coalesce(sum(p_before), 0) AS p_t,
+            count(c_after) - count(c_before) AS c_n, coalesce(sum(c_after), 0) - coalesce(sum(c_before), 0) AS c_t,
+            count(d_after) - count(d_before) AS d_n, coalesce(sum(d_after), 0) - coalesce(sum(d_before), 0) AS d_t
+        FROM losses WHERE {_CONTRIBUTES} GROUP BY key_bucket
+    ) k) AS keyed"""
+
+# Per segment value: each series' count, sum and sum of squares.
+_SEGMENT_COLUMN = ",\n            coalesce(left(segment, 128), '(none)') AS segment_value"
+_SEGMENTED = f""",
+    (SELECT json_agg(json_build_array(g.segment_value, g.p_n, g.p_1, g.p_2, g.c_n, g.c_1, g.c_2, g.d_n, g.d_1, g.d_2))
+     FROM (
+        SELECT segment_value,
+            count(p_after) - count(p_before) AS p_n, coalesce(sum(p_after), 0) - coalesce(sum(p_before), 0) AS p_1,
+            coalesce(sum(p_after * p_after), 0) - coalesce(sum(p_before * p_before), 0) AS p_2,
+            count(c_after) - count(c_before) AS c_n, coalesce(sum(c_after), 0) - coalesce(sum(c_before), 0) AS c_1,
+            coalesce(sum(c_after * c_after), 0) - coalesce(sum(c_before * c_before), 0) AS c_2,
+            count(d_after) - count(d_before) AS d_n, coalesce(sum(d_after), 0) - coalesce(sum(d_before), 0) AS d_1,
+            coalesce(sum(d_after * d_after), 0) - coalesce(sum(d_before * d_before), 0) AS d_2
+        FROM losses WHERE {_CONTRIBUTES} GROUP BY segment_value
+    ) g) AS segmented"""
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the sums are of, besides the metric and the mode (from the spec: `options_of`)."""
+
+    fallback: bool = True
+    """spec.traffic.fallbackToProduction: a failed candidate is scored on production's fallback answer."""
+    loss_cap: float | None = None
+    """The largest per-request loss (decision.loss_bound): every loss is capped at it; None: no cap."""
+    clustered: bool = False
+    """spec.traffic.stickyHeader is set: sum per sticky-key bucket too."""
+    segmented: bool = False
+    """spec.analysis.segmentBy is set: sum per segment too."""
+
+    def describe(self) -> str:
+        return (
+            f"fallback={self.fallback} cap={self.loss_cap if self.loss_cap is not None else 'none'}"
+            f" keys={self.clustered} segments={self.segmented}"
+        )
+
+
+def options_of(spec: ShadowDeploymentSpec) -> Options:
+    """The Options a ShadowDeployment's analysis uses."""
+    from shadowgate_operator.decision import loss_bound
+
+    return Options(
+        fallback=spec.traffic.fallback_to_production,
+        loss_cap=loss_bound(spec.analysis),
+        clustered=spec.traffic.sticky_header is not None,
+        segmented=spec.analysis.segment_by is not None,
+    )
+
+
 @cache
-def statement(whole_window: bool, metric: Metric, mode: TrafficMode) -> str:
-    """The SQL for one variant, metric and mode: fixed fragments put together, values all parameters."""
+def statement(
+    whole_window: bool, metric: Metric, mode: TrafficMode, clustered: bool = False, segmented: bool = False
+) -> str:
+    """The SQL for one variant, metric, mode and grouping: fixed fragments put together, values all
+    parameters."""
     loss = _LOSS[metric]
     p_scored, c_scored, any_scored = _SCORED[mode]
     production = {"x": "production_prediction", "c": "production_confidence"}
     candidate = {"x": "candidate_prediction", "c": "candidate_confidence"}
+    grouped = clustered or segmented
     aggregate = _AGGREGATE.format(
         p_scored=p_scored,
         c_scored=c_scored,
         any_scored=any_scored,
-        p_loss_after=loss.format(**production, y="outcome_after"),
-        p_loss_before=loss.format(**production, y="outcome_before"),
-        c_loss_after=loss.format(**candidate, y="outcome_after"),
-        c_loss_before=loss.format(**candidate, y="outcome_before"),
+        p_loss_after=loss.format(**production, y="y_after"),
+        p_loss_before=loss.format(**production, y="y_before"),
+        c_loss_after=loss.format(**candidate, y="y_after"),
+        c_loss_before=loss.format(**candidate, y="y_before"),
         agree=_AGREE[metric],
         paired="true" if mode is TrafficMode.SHADOW else "false",
+        p_sane=_SANE.format(v="production_prediction"),
+        p_confidence_sane=_SANE.format(v="production_confidence"),
+        c_sane=_SANE.format(v="candidate_prediction"),
+        c_confidence_sane=_SANE.format(v="candidate_confidence"),
+        y_after_sane=_SANE_OUTCOME[metric].format(v="outcome_after"),
+        y_before_sane=_SANE_OUTCOME[metric].format(v="outcome_before"),
+        power_sums=_power_sums(),
+        # Referenced once, the CTE is inlined; by the groupings too, it is computed once and read thrice.
+        materialized=" MATERIALIZED" if grouped else "",
+        group_columns=(_KEY_COLUMN if clustered else "") + (_SEGMENT_COLUMN if segmented else ""),
+        groups=(_KEYED if clustered else "") + (_SEGMENTED if segmented else ""),
     )
     rows = _WHOLE_WINDOW if whole_window else _RECORDED_BETWEEN
     return f"WITH{rows},{aggregate}"
@@ -392,10 +518,18 @@ class Query:
 
 
 def _common(
-    namespace: str, deployment: str, since: dt.datetime, leeway: dt.timedelta, fallback: bool
+    namespace: str,
+    deployment: str,
+    since: dt.datetime,
+    leeway: dt.timedelta,
+    options: Options,
+    step_since: dt.datetime | None,
 ) -> tuple[Any, ...]:
     gamma = LatencySketch().gamma
-    return (namespace, deployment, since, since - leeway, math.log(gamma), LATENCY_FLOOR_MS, fallback)
+    return (
+        namespace, deployment, since, since - leeway, math.log(gamma), LATENCY_FLOOR_MS, options.fallback,
+        options.loss_cap, step_since or since, CLOCK_SKEW,
+    )  # fmt: skip
 
 
 def whole_window_query(
@@ -408,13 +542,14 @@ def whole_window_query(
     *,
     recorded_until: dt.datetime | None = None,
     outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
-    fallback: bool = True,
+    options: Options = Options(),
+    step_since: dt.datetime | None = None,
 ) -> Query:
-    """The window in one statement: stamped in [since, until], recorded by `recorded_until` (None: no bound).
-    `fallback`: whether a candidate that fails falls back to production (spec.traffic.fallbackToProduction)."""
+    """The window in one statement: stamped in [since, until], recorded by `recorded_until` (None: no bound);
+    the step window from `step_since` (None: the same as since)."""
     return Query(
-        statement(True, metric, mode),
-        (*_common(namespace, deployment, since, outcome_leeway, fallback), until, recorded_until),
+        statement(True, metric, mode, options.clustered, options.segmented),
+        (*_common(namespace, deployment, since, outcome_leeway, options, step_since), until, recorded_until),
         whole_window=True,
     )
 
@@ -429,12 +564,13 @@ def recorded_between_query(
     upto: dt.datetime,
     *,
     outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
-    fallback: bool = True,
+    options: Options = Options(),
+    step_since: dt.datetime | None = None,
 ) -> Query:
     """What changed in the window [since, ...) between two moments of recording, (after, upto]."""
     return Query(
-        statement(False, metric, mode),
-        (*_common(namespace, deployment, since, outcome_leeway, fallback), after, upto, CLOCK_SKEW),
+        statement(False, metric, mode, options.clustered, options.segmented),
+        (*_common(namespace, deployment, since, outcome_leeway, options, step_since), after, upto),
         whole_window=False,
     )
 
@@ -477,6 +613,8 @@ async def explain(connection: asyncpg.Connection, query: Query) -> list[str]:
 
 # --- running sums -----------------------------------------------------------------------------------
 
+_STEP_FIELDS = ("production_requests", "production_errors", "candidate_requests", "candidate_errors")
+
 
 @dataclass
 class _Sums:
@@ -489,24 +627,39 @@ class _Sums:
     pairs: int = 0
     agreements: int = 0
     scored: int = 0
+    quarantined: int = 0
+    unscored_repeats: int = 0
     production_n: int = 0
     production_total: float = 0.0
     production_squares: float = 0.0
+    production_cubes: float = 0.0
+    production_fourths: float = 0.0
     candidate_n: int = 0
     candidate_total: float = 0.0
     candidate_squares: float = 0.0
+    candidate_cubes: float = 0.0
+    candidate_fourths: float = 0.0
     difference_n: int = 0
     difference_total: float = 0.0
     difference_squares: float = 0.0
+    difference_cubes: float = 0.0
+    difference_fourths: float = 0.0
 
-    def add(self, row: Mapping[str, Any]) -> None:
-        for name in (each.name for each in fields(self)):
+    def add(self, row: Mapping[str, Any], names: Iterable[str] | None = None) -> None:
+        for name in names if names is not None else (each.name for each in fields(self)):
             setattr(self, name, getattr(self, name) + row[name])
 
-
-def _moments(n: int, total: float, squares: float) -> Moments:
-    # Sums of differences between runs leave rounding dust where nothing is left.
-    return Moments(n, total, squares) if n else Moments()
+    def moments(self, series: str) -> Moments:
+        n = getattr(self, f"{series}_n")
+        if not n:  # sums of differences between runs leave rounding dust where nothing is left
+            return Moments()
+        return Moments(
+            n,
+            getattr(self, f"{series}_total"),
+            getattr(self, f"{series}_squares"),
+            getattr(self, f"{series}_cubes"),
+            getattr(self, f"{series}_fourths"),
+        )
 
 
 def _side(requests: int, errors: int, latency: LatencySketch, loss: Moments, metric: Metric) -> SideMetrics:
@@ -519,23 +672,52 @@ def _side(requests: int, errors: int, latency: LatencySketch, loss: Moments, met
         latency_p99_ms=p99,
         loss=loss,
         metric_value=metric_value(metric, loss),
+        latency=LatencySketch(counts=dict(latency.counts)),
     )
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
 
 
 @dataclass
 class _Window:
-    """Sums and histograms of one window, turned into WindowMetrics on demand."""
+    """Sums, histograms, key and segment groups of one window, turned into WindowMetrics on demand."""
 
     metric: Metric
     mode: TrafficMode
+    options: Options = field(default_factory=Options)
     sums: _Sums = field(default_factory=_Sums)
     production_latency: LatencySketch = field(default_factory=LatencySketch)
     candidate_latency: LatencySketch = field(default_factory=LatencySketch)
+    keyed: dict[int, list[float]] = field(default_factory=dict)
+    """Per key bucket: production n, sum; candidate n, sum; difference n, sum."""
+    segments: dict[str, list[float]] = field(default_factory=dict)
+    """Per segment: production n, sum, squares; candidate the same; difference the same."""
 
     def add(self, row: Mapping[str, Any]) -> None:
         self.sums.add(row)
+        self.add_step(row, counts=False)
+        for bucket, *values in _json(row.get("keyed")) or ():
+            self.keyed[int(bucket)] = [
+                a + b for a, b in zip(self.keyed.get(int(bucket), [0.0] * 6), values, strict=True)
+            ]
+        for name, *values in _json(row.get("segmented")) or ():
+            key = name if name in self.segments or len(self.segments) < MAX_SEGMENTS else "(other)"
+            self.segments[key] = [a + b for a, b in zip(self.segments.get(key, [0.0] * 9), values, strict=True)]
+
+    def add_step(self, row: Mapping[str, Any], *, counts: bool = True) -> None:
+        """The step window's part of a row: calls, errors, latencies."""
+        if counts:
+            self.sums.add(row, _STEP_FIELDS)
         self.production_latency.add_buckets(row["production_buckets"])
         self.candidate_latency.add_buckets(row["candidate_buckets"])
+
+    def reset_step(self) -> None:
+        for name in _STEP_FIELDS:
+            setattr(self.sums, name, 0)
+        self.production_latency = LatencySketch()
+        self.candidate_latency = LatencySketch()
 
     def state(self) -> dict[str, Any]:
         """Everything the window has summed, as JSON (floats round-trip exactly)."""
@@ -543,38 +725,64 @@ class _Window:
             "sums": {each.name: getattr(self.sums, each.name) for each in fields(self.sums)},
             "production_latency": {str(bucket): count for bucket, count in self.production_latency.counts.items()},
             "candidate_latency": {str(bucket): count for bucket, count in self.candidate_latency.counts.items()},
+            "keyed": {str(bucket): values for bucket, values in self.keyed.items()},
+            "segments": self.segments,
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.sums = _Sums(**state["sums"])
         self.production_latency.counts = {int(b): int(n) for b, n in state["production_latency"].items()}
         self.candidate_latency.counts = {int(b): int(n) for b, n in state["candidate_latency"].items()}
+        self.keyed = {int(bucket): list(values) for bucket, values in state.get("keyed", {}).items()}
+        self.segments = {name: list(values) for name, values in state.get("segments", {}).items()}
 
     def metrics(self) -> WindowMetrics:
         s = self.sums
         paired = self.mode is TrafficMode.SHADOW
+        clusters = None
+        if self.options.clustered:
+            if paired:
+                clusters = (Clustered.of((round(v[4]), v[5]) for v in self.keyed.values()), Clustered())
+            else:
+                clusters = (
+                    Clustered.of((round(v[0]), v[1]) for v in self.keyed.values()),
+                    Clustered.of((round(v[2]), v[3]) for v in self.keyed.values()),
+                )
+        segments = tuple(
+            sorted(
+                (
+                    SegmentMetrics(
+                        name,
+                        production=_moments(v[0], v[1], v[2]),
+                        candidate=_moments(v[3], v[4], v[5]),
+                        difference=_moments(v[6], v[7], v[8]) if paired else Moments(),
+                    )
+                    for name, v in self.segments.items()
+                ),
+                key=lambda segment: (-segment.samples, segment.name),
+            )
+        )
         return WindowMetrics(
             production=_side(
-                s.production_requests,
-                s.production_errors,
-                self.production_latency,
-                _moments(s.production_n, s.production_total, s.production_squares),
+                s.production_requests, s.production_errors, self.production_latency, s.moments("production"),
                 self.metric,
             ),
             candidate=_side(
-                s.candidate_requests,
-                s.candidate_errors,
-                self.candidate_latency,
-                _moments(s.candidate_n, s.candidate_total, s.candidate_squares),
-                self.metric,
+                s.candidate_requests, s.candidate_errors, self.candidate_latency, s.moments("candidate"), self.metric
             ),
             scored=s.scored,
             paired=paired,
-            loss_difference=(
-                _moments(s.difference_n, s.difference_total, s.difference_squares) if paired else Moments()
-            ),
+            loss_difference=s.moments("difference") if paired else Moments(),
             agreement=(s.agreements / s.pairs if paired and s.pairs else None),
-        )
+            clusters=clusters,
+            segments=segments,
+            quarantined=s.quarantined,
+            unscored_repeats=s.unscored_repeats,
+        )  # fmt: skip
+
+
+def _moments(n: float, total: float, squares: float) -> Moments:
+    return Moments(round(n), total, squares) if round(n) else Moments()
 
 
 async def window_metrics(
@@ -586,19 +794,23 @@ async def window_metrics(
     since: dt.datetime,
     until: dt.datetime | None,
     *,
+    recorded_until: dt.datetime | None = None,
     outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
-    fallback: bool = True,
+    options: Options = Options(),
+    step_since: dt.datetime | None = None,
 ) -> WindowMetrics:
-    """One deployment's window read whole: predictions stamped in [since, until], each with its latest
-    outcome stamped in [since - outcome_leeway, until] (`until` None: no upper bound).
+    """One deployment's windows read whole: predictions stamped in [since, until] (the step window from
+    `step_since`) and recorded by `recorded_until`, each with its latest outcome stamped in
+    [since - outcome_leeway, until] and recorded by then (None: no bound).
 
     Cost grows with the rows in the window; for an analysis repeated every interval use WindowAnalysis.
-    Replay uses this: it sees every row stamped by `until`, including rows that reached the database later.
+    Replay uses this with `recorded_until`: what the operator could have read at that moment.
     """
-    window = _Window(metric, mode)
+    window = _Window(metric, mode, options)
     query = whole_window_query(
-        namespace, deployment, metric, mode, since, until, outcome_leeway=outcome_leeway, fallback=fallback
-    )
+        namespace, deployment, metric, mode, since, until, recorded_until=recorded_until,
+        outcome_leeway=outcome_leeway, options=options, step_since=step_since,
+    )  # fmt: skip
     window.add(await _fetch(connection, query))
     return window.metrics()
 
@@ -678,7 +890,10 @@ class WindowAnalysis:
     than the horizon before it, is left out of the sums (`window_metrics`, hence replay, still reads it).
     Elsewhere there is no such bound.
 
-    A new step, metric or mode is a new window: make a new WindowAnalysis (WindowAnalyses does).
+    A new metric, mode, options or `since` is a new window: make a new WindowAnalysis (WindowAnalyses
+    does). A new step window (`move_step`, shadow mode's later steps) keeps the evidence window's sums and
+    starts the step's counts over: its first run after the move also reads the step's rows recorded up to
+    the previous horizon (seconds of rows: the step has just begun).
 
     With `saved` (the default), the sums and horizon are saved in `analysis_windows` after every run, and
     a WindowAnalysis whose first run finds the same window saved there goes on from it: an operator that
@@ -699,7 +914,8 @@ class WindowAnalysis:
         outcome_leeway: dt.timedelta = OUTCOME_LEEWAY,
         writer_allowance: dt.timedelta = WRITER_ALLOWANCE,
         saved: bool = True,
-        fallback: bool = True,
+        options: Options = Options(),
+        step_since: dt.datetime | None = None,
     ):
         self.namespace, self.deployment, self.metric, self.mode, self.since = (
             namespace,
@@ -710,7 +926,10 @@ class WindowAnalysis:
         )
         self.outcome_leeway = outcome_leeway
         self.writer_allowance = writer_allowance
-        self.fallback = fallback
+        self.options = options
+        self.step_since = step_since or since
+        self._step_pending = False
+        """The step window moved after the first run: its rows recorded by the horizon are still to read."""
         self.horizon: dt.datetime | None = None
         """Every row recorded up to here is in the sums; None before the first refresh."""
         self.runs = 0
@@ -724,14 +943,22 @@ class WindowAnalysis:
         self._lookback_known = False
         self.resumed = False
         """Whether the sums came from analysis_windows (a run of an earlier operator) at the first run."""
-        self._window = _Window(metric, mode)
+        self._window = _Window(metric, mode, options)
+
+    def move_step(self, step_since: dt.datetime) -> None:
+        """A new step window within the same evidence window (shadow mode's next step)."""
+        if step_since == self.step_since:
+            return
+        self.step_since = step_since
+        self._window.reset_step()
+        self._step_pending = self.horizon is not None
 
     @property
     def definition(self) -> str:
         """What the sums mean: saved sums are reused only under the same definition."""
         return (
             f"v{DEFINITION_VERSION} leeway={self.outcome_leeway.total_seconds():g}s"
-            f" latency={LATENCY_RELATIVE_ACCURACY:g}/{LATENCY_FLOOR_MS:g}ms fallback={self.fallback}"
+            f" latency={LATENCY_RELATIVE_ACCURACY:g}/{LATENCY_FLOOR_MS:g}ms {self.options.describe()}"
         )
 
     async def refresh(self, connection: asyncpg.Connection) -> WindowMetrics:
@@ -744,6 +971,13 @@ class WindowAnalysis:
         if not self._lookback_known:
             self.lookback, self._lookback_known = await timescale.compression_horizon(connection), True
         horizon = await recorded_horizon(connection, self.writer_allowance)
+        if self._step_pending and self.horizon is not None:
+            step = whole_window_query(
+                self.namespace, self.deployment, self.metric, self.mode, self.step_since, None,
+                recorded_until=self.horizon, outcome_leeway=self.outcome_leeway, options=self.options,
+            )  # fmt: skip
+            self._window.add_step(await _fetch(connection, step))
+            self._step_pending = False
         if self.horizon is not None and horizon <= self.horizon:
             return self.metrics()
         row = await _fetch(connection, self.query(self.horizon, horizon))
@@ -782,10 +1016,13 @@ class WindowAnalysis:
             self.definition,
         ):
             return
-        state = saved["state"]
-        self._window.restore(json.loads(state) if isinstance(state, str) else state)
+        state = _json(saved["state"])
+        self._window.restore(state)
         self.horizon = saved["horizon"]
         self.resumed = True
+        if state.get("step_since") != self.step_since.isoformat():
+            self._window.reset_step()
+            self._step_pending = True
 
     async def _save(self, connection: asyncpg.Connection) -> None:
         assert self.horizon is not None
@@ -799,7 +1036,7 @@ class WindowAnalysis:
                 self.mode.value,
                 self.definition,
                 self.horizon,
-                json.dumps(self._window.state()),
+                json.dumps({**self._window.state(), "step_since": self.step_since.isoformat()}),
             )
         except (OSError, asyncpg.PostgresError) as exc:
             logger.warning(
@@ -823,7 +1060,8 @@ class WindowAnalysis:
                 None,
                 recorded_until=upto,
                 outcome_leeway=self.outcome_leeway,
-                fallback=self.fallback,
+                options=self.options,
+                step_since=self.step_since,
             )
         return recorded_between_query(
             self.namespace,
@@ -834,7 +1072,8 @@ class WindowAnalysis:
             after,
             upto,
             outcome_leeway=self.outcome_leeway,
-            fallback=self.fallback,
+            options=self.options,
+            step_since=self.step_since,
         )
 
     def metrics(self) -> WindowMetrics:
@@ -843,8 +1082,9 @@ class WindowAnalysis:
 
 
 class WindowAnalyses:
-    """The operator's WindowAnalysis per ShadowDeployment, started over when its window changes
-    (a new step moves `since`; a new metric or mode changes what is summed)."""
+    """The operator's WindowAnalysis per ShadowDeployment, started over when its evidence window changes
+    (a canary step moves `since`; a new metric, mode or option changes what is summed); a shadow step
+    only moves its step window."""
 
     def __init__(
         self, *, outcome_leeway: dt.timedelta = OUTCOME_LEEWAY, writer_allowance: dt.timedelta = WRITER_ALLOWANCE
@@ -861,14 +1101,15 @@ class WindowAnalyses:
         mode: TrafficMode,
         since: dt.datetime,
         *,
-        fallback: bool = True,
+        options: Options = Options(),
+        step_since: dt.datetime | None = None,
     ) -> WindowAnalysis:
         current = self._analyses.get((namespace, deployment))
-        if current is None or (current.metric, current.mode, current.since, current.fallback) != (
+        if current is None or (current.metric, current.mode, current.since, current.options) != (
             metric,
             mode,
             since,
-            fallback,
+            options,
         ):
             current = WindowAnalysis(
                 namespace,
@@ -878,9 +1119,12 @@ class WindowAnalyses:
                 since,
                 outcome_leeway=self.outcome_leeway,
                 writer_allowance=self.writer_allowance,
-                fallback=fallback,
+                options=options,
+                step_since=step_since,
             )
             self._analyses[(namespace, deployment)] = current
+        else:
+            current.move_step(step_since or since)
         return current
 
     async def window_metrics(
@@ -892,10 +1136,12 @@ class WindowAnalyses:
         mode: TrafficMode,
         since: dt.datetime,
         *,
-        fallback: bool = True,
+        options: Options = Options(),
+        step_since: dt.datetime | None = None,
     ) -> WindowMetrics:
-        """The current window of one deployment, read incrementally."""
-        return await self.analysis(namespace, deployment, metric, mode, since, fallback=fallback).refresh(connection)
+        """The current windows of one deployment, read incrementally."""
+        analysis = self.analysis(namespace, deployment, metric, mode, since, options=options, step_since=step_since)
+        return await analysis.refresh(connection)
 
     def catch_up_seconds(self, namespace: str, deployment: str) -> float:
         """When this deployment's sums should next be brought up to date (WindowAnalysis.catch_up_seconds)."""

@@ -25,7 +25,8 @@ from typing import Any
 
 from shadowgate_operator.api import Phase, ShadowDeployment, ShadowDeploymentStatus
 from shadowgate_operator.builders import Manifest
-from shadowgate_operator.queries import CATCH_UP_SECONDS, WindowAnalysis
+from shadowgate_operator.decision import evidence_since
+from shadowgate_operator.queries import CATCH_UP_SECONDS, WindowAnalysis, options_of
 from shadowgate_operator.rollout import Blocked, Notice, RouterState
 from shadowgate_operator.store import Rows
 
@@ -124,21 +125,28 @@ class Rollout:
         return self.rows.waiting
 
     def window(self, sd: ShadowDeployment) -> WindowAnalysis | None:
-        """The analysis window of `sd`'s current step (a new step, metric, mode or fallback is a new window),
-        made when the step starts; None when `sd` is not progressing."""
+        """The analysis windows of `sd` (queries.WindowAnalysis): the evidence window (decision.evidence_since:
+        the analysis's start in shadow mode, the step's in canary mode) and the current step's. A new
+        metric, mode, options (queries.options_of) or evidence start is a new WindowAnalysis; a new shadow
+        step moves its step window only. None when `sd` is not progressing."""
         status = sd.status
-        since = status.step_started_at or status.analysis_started_at
-        if status.phase is not Phase.PROGRESSING or since is None:
+        step_since = status.step_started_at or status.analysis_started_at
+        if status.phase is not Phase.PROGRESSING or step_since is None:
             return None
-        metric, mode, fallback = sd.spec.analysis.metric, sd.spec.traffic.mode, sd.spec.traffic.fallback_to_production
+        since = evidence_since(sd.spec, status) or step_since
+        metric, mode, options = sd.spec.analysis.metric, sd.spec.traffic.mode, options_of(sd.spec)
         window = self.analysis
-        if window is None or (window.since, window.metric, window.mode, window.fallback) != (
+        if window is None or (window.since, window.metric, window.mode, window.options) != (
             since,
             metric,
             mode,
-            fallback,
+            options,
         ):
-            window = self.analysis = WindowAnalysis(sd.namespace, sd.name, metric, mode, since, fallback=fallback)
+            window = self.analysis = WindowAnalysis(
+                sd.namespace, sd.name, metric, mode, since, options=options, step_since=step_since
+            )
+        else:
+            window.move_step(step_since)
         return window
 
     def catch_up_delay(self) -> float | None:

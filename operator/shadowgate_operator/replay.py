@@ -1,9 +1,16 @@
 """`shadowgate replay`: what the analysis would have done over recorded data, with other settings.
 
-It re-runs the decision interval by interval over the rows the router recorded (predictions and
-outcomes), starting from the spec the operator recorded in `shadow_deployments`, with any setting
-overridden on the command line, and prints each step of the story. The recorded traffic is what it is:
-the candidate's share at each moment was the one the real rollout gave it.
+It runs the operator's own procedure (`rollout.plan_rollout`, which calls `decision.analyse`) interval by
+interval over the rows the router recorded, starting from the spec the operator recorded in
+`shadow_deployments`, with any setting overridden on the command line, and prints each step of the story.
+At each moment it reads what the operator could have read then: the rows *recorded* by that moment
+(`recorded_at`, as the live analysis reads them), not those stamped by it, and it carries the status from
+look to look as the operator does, so the sequential tests keep their running minima and their state.
+The recorded traffic is what it is: the candidate's share at each moment was the one the real rollout
+gave it.
+
+The samples column is status.samples, what `kubectl get shadow` shows: scored pairs in shadow mode, the
+candidate's scored requests in canary mode (the header says which).
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ from pydantic import ValidationError
 from shadowgate_operator.api import (
     Decision,
     DecisionAction,
-    Phase,
+    ObjectMeta,
+    ShadowDeployment,
     ShadowDeploymentSpec,
-    ShadowDeploymentStatus,
+    TrafficMode,
 )
-from shadowgate_operator.decision import decide
+from shadowgate_operator.decision import evidence_since
 from shadowgate_operator.migrate import run_with_database
-from shadowgate_operator.rollout import apply_decision
+from shadowgate_operator.rollout import plan_rollout
 
 
 @dataclass(frozen=True)
@@ -73,31 +81,30 @@ async def replay(
     start: dt.datetime,
     end: dt.datetime,
 ) -> list[ReplayStep]:
-    """Run the decision every analysis interval from `start` to `end`, acting on it as the operator would."""
-    from shadowgate_operator.queries import window_metrics
+    """Run the operator's procedure every analysis interval from `start` to `end` over the rows recorded by
+    each moment, carrying the status from look to look as the operator does."""
+    from shadowgate_operator.queries import options_of, window_metrics
 
     interval = dt.timedelta(seconds=spec.analysis.interval_seconds)
-    status = ShadowDeploymentStatus(
-        phase=Phase.PROGRESSING, current_step=0, current_weight=spec.traffic.steps[0], samples=0,
-        analysis_started_at=start, step_started_at=start,
-    )  # fmt: skip
+    resource = ShadowDeployment(metadata=ObjectMeta(name=name, namespace=namespace, generation=1), spec=spec)
+    resource = resource.model_copy(update={"status": plan_rollout(resource, start).status})  # analysis starts
+    options = options_of(spec)
     story: list[ReplayStep] = []
     moment = start + interval
-    while moment <= end and not status.phase_or_pending.finished:
-        since = status.step_started_at or start
+    while moment <= end and not resource.status.phase_or_pending.finished:
+        status = resource.status
+        since = evidence_since(spec, status) or start
         metrics = await window_metrics(
-            connection,
-            namespace,
-            name,
-            spec.analysis.metric,
-            spec.traffic.mode,
-            since,
-            moment,
-            fallback=spec.traffic.fallback_to_production,
+            connection, namespace, name, spec.analysis.metric, spec.traffic.mode, since, None,
+            recorded_until=moment, options=options, step_since=status.step_started_at or since,
+        )  # fmt: skip
+        plan = plan_rollout(resource, moment, analyse=True, metrics=metrics)
+        decision = plan.status.last_decision
+        assert decision is not None
+        story.append(
+            ReplayStep(moment, status.current_step or 0, status.current_weight or 0, plan.judged_samples or 0, decision)
         )
-        decision = decide(spec, status, metrics, moment)
-        story.append(ReplayStep(moment, status.current_step or 0, status.current_weight or 0, metrics.scored, decision))
-        status, _ = apply_decision(spec, status, decision, moment)
+        resource = resource.model_copy(update={"status": plan.status})
         moment += interval
     return story
 
@@ -121,7 +128,9 @@ async def _recorded(
     return spec, bounds["first"], bounds["last"], list(events)
 
 
-def _print_story(story: list[ReplayStep]) -> None:
+def _print_story(story: list[ReplayStep], mode: TrafficMode) -> None:
+    counted = "scored pairs" if mode is TrafficMode.SHADOW else "the candidate's scored requests"
+    print(f"samples: status.samples, as `kubectl get shadow` shows it ({counted})\n")
     print(f"{'time':<20} {'step':>4} {'weight':>6} {'samples':>8}  decision   reason")
     previous: tuple[DecisionAction, int] | None = None
     for entry in story:
@@ -165,7 +174,7 @@ async def _run(args: argparse.Namespace, dsn: str) -> int:
     finally:
         await connection.close()
     print()
-    _print_story(story)
+    _print_story(story, spec.traffic.mode)
     outcome = story[-1].decision if story else None
     print()
     if outcome is None:

@@ -125,6 +125,8 @@ def _start_analysis(
             "analysis_started_at": now,
             "step_started_at": now,
             "candidate_revision": spec.candidate_revision(),
+            "analysis_revision": spec.analysis_revision(),
+            "evidence": None,
             "last_decision": Decision(action=DecisionAction.RESTART, reason=reason, time=now),
         }
     )
@@ -243,6 +245,23 @@ def apply_decision(
     return status, []
 
 
+def _without_data(
+    spec: ShadowDeploymentSpec, status: ShadowDeploymentStatus, problem: str, now: dt.datetime
+) -> Decision:
+    """No analysis was possible (the database is away, a query failed): wait, but not past maxStepDuration,
+    or a candidate nobody can judge would keep its share for as long as the database stays away."""
+    limit = spec.analysis.max_step_seconds
+    started = status.step_started_at
+    if limit is not None and started is not None and (now - started).total_seconds() >= limit:
+        reason = (
+            f"No analysis possible for maxStepDuration {spec.analysis.max_step_duration} at step "
+            f"{(status.current_step or 0) + 1}: {problem}. The candidate cannot be judged: failed "
+            "(the router sends it no traffic)."
+        )
+        return Decision(action=DecisionAction.FAIL, reason=reason, time=now)
+    return Decision(action=DecisionAction.WAIT, reason=f"Waiting for data: {problem}", time=now)
+
+
 def plan_rollout(
     sd: ShadowDeployment,
     now: dt.datetime,
@@ -268,6 +287,7 @@ def plan_rollout(
     notices: list[Notice] = []
     revision = spec.candidate_revision()
 
+    settings = spec.analysis_revision()
     if status.candidate_revision != revision:
         if status.candidate_revision is None:
             status = _start_analysis(spec, status, now, "Analysis started.")
@@ -276,6 +296,16 @@ def plan_rollout(
             reason = "Production or candidate changed in spec: analysis restarted at step 1."
             status = _start_analysis(spec, status, now, reason)
             notices.append(Notice("Normal", "AnalysisRestarted", f"{reason} {status.message}"))
+    elif status.analysis_revision is None:
+        # Written by an operator from before the analysis revision: adopt the current settings.
+        status = status.model_copy(update={"analysis_revision": settings})
+    elif status.analysis_revision != settings and not status.phase_or_pending.finished:
+        reason = (
+            "The analysis settings changed in spec (metric, lossCap, mode, stickyHeader, fallbackToProduction or "
+            "segmentBy): evidence gathered under the old ones answers another question, analysis restarted at step 1."
+        )
+        status = _start_analysis(spec, status, now, reason)
+        notices.append(Notice("Normal", "AnalysisRestarted", f"{reason} {status.message}"))
 
     try:
         action = sd.pending_action()
@@ -303,12 +333,14 @@ def plan_rollout(
     analysed = None
     if status.phase is Phase.PROGRESSING and analyse:
         if data_problem is not None:
-            decision = Decision(action=DecisionAction.WAIT, reason=f"Waiting for data: {data_problem}", time=now)
+            decision = _without_data(spec, status, data_problem, now)
         else:
             verdict = analyse_window(spec, status, metrics, now)
             decision = verdict.decision
             # The step's numbers go to status first: the next analysis reads its evidence from there.
-            status = status.model_copy(update={"metrics": verdict.metrics, "samples": verdict.samples})
+            status = status.model_copy(
+                update={"metrics": verdict.metrics, "samples": verdict.samples, "evidence": verdict.evidence}
+            )
             judged_samples = verdict.samples
             if verdict.gate is not None:
                 notices.append(Notice("Warning", "GateFailed", verdict.gate))

@@ -1,59 +1,71 @@
-"""The always-valid sequential test behind every promotion: is the candidate's loss lower than production's?
+"""The sequential tests behind every promotion and rollback: is the candidate's loss lower (or higher) than
+production's, does it fail more often than allowed, is its p99 above a limit?
 
-The analysis looks at the same step again every interval and acts on the first look that passes, so a
+The analysis looks at the same data again every interval and acts on the first look that passes, so a
 fixed-sample test (a t-test at 1%) would be checked dozens of times and promote an identical model far
-more often than 1% of the time. This module uses a test whose guarantee holds at every look at once.
+more often than 1% of the time. Every test here is *always valid*: its guarantee holds at every look at
+once, because its evidence is a nonnegative supermartingale under the null hypothesis (Ville's
+inequality: it ever exceeds 1/alpha with probability at most alpha), and its p-value is the running
+minimum of 1/evidence over the looks (Johari, Pekelis, Walsh 2022; Howard, Ramdas, McAuliffe, Sekhon
+2021; Ramdas, Grünwald, Vovk, Shafer 2023, "Game-theoretic statistics and safe anytime-valid inference").
 
-Method: a one-sided normal-mixture sequential probability ratio test (mSPRT) on the difference of mean
-losses, production minus candidate (positive = candidate better).
+Which test, and what its guarantee rests on (decision.py picks; README "How the operator decides"):
 
-- Robbins (1970), "Statistical methods related to the law of the iterated logarithm": a mixture over
-  the alternatives of likelihood ratios is a nonnegative martingale under the null, so by Ville's
-  inequality it exceeds 1/alpha at *any* time with probability at most alpha.
-- Johari, Pekelis, Walsh (2017/2022), "Always Valid Inference: Continuous Monitoring of A/B Tests":
-  the normal-mixture mSPRT with a plug-in variance, and the always-valid p-value p_t = min(p_{t-1},
-  1 / Lambda_t), which may be checked at every look without inflating false positives.
-- Howard, Ramdas, McAuliffe, Sekhon (2021), "Time-uniform, nonparametric, nonasymptotic confidence
-  sequences", Ann. Statist. 49(2): one-sided normal mixtures in closed form.
-- Waudby-Smith, Arnold, Wu, Howard, Ramdas (2024), "Time-uniform central limit theory and asymptotic
-  confidence sequences", Ann. Statist.: why plugging in the sample variance keeps the guarantee
-  asymptotically for any losses with finite variance (no normality of the losses is assumed).
+1. Bounded losses, requests assigned one by one (accuracy, directionalAccuracy, logLoss clipped at its
+   cap, any metric with `analysis.lossCap`; no stickyHeader): a *betting* test, exact at every sample
+   size with no assumption beyond independence of requests and the bound (Waudby-Smith, Ramdas 2023,
+   "Estimating means of bounded random variables by betting", JRSS-B). With B the bound, x = D / B the
+   scaled difference of losses (production minus candidate, so x >= -1), and a bet lambda in [0, 1), the
+   wealth prod(1 + lambda x_i) is a nonnegative supermartingale whenever the candidate is not better
+   (E[x] <= 0). It is taken from power sums only, through the bound
 
-The statistic is written in "information time" so that one formula serves both modes: with the
-estimate D of the mean difference and its variance V, the information is I = 1/V and the score is
-S = D * I. Under the null the score process is asymptotically a Brownian motion in I, for which
-exp(theta S - theta^2 I / 2) is a martingale for every theta, and a mixture of martingales is one too.
-The mixture used here is N(0, tau^2) restricted to theta >= lower, tau = `MIXING_RELATIVE_EFFECT` and
-lower = `SMALLEST_RELATIVE_EFFECT` of the typical loss; in closed form, with z = D / sqrt(V),
-r = tau^2 I and c = lower / tau:
+       ln(1 + y) >= y - y^2/2 + y^3/3 - c(lambda) y^4    for every y >= -lambda,
+       c(lambda) = integral_0^1 s^3 / (1 - lambda s) ds
+
+   (ln(1+y) - y + y^2/2 - y^3/3 = -y^4 * integral_0^1 s^3/(1 + y s) ds, decreasing in y), so the sums
+   SQL already keeps per window (n and the sums of D, D^2, D^3, D^4) give a lower bound of the wealth of
+   every constant bet, in any order the rows arrive. Their average over a fixed grid of bets (`BETS`)
+   is the evidence. Shadow mode bets on the per-request differences; canary mode on
+   (L - m) (1[production]/(1 - w) - 1[candidate]/w) with w the candidate's share and m the pooled mean
+   loss of the earlier looks (a predictable centre, `TwoArmBets`), which has mean
+   mu_production - mu_candidate whatever m is.
+2. Everything else, and every test with a sticky key: a normal-mixture sequential probability ratio
+   test on the estimate of the difference of mean losses and its variance (Robbins 1970; Johari et al.),
+   whose guarantee is asymptotic: it needs the estimate to be close to normal, which the plug-in
+   variance makes true as the number of independent units grows (Waudby-Smith, Arnold, Wu, Howard,
+   Ramdas 2024, "Time-uniform central limit theory and asymptotic confidence sequences"). The units are
+   requests, or sticky keys when requests are grouped: requests with one key land on one side and share
+   the key's traits, so the variance is the cluster-robust (sandwich) one over keys (Liang, Zeger 1986;
+   Cameron, Miller 2015), with at least `MIN_KEYS` keys on each side. For unbounded losses (mae, rmse
+   without a cap) it assumes, in words: losses with a finite variance and no rare loss so large that
+   `MIN_OBSERVATIONS` requests would usually miss it (bench/decision's rare-loss rows show what such a
+   loss does). Declare `analysis.lossCap` to get test 1 instead.
+3. Rates (error rate above maxErrorRate; share of requests slower than maxLatencyP99Ms above 1%): a
+   mixture of binomial likelihood ratios over alternatives above the threshold, exact at every sample
+   size (Robbins 1970). Confidence bounds for rates and percentiles invert it.
+
+The normal mixture in detail: with D the estimated difference (production minus candidate, positive =
+candidate better) and V its variance, z = D / sqrt(V), the mixture is N(0, tau^2) restricted to
+theta >= lower, tau = `MIXING_RELATIVE_EFFECT` and lower = `SMALLEST_RELATIVE_EFFECT` of the typical loss;
+in closed form, with r = tau^2 / V and c = lower / tau:
 
     log Lambda = -log(1 + r)/2 + z^2 r / (2 (1 + r)) + log Phi(z sqrt(r/(1+r)) - c sqrt(1+r)) - log Phi(-c)
 
-Every component has theta >= 0, so Lambda is a supermartingale for any true difference <= 0: the
-null "the candidate is not better" is composite and the test is valid for all of it. Putting no
-weight on negative and on negligible improvements is what makes it faster than the symmetric mSPRT
-(`two_sided_log_evidence`): bench/decision shows both on the same runs. The price: improvements
-below lower/2 (1% of the loss) never become significant, and they could not pass a step anyway.
-The same test mirrored (theta <= -lower) says when the candidate is significantly *worse*.
+Every component has theta >= 0, so Lambda is a supermartingale for any true difference <= 0 (the null
+"the candidate is not better" is composite and the test is valid for all of it); mirrored, it says when
+the candidate is significantly worse. Improvements below lower/2 (1% of the loss) never become
+significant; they could not pass a step anyway.
 
-- Shadow mode (paired): both models answered the same request, so D is the mean of the per-request
-  differences and V = s_D^2 / n. Pairing removes the outcome's own noise, which both losses share.
-- Canary mode (unpaired): two independent samples, D = mean_p - mean_c and
-  V = s_p^2 / n_p + s_c^2 / n_c (Welch), valid for any split of the traffic.
-
-Assumptions, in words: the requests of one step are exchangeable (no drift within the step), losses
-have a finite variance, each look sees everything since the step began (looks are nested), and enough
-observations for the plug-in variance to be sensible (`MIN_OBSERVATIONS`). Functions here are pure and
-take sufficient statistics (`Moments`); the running minimum of the p-value is handed in by the caller
-(decision.py keeps it in the status of the step).
+Functions are pure and take sufficient statistics; running minima and the canary bets' state are handed
+in by the caller (decision.py keeps them in status).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from shadowgate_operator.metrics import Moments
+from shadowgate_operator.metrics import Clustered, LatencySketch, Moments
 
 MIXING_RELATIVE_EFFECT = 0.1
 """The mixture's scale tau, relative to the typical per-request loss: the test is sharpest for
@@ -64,11 +76,46 @@ SMALLEST_RELATIVE_EFFECT = 0.02
 that (1%) never become significant. A faster test for the improvements that matter."""
 
 MIN_OBSERVATIONS = 50
-"""Below this many observations (pairs, or on the smaller side) the test reports no evidence (p = 1):
-the plug-in variance of a handful of heavy-tailed losses is too unreliable, and because the running
-minimum keeps every past p-value, one lucky early look would otherwise stick."""
+"""Below this many observations (pairs, or on the smaller side) the normal-mixture test reports no
+evidence (p = 1): the plug-in variance of a handful of heavy-tailed losses is too unreliable, and because
+the running minimum keeps every past p-value, one lucky early look would otherwise stick."""
+
+MIN_KEYS = 50
+"""With a sticky key, the normal-mixture test reports no evidence until each side has this many keys:
+the cluster-robust variance of a few keys is as unreliable as the plain variance of a few requests
+(a canary at 10% of 200 accounts has some 20 on the candidate: it cannot be judged, and says so)."""
+
+SKEW_SAMPLES = 100
+"""The normal mixture is trusted once its units number at least this many times the squared skewness of
+the values averaged (on top of MIN_OBSERVATIONS / MIN_KEYS): the first correction of the normal tail of a
+mean is skewness / (6 sqrt(n)) * (2 z^2 + 1) phi(z) (Edgeworth; Hall 1987), about a quarter of alpha = 1%
+at n = 100 skewness^2. Skewed losses (a canary's per-request losses, a rare large loss among small ones)
+thus need more data before a look counts; one rare loss that shows up makes the skewness, and the sample
+needed, jump."""
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def skewness(moments: Moments) -> float:
+    """The sample skewness of the values behind `moments` (0 below three values or with no spread)."""
+    n = moments.n
+    if n < 3:
+        return 0.0
+    mean = moments.total / n
+    m2 = moments.total_squares / n - mean * mean
+    if m2 <= 1e-300:
+        return 0.0
+    m3 = moments.total_cubes / n - 3 * mean * moments.total_squares / n + 2 * mean**3
+    return float(m3 / math.sqrt(m2) ** 3)
+
+
+def samples_needed(*series: Moments, minimum: int = MIN_OBSERVATIONS) -> int:
+    """How many units the normal mixture needs given how skewed the averaged values are."""
+    worst = max((abs(skewness(moments)) for moments in series), default=0.0)
+    return max(minimum, math.ceil(SKEW_SAMPLES * worst * worst))
+
+
+# --- the normal mixture ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -78,25 +125,35 @@ class Estimate:
     difference: float
     """Positive means the candidate's loss is lower (better)."""
     variance: float
-    """Variance of `difference` (not of a single loss): s^2/n paired, s_p^2/n_p + s_c^2/n_c unpaired."""
+    """Variance of `difference` (not of a single loss): s^2/n paired, s_p^2/n_p + s_c^2/n_c unpaired,
+    or the cluster-robust versions."""
     typical_loss: float
     """Mean loss of the two models together, the scale the mixture is set against."""
     observations: int
-    """Pairs (paired) or the smaller side's scored requests (unpaired)."""
+    """Independent units behind it: pairs (paired) or the smaller side's scored requests (unpaired), or
+    the smaller side's keys when clustered."""
 
     @property
     def z(self) -> float:
         return self.difference / math.sqrt(self.variance)
 
+    def shifted(self, margin: float) -> Estimate:
+        """The same estimate tested against "the candidate is worse by more than `margin`": D + margin."""
+        return replace(self, difference=self.difference + margin)
+
 
 @dataclass(frozen=True)
 class Evidence:
-    """Always-valid p-values for both directions at one look (running minima over the step's looks)."""
+    """Always-valid p-values for both directions at one look (running minima over the looks)."""
 
     p_better: float
     """Small when the candidate's loss is lower than production's."""
     p_worse: float
     """Small when the candidate's loss is higher than production's."""
+
+    def __and__(self, other: Evidence) -> Evidence:
+        """The running minimum of two looks' p-values."""
+        return Evidence(min(self.p_better, other.p_better), min(self.p_worse, other.p_worse))
 
 
 NO_EVIDENCE = Evidence(p_better=1.0, p_worse=1.0)
@@ -104,29 +161,47 @@ NO_EVIDENCE = Evidence(p_better=1.0, p_worse=1.0)
 
 def _floored_variance(variance: float, difference: float, typical: float, n: int) -> float:
     # Identical losses on every request give a zero variance; a tiny floor keeps z finite.
-    floor = 1e-12 * (typical * typical + difference * difference) / n
+    floor = 1e-12 * (typical * typical + difference * difference) / max(n, 1)
     return max(variance, floor, 1e-300)
 
 
-def paired_estimate(differences: Moments, production: Moments, candidate: Moments) -> Estimate | None:
-    """Shadow mode: per-request differences (production loss - candidate loss) on the same requests."""
+def paired_estimate(
+    differences: Moments, production: Moments, candidate: Moments, clusters: Clustered | None = None
+) -> Estimate | None:
+    """Shadow mode: per-request differences (production loss - candidate loss) on the same requests; with
+    `clusters`, the variance is the cluster-robust one over the keys and `observations` their number."""
     mean, variance = differences.mean, differences.variance
     if mean is None or variance is None:
         return None
     typical = _typical_loss(production, candidate)
     n = differences.n
-    return Estimate(mean, _floored_variance(variance / n, mean, typical, n), typical, n)
+    if clusters is None:
+        return Estimate(mean, _floored_variance(variance / n, mean, typical, n), typical, n)
+    robust = clusters.variance_of_mean(n, mean)
+    if robust is None:
+        return None
+    return Estimate(mean, _floored_variance(robust, mean, typical, n), typical, clusters.keys)
 
 
-def unpaired_estimate(production: Moments, candidate: Moments) -> Estimate | None:
-    """Canary mode: two independent samples of losses (Welch's variance of the difference of means)."""
+def unpaired_estimate(
+    production: Moments, candidate: Moments, clusters: tuple[Clustered, Clustered] | None = None
+) -> Estimate | None:
+    """Canary mode: two independent samples of losses (Welch's variance of the difference of means); with
+    `clusters` (production's, candidate's), each side's variance is the cluster-robust one."""
     if production.variance is None or candidate.variance is None:
         return None
     difference = _mean(production) - _mean(candidate)
-    variance = production.variance / production.n + candidate.variance / candidate.n
     typical = _typical_loss(production, candidate)
-    n = min(production.n, candidate.n)
-    return Estimate(difference, _floored_variance(variance, difference, typical, n), typical, n)
+    if clusters is None:
+        variance = production.variance / production.n + candidate.variance / candidate.n
+        n = min(production.n, candidate.n)
+        return Estimate(difference, _floored_variance(variance, difference, typical, n), typical, n)
+    p_robust = clusters[0].variance_of_mean(production.n, _mean(production))
+    c_robust = clusters[1].variance_of_mean(candidate.n, _mean(candidate))
+    if p_robust is None or c_robust is None:
+        return None
+    n = min(clusters[0].keys, clusters[1].keys)
+    return Estimate(difference, _floored_variance(p_robust + c_robust, difference, typical, n), typical, n)
 
 
 def _mean(moments: Moments) -> float:
@@ -172,7 +247,8 @@ def two_sided_log_evidence(z: float, r: float) -> float:
     return -0.5 * math.log1p(r) + 0.5 * z * z * r / (1.0 + r)
 
 
-def _p_value(log_evidence: float) -> float:
+def p_value(log_evidence: float) -> float:
+    """1 / evidence, at most 1."""
     return 1.0 if log_evidence <= 0.0 else math.exp(-log_evidence)
 
 
@@ -182,6 +258,24 @@ def mixture_width(estimate: Estimate, relative_effect: float = MIXING_RELATIVE_E
     return tau * tau / estimate.variance
 
 
+def normal_evidence(
+    estimate: Estimate | None,
+    *,
+    minimum: int = MIN_OBSERVATIONS,
+    relative_effect: float = MIXING_RELATIVE_EFFECT,
+    smallest_effect: float = SMALLEST_RELATIVE_EFFECT,
+) -> Evidence:
+    """This look's p-values from the normal mixture (no running minimum); none below `minimum` units."""
+    if estimate is None or estimate.observations < minimum:
+        return NO_EVIDENCE
+    z = estimate.z
+    r = mixture_width(estimate, relative_effect)
+    lower = smallest_effect / relative_effect
+    return Evidence(
+        p_better=p_value(one_sided_log_evidence(z, r, lower)), p_worse=p_value(one_sided_log_evidence(-z, r, lower))
+    )
+
+
 def sequential_test(
     estimate: Estimate | None,
     previous: Evidence = NO_EVIDENCE,
@@ -189,17 +283,246 @@ def sequential_test(
     relative_effect: float = MIXING_RELATIVE_EFFECT,
     smallest_effect: float = SMALLEST_RELATIVE_EFFECT,
 ) -> Evidence:
-    """The always-valid p-values after this look: this look's evidence, or `previous` where it was stronger.
+    """The normal mixture's always-valid p-values after this look: this look's evidence, or `previous`
+    where it was stronger. `previous` must come from earlier looks at the same window (nested data)."""
+    this = normal_evidence(estimate, relative_effect=relative_effect, smallest_effect=smallest_effect)
+    return previous & this
 
-    `previous` must come from earlier looks at the same step (nested data); a new step starts from
-    NO_EVIDENCE. With too few observations this look adds nothing.
-    """
-    if estimate is None or estimate.observations < MIN_OBSERVATIONS:
-        return previous
-    z = estimate.z
-    r = mixture_width(estimate, relative_effect)
-    lower = smallest_effect / relative_effect
-    return Evidence(
-        p_better=min(previous.p_better, _p_value(one_sided_log_evidence(z, r, lower))),
-        p_worse=min(previous.p_worse, _p_value(one_sided_log_evidence(-z, r, lower))),
+
+# --- betting on bounded losses ------------------------------------------------------------------------
+
+
+def _quartic_constant(bet: float) -> float:
+    """c(lambda) = integral_0^1 s^3 / (1 - lambda s) ds = sum_k lambda^k / (k + 4)."""
+    if bet < 0.5:
+        return sum(bet**k / (k + 4) for k in range(60))
+    return -(math.log1p(-bet) + bet + bet * bet / 2 + bet**3 / 3) / bet**4
+
+
+BET_COUNT = 48
+BETS: tuple[tuple[float, float, float], ...] = tuple(
+    (bet, _quartic_constant(bet), -math.log(BET_COUNT))
+    for bet in (
+        math.exp(math.log(0.02) + i * (math.log(0.99) - math.log(0.02)) / (BET_COUNT - 1)) for i in range(BET_COUNT)
     )
+)
+"""The constant bets the wealth is averaged over: lambda from 0.02 to 0.99, evenly on a log scale, equal
+weights; with each its quartic constant and log weight. A fixed grid (not chosen from the data), so the
+average of supermartingales is one: small bets win on small effects, large ones on large effects."""
+
+
+@dataclass(frozen=True)
+class PowerSums:
+    """n and the sums of x, x^2, x^3, x^4 of scaled observations x >= -1."""
+
+    n: int = 0
+    s1: float = 0.0
+    s2: float = 0.0
+    s3: float = 0.0
+    s4: float = 0.0
+
+    def __add__(self, other: PowerSums) -> PowerSums:
+        return PowerSums(
+            self.n + other.n, self.s1 + other.s1, self.s2 + other.s2, self.s3 + other.s3, self.s4 + other.s4
+        )
+
+    def negated(self) -> PowerSums:
+        """The sums of -x (the other direction's bets; valid when also x <= 1)."""
+        return PowerSums(self.n, -self.s1, self.s2, -self.s3, self.s4)
+
+    @classmethod
+    def scaled(cls, moments: Moments, scale: float) -> PowerSums:
+        """The sums of x = value / scale from the values' Moments."""
+        return cls(
+            moments.n,
+            moments.total / scale,
+            moments.total_squares / scale**2,
+            moments.total_cubes / scale**3,
+            moments.total_fourths / scale**4,
+        )
+
+
+def bet_log_evidence(sums: PowerSums) -> float:
+    """log of the average over `BETS` of the wealth lower bounds exp(l s1 - l^2 s2/2 + l^3 s3/3 - c l^4 s4):
+    at least the log of a nonnegative supermartingale when every x >= -1 and E[x] <= 0."""
+    if sums.n <= 0 or sums.s2 < 0.0 or sums.s4 < 0.0:
+        return 0.0
+    logs = [
+        weight + bet * sums.s1 - bet * bet * sums.s2 / 2 + bet**3 * sums.s3 / 3 - quartic * bet**4 * sums.s4
+        for bet, quartic, weight in BETS
+    ]
+    top = max(logs)
+    return top + math.log(sum(math.exp(value - top) for value in logs))
+
+
+def bounded_paired_evidence(differences: Moments, bound: float) -> Evidence:
+    """Shadow mode, losses in [0, bound]: this look's p-values from the betting test on the per-request
+    differences (production minus candidate), both directions."""
+    if differences.n == 0 or bound <= 0.0:
+        return NO_EVIDENCE
+    sums = PowerSums.scaled(differences, bound)
+    return Evidence(p_better=p_value(bet_log_evidence(sums)), p_worse=p_value(bet_log_evidence(sums.negated())))
+
+
+@dataclass(frozen=True)
+class TwoArmBets:
+    """Canary mode, losses in [0, bound]: the betting test's state from one look to the next.
+
+    Each look bets on the requests scored since the previous one (the *batch*): for a production request
+    z = (L - m) / (1 - w), for a candidate request z = -(L - m) / w, with w the candidate's share and m the
+    pooled mean loss up to the previous look (known before the batch: a predictable centre). Every z has
+    mean mu_production - mu_candidate whatever m is, and is at least -b with b = max(m/(1-w), (B-m)/w), so
+    x = z / b >= -1 and the betting bound applies; the other direction uses -z over its own b. The first
+    look only sets m. Outcome corrections of earlier requests enter the look that reads them.
+    """
+
+    production: Moments = field(default_factory=Moments)
+    """Production's losses up to the previous look."""
+    candidate: Moments = field(default_factory=Moments)
+    centre: float | None = None
+    better: PowerSums = PowerSums()
+    """Accumulated scaled sums for "the candidate is better"."""
+    worse: PowerSums = PowerSums()
+
+    def look(self, production: Moments, candidate: Moments, share: float, bound: float) -> TwoArmBets:
+        """The state after betting on what arrived since the previous look."""
+        batch_p, batch_c = production - self.production, candidate - self.candidate
+        better, worse = self.better, self.worse
+        m = self.centre
+        if m is not None and 0.0 < share < 1.0 and bound > 0.0 and batch_p.n >= 0 and batch_c.n >= 0:
+            m = min(max(m, 0.0), bound)
+            w = share
+            b_better = max(m / (1 - w), (bound - m) / w, 1e-12)
+            b_worse = max((bound - m) / (1 - w), m / w, 1e-12)
+            better = better + _batch_bets(batch_p, batch_c, m, 1.0 / ((1 - w) * b_better), -1.0 / (w * b_better))
+            worse = worse + _batch_bets(batch_p, batch_c, m, -1.0 / ((1 - w) * b_worse), 1.0 / (w * b_worse))
+        n = production.n + candidate.n
+        centre = (production.total + candidate.total) / n if n else self.centre
+        return TwoArmBets(production, candidate, centre, better, worse)
+
+    @property
+    def evidence(self) -> Evidence:
+        return Evidence(p_better=p_value(bet_log_evidence(self.better)), p_worse=p_value(bet_log_evidence(self.worse)))
+
+
+def _centred(moments: Moments, m: float) -> tuple[float, float, float, float]:
+    """Sums of (L - m)^k, k = 1..4, from the power sums of L."""
+    n, s1, s2, s3, s4 = moments.n, moments.total, moments.total_squares, moments.total_cubes, moments.total_fourths
+    return (
+        s1 - n * m,
+        s2 - 2 * m * s1 + n * m * m,
+        s3 - 3 * m * s2 + 3 * m * m * s1 - n * m**3,
+        s4 - 4 * m * s3 + 6 * m * m * s2 - 4 * m**3 * s1 + n * m**4,
+    )
+
+
+def _batch_bets(production: Moments, candidate: Moments, m: float, a_p: float, a_c: float) -> PowerSums:
+    """Sums of x^k for x = a_p (L - m) on production's requests and a_c (L - m) on the candidate's."""
+    p, c = _centred(production, m), _centred(candidate, m)
+    sums = [a_p ** (k + 1) * p[k] + a_c ** (k + 1) * c[k] for k in range(4)]
+    if sums[1] < 0.0 or sums[3] < 0.0:  # corrections only, no new requests: nothing to bet on
+        return PowerSums()
+    return PowerSums(production.n + candidate.n, *sums)
+
+
+# --- rates ----------------------------------------------------------------------------------------------
+
+RATE_COUNT = 40
+_RATE_OFFSETS = tuple(
+    math.exp(math.log(0.02) + i * (math.log(8.0) - math.log(0.02)) / (RATE_COUNT - 1)) for i in range(RATE_COUNT)
+)
+"""Alternatives of the rate test, as log-odds above (or below) the threshold: 0.02 to 8, log-evenly."""
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+def rate_log_evidence(events: int, trials: int, threshold: float, *, above: bool = True) -> float:
+    """log of the evidence that the true rate is above `threshold` (or below, `above=False`) after `events`
+    of `trials`: a mixture of binomial likelihood ratios over alternatives on that side, each a
+    supermartingale while the rate is on the other side (Robbins 1970)."""
+    if trials <= 0:
+        return 0.0
+    events = min(max(events, 0), trials)
+    if above and threshold <= 0.0:
+        return math.inf if events > 0 else 0.0
+    if not above and threshold >= 1.0:
+        return math.inf if events < trials else 0.0
+    if (above and threshold >= 1.0) or (not above and threshold <= 0.0):
+        return 0.0
+    base = _logit(threshold)
+    log_p0, log_q0 = math.log(threshold), math.log1p(-threshold)
+    logs = []
+    for offset in _RATE_OFFSETS:
+        odds = base + offset if above else base - offset
+        log_p1 = -math.log1p(math.exp(-odds)) if odds > -700 else odds
+        log_q1 = -math.log1p(math.exp(odds)) if odds < 700 else -odds
+        logs.append(events * (log_p1 - log_p0) + (trials - events) * (log_q1 - log_q0))
+    top = max(logs)
+    return top + math.log(sum(math.exp(value - top) for value in logs)) - math.log(RATE_COUNT)
+
+
+def rate_bounds(events: int, trials: int, alpha: float) -> tuple[float, float]:
+    """A time-uniform (1 - alpha) confidence interval for a rate (each side alpha/2), by inverting
+    `rate_log_evidence`: the rates it cannot reject."""
+    if trials <= 0:
+        return 0.0, 1.0
+    level = math.log(2.0 / alpha)
+
+    def solve(above: bool) -> float:
+        low, high = 0.0, 1.0
+        for _ in range(30):
+            middle = (low + high) / 2
+            rejected = rate_log_evidence(events, trials, middle, above=above) >= level
+            # above: small thresholds are rejected; below: large ones are.
+            if rejected == above:
+                low = middle
+            else:
+                high = middle
+        return low if above else high
+
+    return solve(True), solve(False)
+
+
+def quantile_bounds(sketch: LatencySketch, q: float, alpha: float) -> tuple[float | None, float | None]:
+    """A time-uniform (1 - alpha) confidence interval for the q-quantile of the latencies, each side
+    alpha/2: below it the share above is shown to exceed 1 - q, above it shown to be under 1 - q."""
+    total = sketch.count
+    if total == 0:
+        return None, None
+    level = math.log(2.0 / alpha)
+    tail = 1.0 - q
+    buckets = sorted(sketch.counts)
+    from_here = [0] * (len(buckets) + 1)  # from_here[i]: values in buckets[i:]
+    for index in range(len(buckets) - 1, -1, -1):
+        from_here[index] = from_here[index + 1] + sketch.counts[buckets[index]]
+
+    def shown_above(index: int) -> bool:  # values in buckets[index:] exceed its lower edge
+        return rate_log_evidence(from_here[index], total, tail, above=True) >= level
+
+    def shown_below(index: int) -> bool:  # only values in buckets[index + 1:] can exceed its upper edge
+        return rate_log_evidence(from_here[index + 1], total, tail, above=False) >= level
+
+    lower = upper = None
+    # shown_above holds for the first buckets and stops holding (fewer values above): the last that holds.
+    low, high = 0, len(buckets) - 1
+    if shown_above(low):
+        while low < high:
+            middle = (low + high + 1) // 2
+            if shown_above(middle):
+                low = middle
+            else:
+                high = middle - 1
+        lower = sketch.gamma ** (buckets[low] - 1)
+    # shown_below starts holding at some bucket and holds from there on: the first that holds.
+    low, high = 0, len(buckets) - 1
+    if shown_below(high):
+        while low < high:
+            middle = (low + high) // 2
+            if shown_below(middle):
+                high = middle
+            else:
+                low = middle + 1
+        upper = sketch.gamma ** buckets[low]
+    return lower, upper

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import math
 import random
 import secrets
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,10 +26,14 @@ import pytest
 
 from shadowgate_operator import timescale
 from shadowgate_operator.api import Metric, TrafficMode
-from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
+from shadowgate_operator.metrics import Clustered, LatencySketch, Moments, SegmentMetrics, SideMetrics, WindowMetrics
 from shadowgate_operator.queries import (
+    CLOCK_SKEW,
+    KEY_BUCKETS,
     LATENCY_RELATIVE_ACCURACY,
     OUTCOME_LEEWAY,
+    SANE_LIMIT,
+    Options,
     WindowAnalyses,
     WindowAnalysis,
     recorded_horizon,
@@ -90,6 +95,8 @@ class Prediction:
     candidate: Side
     namespace: str = NS
     deployment: str = DEPLOYMENT
+    sticky_key: str | None = None
+    segment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,13 +122,14 @@ async def insert(
         f"""INSERT INTO predictions (time, namespace, deployment, request_id, served_by, mode, weight,
                 production_prediction, production_confidence, production_latency_ms, production_status,
                 production_error, candidate_prediction, candidate_confidence, candidate_latency_ms,
-                candidate_status, candidate_error{recorded})
-            VALUES ($1, $2, $3, $4, 'production', 'shadow', 50, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14{null})""",
+                candidate_status, candidate_error, sticky_key, segment{recorded})
+            VALUES ($1, $2, $3, $4, 'production', 'shadow', 50, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                    $16{null})""",
         [
             (p.time, p.namespace, p.deployment, p.request_id,
              p.production.prediction, p.production.confidence, p.production.latency_ms, p.production.status,
              p.production.error, p.candidate.prediction, p.candidate.confidence, p.candidate.latency_ms,
-             p.candidate.status, p.candidate.error)
+             p.candidate.status, p.candidate.error, p.sticky_key, p.segment)
             for p in predictions
         ],
     )  # fmt: skip
@@ -248,6 +256,7 @@ def _agree(metric: Metric, a: Side, b: Side) -> bool:
 
 
 def _moments(values: list[float]) -> Moments:
+    """Count, sum and sum of squares (what segments keep)."""
     return Moments(len(values), sum(values), sum(v * v for v in values)) if values else Moments()
 
 
@@ -286,6 +295,27 @@ class Expected:
     """The exact latencies of each side, to bound the histogram's error."""
 
 
+def _sane(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and abs(value) <= SANE_LIMIT
+
+
+def _answer_sane(side: Side) -> bool:
+    return _sane(side.prediction) and (side.confidence is None or _sane(side.confidence))
+
+
+def _bucket(key: str) -> int:
+    """The SQL's key bucket: the first 32 bits of md5, low bits."""
+    return int(hashlib.md5(key.encode()).hexdigest()[:8], 16) & (KEY_BUCKETS - 1)
+
+
+def _powers(values: list[float]) -> Moments:
+    if not values:
+        return Moments()
+    return Moments(
+        len(values), sum(values), sum(v**2 for v in values), sum(v**3 for v in values), sum(v**4 for v in values)
+    )
+
+
 def reference(
     predictions: Iterable[Prediction],
     outcomes: Iterable[Outcome],
@@ -295,7 +325,17 @@ def reference(
     until: dt.datetime | None = UNTIL,
     deployment: str = DEPLOYMENT,
     fallback_to_production: bool = True,
+    *,
+    options: Options | None = None,
+    step_since: dt.datetime | None = None,
+    first_recorded: Mapping[str, dt.datetime] | None = None,
 ) -> Expected:
+    """The definitions of queries.py in plain Python. `predictions` in the order they were recorded;
+    `first_recorded`: when each request id's first outcome was recorded (None: long after every
+    prediction, as for every seeded row)."""
+    options = options or Options(fallback=fallback_to_production)
+    step_since = step_since or since
+
     def inside(time: dt.datetime, low: dt.datetime) -> bool:
         return low <= time and (until is None or time <= until)
 
@@ -309,43 +349,73 @@ def reference(
     paired = mode is TrafficMode.SHADOW
     losses: tuple[list[float], list[float]] = ([], [])
     differences: list[float] = []
-    scored = pairs = agreements = 0
+    keyed: dict[int, list[float]] = {}
+    segments: dict[str, list[list[float]]] = {}
+    scored = pairs = agreements = quarantined = repeats = 0
+    seen: set[str] = set()
+    cap = options.loss_cap if options.loss_cap is not None else math.inf
     for p in window:
-        both = _answered(p.production) and _answered(p.candidate)
-        if both:
+        first = p.request_id not in seen
+        seen.add(p.request_id)
+        recorded = (first_recorded or {}).get(p.request_id)
+        scorable = first and (recorded is None or p.time <= recorded + CLOCK_SKEW)
+        if not scorable:
+            repeats += 1
+            continue
+        p_ok = _answered(p.production) and _answer_sane(p.production)
+        c_ok = _answered(p.candidate) and _answer_sane(p.candidate)
+        if p_ok and c_ok:
             pairs += 1
             agreements += _agree(metric, p.production, p.candidate)
         outcome = latest.get(p.request_id)
         if outcome is None:
             continue
+        y_sane = _sane(outcome.outcome) and (metric is not Metric.LOG_LOSS or 0 <= outcome.outcome <= 1)
+        insane_answer = any(_answered(side) and not _answer_sane(side) for side in (p.production, p.candidate))
+        if not y_sane or insane_answer:
+            quarantined += 1
+        if not y_sane:
+            continue
         # Intention to treat: what the user got on a request given to the candidate stays the candidate's.
-        candidate_failed = _called(p.candidate) and not _answered(p.candidate) and _answered(p.production)
+        candidate_failed = _called(p.candidate) and not _answered(p.candidate) and p_ok
         candidate_failed = candidate_failed and (
             (p.candidate.status is not None and p.candidate.status >= 500)
             or p.candidate.error not in (None, "no_prediction")
         )
-        fallback = candidate_failed and (not paired or fallback_to_production)
-        served = _answered(p.candidate) or fallback
-        candidate_answer = p.candidate if _answered(p.candidate) else p.production
-        if paired:
-            counted = [_answered(p.production) and served] * 2
-        else:
-            counted = [_answered(p.production) and not _called(p.candidate), served]
+        fallback = candidate_failed and (not paired or options.fallback)
+        served = c_ok or fallback
+        candidate_answer = p.candidate if c_ok else p.production
+        counted = [p_ok and served] * 2 if paired else [p_ok and not _called(p.candidate), served]
         scored += any(counted)
         side_losses = [
-            _loss(metric, side, outcome.outcome) if use else None
+            min(_loss(metric, side, outcome.outcome), cap) if use else None
             for side, use in zip((p.production, candidate_answer), counted, strict=True)
         ]
         for index, loss in enumerate(side_losses):
             if loss is not None:
                 losses[index].append(loss)
+        difference = None
         if paired and counted[0]:
             production_loss, candidate_loss = side_losses
             assert production_loss is not None and candidate_loss is not None
-            differences.append(production_loss - candidate_loss)
+            difference = production_loss - candidate_loss
+            differences.append(difference)
+        if any(counted):
+            series = [side_losses[0], side_losses[1], difference]
+            if options.clustered:
+                group = keyed.setdefault(_bucket(p.sticky_key or p.request_id), [0.0] * 6)
+                for index, value in enumerate(series):
+                    if value is not None:
+                        group[2 * index] += 1
+                        group[2 * index + 1] += value
+            if options.segmented:
+                parts = segments.setdefault((p.segment or "(none)")[:128], [[], [], []])
+                for index, value in enumerate(series):
+                    if value is not None:
+                        parts[index].append(value)
 
     def side(index: int) -> tuple[SideMetrics, list[float]]:
-        calls = [(p.production, p.candidate)[index] for p in window]
+        calls = [(p.production, p.candidate)[index] for p in window if p.time >= step_since]
         called = [s for s in calls if _called(s)]
         latencies = [s.latency_ms for s in called if s.latency_ms is not None]
         sketch = [sketched(value) for value in latencies]
@@ -355,10 +425,33 @@ def reference(
             latency_p50_ms=percentile_cont(sketch, 0.5),
             latency_p95_ms=percentile_cont(sketch, 0.95),
             latency_p99_ms=percentile_cont(sketch, 0.99),
-            loss=_moments(losses[index]),
+            loss=_powers(losses[index]),
             metric_value=_metric_value(metric, losses[index]),
         ), latencies
 
+    clusters = None
+    if options.clustered:
+        if paired:
+            clusters = (Clustered.of((round(v[4]), v[5]) for v in keyed.values()), Clustered())
+        else:
+            clusters = (
+                Clustered.of((round(v[0]), v[1]) for v in keyed.values()),
+                Clustered.of((round(v[2]), v[3]) for v in keyed.values()),
+            )
+    segment_metrics = tuple(
+        sorted(
+            (
+                SegmentMetrics(
+                    name,
+                    production=_moments(parts[0]),
+                    candidate=_moments(parts[1]),
+                    difference=_moments(parts[2]) if paired else Moments(),
+                )
+                for name, parts in segments.items()
+            ),
+            key=lambda segment: (-segment.samples, segment.name),
+        )
+    )
     (production, production_latencies), (candidate, candidate_latencies) = side(0), side(1)
     return Expected(
         WindowMetrics(
@@ -366,11 +459,21 @@ def reference(
             candidate=candidate,
             scored=scored,
             paired=paired,
-            loss_difference=_moments(differences) if paired else Moments(),
+            loss_difference=_powers(differences) if paired else Moments(),
             agreement=(agreements / pairs if pairs else None) if paired else None,
+            clusters=clusters,
+            segments=segment_metrics,
+            quarantined=quarantined,
+            unscored_repeats=repeats,
         ),
         (production_latencies, candidate_latencies),
     )
+
+
+def assert_moments(got: Moments, wanted: Moments) -> None:
+    assert got.n == wanted.n
+    for name in ("total", "total_squares", "total_cubes", "total_fourths"):
+        assert getattr(got, name) == pytest.approx(getattr(wanted, name), rel=1e-9, abs=1e-9), name
 
 
 def assert_matches(actual: WindowMetrics, expected: Expected) -> None:
@@ -379,18 +482,29 @@ def assert_matches(actual: WindowMetrics, expected: Expected) -> None:
     want = expected.metrics
     approx = dict(rel=1e-9, abs=1e-9)
     assert (actual.scored, actual.paired) == (want.scored, want.paired)
+    assert (actual.quarantined, actual.unscored_repeats) == (want.quarantined, want.unscored_repeats)
     assert actual.agreement == (None if want.agreement is None else pytest.approx(want.agreement))
-    got, wanted = actual.loss_difference, want.loss_difference
-    assert got.n == wanted.n
-    assert got.total == pytest.approx(wanted.total, **approx)
-    assert got.total_squares == pytest.approx(wanted.total_squares, **approx)
+    assert_moments(actual.loss_difference, want.loss_difference)
+    if want.clusters is None:
+        assert actual.clusters is None
+    else:
+        assert actual.clusters is not None
+        for got_keys, wanted_keys in zip(actual.clusters, want.clusters, strict=True):
+            assert got_keys.keys == wanted_keys.keys
+            for name in ("squares", "cross", "counts"):
+                assert getattr(got_keys, name) == pytest.approx(getattr(wanted_keys, name), rel=1e-9, abs=1e-6)
+    assert [segment.name for segment in actual.segments] == [segment.name for segment in want.segments]
+    for got_segment, wanted_segment in zip(actual.segments, want.segments, strict=True):
+        for name in ("production", "candidate", "difference"):
+            got_moments, wanted_moments = getattr(got_segment, name), getattr(wanted_segment, name)
+            assert got_moments.n == wanted_moments.n
+            assert got_moments.total == pytest.approx(wanted_moments.total, rel=1e-9, abs=1e-9)
+            assert got_moments.total_squares == pytest.approx(wanted_moments.total_squares, rel=1e-9, abs=1e-9)
     for got_side, wanted_side, exact in zip(
         (actual.production, actual.candidate), (want.production, want.candidate), expected.latencies, strict=True
     ):
         assert (got_side.requests, got_side.errors) == (wanted_side.requests, wanted_side.errors)
-        assert got_side.loss.n == wanted_side.loss.n
-        assert got_side.loss.total == pytest.approx(wanted_side.loss.total, **approx)
-        assert got_side.loss.total_squares == pytest.approx(wanted_side.loss.total_squares, **approx)
+        assert_moments(got_side.loss, wanted_side.loss)
         if wanted_side.metric_value is None:
             assert got_side.metric_value is None
         else:
@@ -470,7 +584,7 @@ async def test_without_fallback_a_failed_mirror_is_not_a_pair(
     predictions, outcomes = seeded
     for metric in (Metric.MAE, Metric.ACCURACY):
         actual = await window_metrics(
-            connection, NS, DEPLOYMENT, metric, TrafficMode.SHADOW, SINCE, UNTIL, fallback=False
+            connection, NS, DEPLOYMENT, metric, TrafficMode.SHADOW, SINCE, UNTIL, options=Options(fallback=False)
         )
         expected = reference(predictions, outcomes, metric, TrafficMode.SHADOW, fallback_to_production=False)
         assert_matches(actual, expected)
@@ -493,8 +607,8 @@ async def test_a_canary_fallback_stays_in_the_candidates_sample(connection: asyn
     metrics = await window_metrics(
         connection, NS, "fallbacks", Metric.MAE, TrafficMode.CANARY, start, start + dt.timedelta(minutes=1)
     )
-    assert metrics.production.loss == Moments(1, 1.0, 1.0)
-    assert metrics.candidate.loss == Moments(2, 10.0, 82.0)
+    assert metrics.production.loss == Moments(1, 1.0, 1.0, 1.0, 1.0)
+    assert metrics.candidate.loss == Moments(2, 10.0, 82.0, 730.0, 6562.0)
     assert (metrics.candidate.requests, metrics.candidate.errors, metrics.production.requests) == (2, 1, 2)
 
 
@@ -510,7 +624,8 @@ async def test_an_open_ended_window_and_an_empty_one(
     )
 
     empty = await window_metrics(connection, NS, "nobody", Metric.RMSE, TrafficMode.SHADOW, SINCE, UNTIL)
-    assert empty == WindowMetrics(production=SideMetrics(), candidate=SideMetrics(), scored=0, paired=True)
+    nothing = SideMetrics(latency=LatencySketch())
+    assert empty == WindowMetrics(production=nothing, candidate=nothing, scored=0, paired=True)
 
 
 async def test_compressed_chunks_give_the_same_answers(connection: asyncpg.Connection) -> None:
@@ -587,6 +702,16 @@ async def test_with_compression_later_runs_read_back_no_further_than_its_horizon
 # --- the incremental analysis -----------------------------------------------------------------------
 
 
+async def first_recorded(connection: asyncpg.Connection, deployment: str, since: dt.datetime) -> dict[str, dt.datetime]:
+    """When each request id's first outcome (within the leeway) was recorded, by the database's clock."""
+    rows = await connection.fetch(
+        "SELECT request_id, min(coalesce(recorded_at, time)) AS first FROM outcomes"
+        " WHERE namespace = $1 AND deployment = $2 AND time >= $3 GROUP BY request_id",
+        NS, deployment, since - OUTCOME_LEEWAY,
+    )  # fmt: skip
+    return {row["request_id"]: row["first"] for row in rows}
+
+
 async def _check(
     connection: asyncpg.Connection,
     analysis: WindowAnalysis,
@@ -598,8 +723,9 @@ async def _check(
     """Refresh, then compare with the whole-window query and with the reference over every row so far."""
     incremental = await analysis.refresh(connection)
     expected = reference(
-        predictions, outcomes, metric, mode, since=analysis.since, until=None, deployment=analysis.deployment
-    )
+        predictions, outcomes, metric, mode, since=analysis.since, until=None, deployment=analysis.deployment,
+        first_recorded=await first_recorded(connection, analysis.deployment, analysis.since),
+    )  # fmt: skip
     assert_matches(incremental, expected)
     whole = await window_metrics(connection, NS, analysis.deployment, metric, mode, analysis.since, None)
     assert_matches(whole, expected)
@@ -667,12 +793,20 @@ async def test_the_incremental_analysis_equals_the_whole_window_after_every_batc
     await add([spooled], by_request.get(spooled.request_id, []))
     await _check(connection, analysis, predictions, outcomes, metric, mode)
 
-    # 4. Requests made after the previous run (stamped ahead of it), each with all its outcomes in the
-    #    same batch, duplicates included; and outcomes of another deployment for the same request ids.
+    # 4. Requests made after the previous run (stamped more than CLOCK_SKEW after it), each with all its
+    #    outcomes in the same batch, duplicates included; and outcomes of another deployment for the same
+    #    request ids. Stamped within CLOCK_SKEW of when their outcomes are recorded (a request is made
+    #    before its outcome is known: one made later is not scored, issue 12 D6).
     horizon = analysis.horizon
     assert horizon is not None
+    # Until the database's clock has moved on: outcomes are recorded from there on.
+    await connection.execute(
+        "SELECT pg_sleep(greatest(0, extract(epoch FROM $1::timestamptz - clock_timestamp())))",
+        horizon + dt.timedelta(seconds=0.2),
+    )
     fresh = [
-        replace(p, time=horizon + dt.timedelta(seconds=2 + i / 10)) for i, p in enumerate(window_predictions[101:200])
+        replace(p, time=horizon + dt.timedelta(seconds=1.05 + i / 2000))
+        for i, p in enumerate(window_predictions[101:200])
     ]
     fresh_outcomes = [
         replace(o, time=p.time + (o.time - original.time))
@@ -839,3 +973,83 @@ async def test_a_writer_the_analysis_cannot_see_into_is_taken_as_old_as_the_allo
         for role in (writer_role, analyst_role):
             await connection.execute(f'REVOKE ALL ON predictions, outcomes FROM "{role}"')
             await connection.execute(f'DROP ROLE "{role}"')
+
+
+# --- keys, segments, caps, quarantine, repeated ids, the step window --------------------------------
+
+
+def _grouped_seed(rng: random.Random, deployment: str, start: dt.datetime, count: int) -> tuple[
+    list[Prediction], list[Outcome]
+]:  # fmt: skip
+    """Requests from 25 accounts (some without a key) in three segments (some without one), with absurd
+    values, reused request ids, and a prediction made after its outcome was known."""
+    predictions: list[Prediction] = []
+    outcomes: list[Outcome] = []
+    for i in range(count):
+        time = start + dt.timedelta(seconds=i * 3600 / count)
+        key = None if rng.random() < 0.1 else f"acct-{rng.randrange(25)}"
+        segment = rng.choice(["AAPL", "MSFT", "MSFT", None])
+        production, candidate = _side(rng, mirrored=True), _side(rng, mirrored=False)
+        if i % 37 == 5:
+            candidate = Side(prediction=1e200, latency_ms=3.0, status=200)  # absurd answer: quarantined
+        if i % 41 == 7:
+            production = replace(production, confidence=math.inf) if production.prediction is not None else production
+        request_id = f"req-{i}"
+        predictions.append(Prediction(time, request_id, production, candidate, deployment=deployment,
+                                      sticky_key=key, segment=segment))  # fmt: skip
+        if rng.random() < 0.2:
+            continue
+        value = _value(rng)
+        if i % 29 == 3:
+            value = rng.choice([math.nan, math.inf, 1e300, -1e16])  # absurd outcomes: quarantined
+        outcomes.append(
+            Outcome(time + dt.timedelta(seconds=rng.uniform(0, 60)), request_id, value, deployment=deployment)
+        )
+        if i % 23 == 11:  # the same id sent again later with another answer: recorded, never scored
+            again = Side(prediction=_value(rng), latency_ms=2.0, status=200)
+            predictions.append(Prediction(time + dt.timedelta(seconds=30), request_id, again, again,
+                                          deployment=deployment, sticky_key=key, segment=segment))  # fmt: skip
+    return predictions, outcomes
+
+
+@pytest.mark.parametrize(("metric", "mode"), [(Metric.MAE, TrafficMode.SHADOW), (Metric.LOG_LOSS, TrafficMode.CANARY)])
+async def test_keys_segments_caps_quarantine_and_repeated_ids(
+    connection: asyncpg.Connection, metric: Metric, mode: TrafficMode
+) -> None:
+    deployment = f"grouped-{metric}-{mode}"
+    now: dt.datetime = await connection.fetchval("SELECT clock_timestamp()")
+    start = now - dt.timedelta(hours=2)
+    predictions, outcomes = _grouped_seed(random.Random(17), deployment, start, 300)
+    options = Options(loss_cap=0.8 if metric is Metric.MAE else 5.0, clustered=True, segmented=True)
+    step = start + dt.timedelta(minutes=30)
+    await insert(connection, predictions, outcomes)
+    # A prediction made after its request's outcome was known (someone replaying a published id).
+    known = Outcome(now - dt.timedelta(minutes=1), "published", 1.0, deployment=deployment)
+    await insert(connection, outcomes=[known])
+    ok = Side(prediction=0.6, confidence=0.6, latency_ms=2.0, status=200)
+    replayed = Prediction(now + dt.timedelta(minutes=5), "published", ok, ok, deployment=deployment)
+    await insert(connection, [replayed])
+    everything, all_outcomes = [*predictions, replayed], [*outcomes, known]
+
+    actual = await window_metrics(
+        connection, NS, deployment, metric, mode, start, None, options=options, step_since=step
+    )
+    recorded = await first_recorded(connection, deployment, start)
+    expected = reference(everything, all_outcomes, metric, mode, since=start, until=None, deployment=deployment,
+                         options=options, step_since=step, first_recorded=recorded)  # fmt: skip
+    assert_matches(actual, expected)
+    assert actual.quarantined > 5 and actual.unscored_repeats > 5
+    assert actual.clusters is not None and actual.clusters[0 if mode is TrafficMode.SHADOW else 1].keys > 10
+    assert {segment.name for segment in actual.segments} == {"MSFT", "AAPL", "(none)"}
+    assert actual.production.requests < sum(1 for p in everything if p.production != NOT_CALLED)  # the step's only
+    losses = actual.production.loss
+    assert losses.total <= options.loss_cap * losses.n  # type: ignore[operator]
+
+    # The incremental analysis agrees, across a new step window.
+    analysis = WindowAnalysis(NS, deployment, metric, mode, start, options=options, step_since=start, saved=False)
+    result = await analysis.refresh(connection)
+    assert result.production.requests == expected.metrics.production.requests + sum(
+        1 for p in everything if start <= p.time < step and p.production != NOT_CALLED
+    )
+    analysis.move_step(step)
+    assert_matches(await analysis.refresh(connection), expected)

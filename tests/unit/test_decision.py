@@ -13,13 +13,22 @@ import pytest
 from shadowgate_operator.api import (
     AnalysisMetrics,
     DecisionAction,
+    EvidenceState,
     Metric,
     Phase,
+    QualityTest,
     ShadowDeploymentSpec,
     ShadowDeploymentStatus,
 )
-from shadowgate_operator.decision import Verdict, analyse, decide, overall_score, relative_improvement
-from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
+from shadowgate_operator.decision import (
+    Verdict,
+    analyse,
+    decide,
+    evidence_since,
+    overall_score,
+    relative_improvement,
+)
+from shadowgate_operator.metrics import LatencySketch, Moments, SideMetrics, WindowMetrics
 from shadowgate_operator.stats import NO_EVIDENCE, Evidence
 from tests.admission_cases import load_example, merge_patch
 
@@ -36,16 +45,27 @@ def spec(analysis: dict[str, Any] | None = None, traffic: dict[str, Any] | None 
     return ShadowDeploymentSpec.model_validate(document)
 
 
-def status(step: int = 0, metrics: AnalysisMetrics | None = None) -> ShadowDeploymentStatus:
+def status(
+    step: int = 0, metrics: AnalysisMetrics | None = None, evidence: EvidenceState | None = None
+) -> ShadowDeploymentStatus:
     weight = [5, 10, 20][step]
     return ShadowDeploymentStatus(
-        phase=Phase.PROGRESSING, current_step=step, current_weight=weight, step_started_at=T0, metrics=metrics
-    )
+        phase=Phase.PROGRESSING, current_step=step, current_weight=weight, step_started_at=T0, metrics=metrics,
+        evidence=evidence,
+    )  # fmt: skip
 
 
 def losses(n: int, mean: float, sd: float) -> Moments:
-    """n values with exactly this mean and sample standard deviation."""
-    return Moments(n, n * mean, (n - 1) * sd * sd + n * mean * mean)
+    """n values with exactly this mean and sample standard deviation, spread like a normal sample (no
+    skewness, kurtosis 3) as far as the higher power sums go."""
+    variance = (n - 1) * sd * sd / n if n else 0.0
+    return Moments(
+        n,
+        n * mean,
+        n * (variance + mean * mean),
+        n * (mean**3 + 3 * mean * variance),
+        n * (mean**4 + 6 * mean * mean * variance + 3 * variance * variance),
+    )
 
 
 def side(
@@ -94,11 +114,29 @@ def run(
     metrics: WindowMetrics | None,
     *,
     analysis: dict[str, Any] | None = None,
+    traffic: dict[str, Any] | None = None,
     step: int = 0,
     now: datetime = LATER,
     previous: AnalysisMetrics | None = None,
+    evidence: EvidenceState | None = None,
 ) -> Verdict:
-    return analyse(spec(analysis), status(step, previous), metrics, now)
+    return analyse(spec(analysis, traffic), status(step, previous, evidence), metrics, now)
+
+
+def sketch(values: dict[float, int]) -> LatencySketch:
+    """A latency histogram with `count` requests at each latency."""
+    histogram = LatencySketch()
+    for value, count in values.items():
+        histogram.add_buckets([histogram.bucket(value)] * count)
+    return histogram
+
+
+def timed(side: SideMetrics, values: dict[float, int]) -> SideMetrics:
+    """The side with these latencies (and their percentiles), as the SQL would return them."""
+    histogram = sketch(values)
+    return replace(
+        side, latency=histogram, latency_p50_ms=histogram.quantile(0.5), latency_p99_ms=histogram.quantile(0.99)
+    )
 
 
 # --- no data, hard gates, minSamples -----------------------------------------------------------------
@@ -122,12 +160,12 @@ def test_no_metrics_after_max_step_duration_fails() -> None:
 @pytest.mark.parametrize(
     ("errors", "requests", "action", "reason"),
     [
-        (24, 200, ROLL_BACK, "Candidate error rate 12.0% (24 of 200 requests) exceeds maxErrorRate 5.0% "
-                             "at step 1 of 3 (5% shadow): rolled back."),
+        (24, 200, ROLL_BACK, "Candidate error rate 12.0% (24 of 200 requests) is above maxErrorRate 5.0% "
+                             "(shown at gateConfidence 0.99) at step 1 of 3 (5% shadow): rolled back."),
         (10, 200, WAIT, "Waiting for samples"),  # 5.0% is not above 5.0%
-        (11, 200, ROLL_BACK, "Candidate error rate 5.5% (11 of 200 requests) exceeds maxErrorRate 5.0%"),
-        (2, 20, ROLL_BACK, "Candidate error rate 10.0% (2 of 20 requests) exceeds maxErrorRate 5.0%"),
-        (5, 19, WAIT, "Waiting for samples"),  # too few requests to judge an error rate
+        (16, 200, WAIT, "Waiting for samples"),  # 8% measured, not shown above 5%: could be noise
+        (8, 20, ROLL_BACK, "Candidate error rate 40.0% (8 of 20 requests) is above maxErrorRate 5.0%"),
+        (6, 20, WAIT, "Waiting for samples"),  # 30% of 20: not yet shown
     ],
 )  # fmt: skip
 def test_the_error_rate_gate_rolls_back_at_once_even_below_min_samples(
@@ -142,22 +180,31 @@ def test_the_error_rate_gate_rolls_back_at_once_even_below_min_samples(
 
 
 @pytest.mark.parametrize(
-    ("limit", "p99", "requests", "action"),
-    [(250, 251.0, 100, ROLL_BACK), (250, 250.0, 100, WAIT), (250, 900.0, 99, WAIT), (None, 900.0, 1000, WAIT)],
+    ("limit", "slow", "requests", "action"),
+    [
+        (250, 30, 1000, ROLL_BACK),  # 3% slower than the limit: shown above 1%
+        (250, 15, 1000, WAIT),  # 1.5%: its p99 is above the limit, but that is not shown yet
+        (250, 8, 200, WAIT),
+        (None, 300, 1000, WAIT),
+    ],
 )
-def test_the_latency_gate(limit: int | None, p99: float, requests: int, action: DecisionAction) -> None:
+def test_the_latency_gate(limit: int | None, slow: int, requests: int, action: DecisionAction) -> None:
+    """maxLatencyP99Ms is a statement about the share of requests slower than it: more than 1% shown."""
     analysis = {} if limit is None else {"maxLatencyP99Ms": limit}
-    verdict = run(shadow(10, p99=p99, requests=requests), analysis=analysis)
+    metrics = shadow(10, requests=requests)
+    metrics = replace(metrics, candidate=timed(metrics.candidate, {100.0: requests - slow, 400.0: slow}))
+    verdict = run(metrics, analysis=analysis)
     assert verdict.decision.action is action
     if action is ROLL_BACK:
         assert verdict.decision.reason == (
-            f"Candidate p99 latency {p99:,.0f} ms (over {requests} requests) exceeds maxLatencyP99Ms {limit} ms "
+            f"Candidate p99 latency 400 ms is above maxLatencyP99Ms {limit} ms: {slow} of {requests:,} requests "
+            f"({slow / requests:.1%}) slower than {limit} ms, more than 1% (shown at gateConfidence 0.99) "
             "at step 1 of 3 (5% shadow): rolled back."
         )
 
 
 def test_gates_come_before_a_passing_score() -> None:
-    verdict = run(shadow(5000, 1.0, 0.8, errors=80, requests=1000))
+    verdict = run(shadow(5000, 1.0, 0.8, errors=80, requests=1000))  # 8% of 1,000: shown above 5%
     assert verdict.decision.action is ROLL_BACK
     assert "error rate 8.0%" in verdict.decision.reason
 
@@ -202,10 +249,10 @@ def test_canary_counts_the_candidates_scored_requests() -> None:
         (0.9720, 0.1, 0.69, WAIT, "Collecting at step 1 of 3 (5% shadow): overall score 0.69 below promotionThreshold"),
         (0.90, 0.1, 1.00, ADVANCE, "Step 1 of 3 (5% shadow) passed: overall score 1.00"),
         (1.00, 0.1, 0.30, WAIT, "Collecting at step 1 of 3 (5% shadow): overall score 0.30 below"),  # equal
-        (1.0429, 0.1, -0.30, ROLL_BACK, "Overall score -0.30 <= -rollbackThreshold -0.30"),
-        (1.0420, 0.1, -0.29, ROLL_BACK, "Candidate is significantly worse on mae"),  # above -0.30, but certain
-        (1.0300, 0.45, 0.30, WAIT, "Collecting"),  # 3% worse, no evidence yet: no verdict on noise
-        (1.20, 0.1, -0.40, ROLL_BACK, "Overall score -0.40 <= -rollbackThreshold -0.30"),
+        (1.0429, 0.1, -0.30, ROLL_BACK, "Candidate is significantly worse on mae"),
+        (1.0420, 0.1, -0.29, ROLL_BACK, "Candidate is significantly worse on mae"),  # above -0.30, but shown
+        (1.0300, 0.45, 0.30, WAIT, "Collecting"),  # 3% worse, not shown: no verdict on noise, no score either
+        (1.20, 0.1, -0.40, ROLL_BACK, "Candidate is significantly worse on mae"),
     ],
 )
 def test_thresholds_at_the_original_defaults(
@@ -272,15 +319,25 @@ def test_a_significantly_worse_candidate_is_rolled_back_before_its_score_says_so
     assert verdict.metrics.overall_score > -0.3
     assert verdict.decision.action is ROLL_BACK
     assert verdict.decision.reason.startswith("Candidate is significantly worse on mae at step 1 of 3 (5% shadow)")
-    assert verdict.decision.reason.endswith("it cannot be shown better: rolled back.")
+    assert "(rollbackConfidence 0.95)" in verdict.decision.reason
+    assert verdict.decision.reason.endswith("over 20,000 scored requests: rolled back.")
 
 
 def test_the_rollback_reason_names_the_score_and_threshold() -> None:
-    verdict = run(shadow(300, 0.412, 0.438, noise=0.1), analysis={"metric": "mae", "rollbackThreshold": 0.3})
+    """An established slowdown (lower bound of the candidate's p99 above production's upper bound) can
+    bring the score down to the rollback threshold on its own."""
+    metrics = shadow(300, 0.412, 0.412, noise=0.1)
+    metrics = replace(
+        metrics,
+        production=timed(metrics.production, {100.0: 1000}),
+        candidate=timed(metrics.candidate, {200.0: 1000}),
+    )
+    analysis = {"metric": "mae", "weights": {"quality": 0.5, "latency": 0.5, "errors": 0}}
+    verdict = run(metrics, analysis=analysis)
     assert verdict.decision.action is ROLL_BACK
     assert verdict.decision.reason == (
-        "Overall score -0.40 <= -rollbackThreshold -0.30 at step 1 of 3 (5% shadow) "
-        "(quality -1.00, latency +1.00, errors +1.00); mae 0.412 (production) vs 0.438 (candidate), 6.3% worse, "
+        "Overall score -0.50 <= -rollbackThreshold -0.30 at step 1 of 3 (5% shadow) "
+        "(quality +0.00, latency -1.00, errors +1.00); mae 0.412 (production) vs 0.412 (candidate), no change, "
         "over 300 scored requests: rolled back."
     )
 
@@ -314,23 +371,38 @@ def test_a_passing_step_still_passes_after_max_step_duration() -> None:
 # --- state across looks: the running p-value ---------------------------------------------------------
 
 
-def test_the_p_value_of_earlier_looks_in_the_same_step_counts() -> None:
+def test_the_p_value_of_earlier_looks_at_the_window_counts() -> None:
     weak = shadow(400, 1.0, 0.95, noise=1.2)  # score passes, this look alone is not significant
     assert run(weak).decision.action is WAIT
-    earlier = AnalysisMetrics(step=1, p_value=0.004, p_value_worse=0.9)
-    verdict = run(weak, step=1, previous=earlier)
+    earlier = EvidenceState(since=T0, p_better=0.004, p_worse=0.9)
+    verdict = run(weak, step=1, evidence=earlier)
     assert verdict.decision.action is ADVANCE
     assert "always-valid p-value 0.004 <= 0.01" in verdict.decision.reason
     assert verdict.metrics is not None
     assert (verdict.metrics.step, verdict.metrics.p_value) == (1, 0.004)
+    assert verdict.evidence == EvidenceState(since=T0, p_better=0.004, p_worse=0.9)
 
 
-def test_a_new_step_starts_without_evidence() -> None:
-    earlier_step = AnalysisMetrics(step=0, p_value=0.004, p_value_worse=0.9)
-    verdict = run(shadow(400, 1.0, 0.95, noise=1.2), step=1, previous=earlier_step)
-    assert verdict.decision.action is WAIT
-    assert verdict.metrics is not None and verdict.metrics.p_value is not None
-    assert verdict.metrics.p_value > 0.01
+def test_shadow_steps_carry_the_evidence_canary_steps_start_over() -> None:
+    """Every shadow step asks the same paired question, so the evidence window is the analysis's; a
+    canary step is a new split of the traffic and starts from nothing."""
+    shadow_spec, canary_spec = spec(), spec(traffic={"mode": "canary"})
+    second = ShadowDeploymentStatus(
+        phase=Phase.PROGRESSING, current_step=1, current_weight=10, analysis_started_at=T0,
+        step_started_at=T0 + timedelta(minutes=5),
+    )  # fmt: skip
+    assert evidence_since(shadow_spec, second) == T0
+    assert evidence_since(canary_spec, second) == T0 + timedelta(minutes=5)
+    earlier = EvidenceState(since=T0, p_better=0.004, p_worse=0.9)
+    weak = shadow(400, 1.0, 0.95, noise=1.2)
+    carried = analyse(shadow_spec, second.model_copy(update={"evidence": earlier}), weak, LATER)
+    assert carried.decision.action is ADVANCE
+    restarted = analyse(
+        canary_spec, second.model_copy(update={"evidence": earlier}), canary(3000, 300, 1.0, 0.95), LATER
+    )
+    assert restarted.metrics is not None and restarted.metrics.p_value is not None
+    assert restarted.metrics.p_value > 0.01
+    assert restarted.evidence is not None and restarted.evidence.since == T0 + timedelta(minutes=5)
 
 
 def test_verdict_metrics_carry_everything_status_shows() -> None:
@@ -343,8 +415,11 @@ def test_verdict_metrics_carry_everything_status_shows() -> None:
     assert (metrics.production.metric_value, metrics.candidate.metric_value) == (pytest.approx(0.4), 0.36)
     assert (metrics.candidate.error_rate, metrics.candidate.latency_p99_ms) == (0.01, 110.0)
     assert metrics.score_components is not None
-    assert metrics.score_components.model_dump() == {"quality": 1.0, "latency": 0.6, "errors": 0.6}
-    assert metrics.overall_score == pytest.approx(0.7 + 0.2 * 0.6 + 0.1 * 0.6)
+    # p99 110 vs 100 ms (percentiles only): 5 ms beyond latencyToleranceMs, 5% slower: 0.8. 1% errors of
+    # 1,000 against none: not shown to exceed production's, so no excess counts.
+    assert metrics.score_components.model_dump() == {"quality": 1.0, "latency": 0.8, "errors": 1.0}
+    assert metrics.overall_score == pytest.approx(0.7 + 0.2 * 0.8 + 0.1 * 1.0)
+    assert (metrics.test, metrics.units) == (QualityTest.NORMAL_MIXTURE, 650)
     assert metrics.p_value is not None and metrics.p_value < 1e-6
     assert metrics.p_value_worse == 1.0
     assert metrics.agreement == 0.9
@@ -419,12 +494,29 @@ def test_a_perfect_production_model_cannot_be_beaten() -> None:
     ],
 )
 def test_score_components(p99: float | None, error_rates: tuple[float, float], latency: float, errors: float) -> None:
-    analysis = spec().analysis
-    production = SideMetrics(requests=1000, errors=round(error_rates[0] * 1000), latency_p99_ms=100.0)
-    candidate = SideMetrics(requests=1000, errors=round(error_rates[1] * 1000), latency_p99_ms=p99)
+    """The scale, with so many requests that every rate is known to within a hair (the error component
+    counts the excess shown: lower bound of the candidate's rate minus upper bound of production's)."""
+    analysis = spec({"latencyToleranceMs": 0}).analysis
+    n = 10_000_000
+    production = SideMetrics(requests=n, errors=round(error_rates[0] * n), latency_p99_ms=100.0)
+    candidate = SideMetrics(requests=n, errors=round(error_rates[1] * n), latency_p99_ms=p99)
     components, score = overall_score(analysis, 0.025, production, candidate, Evidence(p_better=0.0, p_worse=1.0))
-    assert (components.quality, components.latency, components.errors) == (0.5, latency, errors)
-    assert score == round(0.7 * 0.5 + 0.2 * latency + 0.1 * errors, 2)
+    assert (components.quality, components.latency) == (0.5, latency)
+    assert components.errors == pytest.approx(errors, abs=0.03)
+    assert score == pytest.approx(0.7 * 0.5 + 0.2 * latency + 0.1 * errors, abs=0.011)
+
+
+def test_a_few_milliseconds_of_p99_are_not_a_regression() -> None:
+    """The latency guardrail counts the slowdown that is established and beyond latencyToleranceMs."""
+    base = shadow(400)
+    fast = timed(base.production, {10.0: 990, 12.0: 10})
+    close = timed(base.candidate, {10.0: 980, 15.0: 20})  # p99 15 ms against 12: within 5 ms
+    far = timed(base.candidate, {10.0: 900, 60.0: 100})  # p99 60 ms against 12, shown on 1,000 requests
+    analysis = spec().analysis
+    assert overall_score(analysis, 0.0, fast, close)[0].latency == 1.0
+    assert overall_score(analysis, 0.0, fast, far)[0].latency == -1.0
+    few = timed(base.candidate, {10.0: 95, 60.0: 5})  # the same shape on 100 requests: not shown
+    assert overall_score(analysis, 0.0, fast, few)[0].latency == 1.0
 
 
 @pytest.mark.parametrize(
@@ -433,7 +525,8 @@ def test_score_components(p99: float | None, error_rates: tuple[float, float], l
         (0.025, NO_EVIDENCE, 0.0),  # nothing tested yet: the estimate does not count
         (0.025, Evidence(p_better=0.2, p_worse=1.0), 0.4),
         (0.10, Evidence(p_better=0.5, p_worse=1.0), 0.5),
-        (-0.10, Evidence(p_better=1.0, p_worse=0.1), -0.9),
+        (-0.10, Evidence(p_better=1.0, p_worse=0.1), 0.0),  # not shown at rollbackConfidence: does not count
+        (-0.10, Evidence(p_better=1.0, p_worse=0.04), -1.0),
         (-0.10, Evidence(p_better=0.001, p_worse=1.0), 0.0),  # evidence for the other direction: none for this one
     ],
 )
@@ -444,11 +537,12 @@ def test_quality_counts_as_far_as_the_evidence_goes(improvement: float, evidence
 
 def test_weights_shift_the_score() -> None:
     metrics = shadow(400, 1.0, 1.0, p99=150.0)  # equal quality, 50% slower
-    default = run(metrics).metrics
-    latency_only = run(metrics, analysis={"weights": {"quality": 0, "latency": 1, "errors": 0}}).metrics
+    default = run(metrics, analysis={"latencyToleranceMs": 0}).metrics
+    weights = {"quality": 0, "latency": 1, "errors": 0}
+    latency_only = run(metrics, analysis={"latencyToleranceMs": 0, "weights": weights}).metrics
     assert default is not None and latency_only is not None
     assert (default.overall_score, latency_only.overall_score) == (-0.1, -1.0)  # 0.7 * 0 + 0.2 * -1 + 0.1 * 1
-    assert run(metrics, analysis={"weights": {"quality": 0, "latency": 1, "errors": 0}}).decision.action is ROLL_BACK
+    assert run(metrics, analysis={"latencyToleranceMs": 0, "weights": weights}).decision.action is ROLL_BACK
 
 
 def test_scores_stay_within_bounds_for_extreme_inputs() -> None:

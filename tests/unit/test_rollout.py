@@ -174,12 +174,54 @@ def test_an_advance_reports_the_samples_it_judged_though_the_next_step_starts_at
         candidate=SideMetrics(requests=n, latency_p99_ms=10.0, loss=Moments(n, 0.5 * n, 0.5 * 0.5 * n + n)),
         scored=n,
         paired=True,
-        loss_difference=Moments(n, 0.2 * n, 0.2 * 0.2 * n + 0.25 * n),
+        # differences with mean 0.2 and variance 0.25, no skew (the power sums of a normal sample)
+        loss_difference=Moments(n, 0.2 * n, 0.29 * n, 0.158 * n, 0.2491 * n),
     )
     advanced = plan_rollout(after(started()), T0 + timedelta(seconds=30), analyse=True, metrics=metrics)
     assert reasons(advanced) == ["StepAdvanced"]
     assert (advanced.status.current_step, advanced.status.samples, advanced.judged_samples) == (1, 0, n)
     assert plan_rollout(after(advanced), T0 + timedelta(seconds=31)).judged_samples is None  # no analysis, no count
+    evidence = advanced.status.evidence
+    assert evidence is not None and evidence.since == advanced.status.analysis_started_at
+    assert evidence.p_better < 0.01, "written to status: the next shadow step goes on from it"
+
+
+def test_a_change_of_analysis_settings_restarts_the_analysis_with_no_evidence() -> None:
+    """A log-loss p-value says nothing about accuracy: a new metric (or lossCap, mode, sticky key, segments)
+    restarts at step 1 without the old evidence (issue 11)."""
+    first = started()
+    assert first.status.analysis_revision == resource().spec.analysis_revision()
+    evidence = {"since": "2026-11-25T09:30:00Z", "pBetter": 0.001, "pWorse": 1.0}
+    carrying = {"status": {"currentStep": 1, "evidence": evidence}}
+    plan = plan_rollout(
+        after(first, {**carrying, "spec": {"analysis": {"metric": "accuracy"}}}), T0 + timedelta(minutes=5)
+    )
+    assert reasons(plan) == ["AnalysisRestarted"]
+    assert (plan.status.current_step, plan.status.evidence) == (0, None)
+    assert plan.status.analysis_revision != first.status.analysis_revision
+    # The same settings: the evidence stays.
+    same = plan_rollout(after(first, carrying), T0 + timedelta(minutes=5))
+    assert reasons(same) == [] and same.status.evidence is not None
+    # An operator from before the analysis revision left none: adopted, nothing restarts.
+    older = plan_rollout(
+        after(first, {"status": {"currentStep": 1, "analysisRevision": None}}), T0 + timedelta(minutes=5)
+    )
+    assert reasons(older) == [] and older.status.current_step == 1
+    assert older.status.analysis_revision == first.status.analysis_revision
+
+
+def test_a_database_away_for_longer_than_max_step_duration_ends_the_step() -> None:
+    """Issue 12 D7: 'Waiting for data' must not keep a candidate's share for as long as the database is away."""
+    limited = {"spec": {"analysis": {"maxStepDuration": "10m"}}}
+    problem = "cannot query the database: ConnectionRefusedError"
+    waiting = plan_rollout(after(started(), limited), T0 + timedelta(minutes=9), analyse=True, data_problem=problem)
+    assert waiting.status.last_decision is not None
+    assert waiting.status.last_decision.action is DecisionAction.WAIT
+    failed = plan_rollout(after(started(), limited), T0 + timedelta(minutes=10), analyse=True, data_problem=problem)
+    assert failed.status.phase is Phase.FAILED and failed.status.current_weight == 0
+    assert failed.status.last_decision is not None
+    assert failed.status.last_decision.reason.startswith("No analysis possible for maxStepDuration 10m at step 1")
+    assert problem in failed.status.last_decision.reason
 
 
 def test_a_refused_api_call_makes_ready_false_and_leaves_the_rollout_alone() -> None:

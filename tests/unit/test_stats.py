@@ -9,16 +9,24 @@ from collections.abc import Callable
 
 import pytest
 
-from shadowgate_operator.metrics import Moments
+from shadowgate_operator.metrics import Clustered, LatencySketch, Moments
 from shadowgate_operator.stats import (
+    BETS,
     MIN_OBSERVATIONS,
     NO_EVIDENCE,
     Estimate,
     Evidence,
+    PowerSums,
+    TwoArmBets,
+    bet_log_evidence,
+    bounded_paired_evidence,
     log_normal_cdf,
     mixture_width,
     one_sided_log_evidence,
     paired_estimate,
+    quantile_bounds,
+    rate_bounds,
+    rate_log_evidence,
     sequential_test,
     two_sided_log_evidence,
     unpaired_estimate,
@@ -145,8 +153,8 @@ def test_the_p_value_is_a_running_minimum() -> None:
 
 def test_too_few_observations_or_no_estimate_add_nothing() -> None:
     earlier = Evidence(p_better=0.2, p_worse=0.3)
-    assert sequential_test(_estimate(5.0, MIN_OBSERVATIONS - 1), earlier) is earlier
-    assert sequential_test(None) is NO_EVIDENCE
+    assert sequential_test(_estimate(5.0, MIN_OBSERVATIONS - 1), earlier) == earlier
+    assert sequential_test(None) == NO_EVIDENCE
     assert sequential_test(_estimate(5.0, MIN_OBSERVATIONS)).p_better < 1e-6
 
 
@@ -188,3 +196,158 @@ def test_a_real_improvement_is_found() -> None:
     rng = random.Random(7)
     found = [_monitor(rng, 0.2, range(50, 2001, 25), 0.01)[0] for _ in range(100)]
     assert sum(found) >= 95
+
+
+# --- betting on bounded losses ---------------------------------------------------------------------------
+
+
+def powers(values: list[float]) -> Moments:
+    return Moments(
+        len(values), sum(values), sum(v**2 for v in values), sum(v**3 for v in values), sum(v**4 for v in values)
+    )
+
+
+@pytest.mark.parametrize("bet", [bet for bet, _, _ in BETS[::7]] + [BETS[-1][0]])
+def test_the_quartic_bound_is_below_the_log_wealth_everywhere(bet: float) -> None:
+    """ln(1 + y) >= y - y^2/2 + y^3/3 - c y^4 for every y >= -bet: the lower bound the betting test sums."""
+    quartic = next(c for b, c, _ in BETS if b == bet)
+    for step in range(2001):
+        y = -bet + step * (bet + 5.0) / 2000
+        assert math.log1p(y) >= y - y * y / 2 + y**3 / 3 - quartic * y**4 - 1e-12, (bet, y)
+
+
+def test_betting_evidence_is_the_average_wealth_bound_of_the_bets() -> None:
+    rng = random.Random(3)
+    x = [rng.uniform(-1, 1) * 0.5 + 0.1 for _ in range(300)]
+    sums = PowerSums(len(x), sum(x), sum(v**2 for v in x), sum(v**3 for v in x), sum(v**4 for v in x))
+    direct = [sum(math.log1p(bet * v) for v in x) for bet, _, _ in BETS]  # the wealth of each constant bet, exactly
+    assert bet_log_evidence(sums) <= math.log(sum(math.exp(value) for value in direct) / len(BETS)) + 1e-9
+    # A lower bound, and not a loose one: most of the evidence survives.
+    assert bet_log_evidence(sums) > 0.8 * math.log(sum(math.exp(value) for value in direct) / len(BETS))
+
+
+def test_the_bounded_test_is_valid_at_every_look_even_on_tiny_samples() -> None:
+    """Identical models, 0/1 losses, a look after every request from the first: at most alpha promoted."""
+    rng = random.Random(11)
+    alpha, runs, promoted = 0.05, 400, 0
+    for _ in range(runs):
+        total = Moments()
+        for _ in range(400):
+            shared = rng.random() < 0.3
+            production = float(shared != (rng.random() < 0.1))
+            candidate = float(shared != (rng.random() < 0.1))
+            d = production - candidate
+            total = total + Moments(1, d, d * d, d**3, d**4)
+            if bounded_paired_evidence(total, 1.0).p_better <= alpha:
+                promoted += 1
+                break
+    assert promoted / runs <= alpha
+
+
+def test_the_bounded_test_finds_a_real_improvement_and_its_direction() -> None:
+    rng = random.Random(5)
+    total = Moments()
+    for _ in range(3000):
+        shared = rng.random() < 0.3
+        production = float(shared != (rng.random() < 0.15))
+        candidate = float(shared != (rng.random() < 0.05))
+        d = production - candidate
+        total = total + Moments(1, d, d * d, d**3, d**4)
+    evidence = bounded_paired_evidence(total, 1.0)
+    assert evidence.p_better < 1e-3 and evidence.p_worse == 1.0
+
+
+def test_canary_bets_are_valid_and_find_an_improvement() -> None:
+    """Two arms at 20%: identical losses rarely reach alpha; a clearly better candidate does."""
+
+    def run(candidate_error: float, seed: int) -> Evidence:
+        rng = random.Random(seed)
+        bets = TwoArmBets()
+        production, candidate = Moments(), Moments()
+        best = NO_EVIDENCE
+        for _ in range(30):  # looks
+            for _ in range(100):
+                if rng.random() < 0.2:
+                    loss = float(rng.random() < candidate_error)
+                    candidate = candidate + Moments(1, loss, loss, loss, loss)
+                else:
+                    loss = float(rng.random() < 0.3)
+                    production = production + Moments(1, loss, loss, loss, loss)
+            bets = bets.look(production, candidate, 0.2, 1.0)
+            best = best & bets.evidence
+        return best
+
+    false_promotions = sum(run(0.3, seed).p_better <= 0.05 for seed in range(200))
+    assert false_promotions <= 10
+    assert run(0.15, 1).p_better <= 0.01
+
+
+# --- clusters, rates, percentiles ------------------------------------------------------------------------
+
+
+def test_the_clustered_variance_is_the_sandwich_over_keys() -> None:
+    groups = [(3, 1.0), (5, 4.0), (2, -1.0), (4, 2.0)]
+    clustered = Clustered.of(groups)
+    n, total = 14, 6.0
+    mean = total / n
+    expected = sum((t - k * mean) ** 2 for k, t in groups) / n**2 * 4 / 3
+    assert clustered.variance_of_mean(n, mean) == pytest.approx(expected)
+    assert Clustered.of([(3, 1.0)]).variance_of_mean(3, 1 / 3) is None
+
+
+def test_keys_that_differ_make_the_clustered_estimate_wider() -> None:
+    values = [1.0] * 50 + [-1.0] * 50  # two keys with opposite effects, zero overall... plus noise
+    rng = random.Random(2)
+    noisy = [v + rng.gauss(0, 0.1) for v in values]
+    plain = paired_estimate(moments(noisy), moments([1.0] * 100), moments([1.0] * 100))
+    clusters = Clustered.of([(50, sum(noisy[:50])), (50, sum(noisy[50:]))])
+    keyed = paired_estimate(moments(noisy), moments([1.0] * 100), moments([1.0] * 100), clusters)
+    assert plain is not None and keyed is not None
+    assert keyed.variance > 10 * plain.variance and keyed.observations == 2
+
+
+@pytest.mark.parametrize(("events", "trials", "threshold"), [(12, 100, 0.05), (3, 300, 0.01), (40, 50, 0.5)])
+def test_the_rate_test_is_a_mixture_of_likelihood_ratios_above_the_threshold(
+    events: int, trials: int, threshold: float
+) -> None:
+    above = rate_log_evidence(events, trials, threshold)
+    below = rate_log_evidence(events, trials, threshold, above=False)
+    rate = events / trials
+    assert (above > 0) == (rate > threshold * 1.2) or abs(rate - threshold) < 0.05
+    assert (above > 0) != (below > 0) or (above <= 0 and below <= 0)
+
+
+def test_the_rate_test_holds_its_level_under_continuous_monitoring() -> None:
+    rng = random.Random(7)
+    tripped = 0
+    for _ in range(300):
+        events = 0
+        for trial in range(1, 2001):
+            events += rng.random() < 0.05
+            if rate_log_evidence(events, trial, 0.05) >= math.log(100):
+                tripped += 1
+                break
+    assert tripped / 300 <= 0.01 + 0.01  # alpha plus simulation noise
+
+
+def test_rate_bounds_contain_the_rate_and_shrink() -> None:
+    low, high = rate_bounds(30, 1000, 0.01)
+    assert low < 0.03 < high
+    narrow = rate_bounds(3000, 100_000, 0.01)
+    assert narrow[1] - narrow[0] < (high - low) / 5
+    assert rate_bounds(0, 0, 0.01) == (0.0, 1.0)
+
+
+def test_quantile_bounds_bracket_the_p99() -> None:
+    rng = random.Random(9)
+    sketch = LatencySketch()
+    values = [100 * math.exp(0.5 * rng.gauss(0, 1)) for _ in range(20_000)]
+    sketch.add_buckets([sketch.bucket(v) for v in values])
+    low, high = quantile_bounds(sketch, 0.99, 0.01)
+    p99 = sketch.quantile(0.99)
+    assert low is not None and high is not None and p99 is not None
+    assert low < p99 < high
+    assert (high - low) / p99 < 0.25
+    few = LatencySketch()
+    few.add_buckets([few.bucket(v) for v in values[:50]])
+    assert quantile_bounds(few, 0.99, 0.01)[1] is None  # 50 requests cannot bound a p99 from above
