@@ -51,7 +51,14 @@ from shadowgate_operator.api import (  # noqa: E402
     TrafficMode,
 )
 from shadowgate_operator.decision import analyse  # noqa: E402
-from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics  # noqa: E402
+from shadowgate_operator.metrics import (  # noqa: E402
+    Clustered,
+    LatencySketch,
+    Moments,
+    SegmentMetrics,
+    SideMetrics,
+    WindowMetrics,
+)
 from shadowgate_operator.rollout import apply_decision  # noqa: E402
 
 SEED = 20261125
@@ -246,6 +253,145 @@ LATENCY_GAMMA = (1 + 0.001) / (1 - 0.001)
 BUCKET_OFFSET = 2000
 BUCKETS = 8192
 """Latency histograms as dense arrays: buckets -2000 .. 6191 (0.02 ms .. 240 s), as queries.py's sketch."""
+KEY_BUCKETS = 1024
+SERIES = ("p", "c", "d")
+
+
+def _sketch(histogram: npt.NDArray[np.int64]) -> LatencySketch:
+    (nonzero,) = np.nonzero(histogram)
+    return LatencySketch(counts=dict(zip((nonzero - BUCKET_OFFSET).tolist(), histogram[nonzero].tolist(), strict=True)))
+
+
+@dataclass
+class Carried:
+    """The evidence window's sums from earlier steps (shadow mode carries evidence across steps)."""
+
+    powers: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros((3, 5)))
+    """Per series (production, candidate, difference): n and the sums of the first to fourth powers."""
+    keys: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros((3, 2, KEY_BUCKETS)))
+    """Per series, per key bucket: n and sum."""
+    segments: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros((3, 3, 8)))
+    """Per series, per segment: n, sum, sum of squares."""
+    scored: int = 0
+    samples: int = 0
+
+
+class Stream:
+    """One step's requests as the SQL sums them: running sums per request, so any prefix plus what
+    earlier steps carried is a window."""
+
+    def __init__(self, s: Scored, canary: bool, carried: Carried, sticky: bool, segmented: bool) -> None:
+        self.canary, self.carried, self.sticky, self.segmented = canary, carried, sticky, segmented
+        # Intention to treat: a request given to the candidate is scored for it on what the user got.
+        served = s.c_ok | s.fallback
+        if canary:
+            p_scored, c_scored = s.p_ok & ~s.assigned, served
+            samples = np.minimum(np.cumsum(p_scored) + carried.powers[0, 0], np.cumsum(c_scored) + carried.powers[1, 0])
+            scored = np.cumsum(p_scored | c_scored)
+        else:
+            p_scored = c_scored = s.p_ok & served
+            scored = np.cumsum(p_scored)
+            samples = scored + carried.samples
+        self.samples = samples.astype(np.int64)
+        self.scored = scored + carried.scored
+        loss_p = np.where(p_scored, s.loss_p, 0.0)
+        loss_c = np.where(c_scored, np.where(s.c_ok, s.loss_c, s.loss_p), 0.0)
+        d_scored = p_scored & c_scored if not canary else np.zeros(len(loss_p), dtype=bool)
+        difference = np.where(d_scored, loss_p - loss_c, 0.0)
+        self.values = {"p": (p_scored, loss_p), "c": (c_scored, loss_c), "d": (d_scored, difference)}
+        self.powers = np.stack(
+            [
+                np.stack([np.cumsum(flags)] + [np.cumsum(values**k) for k in range(1, 5)])
+                for flags, values in self.values.values()
+            ]
+        )  # (series, power, request)
+        self.step = {
+            "p_requests": np.cumsum(s.p_called), "p_errors": np.cumsum(s.p_called & ~s.p_ok),
+            "c_requests": np.cumsum(s.assigned), "c_errors": np.cumsum(s.c_failed),
+        }  # fmt: skip
+        self.key = s.key % KEY_BUCKETS
+        self.segment = s.segment
+        self.bucket_p = np.where(s.p_called, np.ceil(np.log(s.latency_p) / math.log(LATENCY_GAMMA)), -1).astype(int)
+        self.bucket_c = np.where(s.assigned, np.ceil(np.log(s.latency_c) / math.log(LATENCY_GAMMA)), -1).astype(int)
+        self._done = 0
+        self._histograms = (np.zeros(BUCKETS, dtype=np.int64), np.zeros(BUCKETS, dtype=np.int64))
+
+    def _latency(self, upto: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Dense latency histograms (bucket + BUCKET_OFFSET) of the step's requests so far."""
+        for buckets, histogram in zip((self.bucket_p, self.bucket_c), self._histograms, strict=True):
+            batch = buckets[self._done : upto]
+            batch = batch[batch >= 0] + BUCKET_OFFSET
+            histogram += np.bincount(np.clip(batch, 0, BUCKETS - 1), minlength=BUCKETS)
+        self._done = upto
+        return self._histograms
+
+    def sums(self, upto: int) -> Carried:
+        """What the evidence window holds after requests [0, upto): carried plus this step's."""
+        carried = self.carried
+        powers = carried.powers + self.powers[:, :, upto - 1]
+        keys = carried.keys
+        if self.sticky:
+            keys = keys.copy()
+            for index, (flags, values) in enumerate(self.values.values()):
+                keys[index, 0] += np.bincount(self.key[:upto], weights=flags[:upto], minlength=KEY_BUCKETS)
+                keys[index, 1] += np.bincount(self.key[:upto], weights=values[:upto], minlength=KEY_BUCKETS)
+        segments = carried.segments
+        if self.segmented:
+            segments = segments.copy()
+            for index, (flags, values) in enumerate(self.values.values()):
+                for power, weights in enumerate((flags, values, values * values)):
+                    segments[index, power] += np.bincount(self.segment[:upto], weights=weights[:upto], minlength=8)
+        return Carried(powers, keys, segments, int(self.scored[upto - 1]), int(self.samples[upto - 1]))
+
+    def window(self, upto: int) -> WindowMetrics:
+        """The windows after requests [0, upto) with the definitions of queries.py."""
+        now = self.sums(upto)
+        production_latency, candidate_latency = self._latency(upto)
+
+        def moments(index: int) -> Moments:
+            n, s1, s2, s3, s4 = now.powers[index].tolist()
+            return Moments(round(n), s1, s2, s3, s4) if round(n) else Moments()
+
+        def side(prefix: str, index: int, histogram: npt.NDArray[np.int64]) -> SideMetrics:
+            return SideMetrics(
+                requests=int(self.step[f"{prefix}_requests"][upto - 1]),
+                errors=int(self.step[f"{prefix}_errors"][upto - 1]),
+                latency_p50_ms=_quantile(histogram, 0.5),
+                latency_p99_ms=_quantile(histogram, 0.99),
+                loss=moments(index),
+                latency=_sketch(histogram),
+            )
+
+        clusters = None
+        if self.sticky:
+
+            def clustered(index: int) -> Clustered:
+                n, total = now.keys[index]
+                return Clustered.of(zip(np.rint(n).astype(int).tolist(), total.tolist(), strict=True))
+
+            clusters = (clustered(2), Clustered()) if not self.canary else (clustered(0), clustered(1))
+        segments: tuple[SegmentMetrics, ...] = ()
+        if self.segmented:
+            found = []
+            for segment in range(8):
+                parts = [now.segments[index, :, segment].tolist() for index in range(3)]
+                if parts[0][0] or parts[1][0]:
+                    found.append(
+                        SegmentMetrics(
+                            chr(ord("A") + segment),
+                            *(Moments(round(n), s1, s2) if round(n) else Moments() for n, s1, s2 in parts),
+                        )
+                    )
+            segments = tuple(sorted(found, key=lambda g: (-g.samples, g.name)))
+        return WindowMetrics(
+            production=side("p", 0, production_latency),
+            candidate=side("c", 1, candidate_latency),
+            scored=now.scored,
+            paired=not self.canary,
+            loss_difference=moments(2) if not self.canary else Moments(),
+            clusters=clusters,
+            segments=segments,
+        )
 
 
 def _quantile(histogram: npt.NDArray[np.int64], q: float) -> float | None:
@@ -263,74 +409,6 @@ def _quantile(histogram: npt.NDArray[np.int64], q: float) -> float | None:
         return 2 * LATENCY_GAMMA ** (index - BUCKET_OFFSET) / (LATENCY_GAMMA + 1)
 
     return value(low_bucket) + (rank - low) * (value(high_bucket) - value(low_bucket))
-
-
-class Stream:
-    """One step's requests as the SQL sums them: running sums per request, so any prefix is a window."""
-
-    def __init__(self, s: Scored, canary: bool) -> None:
-        self.canary = canary
-        self.assigned = s.assigned
-        # Intention to treat: a request given to the candidate is scored for it on what the user got.
-        served = s.c_ok | s.fallback
-        if canary:
-            p_scored, c_scored = s.p_ok & ~s.assigned, served
-            self.samples = np.minimum(np.cumsum(p_scored), np.cumsum(c_scored))
-            self.scored = np.cumsum(p_scored | c_scored)
-        else:
-            p_scored = c_scored = s.p_ok & served
-            self.samples = self.scored = np.cumsum(p_scored)
-        loss_p = np.where(p_scored, s.loss_p, 0.0)
-        loss_c = np.where(c_scored, np.where(s.c_ok, s.loss_c, s.loss_p), 0.0)
-        difference = np.where(p_scored & c_scored, loss_p - loss_c, 0.0)
-        columns = {
-            "p_n": p_scored, "p_1": loss_p, "p_2": loss_p * loss_p,
-            "c_n": c_scored, "c_1": loss_c, "c_2": loss_c * loss_c,
-            "d_n": p_scored & c_scored if not canary else np.zeros(len(loss_p), dtype=bool),
-            "d_1": difference, "d_2": difference * difference,
-            "p_requests": s.p_called, "p_errors": s.p_called & ~s.p_ok,
-            "c_requests": s.assigned, "c_errors": s.c_failed,
-        }  # fmt: skip
-        self.sums = {name: np.cumsum(values) for name, values in columns.items()}
-        self.bucket_p = np.where(s.p_called, np.ceil(np.log(s.latency_p) / math.log(LATENCY_GAMMA)), -1).astype(int)
-        self.bucket_c = np.where(s.assigned, np.ceil(np.log(s.latency_c) / math.log(LATENCY_GAMMA)), -1).astype(int)
-        self._done = 0
-        self._histograms = (np.zeros(BUCKETS, dtype=np.int64), np.zeros(BUCKETS, dtype=np.int64))
-
-    def _latency(self, upto: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """Dense latency histograms (bucket + BUCKET_OFFSET) of the requests so far."""
-        for buckets, histogram in zip((self.bucket_p, self.bucket_c), self._histograms, strict=True):
-            batch = buckets[self._done : upto]
-            batch = batch[batch >= 0] + BUCKET_OFFSET
-            histogram += np.bincount(np.clip(batch, 0, BUCKETS - 1), minlength=BUCKETS)
-        self._done = upto
-        return self._histograms
-
-    def window(self, upto: int) -> WindowMetrics:
-        """The window over requests [0, upto) with the definitions of queries.py."""
-        at = {name: values[upto - 1] for name, values in self.sums.items()}
-        production_latency, candidate_latency = self._latency(upto)
-
-        def moments(prefix: str) -> Moments:
-            n = int(at[f"{prefix}_n"])
-            return Moments(n, float(at[f"{prefix}_1"]), float(at[f"{prefix}_2"])) if n else Moments()
-
-        def side(prefix: str, histogram: npt.NDArray[np.int64]) -> SideMetrics:
-            return SideMetrics(
-                requests=int(at[f"{prefix}_requests"]),
-                errors=int(at[f"{prefix}_errors"]),
-                latency_p50_ms=_quantile(histogram, 0.5),
-                latency_p99_ms=_quantile(histogram, 0.99),
-                loss=moments(prefix),
-            )
-
-        return WindowMetrics(
-            production=side("p", production_latency),
-            candidate=side("c", candidate_latency),
-            scored=int(self.scored[upto - 1]),
-            paired=not self.canary,
-            loss_difference=moments("d") if not self.canary else Moments(),
-        )
 
 
 # --- one run ----------------------------------------------------------------------------------------
@@ -403,25 +481,29 @@ def simulate(row: Row, spec: ShadowDeploymentSpec, seed: int) -> Result:
     rng = np.random.default_rng([SEED, seed])
     world = row.world
     canary = row.mode is TrafficMode.CANARY
+    segmented = spec.analysis.segment_by is not None
     accounts = Accounts.draw(rng, world)
     hard = float(np.exp(0.5 * _normal_quantile(1.0 - world.fail_hardest))) if world.fail_hardest else HARD
     status = ShadowDeploymentStatus(
         phase=Phase.PROGRESSING, current_step=0, current_weight=row.steps[0], step_started_at=T0,
-        analysis_started_at=T0,
+        analysis_started_at=T0, analysis_revision=spec.analysis_revision(),
     )  # fmt: skip
-    total_samples = total_requests = look = 0
+    carried = Carried()
+    done = total_requests = look = 0  # done: counted samples of finished canary steps (shadow carries them)
     while True:
         weight = row.steps[status.current_step or 0] / 100.0
-        n = int((row.cap - total_samples) / weight * 1.3) + 400
-        requests = world.draw(rng, n, shifted=bool(world.shift_at) and total_samples >= world.shift_at)
-        if world.shift_at and total_samples < world.shift_at:
+        n = int((row.cap - carried.samples) / weight * 1.3) + 400
+        shifted = bool(world.shift_at) and done + carried.samples >= world.shift_at
+        requests = world.draw(rng, n, shifted=shifted)
+        if world.shift_at and not shifted:
             # Shares change once the rollout has counted shift_at samples: splice the stream there.
-            before = Stream(score(world, accounts, requests, weight, canary, hard), canary).samples
-            cut = int(np.searchsorted(before, world.shift_at - total_samples, side="left"))
+            before = Stream(score(world, accounts, requests, weight, canary, hard), canary, carried, False, False)
+            cut = int(np.searchsorted(before.samples, world.shift_at - done, side="left"))
             requests = _concat(requests, world.draw(rng, n, shifted=True), min(cut, n))
-        stream = Stream(score(world, accounts, requests, weight, canary, hard), canary)
+        stream = Stream(score(world, accounts, requests, weight, canary, hard), canary, carried, row.sticky, segmented)
         samples = stream.samples
-        targets = np.arange(row.every, min(int(samples[-1]), row.cap - total_samples) + 1, row.every)
+        first = (int(carried.samples) // row.every + 1) * row.every
+        targets = np.arange(first, min(int(samples[-1]), row.cap - done) + 1, row.every)
         positions = np.searchsorted(samples, targets, side="left")
         advanced = False
         for position in positions:
@@ -429,20 +511,27 @@ def simulate(row: Row, spec: ShadowDeploymentSpec, seed: int) -> Result:
             upto = int(position) + 1
             now = T0 + INTERVAL * look
             verdict = analyse(spec, status, stream.window(upto), now)
-            status = status.model_copy(update={"metrics": verdict.metrics, "samples": verdict.samples})
+            status = status.model_copy(
+                update={"metrics": verdict.metrics, "samples": verdict.samples, "evidence": verdict.evidence}
+            )
             status, _ = apply_decision(spec, status, verdict.decision, now)
             action = verdict.decision.action
             if action is DecisionAction.WAIT:
                 continue
-            total_samples += int(samples[upto - 1])
-            total_requests += int(stream.sums["c_requests"][upto - 1])
+            total_requests += int(stream.step["c_requests"][upto - 1])
             if action is DecisionAction.ADVANCE and status.phase is Phase.PROGRESSING:
+                # Shadow steps carry the evidence window on; canary steps start a new one.
+                if canary:
+                    done += int(samples[upto - 1])
+                    carried = Carried()
+                else:
+                    carried = stream.sums(upto)
                 advanced = True
                 break
-            return Result(action, total_samples, total_requests)
+            return Result(action, done + int(samples[upto - 1]), total_requests)
         if not advanced:
             last = int(positions[-1]) + 1 if len(positions) else 0
-            return Result(None, total_samples + (int(samples[last - 1]) if last else 0), total_requests)
+            return Result(None, done + (int(samples[last - 1]) if last else carried.samples), total_requests)
 
 
 def _normal_quantile(p: float) -> float:
@@ -461,6 +550,7 @@ def _rows() -> tuple[Row, ...]:
     shift = World(segments=(Segment(0.8, 0.2, 0.9), Segment(0.2, 0.8, 1.1)), shift_at=600)
     accuracy = {"metric": "accuracy"}
     latency = {"maxLatencyP99Ms": 170}
+    segment_by = {"segmentBy": {"header": "X-Instrument"}}
     return (
         # The issue's table.
         Row("canary-sticky-200", "canary 10% + stickyHeader, 200 accounts of different loss levels: identical",
@@ -477,7 +567,13 @@ def _rows() -> tuple[Row, ...]:
             World(ratio=0.9, rare_share=0.004, rare_loss=25.0), expect="report"),
         Row("rare-50", "10% better on 99.8% of requests, loss 50 on 0.2% (about 4% worse overall)",
             World(ratio=0.9, rare_share=0.002, rare_loss=50.0), expect="report"),
-        Row("segments-shift", "+10% on instrument A, -10% on B, traffic 80/20 shifting to 20/80", shift),
+        Row("segments-shift", "+10% on instrument A, -10% on B, traffic 80/20 shifting to 20/80, segmentBy",
+            shift, analysis=segment_by),
+        Row("segments-shift-off", "the same without segmentBy", shift, expect="report"),
+        Row("rare-25-capped", "the rare-25 row with lossCap 30: a bounded loss", World(ratio=0.9, rare_share=0.004,
+            rare_loss=25.0), analysis={"lossCap": 30}),
+        Row("rare-50-capped", "the rare-50 row with lossCap 60", World(ratio=0.9, rare_share=0.002, rare_loss=50.0),
+            analysis={"lossCap": 60}),
         Row("aa-10", "identical, a look every 10", WORLD, every=10, cap=2000, identical=same),
         Row("gate-errors-aa", "identical, both fail 3% of requests, maxErrorRate 5%",
             World(error_production=0.03, error_candidate=0.03), expect="gate-aa"),
