@@ -1103,6 +1103,9 @@ class AnalysisMetrics(StatusModel):
     canary mode)."""
     quarantined: int | None = Field(default=None, ge=0)
     """Scored requests left out because a prediction or outcome was not a sane finite number."""
+    unscored_repeats: int | None = Field(default=None, ge=0)
+    """Predictions left unscored because their request id was scored already, or because they were made
+    after their outcome was known: what replaying published outcomes' ids would have moved."""
     segments: list[SegmentResult] = Field(default_factory=list, max_length=10)
     """With spec.analysis.segmentBy: the largest segments."""
 

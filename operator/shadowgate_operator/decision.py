@@ -202,6 +202,7 @@ def analyse(
         test=quality.test,
         units=quality.units,
         quarantined=metrics.quarantined or None,
+        unscored_repeats=metrics.unscored_repeats or None,
         segments=segments,
     )
     state = quality.state
