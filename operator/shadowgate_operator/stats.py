@@ -62,6 +62,7 @@ in by the caller (decision.py keeps them in status).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -451,16 +452,25 @@ def rate_log_evidence(events: int, trials: int, threshold: float, *, above: bool
         return math.inf if events < trials else 0.0
     if (above and threshold >= 1.0) or (not above and threshold <= 0.0):
         return 0.0
+    misses = trials - events
+    logs = [events * event + misses * miss for event, miss in _rate_terms(threshold, above)]
+    top = max(logs)
+    return top + math.log(sum(math.exp(value - top) for value in logs)) - math.log(RATE_COUNT)
+
+
+@functools.lru_cache(maxsize=4096)
+def _rate_terms(threshold: float, above: bool) -> tuple[tuple[float, float], ...]:
+    """Per alternative of the rate test: the log-likelihood ratio of one event and of one non-event. The
+    quantile bounds ask about the same threshold dozens of times per look: computed once."""
     base = _logit(threshold)
     log_p0, log_q0 = math.log(threshold), math.log1p(-threshold)
-    logs = []
+    terms = []
     for offset in _RATE_OFFSETS:
         odds = base + offset if above else base - offset
         log_p1 = -math.log1p(math.exp(-odds)) if odds > -700 else odds
         log_q1 = -math.log1p(math.exp(odds)) if odds < 700 else -odds
-        logs.append(events * (log_p1 - log_p0) + (trials - events) * (log_q1 - log_q0))
-    top = max(logs)
-    return top + math.log(sum(math.exp(value - top) for value in logs)) - math.log(RATE_COUNT)
+        terms.append((log_p1 - log_p0, log_q1 - log_q0))
+    return tuple(terms)
 
 
 def rate_bounds(events: int, trials: int, alpha: float) -> tuple[float, float]:
