@@ -25,7 +25,8 @@ The rules, in order (the first that applies wins):
    established (below), so this needs established regressions: a noisy estimate cannot roll back.
 6. overall score >= promotionThreshold AND the candidate significantly better on quality (always-valid
    p-value <= 1 - confidence) AND it answered at least `MIN_STEP_REQUESTS` requests in this step (each
-   step's gates saw it at that share) -> Advance to the next step, or Promote after the last one.
+   step's gates saw it at that share) AND its measured error rate and p99 within the hard gates (over
+   them but not yet shown: held, never moved on) -> Advance to the next step, or Promote after the last one.
 7. maxStepDuration exceeded -> RollBack, inconclusive: the candidate was not shown better in time.
 8. Otherwise Wait, saying which condition is missing.
 
@@ -246,11 +247,13 @@ def analyse(
     better = _significance(evidence.p_better, analysis.confidence, "confidence")
     step_requests = metrics.candidate.requests
     holding = [segment for segment in segments if segment.judged and not segment.within_tolerance]
+    over_gate = _over_gate(analysis, metrics.candidate)
     if (
         score >= analysis.promotion_threshold
         and evidence.p_better <= alpha
         and step_requests >= MIN_STEP_REQUESTS
         and not holding
+        and over_gate is None
     ):
         passed = (
             f"{where[0].upper()}{where[1:]} passed: overall score {score:.2f} >= promotionThreshold "
@@ -275,6 +278,8 @@ def analyse(
             f"shown within segmentTolerance {analysis.segment_tolerance:.0%} of production"
             for segment in holding[:3]
         )
+    elif over_gate is not None:
+        missing = f"significantly better, but {over_gate} (not yet shown at gateConfidence: rolled back once it is)"
     else:
         missing = (
             f"significantly better, but the candidate has answered {step_requests:,} of the "
@@ -597,6 +602,19 @@ def _hard_gate(analysis: Analysis, candidate: SideMetrics) -> str | None:
                 f"{total:,} requests ({slower / total:.1%}) slower than {limit:,.0f} ms, more than 1% "
                 f"(shown at gateConfidence {analysis.gate_confidence:g})"
             )
+    return None
+
+
+def _over_gate(analysis: Analysis, candidate: SideMetrics) -> str | None:
+    """Why the candidate's measured error rate or p99 is over a hard gate, or None. Not a rollback (that
+    needs the excess shown, `_hard_gate`), but no step passes while it holds: a candidate is never moved
+    on with an estimate over its budget."""
+    rate = candidate.error_rate
+    if rate is not None and rate > analysis.max_error_rate:
+        return f"its error rate {rate:.1%} is over maxErrorRate {analysis.max_error_rate:.1%}"
+    limit, sketch = analysis.max_latency_p99_ms, candidate.latency
+    if limit is not None and sketch is not None and sketch.count and sketch.above(limit) > (1.0 - P99) * sketch.count:
+        return f"more than 1% of its requests are slower than maxLatencyP99Ms {limit:,.0f} ms"
     return None
 
 

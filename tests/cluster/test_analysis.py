@@ -114,15 +114,19 @@ def test_a_worse_candidate_is_rolled_back(
     assert shadow(kubectl, namespace, "worse")["status"]["currentStep"] == 0
 
 
-def test_a_candidate_failing_ten_percent_is_rolled_back_by_the_gate_within_one_interval(
+def test_a_much_better_candidate_failing_ten_percent_is_held_then_rolled_back_by_the_gate(
     kubectl: Kubectl, namespace: str, migrated: str, start_operator: StartOperator, apply_shadow: ApplyShadow
 ) -> None:
+    """The gate rolls back once the excess over maxErrorRate is shown (at gateConfidence: a few hundred
+    requests at 10% against 5%); until then the candidate, though far better on quality, is held at its
+    step, never advanced with an error rate over its budget."""
     wait = rollout(kubectl, namespace, "flaky", apply_shadow, start_operator)
     candidate = Model(error_scale=0.5, error_rate=0.10)
     with Seeder(migrated, namespace, "flaky", production=Model(error_scale=1.0), candidate=candidate):
-        rolled_back = wait("RolledBack", 5 + 5 + 5)  # one interval after the first, with slack for start-up
+        rolled_back = wait("RolledBack", 60)
     reason = rolled_back["status"]["lastDecision"]["reason"]
-    assert "error rate" in reason and "5.0%" in reason
+    assert "error rate" in reason and "5.0%" in reason and "shown at gateConfidence" in reason
+    assert rolled_back["status"]["currentStep"] == 0, "never advanced"
     eventually(lambda: "GateFailed" in reasons(kubectl, namespace, "flaky"), 15, "the GateFailed Event")
 
 
@@ -142,7 +146,7 @@ def test_the_sums_catch_up_between_analyses(
             lambda: (
                 len(horizons.update(r["horizon"] for r in rows(migrated, saved, namespace, "patient")) or horizons) >= 3
             ),
-            20,
+            35,  # a catch-up every 5 s plus its read, which takes seconds on a loaded machine
             "two catch-ups after the first analysis",
         )
         latest = rows(migrated, saved, namespace, "patient")[0]
