@@ -21,6 +21,13 @@ Seeded and deterministic (each run has its own seed, so the figures do not depen
 workers); numpy for the requests, the operator's pure Python for the decision; runs on every core
 (`--workers`). Prints each row's rates, the target it is held to, and the total runtime; exits 1 when a
 row misses its target.
+
+The baseline, in the same run: the decision as it was before issue 11's analysis (`--baseline`, commit
+6b4e836 by default: the normal-mixture mSPRT with plug-in variance, point-estimate hard gates, evidence
+reset at every step, intention to treat already in). Its operator package and this bench as they were
+then are taken from git (`git archive`) into a temporary directory and run there first, with the same
+number of runs, on the same rows (a new row whose situation the old code cannot be configured for, e.g.
+lossCap or segmentBy, is compared with the old row of the same traffic). `--baseline none` skips it.
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ import datetime as dt
 import math
 import multiprocessing
 import os
+import re
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +73,8 @@ from shadowgate_operator.rollout import apply_decision  # noqa: E402
 
 SEED = 20261125
 RUNS = 1000
+BASELINE = "6b4e8364d80c36f8261a6215676e89cc7b62121e"
+"""The last commit before issue 11's analysis: main with intention to treat for canary fallbacks."""
 T0 = dt.datetime(2026, 11, 25, tzinfo=dt.UTC)
 INTERVAL = dt.timedelta(seconds=30)
 Array = npt.NDArray[np.float64]
@@ -436,6 +448,8 @@ class Row:
     identical: bool = False
     """aa rows whose candidate is the same model: also held to rolled back <= 5%."""
     note: str = ""
+    baseline: str | None = None
+    """The baseline's row for the same traffic, when this row's key is new (default: the same key)."""
 
     def spec(self) -> ShadowDeploymentSpec:
         traffic: dict[str, Any] = {"mode": self.mode.value, "steps": list(self.steps)}
@@ -569,11 +583,11 @@ def _rows() -> tuple[Row, ...]:
             World(ratio=0.9, rare_share=0.002, rare_loss=50.0), expect="report"),
         Row("segments-shift", "+10% on instrument A, -10% on B, traffic 80/20 shifting to 20/80, segmentBy",
             shift, analysis=segment_by),
-        Row("segments-shift-off", "the same without segmentBy", shift, expect="report"),
+        Row("segments-shift-off", "the same without segmentBy", shift, expect="report", baseline="segments-shift"),
         Row("rare-25-capped", "the rare-25 row with lossCap 30: a bounded loss", World(ratio=0.9, rare_share=0.004,
-            rare_loss=25.0), analysis={"lossCap": 30}),
+            rare_loss=25.0), analysis={"lossCap": 30}, baseline="rare-25"),
         Row("rare-50-capped", "the rare-50 row with lossCap 60", World(ratio=0.9, rare_share=0.002, rare_loss=50.0),
-            analysis={"lossCap": 60}),
+            analysis={"lossCap": 60}, baseline="rare-50"),
         Row("aa-10", "identical, a look every 10", WORLD, every=10, cap=2000, identical=same),
         Row("gate-errors-aa", "identical, both fail 3% of requests, maxErrorRate 5%",
             World(error_production=0.03, error_candidate=0.03), expect="gate-aa"),
@@ -664,15 +678,60 @@ def _fmt_count(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """One row of the baseline's output."""
+
+    promoted: float
+    rolled_back: float
+    median: str
+
+
+_BASELINE_LINE = re.compile(r"^(\S+)\s+([\d.]+)%\s+([\d.]+)%\s+(\S+)\s+(\S+)\s+")
+
+
+def run_baseline(ref: str, keys: list[str], runs: int, workers: int) -> tuple[dict[str, Baseline], float]:
+    """The bench and the operator as of `ref`, run with the same runs on the rows `keys`: its rates per row
+    key, and its runtime in seconds."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-decision-baseline-") as directory:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "operator", "router", "bench/decision"],
+            capture_output=True,
+            check=True,
+        )
+        subprocess.run(["tar", "-x", "-C", directory], input=archive.stdout, check=True)
+        old = subprocess.run(
+            [sys.executable, str(Path(directory) / "bench/decision/run.py"), "--runs", str(runs),
+             "--workers", str(workers), "--rows", ",".join(keys)],
+            capture_output=True, text=True, cwd=directory,
+        )  # fmt: skip
+    found = {}
+    for line in old.stdout.splitlines():
+        match = _BASELINE_LINE.match(line)
+        if match:
+            key, promoted, rolled_back, median = match.group(1, 2, 3, 4)
+            found[key] = Baseline(float(promoted) / 100, float(rolled_back) / 100, median)
+    if not found:
+        raise SystemExit(f"the baseline ({ref}) printed no rows:\n{old.stdout}\n{old.stderr}")
+    return found, time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rows", help="comma-separated row keys (default: all)")
+    parser.add_argument("--baseline", default=BASELINE, help="git commit of the baseline, or none")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
     _init()
     chosen = [i for i, row in enumerate(ROWS) if not args.rows or row.key in args.rows.split(",")]
+    baseline: dict[str, Baseline] = {}
+    if args.baseline != "none":
+        keys = sorted({ROWS[i].baseline or ROWS[i].key for i in chosen})
+        baseline, spent = run_baseline(args.baseline, keys, args.runs, args.workers)
+        print(f"baseline {args.baseline[:7]}: {len(baseline)} rows in {spent:.0f} s")
+    started = time.perf_counter()
     chunk = max(1, min(50, args.runs // 4))
     tasks = [(i, first, min(chunk, args.runs - first)) for i in chosen for first in range(0, args.runs, chunk)]
     results: dict[int, list[Result]] = {i: [] for i in chosen}
@@ -681,22 +740,30 @@ def main(argv: list[str] | None = None) -> int:
             results[index].extend(chunk_results)
     print(
         f"bench/decision: {args.runs:,} runs per row, seed {SEED}, {args.workers} workers; counted samples = "
-        "scored pairs (shadow) or the candidate's scored requests (canary)\n"
+        "scored pairs (shadow) or the candidate's scored requests (canary); old = the baseline "
+        f"({args.baseline[:7]}), on the same traffic\n"
     )
-    header = f"{'row':<20} {'promoted':>9} {'rolled back':>12} {'median n':>9} {'(requests)':>11}  target"
+    header = (
+        f"{'row':<20} {'promoted':>9} {'(old)':>7} {'rolled back':>12} {'(old)':>7} {'median n':>9} {'(old)':>7} "
+        f"{'(requests)':>11}  target"
+    )
     print(header)
     ok = True
     for index in chosen:
         summary = Summary(ROWS[index], results[index])
-        action = DecisionAction.ROLL_BACK if summary.row.expect in ("worse", "gate") else DecisionAction.PROMOTE
+        row = summary.row
+        old = baseline.get(row.baseline or row.key)
+        action = DecisionAction.ROLL_BACK if row.expect in ("worse", "gate") else DecisionAction.PROMOTE
         target, passed = summary.verdict()
         ok = ok and passed
         print(
-            f"{summary.row.key:<20} {summary.rate(DecisionAction.PROMOTE):>9.1%} "
-            f"{summary.rate(DecisionAction.ROLL_BACK):>12.1%} {_fmt_count(summary.median(action)):>9} "
+            f"{row.key:<20} {summary.rate(DecisionAction.PROMOTE):>9.1%} "
+            f"{f'{old.promoted:.1%}' if old else '-':>7} "
+            f"{summary.rate(DecisionAction.ROLL_BACK):>12.1%} {f'{old.rolled_back:.1%}' if old else '-':>7} "
+            f"{_fmt_count(summary.median(action)):>9} {old.median if old else '-':>7} "
             f"{_fmt_count(summary.median_requests(action)):>11}  {target}: {'ok' if passed else 'MISSED'}"
         )
-        print(f"{'':<20} {summary.row.title}")
+        print(f"{'':<20} {row.title}{f' (old: {row.baseline})' if row.baseline else ''}")
     print(f"\nruntime {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1
 
