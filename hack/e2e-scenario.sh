@@ -3,14 +3,15 @@
 # (hack/node-e2e.sh: a local node, no Docker). The cluster is up, KUBECONFIG points at it and the
 # image `shadowgate:<version>` is loaded; this script does what a user does and checks what a user sees:
 #
-#   1. the CRDs, then the operator and TimescaleDB (manifests/overlays/timescaledb, or E2E_TIMESCALEDB:
-#      a kustomization over it that swaps the database image where timescale/timescaledb cannot be pulled);
-#   2. the operator runs as its ServiceAccount: a real token, exactly the ClusterRole's rights, and no
-#      call refused while it works (no PermissionDenied Event, its permission-denied counter at zero);
-#   3. promote: manifests/overlays/example (fraud-v1 in production, fraud-v2 shadowed, clients sending
-#      traffic and outcomes): Ready=True, both router pods serving and answering from production, until
-#      the operator promotes fraud-v2 by itself; the Events say so and the router's answers flip to it;
-#   4. rollback: hack/e2e/rollback (the example changed as Git would change it: fraud-v2 in production,
+#   1. the CRDs, then TimescaleDB (manifests/overlays/timescaledb, or E2E_TIMESCALEDB: a kustomization
+#      over it that swaps the database image where timescale/timescaledb cannot be pulled);
+#   2. promote: manifests/overlays/example (its own namespaced operator, fraud-v1 in production, fraud-v2
+#      shadowed, clients sending traffic and outcomes): the operator runs as its ServiceAccount, a real
+#      token with exactly its Role's rights in shadowgate-example and none elsewhere; Ready=True, both
+#      router pods serving and answering from production, until the operator promotes fraud-v2 by
+#      itself; the Events say so and the router's answers flip to it; no call was refused (no
+#      PermissionDenied Event, its permission-denied counter at zero);
+#   3. rollback: hack/e2e/rollback (the example changed as Git would change it: fraud-v2 in production,
 #      a worse fraud-v3 canaried): the operator restarts the analysis and rolls fraud-v3 back; answers
 #      come from production again.
 #
@@ -26,7 +27,8 @@ KUBECTL="${KUBECTL:-kubectl}"
 EXAMPLE_NS=shadowgate-example
 SYSTEM_NS=shadowgate-system
 SD=fraud-detector
-OPERATOR_SA="system:serviceaccount:$SYSTEM_NS:shadowgate-operator"
+OPERATOR_NS="$EXAMPLE_NS"  # the example brings its own operator, watching its own namespace
+OPERATOR_SA="system:serviceaccount:$OPERATOR_NS:shadowgate-operator"
 STARTED=$SECONDS
 
 say() { printf '==> %s (%s)\n' "$*" "$(elapsed)"; }
@@ -54,7 +56,7 @@ diagnose() {
     k get shadowdeployments,deployments,statefulsets,pvc -A 2>/dev/null || true
     k describe shadowdeployment "$SD" -n "$EXAMPLE_NS" 2>/dev/null | tail -n 40 || true
     k get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 40 || true
-    k logs -n "$SYSTEM_NS" -l app.kubernetes.io/name=shadowgate-operator --tail=60 --prefix 2>/dev/null || true
+    k logs -n "$OPERATOR_NS" -l app.kubernetes.io/name=shadowgate-operator --tail=60 --prefix 2>/dev/null || true
 }
 trap 'status=$?; [ "$status" -eq 0 ] || diagnose; exit "$status"' EXIT
 
@@ -101,32 +103,36 @@ print(urllib.request.urlopen("http://127.0.0.1:9090/metrics", timeout=10).read()
 '
 check_operator_identity() {
     local pods pod user
-    pods="$(k get pods -n "$SYSTEM_NS" -l app.kubernetes.io/name=shadowgate-operator -o name)"
+    pods="$(k get pods -n "$OPERATOR_NS" -l app.kubernetes.io/name=shadowgate-operator -o name)"
     [ -n "$pods" ] || fail "no operator pods"
     for pod in $pods; do
-        account="$(k get "$pod" -n "$SYSTEM_NS" -o jsonpath='{.spec.serviceAccountName}')"
+        account="$(k get "$pod" -n "$OPERATOR_NS" -o jsonpath='{.spec.serviceAccountName}')"
         [ "$account" = shadowgate-operator ] || fail "$pod runs as ServiceAccount '$account'"
-        user="$(k exec -n "$SYSTEM_NS" "$pod" -- python -c "$WHOAMI")"
+        user="$(k exec -n "$OPERATOR_NS" "$pod" -- python -c "$WHOAMI")"
         [ "$user" = "$OPERATOR_SA" ] || fail "$pod authenticates as '$user', not $OPERATOR_SA"
     done
     echo "    operator pods authenticate with their mounted ServiceAccount token as $OPERATOR_SA"
     # What it may and may not do, as the API server's authorizer answers for that identity.
-    local expected verb resource subresource answer
-    while read -r expected verb resource subresource; do
+    local expected namespace verb resource subresource answer
+    while read -r expected namespace verb resource subresource; do
         answer="$(k auth can-i "$verb" "$resource" ${subresource:+--subresource="$subresource"} \
-            -n "$EXAMPLE_NS" --as="$OPERATOR_SA" 2>/dev/null || true)"
-        [ "$answer" = "$expected" ] || fail "operator may $verb $resource${subresource:+/$subresource}: '$answer', expected '$expected'"
+            -n "$namespace" --as="$OPERATOR_SA" 2>/dev/null || true)"
+        [ "$answer" = "$expected" ] || fail "operator may $verb $resource${subresource:+/$subresource} in $namespace: '$answer', expected '$expected'"
     done <<EOF
-yes patch deployments.apps
-yes update shadowdeployments.shadowgate.io status
-yes get secrets
-no delete deployments.apps
-no list secrets
-no update shadowdeployments.shadowgate.io
-no create pods
-no delete shadowdeployments.shadowgate.io
+yes $OPERATOR_NS patch deployments.apps
+yes $OPERATOR_NS update shadowdeployments.shadowgate.io status
+yes $OPERATOR_NS get secrets
+no $OPERATOR_NS delete deployments.apps
+no $OPERATOR_NS list secrets
+no $OPERATOR_NS update shadowdeployments.shadowgate.io
+no $OPERATOR_NS create pods
+no $OPERATOR_NS delete shadowdeployments.shadowgate.io
+no $SYSTEM_NS get secrets
+no kube-system get secrets
+no default patch deployments.apps
+no $SYSTEM_NS list namespaces
 EOF
-    echo "    its rights are the ClusterRole's: patch Deployments, get Secrets by name; no delete, no list Secrets, no spec updates"
+    echo "    its rights are its Role's, in $OPERATOR_NS only: patch Deployments, get Secrets by name; no delete, no list Secrets, no spec updates; nothing elsewhere"
 }
 
 check_no_permission_denied() {
@@ -134,8 +140,8 @@ check_no_permission_denied() {
     if k get events -A --field-selector reason=PermissionDenied -o name | grep -q .; then
         fail "the operator was refused API calls: $(k get events -A --field-selector reason=PermissionDenied)"
     fi
-    for pod in $(k get pods -n "$SYSTEM_NS" -l app.kubernetes.io/name=shadowgate-operator -o name); do
-        metrics="$(k exec -n "$SYSTEM_NS" "$pod" -- python -c "$METRICS")"
+    for pod in $(k get pods -n "$OPERATOR_NS" -l app.kubernetes.io/name=shadowgate-operator -o name); do
+        metrics="$(k exec -n "$OPERATOR_NS" "$pod" -- python -c "$METRICS")"
         refused="$(printf '%s\n' "$metrics" | awk '/^shadowgate_operator_permission_denied_total/ && $NF > 0')"
         [ -z "$refused" ] || fail "$pod counted refused API calls: $refused"
     done
@@ -182,19 +188,19 @@ show_events() {
 }
 
 install() {
-    say "installing the CRDs, then the operator and TimescaleDB ($TIMESCALEDB)"
+    say "installing the CRDs, then TimescaleDB ($TIMESCALEDB)"
     k apply --server-side -k manifests/crds
     k wait --for=condition=Established --timeout=60s \
         crd/shadowdeployments.shadowgate.io crd/clusterkopfpeerings.kopf.dev crd/kopfpeerings.kopf.dev
     k apply --server-side -k "$TIMESCALEDB"
     k rollout status statefulset/timescaledb -n "$SYSTEM_NS" --timeout=300s
-    k rollout status deployment/shadowgate-operator -n "$SYSTEM_NS" --timeout=300s
-    check_operator_identity
 }
 
 promote() {
-    say "promote: fraud-v1 in production, fraud-v2 shadowed, clients sending traffic and outcomes"
+    say "promote: the example's own operator, fraud-v1 in production, fraud-v2 shadowed, clients sending traffic and outcomes"
     k apply --server-side -k manifests/overlays/example
+    k rollout status deployment/shadowgate-operator -n "$OPERATOR_NS" --timeout=300s
+    check_operator_identity
     for model in fraud-v1 fraud-v2 traffic; do
         k rollout status "deployment/$model" -n "$EXAMPLE_NS" --timeout=300s
     done

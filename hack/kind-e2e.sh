@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End to end on a real cluster, for anyone with Docker: a kind cluster, the image built and loaded,
 # then hack/e2e-scenario.sh (the same story `make e2e` runs on a local node without Docker):
-# manifests/ (CRDs, operator, TimescaleDB), fraud-v2 shadowed beside fraud-v1 under real traffic and
-# outcomes until the operator promotes it by itself, then a worse fraud-v3 canaried and rolled back.
+# manifests/ (CRDs, TimescaleDB, the example with its own namespaced operator), fraud-v2 shadowed beside
+# fraud-v1 under real traffic and outcomes until the operator promotes it by itself, then a worse
+# fraud-v3 canaried and rolled back.
 #
 #   hack/kind-e2e.sh                 # create, run, delete the cluster
 #   KEEP_CLUSTER=1 hack/kind-e2e.sh  # leave it running to look around (kind delete cluster --name ...)

@@ -56,13 +56,18 @@ class OperatorSettings(BaseModel):
     """Images spec.router.image may name besides router_image (exact references, digests advised). Empty
     by default: whoever may create a ShadowDeployment cannot choose the code that holds its Secrets."""
     image_pull_policy: str = "IfNotPresent"
+    router_network_policy: bool = True
+    """Give each router a NetworkPolicy (its ports in, anything but cloud metadata out). Off when the
+    cluster's own policies should decide who may call routers: NetworkPolicies only ever add access."""
     cluster_role: str = Field(default="shadowgate-operator", min_length=1)
-    """The ClusterRole the operator runs with (manifests/base/rbac.yaml): named when a permission is missing."""
+    """The Role (or, cluster-wide, ClusterRole) the operator runs with (manifests/operator/rbac.yaml): named when
+    a permission is missing."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> OperatorSettings:
         """Settings from SHADOWGATE_ROUTER_IMAGE, SHADOWGATE_ALLOWED_ROUTER_IMAGES (comma-separated),
-        SHADOWGATE_IMAGE_PULL_POLICY and SHADOWGATE_CLUSTER_ROLE, defaults otherwise."""
+        SHADOWGATE_ROUTER_NETWORK_POLICY (false turns it off), SHADOWGATE_IMAGE_PULL_POLICY and
+        SHADOWGATE_CLUSTER_ROLE, defaults otherwise."""
         env = os.environ if environ is None else environ
         allowed = tuple(image.strip() for image in env.get("SHADOWGATE_ALLOWED_ROUTER_IMAGES", "").split(","))
         values = {
@@ -71,7 +76,10 @@ class OperatorSettings(BaseModel):
             "image_pull_policy": env.get("SHADOWGATE_IMAGE_PULL_POLICY"),
             "cluster_role": env.get("SHADOWGATE_CLUSTER_ROLE"),
         }
-        return cls.model_validate({key: value for key, value in values.items() if value})
+        settings = cls.model_validate({key: value for key, value in values.items() if value})
+        if env.get("SHADOWGATE_ROUTER_NETWORK_POLICY", "").strip().lower() in ("false", "0", "no", "off"):
+            settings = settings.model_copy(update={"router_network_policy": False})
+        return settings
 
     def image_problem(self, sd: ShadowDeployment) -> str | None:
         """Why the router Deployment of `sd` is not applied: spec.router.image is not an allowed image."""
@@ -326,9 +334,52 @@ def service(sd: ShadowDeployment) -> Manifest:
     }
 
 
+# Cloud metadata services, kept from the router pods whatever DNS name a model URL uses (admission refuses
+# their addresses as URLs; a name resolving to one is only caught here). Not all of 169.254.0.0/16:
+# NodeLocal DNSCache listens on 169.254.20.10.
+METADATA_CIDRS_V4 = ("169.254.169.254/32", "100.100.100.200/32")
+METADATA_CIDRS_V6 = ("fd00:ec2::254/128",)
+
+
+METRICS_SCRAPER_LABEL = "shadowgate.io/metrics-scraper"
+"""The label, with the value "true", on a namespace whose pods (Prometheus) may read the /metrics ports of
+routers and of the operator: traffic volumes, error rates and configuration revisions are not every client's."""
+
+
+def network_policy(sd: ShadowDeployment, settings: OperatorSettings) -> Manifest:
+    """The router pods accept connections on their traffic ports from anywhere and on their metrics port from
+    namespaces labelled METRICS_SCRAPER_LABEL=true, and reach any pod and any address (model servers, the
+    database, the API server, DNS) but the cloud metadata services."""
+    container = deployment(sd, settings)["spec"]["template"]["spec"]["containers"][0]
+    ports = [{"port": port["name"], "protocol": port["protocol"]} for port in container["ports"]]
+    traffic = [port for port in ports if port["port"] != "metrics"]
+    metrics = [port for port in ports if port["port"] == "metrics"]
+    scrapers = {"namespaceSelector": {"matchLabels": {METRICS_SCRAPER_LABEL: "true"}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(sd),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(sd)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"ports": traffic}, *([{"from": [scrapers], "ports": metrics}] if metrics else [])],
+            "egress": [
+                {
+                    "to": [
+                        {"ipBlock": {"cidr": "0.0.0.0/0", "except": list(METADATA_CIDRS_V4)}},
+                        {"ipBlock": {"cidr": "::/0", "except": list(METADATA_CIDRS_V6)}},
+                        # Pods anywhere: some network plugins (Cilium) never match pod addresses by ipBlock.
+                        {"namespaceSelector": {}},
+                    ]
+                }
+            ],
+        },
+    }
+
+
 def router_objects(sd: ShadowDeployment, settings: OperatorSettings) -> list[Manifest]:
     """All children, in an order that applies cleanly: identity and config before the pods using them."""
-    return [
+    children = [
         service_account(sd),
         role(sd),
         role_binding(sd),
@@ -336,3 +387,6 @@ def router_objects(sd: ShadowDeployment, settings: OperatorSettings) -> list[Man
         deployment(sd, settings),
         service(sd),
     ]
+    if settings.router_network_policy:
+        children.append(network_policy(sd, settings))
+    return children

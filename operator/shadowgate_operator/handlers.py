@@ -46,6 +46,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = REPORTING_COMPONENT
     settings.watching.server_timeout = 300
+    # Off for an operator watching named namespaces (`shadowgate operator` decides): kopf then needs no
+    # cluster-wide rights; CRDs and namespaces must exist when it starts.
+    settings.scanning.disabled = not getattr(memo, "scanning", True)
     settings.watching.client_timeout = 330
     settings.peering.lifetime = getattr(memo, "peering_lifetime", None) or settings.peering.lifetime
     if not settings.peering.standalone and settings.peering.name:

@@ -29,6 +29,7 @@ _PREFIXES = {
     "v1": "/api/v1",
     "apps/v1": "/apis/apps/v1",
     "rbac.authorization.k8s.io/v1": "/apis/rbac.authorization.k8s.io/v1",
+    "networking.k8s.io/v1": "/apis/networking.k8s.io/v1",
 }
 _PLURALS = {
     "ConfigMap": "configmaps",
@@ -39,6 +40,7 @@ _PLURALS = {
     "RoleBinding": "rolebindings",
     "Event": "events",
     "Secret": "secrets",
+    "NetworkPolicy": "networkpolicies",
 }
 
 

@@ -85,7 +85,8 @@ class Observer:
         self.metrics.permission_denied.labels(exc.verb, exc.what.partition(" ")[0]).inc()
         return (
             f"The operator may not {exc.verb} {exc.what}: {exc.reason}. "
-            f"Grant it in the ClusterRole {self.settings.cluster_role} (manifests/base/rbac.yaml)."
+            f"Grant it in the operator's role {self.settings.cluster_role} "
+            "(manifests/operator/rbac.yaml; cluster-wide: manifests/overlays/cluster-wide/rbac.yaml)."
         )
 
     async def _database(

@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
             operator_settings=settings,
             operator_metrics=metrics,
             run_migrations=not args.no_migrate,
+            # Named namespaces only (no patterns): nothing to discover, so no cluster-wide list or watch of
+            # namespaces and CRDs, and the namespaced install needs no ClusterRole at all.
+            scanning=clusterwide or any(character in ns for ns in namespaces for character in "*?[!"),
             peering_lifetime=args.peering_lifetime,
         ),
     )

@@ -25,7 +25,7 @@ from tests.support.router import Router, router_config, wait_until
 
 pytestmark = pytest.mark.cluster
 
-KUSTOMIZATIONS = ("crds", "base", "overlays/timescaledb", "overlays/example")
+KUSTOMIZATIONS = ("crds", "operator", "base", "overlays/cluster-wide", "overlays/timescaledb", "overlays/example")
 SAMPLE = REPO_ROOT / "manifests" / "overlays" / "example" / "sample"
 
 

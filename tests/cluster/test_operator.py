@@ -30,7 +30,7 @@ pytestmark = pytest.mark.cluster
 GOLDEN = REPO_ROOT / "tests" / "golden"
 GOLDEN_NAMESPACE = "models"  # the namespace and router image the golden files were built for
 GOLDEN_ROUTER_IMAGE = "registry.example/shadowgate:0.1.0"
-CHILD_KINDS = ("configmap", "deployment", "service", "serviceaccount", "role", "rolebinding")
+CHILD_KINDS = ("configmap", "deployment", "service", "serviceaccount", "role", "rolebinding", "networkpolicy")
 
 
 def is_subset(expected: Any, actual: Any, path: str = "") -> list[str]:

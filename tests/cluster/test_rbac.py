@@ -1,14 +1,18 @@
 """Least privilege, proven on a real API server with RBAC on.
 
-The operator runs as a ServiceAccount holding exactly the ClusterRole in manifests/base (not as the
-admin) and still does its whole job; the Role it creates for each router lets the router read its one
-ConfigMap and nothing else; a missing rule becomes a PermissionDenied condition and a Warning Event.
+The operator runs as a ServiceAccount holding exactly the Role of the default, namespaced install
+(manifests/operator/rbac.yaml, in the one namespace it watches; not as the admin) and still does its
+whole job, while it may touch nothing in any other namespace; the cluster-wide overlay's ClusterRole
+runs the shipped cluster-wide Deployment; the Role the operator creates for each router lets the router
+read its one ConfigMap and nothing else; a missing rule becomes a PermissionDenied condition and a
+Warning Event.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator
@@ -17,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from shadowgate_operator.localenv.process import free_port
 from tests.cluster.conftest import ApplyShadow, StartOperator
@@ -33,30 +38,41 @@ from tests.support.operator import (
     shadow,
     wait_phase,
 )
-from tests.support.rbac import Identity, make_identity, shipped, token_kubeconfig
+from tests.support.rbac import REPO_ROOT, Identity, kustomize, make_identity, shipped, token_kubeconfig
 
 pytestmark = [pytest.mark.cluster, pytest.mark.database]
 
-CHILD_KINDS = "configmap,deployment,service,serviceaccount,role,rolebinding"
+CHILD_KINDS = "configmap,deployment,service,serviceaccount,role,rolebinding,networkpolicy"
 # What kopf or the Reconciler log when the API refuses them something.
 REFUSALS = ("forbidden", "Forbidden", "HTTP 403", "Not enough permissions")
 
-MakeIdentity = Callable[[list[dict[str, Any]]], Identity]
+MakeIdentity = Callable[..., Identity]
 
 
 @pytest.fixture
 def shipped_rules(kubectl: Kubectl) -> list[dict[str, Any]]:
-    rules: list[dict[str, Any]] = shipped(kubectl, "ClusterRole", "shadowgate-operator")["rules"]
+    """The Role of the default install (manifests/base: the namespaced operator)."""
+    rules: list[dict[str, Any]] = shipped(kubectl, "Role", "shadowgate-operator")["rules"]
+    return rules
+
+
+@pytest.fixture
+def cluster_wide_rules(kubectl: Kubectl) -> list[dict[str, Any]]:
+    """The ClusterRole of manifests/overlays/cluster-wide."""
+    rules: list[dict[str, Any]] = shipped(kubectl, "ClusterRole", "shadowgate-operator", "overlays/cluster-wide")[
+        "rules"
+    ]
     return rules
 
 
 @pytest.fixture
 def identity(kubectl: Kubectl, kubeconfig: str, namespace: str, tmp_path: Path) -> Iterator[MakeIdentity]:
-    """identity(rules): a ServiceAccount in the test's namespace with `rules` cluster-wide; removed afterwards."""
+    """identity(rules): a ServiceAccount in the test's namespace with `rules` in that namespace (a Role);
+    identity(rules, cluster_wide=True): everywhere (a ClusterRole). Removed afterwards."""
     made: list[Identity] = []
 
-    def make(rules: list[dict[str, Any]]) -> Identity:
-        made.append(make_identity(kubectl, kubeconfig, namespace, rules, tmp_path))
+    def make(rules: list[dict[str, Any]], *, cluster_wide: bool = False) -> Identity:
+        made.append(make_identity(kubectl, kubeconfig, namespace, rules, tmp_path, cluster_wide=cluster_wide))
         return made[-1]
 
     yield make
@@ -73,7 +89,7 @@ def assert_never_refused(operator: OperatorProcess) -> None:
     assert refused == [], "the operator was refused something:\n" + "\n".join(refused)
 
 
-def test_the_operator_does_its_whole_job_with_the_shipped_cluster_role(
+def test_the_operator_does_its_whole_job_with_the_shipped_namespaced_role(
     kubectl: Kubectl,
     namespace: str,
     identity: MakeIdentity,
@@ -82,7 +98,12 @@ def test_the_operator_does_its_whole_job_with_the_shipped_cluster_role(
     apply_shadow: ApplyShadow,
 ) -> None:
     operator_identity = identity(shipped_rules)
-    # Least privilege, concretely: what the operator's ServiceAccount may not do.
+    # Least privilege, concretely: nothing outside its namespace (the issue's complaint about the old
+    # cluster-wide default: Secrets in kube-system, Deployments patched there) and nothing it does not use.
+    for outside in (("get", "secrets"), ("patch", "deployments"), ("list", "shadowdeployments"), ("create", "roles")):
+        assert not operator_identity.can(kubectl, *outside, "-n", "kube-system"), outside
+    for cluster_scoped in (("list", "namespaces"), ("list", "customresourcedefinitions"), ("list", "nodes")):
+        assert not operator_identity.can(kubectl, *cluster_scoped), cluster_scoped
     for request in (
         ("update", "shadowdeployments"),  # spec is the user's (GitOps)
         ("list", "secrets"),  # it reads the one Secret a ShadowDeployment names, never lists them
@@ -103,11 +124,11 @@ def test_the_operator_does_its_whole_job_with_the_shipped_cluster_role(
     children = eventually(
         lambda: (
             (listing := get_json(kubectl, CHILD_KINDS, "-n", namespace, "-l", "app.kubernetes.io/instance=least"))
-            and len(listing["items"]) == 6
+            and len(listing["items"]) == 7
             and listing["items"]
         ),
         60,
-        "the router's six children",
+        "the router's seven children",
     )
     assert all(child["metadata"]["ownerReferences"][0]["uid"] == uid for child in children)
     # The analysis ran: the DSN Secret was readable and the database answered (no outcomes yet).
@@ -235,7 +256,7 @@ def test_a_missing_permission_is_a_condition_and_an_event(
     assert 'cannot patch resource "deployments" in API group "apps"' in message
     assert f"The operator may not get Deployment {namespace}/denied-router" in message  # for Ready's sake
     assert f'User "{who.user}"' in message
-    assert f"Grant it in the ClusterRole {who.cluster_role} (manifests/base/rbac.yaml)." in message
+    assert f"Grant it in the operator's role {who.cluster_role} (manifests/operator/rbac.yaml;" in message
 
     # Everything else still happened: the rollout runs and the router's other children follow it.
     status = shadow(kubectl, namespace, "denied")["status"]
@@ -270,14 +291,15 @@ def test_a_missing_permission_is_a_condition_and_an_event(
     eventually(lambda: (ready_condition() or {}).get("reason") == "RouterUnavailable", 60, "Ready to heal")
 
 
-def test_the_shipped_deployment_args_peer_cluster_wide_with_the_shipped_rights(
+def test_the_cluster_wide_overlay_peers_with_its_args_and_its_cluster_role(
     kubectl: Kubectl,
     namespace: str,
     identity: MakeIdentity,
-    shipped_rules: list[dict[str, Any]],
+    cluster_wide_rules: list[dict[str, Any]],
     start_operator: StartOperator,
 ) -> None:
-    """The operator Deployment's own arguments (cluster-wide, --peering, liveness, metrics) under its ClusterRole.
+    """The cluster-wide overlay's Deployment arguments (--all-namespaces, --peering, liveness, metrics) under
+    its ClusterRole.
 
     A placeholder peer with a higher priority keeps it standing by, so a cluster-wide replica in a shared
     test cluster touches no other test's objects while it proves it can read and join its peering.
@@ -285,11 +307,11 @@ def test_the_shipped_deployment_args_peer_cluster_wide_with_the_shipped_rights(
     peering = f"shadowgate-test-{secrets.token_hex(3)}"
     rules = [
         rule | {"resourceNames": [peering]} if rule.get("resourceNames") == ["shadowgate"] else rule
-        for rule in shipped_rules
+        for rule in cluster_wide_rules
     ]
-    assert rules != shipped_rules, "the peering rule is granted by name"
-    who = identity(rules)
-    deployment = shipped(kubectl, "Deployment", "shadowgate-operator")
+    assert rules != cluster_wide_rules, "the peering rule is granted by name"
+    who = identity(rules, cluster_wide=True)
+    deployment = shipped(kubectl, "Deployment", "shadowgate-operator", "overlays/cluster-wide")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     liveness, metrics = free_port(), free_port()
     replaced = {
@@ -297,7 +319,8 @@ def test_the_shipped_deployment_args_peer_cluster_wide_with_the_shipped_rights(
         "--liveness=http://0.0.0.0:8080/healthz": f"--liveness=http://127.0.0.1:{liveness}/healthz",
         "--metrics=0.0.0.0:9090": f"--metrics=127.0.0.1:{metrics}",
     }
-    assert container["args"][0] == "operator" and set(replaced) <= set(container["args"])
+    assert container["args"][0] == "operator" and set(replaced) | {"--all-namespaces"} <= set(container["args"])
+    assert "WATCH_NAMESPACE" not in [variable["name"] for variable in container["env"]]
     args = [replaced.get(arg, arg) for arg in container["args"][1:]]
 
     apply(kubectl, namespace, example("bystander"))  # in a watched namespace; a standby must leave it alone
@@ -330,3 +353,51 @@ def test_the_shipped_deployment_args_peer_cluster_wide_with_the_shipped_rights(
         assert "status" not in bystander and not bystander["metadata"].get("finalizers"), "a standby acted"
     finally:
         kubectl("delete", "clusterkopfpeering", peering, "--ignore-not-found", check=False)
+
+
+def test_each_install_binds_its_role_to_its_own_service_account(
+    kubectl: Kubectl, shadow_crd: str, namespace: str, tmp_path: Path
+) -> None:
+    """Kustomize writes the install's namespace into the binding's subject (the manifests name none), so the
+    operator's ServiceAccount holds its Role wherever it is installed, and nothing anywhere else."""
+    for directory, binding_kind in (("base", "RoleBinding"), ("overlays/cluster-wide", "ClusterRoleBinding")):
+        documents = kustomize(kubectl, directory)
+        deployment = next(d for d in documents if d["kind"] == "Deployment")
+        binding = next(d for d in documents if d["kind"] == binding_kind)
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "shadowgate-operator", "namespace": deployment["metadata"]["namespace"]}
+        ], directory
+        assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "shadowgate-operator"
+
+    # manifests/operator in a namespace of one's own, the way the README says: an overlay naming it.
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    operator_directory = os.path.relpath(REPO_ROOT / "manifests" / "operator", overlay)  # kustomize wants it relative
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump({"namespace": namespace, "resources": [operator_directory]})
+    )
+    rendered = [d for d in yaml.safe_load_all(kubectl("kustomize", str(overlay)).stdout) if d]
+    rbac = [d for d in rendered if d["kind"] in ("ServiceAccount", "Role", "RoleBinding")]
+    assert len(rbac) == 3 and all(d["metadata"]["namespace"] == namespace for d in rbac)
+    kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump_all(rbac))
+
+    account = f"system:serviceaccount:{namespace}:shadowgate-operator"
+
+    def can(*request: str) -> bool:
+        answer = kubectl("auth", "can-i", *request, f"--as={account}", check=False)
+        return answer.stdout.strip() == "yes"
+
+    # The authorizer reads RBAC from its informers: the new binding takes effect within moments.
+    eventually(lambda: can("get", "secrets/fraud-detector-db", "-n", namespace), 30, "the RoleBinding in effect")
+    for request in (
+        ("watch", "shadowdeployments.shadowgate.io"),
+        ("update", "shadowdeployments.shadowgate.io", "--subresource=status"),
+        ("get", "secrets/fraud-detector-db"),
+        ("patch", "deployments.apps"),
+        ("create", "networkpolicies.networking.k8s.io"),
+        ("patch", "kopfpeerings.kopf.dev/shadowgate"),
+    ):
+        assert can(*request, "-n", namespace), request
+    for request in (("get", "secrets", "-n", "kube-system"), ("patch", "deployments.apps", "-n", "default"),
+                    ("list", "namespaces"), ("list", "customresourcedefinitions.apiextensions.k8s.io")):  # fmt: skip
+        assert not can(*request), request

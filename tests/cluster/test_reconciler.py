@@ -288,7 +288,7 @@ async def test_a_refused_child_turns_ready_false_at_the_next_reconcile_with_one_
     assert calls.kube["replace_status"] == 2
     ready = next(c for c in shadow(kubectl, namespace, "refused")["status"]["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "PermissionDenied")
-    assert "Grant it in the ClusterRole shadowgate-operator" in ready["message"]
+    assert "Grant it in the operator's role shadowgate-operator" in ready["message"]
     warnings = [e for e in events_for(kubectl, namespace, "refused") if e["reason"] == "PermissionDenied"]
     assert len(warnings) == 1
     assert delay >= 0.5

@@ -1,7 +1,8 @@
-"""Identities with exactly the rights the manifests ship: a ServiceAccount, a ClusterRole and a token kubeconfig.
+"""Identities with exactly the rights the manifests ship: a ServiceAccount, a Role (the namespaced default) or
+a ClusterRole (the cluster-wide overlay), and a token kubeconfig.
 
 The tests run the operator as that ServiceAccount (a bearer token from `kubectl create token`), never as
-the admin, so a missing rule in manifests/base/rbac.yaml fails them.
+the admin, so a missing rule in manifests/operator/rbac.yaml (or the cluster-wide overlay's) fails them.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ def kustomize(kubectl: Kubectl, directory: str) -> list[dict[str, Any]]:
     return [document for document in yaml.safe_load_all(rendered) if document]
 
 
-def shipped(kubectl: Kubectl, kind: str, name: str) -> dict[str, Any]:
-    """One object of manifests/base as kustomize renders it."""
-    for document in kustomize(kubectl, "base"):
+def shipped(kubectl: Kubectl, kind: str, name: str, directory: str = "base") -> dict[str, Any]:
+    """One object of manifests/<directory> as kustomize renders it."""
+    for document in kustomize(kubectl, directory):
         if document["kind"] == kind and document["metadata"]["name"] == name:
             return document
-    raise AssertionError(f"manifests/base renders no {kind} {name}")
+    raise AssertionError(f"manifests/{directory} renders no {kind} {name}")
 
 
 def token_kubeconfig(kubectl: Kubectl, admin_kubeconfig: str, namespace: str, account: str, path: Path) -> Path:
@@ -54,12 +55,15 @@ def token_kubeconfig(kubectl: Kubectl, admin_kubeconfig: str, namespace: str, ac
 
 @dataclass
 class Identity:
-    """A ServiceAccount bound to its own copy of a ClusterRole (cluster-scoped objects, deleted by `delete`)."""
+    """A ServiceAccount bound to its own copy of a Role in its namespace (`cluster_wide`: of a ClusterRole,
+    bound cluster-wide; cluster-scoped objects, deleted by `delete`)."""
 
     namespace: str
     account: str
     cluster_role: str
+    """The name of its Role or ClusterRole (the operator names it in PermissionDenied messages)."""
     kubeconfig: Path
+    cluster_wide: bool = True
 
     @property
     def user(self) -> str:
@@ -71,35 +75,51 @@ class Identity:
         return answer.stdout.strip() == "yes"
 
     def grant(self, kubectl: Kubectl, rules: list[dict[str, Any]]) -> None:
-        """Replace the ClusterRole's rules."""
+        """Replace the role's rules."""
+        metadata = {"name": self.cluster_role} | ({} if self.cluster_wide else {"namespace": self.namespace})
         role = {
             "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": self.cluster_role},
+            "kind": "ClusterRole" if self.cluster_wide else "Role",
+            "metadata": metadata,
             "rules": rules,
         }
         kubectl("apply", "-f", "-", input=json.dumps(role))
 
     def delete(self, kubectl: Kubectl) -> None:
-        kubectl("delete", "clusterrolebinding,clusterrole", self.cluster_role, "--ignore-not-found", check=False)
+        if self.cluster_wide:
+            kubectl("delete", "clusterrolebinding,clusterrole", self.cluster_role, "--ignore-not-found", check=False)
 
 
 def make_identity(
-    kubectl: Kubectl, admin_kubeconfig: str, namespace: str, rules: list[dict[str, Any]], directory: Path
+    kubectl: Kubectl,
+    admin_kubeconfig: str,
+    namespace: str,
+    rules: list[dict[str, Any]],
+    directory: Path,
+    *,
+    cluster_wide: bool = True,
 ) -> Identity:
-    """A ServiceAccount in `namespace` holding `rules` cluster-wide, through a ClusterRole of a fresh name."""
+    """A ServiceAccount in `namespace` holding `rules` in that namespace through a Role (cluster_wide:
+    everywhere, through a ClusterRole), of a fresh name."""
     suffix = secrets.token_hex(3)
     identity = Identity(
         namespace=namespace,
         account=f"operator-{suffix}",
         cluster_role=f"{SHIPPED_CLUSTER_ROLE}-test-{suffix}",
         kubeconfig=directory / f"operator-{suffix}.kubeconfig",
+        cluster_wide=cluster_wide,
     )
     kubectl("create", "serviceaccount", identity.account, "-n", namespace)
     identity.grant(kubectl, copy.deepcopy(rules))
-    kubectl(
-        "create", "clusterrolebinding", identity.cluster_role,
-        f"--clusterrole={identity.cluster_role}", f"--serviceaccount={namespace}:{identity.account}",
-    )  # fmt: skip
+    if cluster_wide:
+        kubectl(
+            "create", "clusterrolebinding", identity.cluster_role,
+            f"--clusterrole={identity.cluster_role}", f"--serviceaccount={namespace}:{identity.account}",
+        )  # fmt: skip
+    else:
+        kubectl(
+            "create", "rolebinding", identity.cluster_role, "-n", namespace,
+            f"--role={identity.cluster_role}", f"--serviceaccount={namespace}:{identity.account}",
+        )  # fmt: skip
     token_kubeconfig(kubectl, admin_kubeconfig, namespace, identity.account, identity.kubeconfig)
     return identity

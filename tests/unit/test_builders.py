@@ -48,7 +48,9 @@ def by_kind() -> dict[str, dict[str, Any]]:
     return {manifest["kind"].lower(): manifest for manifest in builders.router_objects(stored(), SETTINGS)}
 
 
-@pytest.mark.parametrize("kind", ["serviceaccount", "role", "rolebinding", "configmap", "deployment", "service"])
+@pytest.mark.parametrize(
+    "kind", ["serviceaccount", "role", "rolebinding", "configmap", "deployment", "service", "networkpolicy"]
+)
 def test_matches_golden(kind: str) -> None:
     text = yaml.dump(by_kind()[kind], Dumper=_GoldenDumper, sort_keys=True, default_flow_style=False, width=120)
     path = GOLDEN / f"{kind}.yaml"
@@ -207,3 +209,22 @@ def test_spec_router_image_must_be_one_the_operator_allows() -> None:
     )
     assert allowing.allowed_router_images == ("r/x:2", "attacker.example/steal-secrets:latest")
     assert allowing.image_problem(other) is None
+
+
+def test_the_router_network_policy_opens_its_ports_and_closes_cloud_metadata() -> None:
+    policy = by_kind()["networkpolicy"]["spec"]
+    deployment = by_kind()["deployment"]["spec"]["template"]["spec"]["containers"][0]
+    names = [port["name"] for port in deployment["ports"]]
+    assert "metrics" in names
+    # Traffic ports from anywhere; /metrics only from namespaces labelled for scrapers.
+    assert policy["ingress"][0] == {"ports": [{"port": name, "protocol": "TCP"} for name in names if name != "metrics"]}
+    assert policy["ingress"][1] == {
+        "from": [{"namespaceSelector": {"matchLabels": {"shadowgate.io/metrics-scraper": "true"}}}],
+        "ports": [{"port": "metrics", "protocol": "TCP"}],
+    }
+    blocks = [peer["ipBlock"] for peer in policy["egress"][0]["to"] if "ipBlock" in peer]
+    assert {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32", "100.100.100.200/32"]} in blocks
+    assert {"namespaceSelector": {}} in policy["egress"][0]["to"]  # pods, where ipBlock does not match them
+    assert policy["podSelector"]["matchLabels"] == builders.selector_labels(stored())
+    without = OperatorSettings.from_env({"SHADOWGATE_ROUTER_NETWORK_POLICY": "false"})
+    assert "NetworkPolicy" not in [child["kind"] for child in builders.router_objects(stored(), without)]

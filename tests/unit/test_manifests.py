@@ -68,7 +68,7 @@ def test_the_final_image_runs_as_the_user_the_pods_ask_for() -> None:
     final = stages()[-1]
     users = [arguments for instruction, arguments in final if instruction == "USER"]
     assert users == [f"{builders.RUN_AS_USER}:{builders.RUN_AS_USER}"]
-    operator = yaml.safe_load((MANIFESTS / "base" / "deployment.yaml").read_text())
+    operator = yaml.safe_load((MANIFESTS / "operator" / "deployment.yaml").read_text())
     pod = operator["spec"]["template"]["spec"]["securityContext"]
     assert (pod["runAsUser"], pod["runAsGroup"], pod["runAsNonRoot"]) == (
         builders.RUN_AS_USER,
@@ -108,21 +108,57 @@ def test_the_final_stage_has_no_compiler_and_ships_the_migrations() -> None:
 
 
 def test_the_operator_deployment_args_are_accepted_by_the_command() -> None:
-    operator = yaml.safe_load((MANIFESTS / "base" / "deployment.yaml").read_text())
+    operator = yaml.safe_load((MANIFESTS / "operator" / "deployment.yaml").read_text())
     container = operator["spec"]["template"]["spec"]["containers"][0]
     args = build_parser().parse_args(container["args"])
-    assert (args.command, args.all_namespaces, args.peering) == ("operator", True, "shadowgate")
+    # Namespaced by default: the namespace it runs in, from WATCH_NAMESPACE (no --all-namespaces).
+    assert (args.command, args.all_namespaces, args.namespace, args.peering) == ("operator", False, [], "shadowgate")
     assert args.liveness == "http://0.0.0.0:8080/healthz" and args.metrics == "0.0.0.0:9090"
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"health": 8080, "metrics": 9090}
-    peering = yaml.safe_load((MANIFESTS / "base" / "peering.yaml").read_text())
-    assert peering["metadata"]["name"] == args.peering
-    rbac = list(yaml.safe_load_all((MANIFESTS / "base" / "rbac.yaml").read_text()))
-    role = next(document for document in rbac if document["kind"] == "ClusterRole")
+    watch = next(variable for variable in container["env"] if variable["name"] == "WATCH_NAMESPACE")
+    assert watch["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    peering = yaml.safe_load((MANIFESTS / "operator" / "peering.yaml").read_text())
+    assert (peering["kind"], peering["metadata"]["name"]) == ("KopfPeering", args.peering)
+    rbac = list(yaml.safe_load_all((MANIFESTS / "operator" / "rbac.yaml").read_text()))
+    assert {document["kind"] for document in rbac} == {"ServiceAccount", "Role", "RoleBinding"}  # nothing cluster-wide
+    role = next(document for document in rbac if document["kind"] == "Role")
     named = [rule["resourceNames"] for rule in role["rules"] if "resourceNames" in rule]
     assert named == [[args.peering]]
     environment = {variable["name"]: variable.get("value") for variable in container["env"]}
     assert environment["SHADOWGATE_CLUSTER_ROLE"] == role["metadata"]["name"]
+    assert environment["SHADOWGATE_ALLOWED_ROUTER_IMAGES"] == ""  # only the operator's own image for routers
+
+
+def test_the_cluster_wide_role_is_the_namespaced_role_plus_what_kopf_scans() -> None:
+    namespaced = next(
+        document
+        for document in yaml.safe_load_all((MANIFESTS / "operator" / "rbac.yaml").read_text())
+        if document["kind"] == "Role"
+    )
+    cluster = next(
+        document
+        for document in yaml.safe_load_all((MANIFESTS / "overlays" / "cluster-wide" / "rbac.yaml").read_text())
+        if document["kind"] == "ClusterRole"
+    )
+
+    def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+        return {
+            (group, "clusterkopfpeerings" if resource == "kopfpeerings" else resource, verb)
+            for rule in rules
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+
+    extra = grants(cluster["rules"]) - grants(namespaced["rules"])
+    assert extra == {
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        ("", "namespaces", "list"),
+        ("", "namespaces", "watch"),
+    }
+    assert grants(namespaced["rules"]) <= grants(cluster["rules"])
 
 
 @pytest.mark.parametrize("name", ["shadowgate.io_shadowdeployments.yaml", "kopf.dev_peerings.yaml"])
