@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -12,6 +13,7 @@ from shadowgate_operator.localenv.process import free_port
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import REPO_ROOT, Kubectl
 from tests.support.operator import (
+    analyses,
     apply,
     events_for,
     eventually,
@@ -361,3 +363,78 @@ def test_a_standby_replica_takes_over_through_peering(
     wait_phase(kubectl, namespace, "ha", "Promoted", timeout=60)
     assert "Handler 'seen' succeeded" in standby.log()
     wait_reasons(kubectl, namespace, "ha", ["AnalysisStarted", "Promoted"])
+
+
+def test_what_blocks_the_router_is_a_condition_and_one_warning_not_a_crash(
+    kubectl: Kubectl, dsn: str, namespace: str, start_operator: StartOperator, apply_shadow: ApplyShadow
+) -> None:
+    """Issue 12: a child the API server refuses (D11), a database Secret that holds no DSN (D12) and a router
+    image the operator does not allow (D13) each leave Ready False with their reason and one Warning Event;
+    the operator keeps running and keeps the rollouts' other children in shape."""
+    # A quota the router Deployment cannot fit in: the API server refuses it (403, not for lack of rights).
+    kubectl("create", "quota", "no-deployments", "-n", namespace, "--hard=count/deployments.apps=0")
+    # Its status as the quota controller would write it (this control plane does not run that controller;
+    # admission lets everything through a quota whose usage is unknown).
+    usage = {"count/deployments.apps": "0"}
+    kubectl("patch", "quota", "no-deployments", "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"hard": usage, "used": usage}}))  # fmt: skip
+    operator = start_operator("--namespace", namespace)
+    analysis = example()["spec"]["analysis"] | {"interval": "5s"}
+    apply_shadow(namespace, example("quota", analysis=analysis))
+    apply_shadow(namespace, example("baddsn", analysis=analysis, database={"secretRef": {"name": "garbage-db"}}))
+    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "garbage-db"},
+                               "stringData": {"dsn": "hunter2 is no DSN"}})  # fmt: skip
+    router = example()["spec"]["router"] | {"image": "attacker.example/steal-secrets:1"}
+    apply_shadow(namespace, example("image", router=router))
+
+    def ready(name: str) -> dict[str, Any] | None:
+        conditions = shadow(kubectl, namespace, name).get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "Ready" and c["status"] == "False"), None)
+
+    for name, reason, words in (
+        ("quota", "RouterRefused", f"The API server refused Deployment {namespace}/quota-router: "),
+        ("baddsn", "InvalidDatabaseSecret", "does not hold a PostgreSQL DSN: it does not start with postgresql://"),
+        ("image", "RouterImageNotAllowed", "'attacker.example/steal-secrets:1' is not an image this operator runs"),
+    ):
+        condition = eventually(
+            lambda name=name, reason=reason: (c := ready(name)) is not None and c["reason"] == reason and c,
+            60,
+            f"{name}: Ready False {reason}",
+        )
+        assert words in condition["message"]
+        assert "hunter2" not in condition["message"]  # a Secret's value is described, never quoted
+        # The rollout itself goes on: its weight reaches the router's ConfigMap.
+        assert shadow(kubectl, namespace, name)["status"]["phase"] == "Progressing"
+        eventually(lambda name=name: router_config(kubectl, namespace, name)["weight"] == 5, 30, f"{name}'s ConfigMap")
+    assert "quota" in ready("quota")["message"]  # the server's own words: which quota
+    assert get_json(kubectl, "deployment", "image-router", "-n", namespace) is None  # the image never ran
+
+    # Two more analyses of each: still blocked, one Warning each, and the operator never crashed.
+    analysed = {name: analyses(dsn, namespace, name) for name in ("quota", "image")}
+    for name, before in analysed.items():
+        eventually(
+            lambda name=name, before=before: analyses(dsn, namespace, name) >= before + 2,
+            60,
+            f"two more analyses of {name}",
+        )
+    for name, reason in (("quota", "RouterRefused"), ("baddsn", "InvalidDatabaseSecret"),
+                         ("image", "RouterImageNotAllowed")):  # fmt: skip
+        warnings = [e for e in events_for(kubectl, namespace, name) if e["reason"] == reason]
+        assert len(warnings) == 1 and warnings[0]["type"] == "Warning", (name, warnings)
+    operator.assert_running()
+    assert "Traceback" not in operator.log()
+
+    # Fixing the cause heals Ready at the next reconcile.
+    kubectl("delete", "quota", "no-deployments", "-n", namespace)
+    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "garbage-db"},
+                               "stringData": {"dsn": shadow_dsn(kubectl, namespace)}})  # fmt: skip
+    eventually(lambda: get_json(kubectl, "deployment", "quota-router", "-n", namespace), 60, "the router Deployment")
+    for name in ("quota", "baddsn"):
+        eventually(lambda name=name: ready(name) is not None and ready(name)["reason"] == "RouterUnavailable", 60,
+                   f"{name}: Ready to follow the router again")  # fmt: skip
+
+
+def shadow_dsn(kubectl: Kubectl, namespace: str) -> str:
+    """The DSN apply_shadow put in fraud-detector-db (the test database)."""
+    secret = get_json(kubectl, "secret", "fraud-detector-db", "-n", namespace)
+    return base64.b64decode(secret["data"]["dsn"]).decode()
