@@ -19,6 +19,7 @@ import yaml
 from shadowgate_operator import builders
 from shadowgate_operator.api import ShadowDeployment
 from shadowgate_operator.localenv.process import free_port
+from shadowgate_operator.migrate import migrate_dsn
 from tests.conftest import Kubectl
 from tests.support.rbac import REPO_ROOT, kustomize
 from tests.support.router import Router, router_config, wait_until
@@ -123,6 +124,7 @@ async def test_the_examples_sample_clients_and_models_feed_a_real_router(
 ) -> None:
     """The sample clients score through a router and report outcomes; the candidate's log loss is lower,
     which is what the example's ShadowDeployment needs to promote it."""
+    await migrate_dsn(dsn)  # the session's database, migrated whichever test comes first (idempotent)
     deployment = f"sample-{free_port()}"
     config = router_config(*sample_models, deployment=deployment, confidencePath=None, weight=100)
     router = Router.with_file(tmp_path, dsn, config, token="sample-token")
