@@ -167,7 +167,8 @@ def test_restarting_the_operator_changes_nothing(
     kubectl: Kubectl, namespace: str, start_operator: StartOperator, apply_shadow: ApplyShadow
 ) -> None:
     first = start_operator("--namespace", namespace)
-    apply_shadow(namespace, example("steady"))
+    # The longest interval: the restart below must fit between two analyses, however loaded the machine.
+    apply_shadow(namespace, example("steady", analysis=example()["spec"]["analysis"] | {"interval": "60s"}))
     wait_phase(kubectl, namespace, "steady", "Progressing")
     eventually(
         lambda: shadow(kubectl, namespace, "steady")["status"].get("lastDecision", {}).get("action") == "Wait",
