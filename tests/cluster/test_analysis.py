@@ -174,7 +174,8 @@ def test_rows_wait_for_a_database_that_is_away(kubectl: Kubectl, namespace: str,
         metrics = f"127.0.0.1:{free_port()}"
         start_operator("--namespace", namespace, "--metrics", metrics)
         apply(kubectl, namespace, manifest)
-        wait_phase(kubectl, namespace, "outbox", "Progressing")
+        # The deadline covers the operator's start too (18 s of imports alone at load 26 on 2 cores).
+        wait_phase(kubectl, namespace, "outbox", "Progressing", timeout=90)
         eventually(lambda: rows(postgres.dsn, EVENTS, namespace, "outbox"), 10, "the AnalysisStarted row")
 
         postgres.stop()
