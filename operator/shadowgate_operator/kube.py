@@ -70,6 +70,15 @@ class KubeError(RuntimeError):
 _RBAC_REFUSAL = re.compile(r"\bcannot [a-z]+ resource\b|attempting to grant RBAC permissions not currently held")
 
 
+def secret_value(secret: dict[str, Any] | None, key: str) -> str | None:
+    """One key of a Secret as read from the API, decoded (bytes that are not UTF-8 become U+FFFD, for the
+    caller to refuse); None when there is no Secret or no such key."""
+    data = (secret or {}).get("data") or {}
+    if key not in data:
+        return None
+    return base64.b64decode(data[key]).decode(errors="replace")
+
+
 def _object_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
     path = f"{_PREFIXES[api_version]}/namespaces/{namespace}/{_PLURALS[kind]}"
     return f"{path}/{name}" if name else path
@@ -184,12 +193,8 @@ class Kube:
             raise
 
     async def get_secret_value(self, namespace: str, name: str, key: str) -> str | None:
-        """One key of a Secret, decoded (bytes that are not UTF-8 become U+FFFD, for the caller to refuse);
-        None when the Secret or the key does not exist."""
-        secret = await self.get("v1", "Secret", namespace, name)
-        if secret is None or key not in (secret.get("data") or {}):
-            return None
-        return base64.b64decode(secret["data"][key]).decode(errors="replace")
+        """One key of a Secret, decoded (see secret_value); None when the Secret or the key does not exist."""
+        return secret_value(await self.get("v1", "Secret", namespace, name), key)
 
     async def post_event(
         self,

@@ -16,10 +16,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from shadowgate_operator.api import Phase, ShadowDeployment
-from shadowgate_operator.builders import OperatorSettings
+from shadowgate_operator.builders import OperatorSettings, secret_problem
 from shadowgate_operator.dbaway import DATABASE_AWAY, describe
 from shadowgate_operator.exporter import OperatorMetrics
-from shadowgate_operator.kube import KubeError
+from shadowgate_operator.kube import KubeError, secret_value
 from shadowgate_operator.metrics import WindowMetrics
 from shadowgate_operator.ports import Cluster, Database, Databases
 from shadowgate_operator.record import Denials, Rollout, Rollouts
@@ -95,18 +95,43 @@ class Observer:
         """This object's database, or why there is none; its spec recorded there once per generation."""
         reference = sd.spec.database.secret_ref
         if record.dsn is None:
+            # Both named Secrets read, for their router-secret label, whenever the DSN is (at the first
+            # reconcile, at each resync, and at every reconcile while one of them is refused).
+            token = sd.spec.outcomes.token_secret_ref.name
             try:
-                record.dsn = await self.kube.get_secret_value(sd.namespace, reference.name, reference.key)
+                secret = await self.kube.get("v1", "Secret", sd.namespace, reference.name)
+                token_secret = await self.kube.get("v1", "Secret", sd.namespace, token)
             except KubeError as exc:
                 if not exc.permission_denied:
-                    return None, f"cannot read Secret {reference.name}: {exc.reason}"
+                    return None, f"cannot read Secret {reference.name} or {token}: {exc.reason}"
                 problem = self.permission_problem(exc)
                 denials.reads.append(problem)
                 return None, problem
+            unlabelled = {
+                field: refusal
+                for field, named in (
+                    ("spec.database.secretRef", secret),
+                    ("spec.outcomes.tokenSecretRef", token_secret),
+                )
+                if named is not None and (refusal := secret_problem(named, field)) is not None
+            }
+            denials.invalid += [Blocked("SecretNotAllowed", refusal) for refusal in unlabelled.values()]
+            if "spec.database.secretRef" in unlabelled:
+                return None, unlabelled["spec.database.secretRef"]
+            dsn = secret_value(secret, reference.key)
+            if unlabelled:  # the token's Secret: used now, read again at the next reconcile until labelled
+                return await self._connect(record, sd, dsn, denials)
+            record.dsn = dsn
+        return await self._connect(record, sd, record.dsn, denials)
+
+    async def _connect(
+        self, record: Rollout, sd: ShadowDeployment, dsn: str | None, denials: Denials
+    ) -> tuple[Database | None, str | None]:
+        reference = sd.spec.database.secret_ref
         where = f"Secret {sd.namespace}/{reference.name}"
-        if record.dsn is None:
+        if dsn is None:
             return None, f"{where} has no key {reference.key!r} (spec.database.secretRef)"
-        unusable = dsn_problem(record.dsn)
+        unusable = dsn_problem(dsn)
         if unusable is not None:
             record.dsn = None  # read again at the next reconcile: someone may fix the Secret
             message = (
@@ -116,7 +141,7 @@ class Observer:
             denials.invalid.append(Blocked("InvalidDatabaseSecret", message))
             return None, message
         try:
-            database = await self.databases.get(record.dsn)
+            database = await self.databases.get(dsn)
         except DatabaseUnavailable as exc:
             record.dsn = None  # the Secret may have been fixed meanwhile: read it again next time
             return None, str(exc)

@@ -177,7 +177,8 @@ def _manual_action(
 class Blocked:
     """Why the router cannot follow the plan although the operator may make every call: the API server
     refused a child (RouterRefused), or the spec names something the operator will not use
-    (InvalidDatabaseSecret, RouterImageNotAllowed). Ready is False with this reason until it is fixed."""
+    (InvalidDatabaseSecret, RouterImageNotAllowed, SecretNotAllowed). Ready is False with this reason until it
+    is fixed."""
 
     reason: str
     message: str

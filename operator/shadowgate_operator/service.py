@@ -54,7 +54,14 @@ REFUSALS = frozenset({400, 403, 422})
 """The API server refuses the object itself (bad request, an admission policy or a quota, invalid):
 applying the same again cannot help, a person must change something."""
 WARNED = frozenset(
-    {"InvalidAction", "PermissionDenied", "RouterRefused", "InvalidDatabaseSecret", "RouterImageNotAllowed"}
+    {
+        "InvalidAction",
+        "PermissionDenied",
+        "RouterRefused",
+        "InvalidDatabaseSecret",
+        "RouterImageNotAllowed",
+        "SecretNotAllowed",
+    }
 )
 """Warnings said once while their cause stays; each reconcile looks at all their causes."""
 CONFLICT_RETRIES = 5
@@ -141,7 +148,10 @@ class Reconciler:
             body = record.body = await self.kube.replace_status({**body, "status": plan.status.to_dict()})
         record.status = plan.status
         denials = Denials(reads=seen.denials.reads, invalid=seen.denials.invalid)
-        image_refused = any(blocked.reason == "RouterImageNotAllowed" for blocked in denials.invalid)
+        # An image not allowed or a Secret not labelled: the router keeps the Deployment (image, Secrets) it has.
+        image_refused = any(
+            blocked.reason in ("RouterImageNotAllowed", "SecretNotAllowed") for blocked in denials.invalid
+        )
         for child in record.needs_apply(router_objects(planned, self.settings)):
             if not (image_refused and child["kind"] == "Deployment"):
                 await self._apply(record, child, denials)

@@ -11,7 +11,7 @@ import pytest
 from shadowgate_operator.localenv.binaries import KUBERNETES
 from shadowgate_operator.localenv.crds import install_crds
 from tests.conftest import REPO_ROOT, Kubectl
-from tests.support.operator import OperatorProcess, apply
+from tests.support.operator import OperatorProcess, apply, router_secret
 
 CRD_NAME = "shadowdeployments.shadowgate.io"
 
@@ -28,7 +28,8 @@ ApplyShadow = Callable[[str, dict[str, Any]], None]
 
 @pytest.fixture
 def apply_shadow(kubectl: Kubectl, dsn: str) -> ApplyShadow:
-    """apply_shadow(namespace, manifest): the Secrets it names (database DSN, outcome token), then it."""
+    """apply_shadow(namespace, manifest): the Secrets it names (database DSN, outcome token; labelled for the
+    router), then it."""
 
     def run(namespace: str, manifest: dict[str, Any]) -> None:
         spec = manifest["spec"]
@@ -36,8 +37,7 @@ def apply_shadow(kubectl: Kubectl, dsn: str) -> ApplyShadow:
             (spec["database"]["secretRef"]["name"], "dsn", dsn),
             (spec["outcomes"]["tokenSecretRef"]["name"], "token", "test-token"),
         ):
-            document = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret}, "stringData": {key: value}}
-            apply(kubectl, namespace, document)
+            apply(kubectl, namespace, router_secret(secret, key, value))
         apply(kubectl, namespace, manifest)
 
     return run

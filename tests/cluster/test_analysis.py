@@ -20,7 +20,18 @@ from shadowgate_operator.localenv.process import free_port
 from shadowgate_operator.migrate import migrate_dsn
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import Kubectl
-from tests.support.operator import apply, eventually, example, metric, reasons, rows, shadow, wait_phase, wait_reasons
+from tests.support.operator import (
+    apply,
+    eventually,
+    example,
+    metric,
+    reasons,
+    router_secret,
+    rows,
+    shadow,
+    wait_phase,
+    wait_reasons,
+)
 from tests.support.seeder import Model, Seeder
 
 pytestmark = [pytest.mark.cluster, pytest.mark.database]
@@ -169,8 +180,7 @@ def test_rows_wait_for_a_database_that_is_away(kubectl: Kubectl, namespace: str,
             (spec["database"]["secretRef"]["name"], "dsn", postgres.dsn),
             (spec["outcomes"]["tokenSecretRef"]["name"], "token", "test-token"),
         ):
-            apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": secret},
-                                       "stringData": {key: value}})  # fmt: skip
+            apply(kubectl, namespace, router_secret(secret, key, value))
         metrics = f"127.0.0.1:{free_port()}"
         start_operator("--namespace", namespace, "--metrics", metrics)
         apply(kubectl, namespace, manifest)

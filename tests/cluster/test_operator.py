@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from shadowgate_operator.localenv.process import free_port
+from shadowgate_operator.migrate import migrate_dsn
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import REPO_ROOT, Kubectl
 from tests.support.operator import (
@@ -22,6 +24,8 @@ from tests.support.operator import (
     metric,
     reasons,
     router_config,
+    router_secret,
+    rows,
     shadow,
     wait_phase,
     wait_reasons,
@@ -383,8 +387,7 @@ def test_what_blocks_the_router_is_a_condition_and_one_warning_not_a_crash(
     analysis = example()["spec"]["analysis"] | {"interval": "5s"}
     apply_shadow(namespace, example("quota", analysis=analysis))
     apply_shadow(namespace, example("baddsn", analysis=analysis, database={"secretRef": {"name": "garbage-db"}}))
-    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "garbage-db"},
-                               "stringData": {"dsn": "hunter2 is no DSN"}})  # fmt: skip
+    apply(kubectl, namespace, router_secret("garbage-db", "dsn", "hunter2 is no DSN"))
     router = example()["spec"]["router"] | {"image": "attacker.example/steal-secrets:1"}
     apply_shadow(namespace, example("image", router=router))
 
@@ -427,12 +430,66 @@ def test_what_blocks_the_router_is_a_condition_and_one_warning_not_a_crash(
 
     # Fixing the cause heals Ready at the next reconcile.
     kubectl("delete", "quota", "no-deployments", "-n", namespace)
-    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "garbage-db"},
-                               "stringData": {"dsn": shadow_dsn(kubectl, namespace)}})  # fmt: skip
+    apply(kubectl, namespace, router_secret("garbage-db", "dsn", shadow_dsn(kubectl, namespace)))
     eventually(lambda: get_json(kubectl, "deployment", "quota-router", "-n", namespace), 60, "the router Deployment")
     for name in ("quota", "baddsn"):
         eventually(lambda name=name: ready(name) is not None and ready(name)["reason"] == "RouterUnavailable", 60,
                    f"{name}: Ready to follow the router again")  # fmt: skip
+
+
+def test_a_secret_not_labelled_for_the_router_is_neither_handed_to_it_nor_connected_to(
+    kubectl: Kubectl, dsn: str, namespace: str, start_operator: StartOperator
+) -> None:
+    """Issue 12, D13: a ShadowDeployment may name only Secrets labelled shadowgate.io/router-secret=true. Others
+    (here a working DSN and a token someone may create ShadowDeployments without being able to read) leave
+    Ready False SecretNotAllowed with a Warning per Secret: no router Deployment holds them and the operator
+    does not connect to the DSN. Labelling them heals it."""
+    asyncio.run(migrate_dsn(dsn))  # so that "no row" below means "never connected", whichever test runs first
+    operator = start_operator("--namespace", namespace)
+    for secret in (router_secret("plain-db", "dsn", dsn, labelled=False),
+                   router_secret("plain-token", "token", "someone-elses-token", labelled=False)):  # fmt: skip
+        apply(kubectl, namespace, secret)
+    analysis = example()["spec"]["analysis"] | {"interval": "5s"}
+    apply(kubectl, namespace, example(
+        "nolabel", analysis=analysis, database={"secretRef": {"name": "plain-db"}},
+        outcomes={"tokenSecretRef": {"name": "plain-token"}},
+    ))  # fmt: skip
+
+    def ready() -> dict[str, Any]:
+        conditions = shadow(kubectl, namespace, "nolabel").get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "Ready"), {})
+
+    refused = eventually(lambda: ready().get("reason") == "SecretNotAllowed" and ready(), 60, "Ready SecretNotAllowed")
+    assert refused["status"] == "False"
+    for field, secret in (("spec.database.secretRef", "plain-db"), ("spec.outcomes.tokenSecretRef", "plain-token")):
+        assert (
+            f"Secret {namespace}/{secret} ({field}) is not labelled shadowgate.io/router-secret=true"
+            in (refused["message"])
+        )
+        assert f"kubectl label secret {secret} -n {namespace} shadowgate.io/router-secret=true" in refused["message"]
+    assert dsn not in refused["message"] and "someone-elses-token" not in refused["message"]
+    # The other children follow the rollout; the router Deployment, which would hold the Secrets, is not made.
+    eventually(lambda: router_config(kubectl, namespace, "nolabel")["weight"] == 5, 30, "the router's ConfigMap")
+    assert get_json(kubectl, "deployment", "nolabel-router", "-n", namespace) is None
+    warnings = [e for e in events_for(kubectl, namespace, "nolabel") if e["reason"] == "SecretNotAllowed"]
+    assert sorted(w["message"].split(" is not labelled")[0] for w in warnings) == [
+        f"Secret {namespace}/plain-db (spec.database.secretRef)",
+        f"Secret {namespace}/plain-token (spec.outcomes.tokenSecretRef)",
+    ]
+    assert all(w["type"] == "Warning" for w in warnings)
+    never = "SELECT generation FROM shadow_deployments WHERE namespace = $1 AND deployment = $2"
+    assert rows(dsn, never, namespace, "nolabel") == []  # the operator never connected to the DSN
+    operator.assert_running()
+
+    for secret in ("plain-db", "plain-token"):
+        kubectl("label", "secret", secret, "-n", namespace, "shadowgate.io/router-secret=true")
+    deployment = eventually(
+        lambda: get_json(kubectl, "deployment", "nolabel-router", "-n", namespace), 60, "the router Deployment"
+    )
+    env = {variable["name"]: variable for variable in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SHADOWGATE_DSN"]["valueFrom"]["secretKeyRef"] == {"name": "plain-db", "key": "dsn"}
+    eventually(lambda: ready().get("reason") == "RouterUnavailable", 60, "Ready to follow the router")
+    eventually(lambda: rows(dsn, never, namespace, "nolabel"), 60, "the spec recorded in the database")
 
 
 def shadow_dsn(kubectl: Kubectl, namespace: str) -> str:

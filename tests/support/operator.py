@@ -18,6 +18,8 @@ import asyncpg
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from shadowgate_operator.builders import ROUTER_SECRET_LABEL
+
 T = TypeVar("T")
 Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -115,6 +117,17 @@ def example(name: str = "fraud-detector", **spec_changes: Any) -> dict[str, Any]
 
 def apply(kubectl: Kubectl, namespace: str, manifest: dict[str, Any]) -> None:
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+
+def router_secret(name: str, key: str, value: str, *, labelled: bool = True) -> dict[str, Any]:
+    """A Secret a ShadowDeployment may name: labelled shadowgate.io/router-secret=true (`labelled=False`: not)."""
+    labels = {ROUTER_SECRET_LABEL: "true"} if labelled else {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "labels": labels},
+        "stringData": {key: value},
+    }
 
 
 def shadow(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:

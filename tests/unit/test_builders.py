@@ -211,6 +211,26 @@ def test_spec_router_image_must_be_one_the_operator_allows() -> None:
     assert allowing.image_problem(other) is None
 
 
+@pytest.mark.parametrize(
+    ("labels", "allowed"),
+    [
+        ({"shadowgate.io/router-secret": "true"}, True),
+        ({"shadowgate.io/router-secret": "false"}, False),
+        ({"shadowgate.io/router-secret": "True"}, False),  # label values are exact
+        ({"app": "db"}, False),
+        (None, False),
+    ],
+)
+def test_only_a_secret_labelled_for_routers_is_one_a_router_gets(labels: dict[str, str] | None, allowed: bool) -> None:
+    secret = {"metadata": {"name": "db", "namespace": "models", "labels": labels}, "data": {"dsn": "aHVudGVyMg=="}}
+    problem = builders.secret_problem(secret, "spec.database.secretRef")
+    assert (problem is None) == allowed
+    if problem is not None:
+        assert problem.startswith("Secret models/db (spec.database.secretRef) is not labelled ")
+        assert problem.endswith("kubectl label secret db -n models shadowgate.io/router-secret=true")
+        assert "aHVudGVyMg==" not in problem and "hunter2" not in problem
+
+
 def test_the_router_network_policy_opens_its_ports_and_closes_cloud_metadata() -> None:
     policy = by_kind()["networkpolicy"]["spec"]
     deployment = by_kind()["deployment"]["spec"]["template"]["spec"]["containers"][0]

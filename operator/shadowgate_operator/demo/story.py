@@ -30,6 +30,7 @@ import httpx
 
 from shadowgate_operator import kubeaccess
 from shadowgate_operator.api import GROUP, PLURAL, VERSION
+from shadowgate_operator.builders import ROUTER_SECRET_LABEL
 from shadowgate_operator.demo.progress import Counters, Progress
 from shadowgate_operator.demo.scenarios import Pace, Scenario, manifest
 from shadowgate_operator.demo.stack import (
@@ -98,10 +99,11 @@ def prometheus_sum(exposition: str, name: str) -> float:
 
 
 def secret(name: str, key: str, value: str) -> dict[str, Any]:
+    """A Secret the ShadowDeployment names, labelled so that the operator hands it to the router."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": {ROUTER_SECRET_LABEL: "true"}},
         "type": "Opaque",
         "data": {key: base64.b64encode(value.encode()).decode()},
     }
