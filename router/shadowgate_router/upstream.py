@@ -70,6 +70,7 @@ class _Connection(asyncio.Protocol):
         "_header_size",
         "_headers",
         "_headers_done",
+        "_no_body",
         "_parser",
         "_pool",
         "_refused",
@@ -94,6 +95,8 @@ class _Connection(asyncio.Protocol):
         self._refused = False
         self._content_length = False
         self._headers_done = False
+        self._no_body = False
+        """The request was HEAD: its answer ends with its head, whatever Content-Length says (RFC 9110 9.3.2)."""
         self._status = 0
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -179,6 +182,12 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
         self._headers_done = True
+        if self._no_body and self._status >= 200:
+            # httptools cannot be told to skip the body: answer now, and drop the connection, whose parser
+            # would wait for the body Content-Length announces.
+            self._complete()
+            self._refused = True
+            self.close()
 
     def on_body(self, body: bytes) -> None:
         if self._refused:
@@ -230,8 +239,9 @@ class _Connection(asyncio.Protocol):
         """The call's deadline passed: fail it as a timeout (the caller then closes the connection)."""
         self._fail(UpstreamError(TIMEOUT, detail))
 
-    def send(self, data: bytes) -> asyncio.Future[UpstreamResponse]:
+    def send(self, data: bytes, no_body: bool = False) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
+        self._no_body = no_body
         waiter: asyncio.Future[UpstreamResponse] = self._pool._loop.create_future()
         self._waiter = waiter
         self.received = False
@@ -309,13 +319,13 @@ class UpstreamPool:
         else:
             connection, reused = await self._within(deadline, time_limit, self._acquire())
         try:
-            return await self._exchange(connection, data, deadline, time_limit)
+            return await self._exchange(connection, data, deadline, time_limit, method == b"HEAD")
         except UpstreamError as error:
             if not (reused and error.kind == CLOSED and not connection.received):
                 raise
         # The server dropped an idle connection as we used it: once more on a new one.
         connection = await self._within(deadline, time_limit, self._connect_new())
-        return await self._exchange(connection, data, deadline, time_limit)
+        return await self._exchange(connection, data, deadline, time_limit, method == b"HEAD")
 
     async def _within(self, deadline: float, time_limit: float, step: Awaitable[T]) -> T:
         """Waiting for a connection (the slow path) under the call's deadline."""
@@ -336,11 +346,11 @@ class UpstreamPool:
         return b"".join(lines)
 
     async def _exchange(
-        self, connection: _Connection, data: bytes, deadline: float, time_limit: float
+        self, connection: _Connection, data: bytes, deadline: float, time_limit: float, no_body: bool
     ) -> UpstreamResponse:
         # A plain timer rather than asyncio.timeout(): this is the hot path, and on expiry the connection is
         # closed anyway (its state is unknown), which is all a timeout has to do here.
-        waiter = connection.send(data)
+        waiter = connection.send(data, no_body)
         timer = self._loop.call_at(
             deadline, connection.expire, f"no answer from {self.base_url} within {time_limit:g}s"
         )

@@ -262,6 +262,28 @@ async def test_an_answer_delimited_by_close_is_complete() -> None:
         await pool.close()
 
 
+async def test_an_answer_to_head_ends_with_its_head_whatever_content_length_says() -> None:
+    """A HEAD answer announces the length a GET would have and sends no body (found by the HTTP fuzz test)."""
+
+    async def head_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await read_request(reader)
+            if request.startswith(b"HEAD "):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 142\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with RawServer(head_server) as raw:
+        pool = UpstreamPool(raw.url)
+        answer = await pool.request(b"HEAD", b"/v2/models//infer", [], b"{}", 2)
+        assert (answer.status, answer.body) == (200, b"")
+        assert dict(answer.headers)[b"content-length"] == b"142"
+        after = await pool.request(b"POST", b"/x", [], b"{}", 2)  # the pool goes on serving
+        assert (after.status, after.body) == (200, b"ok")
+        await pool.close()
+
+
 # Issue 12: peers that attack the server (D3 huge heads, D4 pipelining without reading, Upgrade).
 
 
