@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, required=True, help="file holding the outcome bearer token")
     parser.add_argument("--rate", type=float, default=200.0, help="trades opened per second")
     parser.add_argument("--duration", type=float, help="seconds to run (default: until SIGTERM or SIGINT)")
-    parser.add_argument("--accounts", type=int, default=5_000, help="distinct accounts the trades come from")
+    parser.add_argument("--accounts", type=int, default=50_000, help="distinct accounts the trades come from")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--prefix", default="T", help="trade ids are PREFIX-0000001, ...")
     parser.add_argument("--log", type=Path, help="write one JSON line per trade here")

@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=float(os.environ.get("RATE", "20")), help="requests/s")
     parser.add_argument("--outcome-delay", type=float, default=float(os.environ.get("OUTCOME_DELAY", "2")))
     parser.add_argument("--duration", type=float, default=0.0, help="seconds to run (0: until stopped)")
-    parser.add_argument("--accounts", type=int, default=5000)
+    # The analysis judges accounts, not requests, when stickyHeader groups them: enough distinct accounts
+    # must reach the candidate's share (some hundreds for log loss's skew) for a step to be judged.
+    parser.add_argument("--accounts", type=int, default=50_000, help="distinct X-Account-Id values")
     args = parser.parse_args(argv)
 
     infer = f"{args.router.rstrip('/')}/v2/models/{args.model}/infer"
