@@ -358,6 +358,6 @@ async def _problems(dsn: str) -> list[str]:
 async def _open_pool(dsn: str) -> None:
     databases = Databases()
     try:
-        await databases.pool(dsn)
+        await databases.get(dsn)
     finally:
         await databases.close()

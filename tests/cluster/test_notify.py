@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
-import kubernetes
 import pytest
 from aiohttp import web
 from cloudevents.core.bindings.http import HTTPMessage, from_http
@@ -110,10 +109,8 @@ async def queue(queue_dsn: str) -> AsyncIterator[NotificationQueue]:
 
 
 @pytest.fixture
-async def kube(kubeconfig: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Kube]:
-    # The kubernetes client read $KUBECONFIG when it was imported: point its default at the test cluster.
-    monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
-    client = Kube.from_environment()
+async def kube(kubeconfig: str) -> AsyncIterator[Kube]:
+    client = Kube.connect(kubeconfig)
     yield client
     await client.close()
 
