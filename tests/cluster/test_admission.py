@@ -24,6 +24,7 @@ from shadowgate_operator.api import (
     ShadowDeployment,
 )
 from shadowgate_operator.conditions import set_condition, transition
+from shadowgate_operator.rollout import with_columns
 from tests.admission_cases import CASES, Case, load_example, merge_patch
 from tests.conftest import Kubectl
 from tests.support.fuzz import spec_patches
@@ -124,11 +125,12 @@ def test_status_written_by_the_operator_is_accepted_and_shown(kubectl: Kubectl, 
             "conditions": set_condition(status.conditions, ConditionType.READY, ConditionStatus.TRUE, "Up", "", 1, now),
             "current_step": 0,
             "current_weight": 5,
-            "samples": 120,
+            "samples": 250,
             "metrics": AnalysisMetrics(overall_score=0.42, p_value=0.03),
             "step_started_at": now,
         }
     )
+    status = with_columns(sd.spec, status)  # Step and Score, as the operator writes them (minSamples is 200)
     patch = {"status": status.to_dict()}
     kubectl(
         "patch", "shadowdeployment", sd.name, "-n", namespace, "--subresource=status", "--type=merge",
@@ -138,8 +140,7 @@ def test_status_written_by_the_operator_is_accepted_and_shown(kubectl: Kubectl, 
     assert stored.status.phase is Phase.PROGRESSING and stored.status.current_weight == 5
     assert stored.status.conditions == status.conditions
     row = kubectl("get", "shadow", sd.name, "-n", namespace, "--no-headers").stdout.split()
-    assert row[:5] == ["fraud-detector", "shadow", "5", "Progressing", "120"]
-    assert row[5] == "0.42"
+    assert row[:7] == ["fraud-detector", "shadow", "5", "Progressing", "True", "250", "0.42"]
 
 
 def test_router_objects_are_accepted_by_the_server(kubectl: Kubectl, namespace: str) -> None:
