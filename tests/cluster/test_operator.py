@@ -145,7 +145,7 @@ def test_kubectl_explain_shows_defaults_and_every_allowed_value(kubectl: Kubectl
     Established), with the defaults and enums written into the descriptions by crd.py."""
     explained = " ".join(kubectl("explain", "shadowdeployment.spec.analysis.minSamples").stdout.split())
     assert "FIELD: minSamples <integer>" in explained
-    assert "before it can pass or fail on quality. Default: 100." in explained
+    assert "DESCRIPTION: Scored request" in explained and explained.endswith(". Default: 100.")
     analysis = " ".join(kubectl("explain", "shadowdeployment.spec.analysis").stdout.split())
     assert "One of: mae, rmse, accuracy, directionalAccuracy, logLoss. Default: mae." in analysis
     assert "Default: 30s." in analysis and "Default: 0.99." in analysis
