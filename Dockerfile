@@ -18,6 +18,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY router/ router/
+COPY common/ common/
 RUN pip wheel --wheel-dir /wheels . \
     && python -m venv /opt/shadowgate \
     && /opt/shadowgate/bin/pip install --no-index --find-links /wheels shadowgate

@@ -278,4 +278,35 @@ CASES: tuple[Case, ...] = (
         "spec.notifications[0].events[0]",
     ),
     Case("notification-without-url", _spec(notifications=[{"name": "team"}]), "urlSecretRef: Required value"),
+    Case(
+        "registry-without-registered-model",
+        _spec(registry={"mlflow": {"trackingUri": "http://mlflow.mlops:5000"}}),
+        "registry and candidate.registeredModel go together",
+    ),
+    Case(
+        "registered-model-without-registry",
+        _spec(candidate={"registeredModel": {"name": "fraud", "version": "2"}}),
+        "registry and candidate.registeredModel go together",
+    ),
+    Case(
+        "registry-alias-reserved",
+        _spec(
+            registry={"mlflow": {"trackingUri": "http://mlflow.mlops:5000"}, "alias": "v2"},
+            candidate={"registeredModel": {"name": "fraud", "version": "2"}},
+        ),
+        "registry.alias must not be latest or v<number>",
+    ),
+    Case(
+        "registry-tracking-uri-not-http",
+        _spec(
+            registry={"mlflow": {"trackingUri": "databricks://profile"}},
+            candidate={"registeredModel": {"name": "fraud", "version": "2"}},
+        ),
+        "spec.registry.mlflow.trackingUri: Invalid value",
+    ),
+    Case(
+        "registered-model-version-not-a-number",
+        _spec(candidate={"registeredModel": {"name": "fraud", "version": "v2"}}),
+        "spec.candidate.registeredModel.version",
+    ),
 )

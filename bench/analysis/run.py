@@ -27,6 +27,7 @@ machine's load average is printed beside them, since other work on the machine s
     make bench-analysis                                 # both databases, 1M and 10M rows: about an hour
     .venv/bin/python bench/analysis/run.py --sizes 1000000 --runs 6    # quicker
     .venv/bin/python bench/analysis/run.py --editions timescaledb --compress-after 2d   # another horizon
+    .venv/bin/python bench/analysis/run.py --editions postgres --rates 333 --grouped   # sticky keys, segments
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ from typing import Any
 import asyncpg
 
 from shadowgate_operator import timescale
+from shadowgate_operator.analysis.sql import Options, explain, whole_window_query
+from shadowgate_operator.analysis.window import WindowAnalysis, window_metrics
 from shadowgate_operator.api import Metric, TrafficMode
 from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.metrics import WindowMetrics
 from shadowgate_operator.migrate import migrate_with_report
-from shadowgate_operator.queries import WindowAnalysis, explain, whole_window_query, window_metrics
 
 NAMESPACE, TARGET = "bench", "target"
 OTHERS = tuple(f"model-{i}" for i in range(1, 10))
@@ -301,7 +303,12 @@ async def steady_state(
         for _ in range(RESTARTS):
             await asyncio.sleep(pause())
             restarted = WindowAnalysis(
-                analysis.namespace, analysis.deployment, analysis.metric, analysis.mode, analysis.since
+                analysis.namespace,
+                analysis.deployment,
+                analysis.metric,
+                analysis.mode,
+                analysis.since,
+                options=analysis.options,
             )
             wall, backend = await clock.measure(restarted.refresh(connection))
             if not restarted.resumed:
@@ -339,6 +346,7 @@ async def steady_state(
 async def measure(
     dsn: str, target: str, rows: int, window_rows: int, since: dt.datetime, args: argparse.Namespace
 ) -> tuple[Figures, list[str], list[str]]:
+    options = Options(clustered=args.grouped, segmented=args.grouped)
     connection = await asyncpg.connect(dsn)
     writer = await asyncpg.connect(dsn)
     try:
@@ -347,7 +355,9 @@ async def measure(
         whole_cpu: list[float] = []
         for _ in range(args.repeats):
             wall, backend = await clock.measure(
-                window_metrics(connection, NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, None)
+                window_metrics(
+                    connection, NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, None, options=options
+                )
             )
             whole.append(wall)
             whole_cpu.extend([] if backend is None else [backend])
@@ -356,7 +366,9 @@ async def measure(
         first: list[float] = []
         first_cpu: list[float] = []
         for _ in range(args.repeats):
-            cold = WindowAnalysis(NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, saved=False)
+            cold = WindowAnalysis(
+                NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, saved=False, options=options
+            )
             wall, backend = await clock.measure(cold.refresh(connection))
             first.append(wall)
             first_cpu.extend([] if backend is None else [backend])
@@ -365,7 +377,7 @@ async def measure(
             f" (backend CPU {median(first_cpu):.0f} ms)"
         )
         # The operator's analysis: from the whole window once (saved from then on), then incremental.
-        analysis = WindowAnalysis(NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since)
+        analysis = WindowAnalysis(NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, options=options)
         await analysis.refresh(connection)
 
         steady = []
@@ -376,11 +388,14 @@ async def measure(
         assert typical is not None
 
         incremental = await analysis.refresh(connection)
-        whole_now = await window_metrics(connection, NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, None)
+        whole_now = await window_metrics(
+            connection, NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, None, options=options
+        )
         steady_plan = plan_lines(await explain(connection, analysis.query(*typical)))
         whole_plan = plan_lines(
             await explain(
-                connection, whole_window_query(NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, None)
+                connection,
+                whole_window_query(NAMESPACE, target, Metric.MAE, TrafficMode.SHADOW, since, None, options=options),
             )
         )
         figures = Figures(
@@ -414,6 +429,12 @@ def _same(a: WindowMetrics, b: WindowMetrics) -> bool:
         and close(a.production.latency_p99_ms, b.production.latency_p99_ms)
         and close(a.candidate.metric_value, b.candidate.metric_value)
         and close(a.agreement, b.agreement)
+        and (a.clusters is None) == (b.clusters is None)
+        and all(
+            x.keys == y.keys and close(x.squares, y.squares) and close(x.cross, y.cross) and x.counts == y.counts
+            for x, y in zip(a.clusters or (), b.clusters or (), strict=True)
+        )
+        and [(g.name, g.samples) for g in a.segments] == [(g.name, g.samples) for g in b.segments]
     )
 
 
@@ -603,6 +624,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=None,
         help="seconds between runs (default: as the operator paces them, every 1-5s depending on the rate)",
+    )
+    parser.add_argument(
+        "--grouped",
+        action="store_true",
+        help="analyse as a deployment with spec.traffic.stickyHeader and spec.analysis.segmentBy set: sums per "
+        "sticky-key bucket and per segment too, saved with the rest (the bench's rows have no sticky key, so "
+        "each request is its own key and every bucket fills)",
     )
     parser.add_argument("--runs", type=int, default=12, help="steady-state refreshes per rate and size")
     parser.add_argument("--repeats", type=int, default=3, help="runs of the whole-window query and first refresh")

@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -259,12 +260,13 @@ def score(world: World, accounts: Accounts, requests: Requests, weight: float, c
     )
 
 
-# --- the window: what queries.py would return -------------------------------------------------------
+# --- the window: what analysis/window.py would return ---------------------------------------------
 
 LATENCY_GAMMA = (1 + 0.001) / (1 - 0.001)
-BUCKET_OFFSET = 2000
-BUCKETS = 8192
-"""Latency histograms as dense arrays: buckets -2000 .. 6191 (0.02 ms .. 240 s), as queries.py's sketch."""
+BUCKET_OFFSET = 0
+BUCKETS = 4096
+"""Latency histograms as dense arrays: buckets 0 .. 4095 (1 ms .. 3.6 s) with metrics.LatencySketch's mapping
+(the SQL's go down to 1 microsecond; this bench's latencies are all within 1 ms .. 3.6 s)."""
 KEY_BUCKETS = 1024
 SERIES = ("p", "c", "d")
 
@@ -327,6 +329,26 @@ class Stream:
         self.bucket_c = np.where(s.assigned, np.ceil(np.log(s.latency_c) / math.log(LATENCY_GAMMA)), -1).astype(int)
         self._done = 0
         self._histograms = (np.zeros(BUCKETS, dtype=np.int64), np.zeros(BUCKETS, dtype=np.int64))
+        self._grouped_upto = 0
+        self._keys = carried.keys.copy()
+        self._segments = carried.segments.copy()
+
+    def _grouped(self, upto: int) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Per key bucket and per segment sums after requests [0, upto), added up look by look."""
+        done = self._grouped_upto
+        if self.sticky and upto > done:
+            keys = self.key[done:upto]
+            for index, (flags, values) in enumerate(self.values.values()):
+                self._keys[index, 0] += np.bincount(keys, weights=flags[done:upto], minlength=KEY_BUCKETS)
+                self._keys[index, 1] += np.bincount(keys, weights=values[done:upto], minlength=KEY_BUCKETS)
+        if self.segmented and upto > done:
+            segment = self.segment[done:upto]
+            for index, (flags, values) in enumerate(self.values.values()):
+                batch = values[done:upto]
+                for power, weights in enumerate((flags[done:upto], batch, batch * batch)):
+                    self._segments[index, power] += np.bincount(segment, weights=weights, minlength=8)
+        self._grouped_upto = max(done, upto)
+        return self._keys, self._segments
 
     def _latency(self, upto: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Dense latency histograms (bucket + BUCKET_OFFSET) of the step's requests so far."""
@@ -339,29 +361,22 @@ class Stream:
 
     def sums(self, upto: int) -> Carried:
         """What the evidence window holds after requests [0, upto): carried plus this step's."""
-        carried = self.carried
-        powers = carried.powers + self.powers[:, :, upto - 1]
-        keys = carried.keys
-        if self.sticky:
-            keys = keys.copy()
-            for index, (flags, values) in enumerate(self.values.values()):
-                keys[index, 0] += np.bincount(self.key[:upto], weights=flags[:upto], minlength=KEY_BUCKETS)
-                keys[index, 1] += np.bincount(self.key[:upto], weights=values[:upto], minlength=KEY_BUCKETS)
-        segments = carried.segments
-        if self.segmented:
-            segments = segments.copy()
-            for index, (flags, values) in enumerate(self.values.values()):
-                for power, weights in enumerate((flags, values, values * values)):
-                    segments[index, power] += np.bincount(self.segment[:upto], weights=weights[:upto], minlength=8)
-        return Carried(powers, keys, segments, int(self.scored[upto - 1]), int(self.samples[upto - 1]))
+        powers = self.carried.powers + self.powers[:, :, upto - 1]
+        keys, segments = self._grouped(upto)
+        return Carried(powers, keys.copy(), segments.copy(), int(self.scored[upto - 1]), int(self.samples[upto - 1]))
 
-    def window(self, upto: int) -> WindowMetrics:
-        """The windows after requests [0, upto) with the definitions of queries.py."""
-        now = self.sums(upto)
+    def window(self, upto: int, sketches: Callable[[float | None, float | None], bool]) -> WindowMetrics:
+        """The windows after requests [0, upto) with the definitions of analysis/sql.py. `sketches(p99
+        production, p99 candidate)` says whether the decision will read the latency histograms (building
+        them is the slowest part of a look; the percentiles always come)."""
+        powers = self.carried.powers + self.powers[:, :, upto - 1]
+        keys, grouped = self._grouped(upto)
         production_latency, candidate_latency = self._latency(upto)
+        p99 = (_quantile(production_latency, 0.99), _quantile(candidate_latency, 0.99))
+        with_sketches = sketches(*p99)
 
         def moments(index: int) -> Moments:
-            n, s1, s2, s3, s4 = now.powers[index].tolist()
+            n, s1, s2, s3, s4 = powers[index].tolist()
             return Moments(round(n), s1, s2, s3, s4) if round(n) else Moments()
 
         def side(prefix: str, index: int, histogram: npt.NDArray[np.int64]) -> SideMetrics:
@@ -369,24 +384,28 @@ class Stream:
                 requests=int(self.step[f"{prefix}_requests"][upto - 1]),
                 errors=int(self.step[f"{prefix}_errors"][upto - 1]),
                 latency_p50_ms=_quantile(histogram, 0.5),
-                latency_p99_ms=_quantile(histogram, 0.99),
+                latency_p99_ms=p99[index],
                 loss=moments(index),
-                latency=_sketch(histogram),
+                latency=_sketch(histogram) if with_sketches else None,
             )
 
         clusters = None
         if self.sticky:
 
             def clustered(index: int) -> Clustered:
-                n, total = now.keys[index]
-                return Clustered.of(zip(np.rint(n).astype(int).tolist(), total.tolist(), strict=True))
+                n, total = np.rint(keys[index, 0]), keys[index, 1]
+                used = n > 0
+                n, total = n[used], total[used]
+                return Clustered(
+                    int(used.sum()), float((total * total).sum()), float((n * total).sum()), float((n * n).sum())
+                )
 
             clusters = (clustered(2), Clustered()) if not self.canary else (clustered(0), clustered(1))
         segments: tuple[SegmentMetrics, ...] = ()
         if self.segmented:
             found = []
             for segment in range(8):
-                parts = [now.segments[index, :, segment].tolist() for index in range(3)]
+                parts = [grouped[index, :, segment].tolist() for index in range(3)]
                 if parts[0][0] or parts[1][0]:
                     found.append(
                         SegmentMetrics(
@@ -398,7 +417,7 @@ class Stream:
         return WindowMetrics(
             production=side("p", 0, production_latency),
             candidate=side("c", 1, candidate_latency),
-            scored=now.scored,
+            scored=int(self.scored[upto - 1]),
             paired=not self.canary,
             loss_difference=moments(2) if not self.canary else Moments(),
             clusters=clusters,
@@ -448,6 +467,8 @@ class Row:
     identical: bool = False
     """aa rows whose candidate is the same model: also held to rolled back <= 5%."""
     note: str = ""
+    oracle: bool = False
+    """Also run the oracle SPRT on the same requests (one shadow step): the floor any test reaches."""
     baseline: str | None = None
     """The baseline's row for the same traffic, when this row's key is new (default: the same key)."""
 
@@ -474,6 +495,11 @@ class Result:
     """Counted samples over all steps when the run ended."""
     requests: int
     """Candidate requests over all steps when the run ended."""
+    gate: bool = False
+    """The run ended on a hard gate (maxErrorRate, maxLatencyP99Ms), not on quality."""
+    oracle: int | None = None
+    """Oracle rows: the counted samples at which the oracle SPRT decided on the same requests (None: not
+    within the cap)."""
 
 
 HARD = 1e9
@@ -502,8 +528,20 @@ def simulate(row: Row, spec: ShadowDeploymentSpec, seed: int) -> Result:
         phase=Phase.PROGRESSING, current_step=0, current_weight=row.steps[0], step_started_at=T0,
         analysis_started_at=T0, analysis_revision=spec.analysis_revision(),
     )  # fmt: skip
+    analysis = spec.analysis
+
+    def needs_sketches(production: float | None, candidate: float | None) -> bool:
+        """When decision.py reads the histograms: a latency gate, or a slowdown beyond the tolerance as
+        measured (otherwise none can be established and it does not look)."""
+        if analysis.max_latency_p99_ms is not None:
+            return True
+        return (
+            production is not None and candidate is not None and candidate - production > analysis.latency_tolerance_ms
+        )
+
     carried = Carried()
     done = total_requests = look = 0  # done: counted samples of finished canary steps (shadow carries them)
+    oracle: int | None = None
     while True:
         weight = row.steps[status.current_step or 0] / 100.0
         n = int((row.cap - carried.samples) / weight * 1.3) + 400
@@ -519,12 +557,14 @@ def simulate(row: Row, spec: ShadowDeploymentSpec, seed: int) -> Result:
         first = (int(carried.samples) // row.every + 1) * row.every
         targets = np.arange(first, min(int(samples[-1]), row.cap - done) + 1, row.every)
         positions = np.searchsorted(samples, targets, side="left")
+        if row.oracle and oracle is None:
+            oracle = _oracle(row, spec, stream, targets, positions)
         advanced = False
         for position in positions:
             look += 1
             upto = int(position) + 1
             now = T0 + INTERVAL * look
-            verdict = analyse(spec, status, stream.window(upto), now)
+            verdict = analyse(spec, status, stream.window(upto, needs_sketches), now)
             status = status.model_copy(
                 update={"metrics": verdict.metrics, "samples": verdict.samples, "evidence": verdict.evidence}
             )
@@ -542,10 +582,44 @@ def simulate(row: Row, spec: ShadowDeploymentSpec, seed: int) -> Result:
                     carried = stream.sums(upto)
                 advanced = True
                 break
-            return Result(action, done + int(samples[upto - 1]), total_requests)
+            return Result(action, done + int(samples[upto - 1]), total_requests, verdict.gate is not None, oracle)
         if not advanced:
             last = int(positions[-1]) + 1 if len(positions) else 0
-            return Result(None, done + (int(samples[last - 1]) if last else carried.samples), total_requests)
+            samples_at_end = done + (int(samples[last - 1]) if last else carried.samples)
+            return Result(None, samples_at_end, total_requests, oracle=oracle)
+
+
+_ORACLE_DRAWS = 1_000_000
+
+
+def _oracle(
+    row: Row, spec: ShadowDeploymentSpec, stream: Stream, targets: npt.NDArray[np.int64], positions: npt.NDArray[Any]
+) -> int | None:
+    """Wald's SPRT of "no difference" against the row's true difference of losses, told the true mean
+    delta and standard deviation sigma of the per-request differences (from a million draws of the same
+    world): log LR = (delta S_n - n delta^2 / 2) / sigma^2 over the same looks as the decision, at the same
+    error rate (1 - rollbackConfidence for a worse candidate, 1 - confidence for a better one). For a
+    known alternative no test with that error rate needs fewer samples on average (Wald, Wolfowitz 1948):
+    it shows how close the decision, which does not know the effect, comes to what is possible."""
+    delta, sigma = _true_difference(row.world)
+    alpha = 1.0 - (spec.analysis.rollback_confidence if row.expect == "worse" else spec.analysis.confidence)
+    sums = stream.powers[2, 1, positions]
+    llr = (delta * sums - targets * delta * delta / 2) / (sigma * sigma)
+    crossed = np.nonzero(llr >= math.log(1.0 / alpha))[0]
+    return int(targets[crossed[0]]) if len(crossed) else None
+
+
+_TRUE: dict[World, tuple[float, float]] = {}
+
+
+def _true_difference(world: World) -> tuple[float, float]:
+    """The mean and standard deviation of production's loss minus the candidate's on one request."""
+    if world not in _TRUE:
+        rng = np.random.default_rng([SEED, 0])
+        scored = score(world, Accounts.draw(rng, world), world.draw(rng, _ORACLE_DRAWS, False), 1.0, False, HARD)
+        difference = scored.loss_p - scored.loss_c
+        _TRUE[world] = float(difference.mean()), float(difference.std())
+    return _TRUE[world]
 
 
 def _normal_quantile(p: float) -> float:
@@ -595,9 +669,9 @@ def _rows() -> tuple[Row, ...]:
             World(p99_production=160.0, p99_candidate=160.0), analysis=latency, expect="gate-aa"),
         # Independent, well-behaved traffic.
         Row("aa-50", "identical, a look every 50", WORLD, identical=same),
-        Row("better-10", "10% better", World(ratio=0.9), expect="better", target_median=500),
+        Row("better-10", "10% better", World(ratio=0.9), expect="better", target_median=500, oracle=True),
         Row("better-5", "5% better", World(ratio=0.95), expect="better"),
-        Row("worse-10", "10% worse", World(ratio=1.1), expect="worse", target_median=300),
+        Row("worse-10", "10% worse", World(ratio=1.1), expect="worse", target_median=300, oracle=True),
         Row("three-steps", "10% better, the demo's three shadow steps (5%, 20%, 50%)", World(ratio=0.9),
             steps=(5, 20, 50), expect="better", target_median=700),
         Row("canary-aa", "canary 10%: identical", WORLD, mode=canary, identical=same),
@@ -642,6 +716,14 @@ class Summary:
     def rate(self, action: DecisionAction) -> float:
         return sum(r.action is action for r in self.results) / len(self.results)
 
+    def interval(self, action: DecisionAction) -> tuple[float, float]:
+        """The Wilson 95% interval of `rate(action)`."""
+        return wilson(sum(r.action is action for r in self.results), len(self.results))
+
+    @property
+    def gate_trips(self) -> int:
+        return sum(r.gate for r in self.results)
+
     def median(self, action: DecisionAction) -> float | None:
         samples = [r.samples for r in self.results if r.action is action]
         return statistics.median(samples) if samples else None
@@ -668,10 +750,25 @@ class Summary:
             ok = rolled_back >= 0.95 and (limit is None or (median is not None and median <= limit))
             return f"rolled back >= 95%{f', median <= {limit}' if limit else ''}", ok
         if row.expect == "gate-aa":
-            return "rolled back <= 2%", rolled_back <= 0.02
+            trips = self.gate_trips / len(self.results)
+            return "gate trips <= 2%, promoted <= 1%", trips <= 0.02 and promoted <= 0.01
         if row.expect == "gate":
             return "rolled back >= 95%", rolled_back >= 0.95
         return "printed with its assumption", True
+
+
+def wilson(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a binomial rate (95% with the default z)."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _fmt_interval(interval: tuple[float, float]) -> str:
+    return f"[{interval[0]:.1%}, {interval[1]:.1%}]"
 
 
 def _fmt_count(value: float | None) -> str:
@@ -723,49 +820,70 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rows", help="comma-separated row keys (default: all)")
     parser.add_argument("--baseline", default=BASELINE, help="git commit of the baseline, or none")
+    parser.add_argument("--baseline-runs", type=int, help="runs per row of the baseline (default: --runs)")
     args = parser.parse_args(argv)
     _init()
     chosen = [i for i, row in enumerate(ROWS) if not args.rows or row.key in args.rows.split(",")]
     baseline: dict[str, Baseline] = {}
+    baseline_runs = args.baseline_runs or args.runs
     if args.baseline != "none":
         keys = sorted({ROWS[i].baseline or ROWS[i].key for i in chosen})
-        baseline, spent = run_baseline(args.baseline, keys, args.runs, args.workers)
-        print(f"baseline {args.baseline[:7]}: {len(baseline)} rows in {spent:.0f} s")
+        baseline, spent = run_baseline(args.baseline, keys, baseline_runs, args.workers)
+        print(f"baseline {args.baseline[:7]}: {len(baseline)} rows, {baseline_runs:,} runs each, in {spent:.0f} s")
     started = time.perf_counter()
-    chunk = max(1, min(50, args.runs // 4))
-    tasks = [(i, first, min(chunk, args.runs - first)) for i in chosen for first in range(0, args.runs, chunk)]
-    results: dict[int, list[Result]] = {i: [] for i in chosen}
-    with multiprocessing.get_context("fork").Pool(args.workers, initializer=_init) as pool:
-        for (index, _, _), chunk_results in zip(tasks, pool.imap(_run_chunk, tasks), strict=True):
-            results[index].extend(chunk_results)
     print(
         f"bench/decision: {args.runs:,} runs per row, seed {SEED}, {args.workers} workers; counted samples = "
         "scored pairs (shadow) or the candidate's scored requests (canary); old = the baseline "
-        f"({args.baseline[:7]}), on the same traffic\n"
+        f"({args.baseline[:7]}, {baseline_runs:,} runs), on the same traffic; [a, b]: Wilson 95% interval\n"
     )
     header = (
         f"{'row':<20} {'promoted':>9} {'(old)':>7} {'rolled back':>12} {'(old)':>7} {'median n':>9} {'(old)':>7} "
         f"{'(requests)':>11}  target"
     )
-    print(header)
+    print(header, flush=True)
+    chunk = max(1, min(50, args.runs // 4))
+    tasks = [(i, first, min(chunk, args.runs - first)) for i in chosen for first in range(0, args.runs, chunk)]
+    results: dict[int, list[Result]] = {i: [] for i in chosen}
     ok = True
-    for index in chosen:
-        summary = Summary(ROWS[index], results[index])
-        row = summary.row
-        old = baseline.get(row.baseline or row.key)
-        action = DecisionAction.ROLL_BACK if row.expect in ("worse", "gate") else DecisionAction.PROMOTE
-        target, passed = summary.verdict()
-        ok = ok and passed
-        print(
-            f"{row.key:<20} {summary.rate(DecisionAction.PROMOTE):>9.1%} "
-            f"{f'{old.promoted:.1%}' if old else '-':>7} "
-            f"{summary.rate(DecisionAction.ROLL_BACK):>12.1%} {f'{old.rolled_back:.1%}' if old else '-':>7} "
-            f"{_fmt_count(summary.median(action)):>9} {old.median if old else '-':>7} "
-            f"{_fmt_count(summary.median_requests(action)):>11}  {target}: {'ok' if passed else 'MISSED'}"
-        )
-        print(f"{'':<20} {row.title}{f' (old: {row.baseline})' if row.baseline else ''}")
+    with multiprocessing.get_context("fork").Pool(args.workers, initializer=_init) as pool:
+        # Tasks come back in order: a row is printed as soon as its last run is in.
+        for (index, _, _), chunk_results in zip(tasks, pool.imap(_run_chunk, tasks), strict=True):
+            results[index].extend(chunk_results)
+            if len(results[index]) == args.runs:
+                ok = _print_row(Summary(ROWS[index], results[index]), baseline) and ok
     print(f"\nruntime {time.perf_counter() - started:.0f} s")
     return 0 if ok else 1
+
+
+def _print_row(summary: Summary, baseline: dict[str, Baseline]) -> bool:
+    """One row's two lines; whether it meets its target (on the rates measured)."""
+    row = summary.row
+    old = baseline.get(row.baseline or row.key)
+    action = DecisionAction.ROLL_BACK if row.expect in ("worse", "gate") else DecisionAction.PROMOTE
+    target, passed = summary.verdict()
+    print(
+        f"{row.key:<20} {summary.rate(DecisionAction.PROMOTE):>9.1%} "
+        f"{f'{old.promoted:.1%}' if old else '-':>7} "
+        f"{summary.rate(DecisionAction.ROLL_BACK):>12.1%} {f'{old.rolled_back:.1%}' if old else '-':>7} "
+        f"{_fmt_count(summary.median(action)):>9} {old.median if old else '-':>7} "
+        f"{_fmt_count(summary.median_requests(action)):>11}  {target}: {'ok' if passed else 'MISSED'}"
+    )
+    runs = len(summary.results)
+    trips = summary.gate_trips
+    print(
+        f"{'':<20} promoted {_fmt_interval(summary.interval(DecisionAction.PROMOTE))}, rolled back "
+        f"{_fmt_interval(summary.interval(DecisionAction.ROLL_BACK))}, of which on a hard gate {trips / runs:.1%} "
+        f"{_fmt_interval(wilson(trips, runs))}"
+    )
+    if row.oracle:
+        found = [r.oracle for r in summary.results if r.oracle is not None]
+        median = statistics.median(found) if found else None
+        print(
+            f"{'':<20} oracle SPRT on the same requests (knows the true effect; no test is faster on average): "
+            f"decided in {len(found) / runs:.1%} of runs, median n {_fmt_count(median)}"
+        )
+    print(f"{'':<20} {row.title}{f' (old: {row.baseline})' if row.baseline else ''}", flush=True)
+    return passed
 
 
 if __name__ == "__main__":

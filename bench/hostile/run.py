@@ -140,6 +140,12 @@ def attacker(name: str | None, port: int, logs: Path) -> Iterator[None]:
         process.wait(10)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far: what a case cost the router, whatever the load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def peak_rss(pid: int) -> Iterator[list[float]]:
     """Samples the process's resident memory every 0.1 s; yields a list whose first item is the peak in MB."""
@@ -163,6 +169,26 @@ def peak_rss(pid: int) -> Iterator[list[float]]:
     finally:
         done.set()
         thread.join()
+
+
+@contextmanager
+def profiled(py_spy: str | None, pid: int, output: Path) -> Iterator[None]:
+    """With --py-spy: the router sampled by py-spy while the case runs, its stacks written (collapsed) to
+    `output`, for where the time goes; not part of the figures (sampling costs the router a little)."""
+    if py_spy is None:
+        yield
+        return
+    process = subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--output", str(output)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        process.send_signal(2)  # SIGINT: py-spy writes what it has and exits
+        process.wait(30)
+        print(f"  py-spy stacks: {output}", flush=True)
 
 
 @dataclass
@@ -194,6 +220,8 @@ class Measured:
     requests: int
     rss: float
     rows: int
+    cpu: float
+    """The router's CPU seconds per second of the case (1.0: a whole core), attacker's work included."""
 
 
 async def measure(router: Router, rate: float, seconds: float) -> tuple[list[float], int, int]:
@@ -207,8 +235,10 @@ async def measure(router: Router, rate: float, seconds: float) -> tuple[list[flo
 
 def run_cases(args: argparse.Namespace, work: Path, postgres: Postgres) -> list[Measured]:
     measured: list[Measured] = []
+    only = args.only or []
+    cases = [case for case in CASES if case is CASES[0] or not only or any(word in case.name for word in only)]
     with model_pair(work) as (production, candidate):
-        for case in CASES:
+        for case in cases:
             hostile: HostileModelServer | None = None
             if case.candidate is not None:
                 hostile = HostileModelServer(work, *case.candidate)
@@ -220,8 +250,14 @@ def run_cases(args: argparse.Namespace, work: Path, postgres: Postgres) -> list[
             try:
                 asyncio.run(measure(router, args.rate, 1.0))  # warm up every connection
                 assert router.process is not None
-                with attacker(case.attack, router.port, work), peak_rss(router.process.pid) as rss:
+                cpu_before = cpu_seconds(router.process.pid)
+                with (
+                    attacker(case.attack, router.port, work),
+                    peak_rss(router.process.pid) as rss,
+                    profiled(args.py_spy, router.process.pid, work / f"py-spy-{len(measured)}.txt"),
+                ):
                     latencies, failed, count = asyncio.run(measure(router, args.rate, args.seconds))
+                    cpu = cpu_seconds(router.process.pid) - cpu_before
                 wait_until(lambda r=router: r.pending_rows() == 0, 60, "the rows to be written")
                 rows = int(router.metric("shadowgate_router_rows_written_total", table="predictions"))
             finally:
@@ -236,11 +272,12 @@ def run_cases(args: argparse.Namespace, work: Path, postgres: Postgres) -> list[
                 count,
                 rss[0],
                 rows,
+                cpu / args.seconds,
             )
             measured.append(result)
             print(
                 f"  {case.name}: p50 {result.p50:.1f} ms, p99 {result.p99:.1f} ms, {failed} of {count} failed, "
-                f"router peak {result.rss:.0f} MB",
+                f"router peak {result.rss:.0f} MB, router CPU {result.cpu:.2f} s/s",
                 flush=True,
             )
     return measured
@@ -249,13 +286,13 @@ def run_cases(args: argparse.Namespace, work: Path, postgres: Postgres) -> list[
 def report(measured: list[Measured]) -> None:
     baseline = measured[0]
     print("\nproduction through the router, while a peer attacks (same run):")
-    print(f"{'case':<52} {'p50 ms':>8} {'p99 ms':>8} {'x base p99':>10} {'failed':>12} {'peak MB':>8}")
+    print(f"{'case':<52} {'p50 ms':>8} {'p99 ms':>8} {'x base p99':>10} {'failed':>12} {'peak MB':>8} {'CPU s/s':>8}")
     for result in measured:
         ratio = result.p99 / baseline.p99 if baseline.p99 else float("nan")
         failed = f"{result.failed}/{result.requests}"
         print(
             f"{result.case.name:<52} {result.p50:>8.1f} {result.p99:>8.1f} {ratio:>10.1f} {failed:>12} "
-            f"{result.rss:>8.0f}"
+            f"{result.rss:>8.0f} {result.cpu:>8.2f}"
         )
     spread = statistics.median(result.p99 for result in measured)
     print(f"(median p99 over all cases {spread:.1f} ms; rows recorded per case: {[m.rows for m in measured]})")
@@ -267,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15, help="seconds of load per case")
     parser.add_argument("--kill-outage", type=float, default=60, help="outage before the SIGKILL, s (0: skip)")
     parser.add_argument("--kill-rate", type=float, default=200, help="predictions/s through the outage and kill")
+    parser.add_argument("--only", nargs="*", help="only the baseline and the cases whose name holds one of these")
+    parser.add_argument("--py-spy", metavar="PATH", help="sample the router with this py-spy during each case")
     parser.add_argument("--attack", choices=sorted(ATTACKS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -167,7 +167,7 @@ class Operator:
         env = {
             **os.environ,
             "KUBECONFIG": str(kubeconfig),
-            "PYTHONPATH": os.pathsep.join([str(variant.root / "operator"), str(variant.root / "router")]),
+            "PYTHONPATH": os.pathsep.join(str(variant.root / root) for root in ("operator", "router", "common")),
             "SHADOWGATE_MIGRATIONS": str(variant.root / "migrations"),
         }
         argv = [sys.executable, str(Path(__file__).with_name("counting.py")), str(self.counts)]

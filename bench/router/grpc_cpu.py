@@ -5,10 +5,13 @@ processes with gRPC ports, `shadowgate router` in shadow mode mirroring and reco
 bench/router/bare_grpc_proxy.py in front of the same two servers (production answered, every call mirrored
 to the candidate, nothing parsed or recorded). A grpcio client sends open-loop load at --rate to each target
 in turn, in rounds; each proxy's CPU time (user + system, /proc) per call is printed, with the direct call's
-model server CPU beside it, and each process's CPU by thread for the last round. --router ENV and --bare
-OPTIONS (repeatable) start several of each: a router with PYTHONPATH pointing at another checkout is an A/B
-in one run. With --py-spy FILE, one extra round of the first router is sampled by py-spy (pip install
-py-spy; only samples holding the GIL) into FILE (.json speedscope, .svg flamegraph, else collapsed stacks).
+model server CPU beside it, the CPU of the whole path per call (the load generator, both model servers and
+the proxy) and the cores that path needs at --issue-rate (500 calls/s), and each process's CPU by thread for
+the last round. --router ENV and --bare OPTIONS (repeatable) start several of each: a router with PYTHONPATH
+pointing at another checkout is an A/B in one run; --bare='--mirror --initial-metadata --sync 8' is the same
+floor on grpcio's synchronous server. With --py-spy FILE, one extra round of the first router is sampled by
+py-spy (pip install py-spy; only samples holding the GIL) into FILE (.json speedscope, .svg flamegraph, else
+collapsed stacks).
 
     .venv/bin/python bench/router/grpc_cpu.py --rate 300 --seconds 5 --rounds 3
     .venv/bin/python bench/router/grpc_cpu.py --rounds 5 --router="PYTHONPATH=/work/main/operator:/work/main/router" \
@@ -19,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,9 +32,16 @@ from pathlib import Path
 
 import grpc
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import GRPC_METHOD, Processes, cpu_seconds, free_port, grpc_body, load_average, wait_http
+from run import GRPC_METHOD, grpc_body
+from stack import (
+    Processes,
+    cpu_seconds,
+    load_average,
+    router_config,
+    start_bare_proxy,
+    start_model_servers,
+    start_router,
+)
 
 from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.migrate import migrate_dsn
@@ -81,17 +89,6 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return found
 
 
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"nothing listens on port {port}")
-
-
 def run_round(address: str, rate: float, seconds: float) -> tuple[int, list[float]]:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(load(address, rate, seconds))
@@ -102,6 +99,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=300)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--issue-rate", type=float, default=500, help="the rate the path's CPU is scaled to (issue 14's 500 calls/s)"
+    )
     parser.add_argument("--py-spy", type=Path, help="also sample one router round into this file")
     parser.add_argument(
         "--router", action="append", help="a router with this environment (KEY=VALUE ...); repeatable; default: one"
@@ -118,69 +118,33 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="shadowgate-grpc-cpu-"))
     with Postgres() as postgres, Processes(work) as processes:
         asyncio.run(migrate_dsn(postgres.dsn))
-        ports = {
-            name: free_port()
-            for name in ("production", "candidate", "production-grpc", "candidate-grpc", "router", "router-grpc",
-                         "router-metrics", "bare")
-        }  # fmt: skip
-        servers = {}
-        for name, bias in (("production", 0), ("candidate", 100)):
-            servers[name] = processes.start(
-                name,
-                [sys.executable, "-m", "tests.support.model_server", "--port", str(ports[name]), "--bias", str(bias),
-                 "--grpc-port", str(ports[f"{name}-grpc"])],
-            )  # fmt: skip
-            wait_http(f"http://127.0.0.1:{ports[name]}/v2/health/ready", f"the {name} model server", timeout=180)
-        config = {
-            "deployment": "grpc-cpu", "namespace": "bench", "mode": "shadow", "weight": 100, "phase": "Progressing",
-            "protocol": "v2", "predictionPath": "outputs[0].data[0]", "confidencePath": "outputs[1].data[0]",
-            "production": {"name": "v1", "version": "1", "url": f"http://127.0.0.1:{ports['production']}",
-                           "modelName": "fraud", "grpcAddress": f"127.0.0.1:{ports['production-grpc']}"},
-            "candidate": {"name": "v2", "version": "2", "url": f"http://127.0.0.1:{ports['candidate']}",
-                          "modelName": "fraud", "grpcAddress": f"127.0.0.1:{ports['candidate-grpc']}"},
-            "fallbackToProduction": True, "timeoutSeconds": 10, "mirrorTimeoutSeconds": 10,
-        }  # fmt: skip
-        (work / "router.json").write_text(json.dumps(config))
-        targets: dict[str, tuple[str, int]] = {
-            "direct": (f"127.0.0.1:{ports['production-grpc']}", servers["production"].pid),
-        }
+        servers = start_model_servers(processes)
+        config = router_config("grpc-cpu", servers)
+        targets: dict[str, tuple[str, int]] = {"direct": (servers.grpc_address("production"), servers.production.pid)}
         router_pid = 0
         for number, variant in enumerate(args.router or [""]):
             env = dict(option.split("=", 1) for option in variant.split())
-            http, grpc_port, metrics = free_port(), free_port(), free_port()
-            router = processes.start(
-                f"router{number}",
-                [sys.executable, "-m", "shadowgate_operator.cli", "router", "--config-file", str(work / "router.json"),
-                 "--listen", f"127.0.0.1:{http}", "--grpc-listen", f"127.0.0.1:{grpc_port}",
-                 "--metrics-listen", f"127.0.0.1:{metrics}",
-                 "--dsn", postgres.dsn, "--spool-dir", str(work / f"spool{number}"), "--log-level", "WARNING"],
-                env={"SHADOWGATE_OUTCOME_TOKEN": "bench", **env},
-            )  # fmt: skip
-            wait_http(f"http://127.0.0.1:{http}/readyz", "the router", timeout=180)
-            targets[f"router {variant}".strip()] = (f"127.0.0.1:{grpc_port}", router.pid)
+            router = start_router(processes, work, postgres.dsn, config, name=f"router{number}", env=env)
+            targets[f"router {variant}".strip()] = (f"127.0.0.1:{router.grpc}", router.pid)
             router_pid = router_pid or router.pid
         for number, variant in enumerate(args.bare or ([] if args.no_bare else ["--mirror"])):
-            port = free_port()
             options = variant.split()
-            argv = [sys.executable, str(Path(__file__).parent / "bare_grpc_proxy.py"), "--listen", f"127.0.0.1:{port}",
-                    "--production", f"127.0.0.1:{ports['production-grpc']}"]  # fmt: skip
-            if "--mirror" in options:
-                options.remove("--mirror")
-                argv += ["--candidate", f"127.0.0.1:{ports['candidate-grpc']}"]
             env = dict(option.split("=", 1) for option in options if "=" in option and not option.startswith("-"))
             options = [option for option in options if option.split("=", 1)[0] not in env]
-            bare = processes.start(f"bare{number}", argv + options, env=env)
+            bare, port = start_bare_proxy(processes, servers, options, name=f"bare{number}", env=env)
             targets[f"bare {variant}"] = (f"127.0.0.1:{port}", bare.pid)
-            wait_port(port)
         for address, _ in targets.values():
             run_round(address, args.rate, 1.0)  # warm up
         cpu: dict[str, list[float]] = {name: [] for name in targets}
+        path_cpu: dict[str, list[float]] = {name: [] for name in targets}
         p50: dict[str, list[float]] = {name: [] for name in targets}
         p99: dict[str, list[float]] = {name: [] for name in targets}
         errors = dict.fromkeys(targets, 0)
         per_thread: dict[str, dict[str, int]] = {}
         for _ in range(args.rounds):
             for name, (address, pid) in targets.items():
+                path = {os.getpid(), servers.production.pid, servers.candidate.pid, pid}
+                path_before = sum(cpu_seconds(member) for member in path)
                 before = cpu_seconds(pid)
                 threads_before = thread_cpu(pid)
                 failed, latencies = run_round(address, args.rate, args.seconds)
@@ -192,7 +156,8 @@ def main() -> int:
                     for thread, seconds in threads_after.items()
                     if seconds - threads_before.get(thread, 0.0) > 0
                 }
-                cpu[name].append((cpu_seconds(pid) - before) / int(args.rate * args.seconds) * 1e6)
+                cpu[name].append((cpu_seconds(pid) - before) / calls * 1e6)
+                path_cpu[name].append((sum(cpu_seconds(member) for member in path) - path_before) / calls * 1e6)
                 latencies.sort()
                 if latencies:
                     p50[name].append(latencies[len(latencies) // 2])
@@ -210,11 +175,19 @@ def main() -> int:
             spy.wait(60)
         print(f"load average after: {load_average()}")
         print(f"{args.rate:g} calls/s, {args.rounds} rounds of {args.seconds:g} s (median of rounds)")
-        print(f"{'':36}{'CPU us/call':>12}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}   (CPU: the server's own for direct)")
+        print(f"{'':36}{'CPU us/call':>12}{'path us':>9}{'cores@' + format(args.issue_rate, 'g'):>10}{'p50 ms':>8}"
+              f"{'p99 ms':>8}{'errors':>7}   (CPU: the server's own for direct)")  # fmt: skip
         for name in targets:
-            print(f"{name:36}{statistics.median(cpu[name]):12.0f}{statistics.median(p50[name] or [-1]):8.2f}"
-                  f"{statistics.median(p99[name] or [-1]):8.2f}{errors[name]:7d}   rounds: "
-                  + " ".join(f"{value:.0f}" for value in cpu[name]))  # fmt: skip
+            path_us = statistics.median(path_cpu[name])
+            print(f"{name:36}{statistics.median(cpu[name]):12.0f}{path_us:9.0f}{path_us * args.issue_rate / 1e6:10.2f}"
+                  f"{statistics.median(p50[name] or [-1]):8.2f}{statistics.median(p99[name] or [-1]):8.2f}"
+                  f"{errors[name]:7d}   rounds: " + " ".join(f"{value:.0f}" for value in cpu[name]))  # fmt: skip
+        print(f"path us: CPU per call of every process on the path (this load generator, both model servers and the "
+              f"proxy; not PostgreSQL); cores@{args.issue_rate:g}: what that path needs at {args.issue_rate:g} "
+              f"calls/s, against the machine's {os.cpu_count()} cores")  # fmt: skip
+        if any(errors.values()):
+            print("errors (client timeouts): the machine could not keep up with --rate, so calls were still queued "
+                  "when a round's CPU was read; lower --rate or wait for a quieter machine")  # fmt: skip
         for name, threads in per_thread.items():
             print(f"{name}: CPU us/call by thread in the last round: {threads}")
     return 0

@@ -42,14 +42,11 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,14 +55,23 @@ import asyncpg
 import grpc
 import httpx
 import uvloop
+from stack import (
+    Processes,
+    cpu_seconds,
+    free_port,
+    load_average,
+    router_config,
+    start_bare_proxy,
+    start_model_servers,
+    start_router,
+    wait_http,
+)
 
 from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.migrate import migrate_dsn
-from shadowgate_router.cli import GRPC_EXPERIMENTS
 from shadowgate_router.oip import inference_pb2
 from shadowgate_router.upstream import UpstreamError, UpstreamPool
 
-REPO = Path(__file__).resolve().parents[2]
 BODY = json.dumps({"inputs": [{"name": "x", "shape": [4], "datatype": "FP64", "data": [0.1, 0.2, 0.3, 0.4]}]})
 PATH = "/v2/models/fraud/infer"
 GRPC_METHOD = "/inference.GRPCInferenceService/ModelInfer"
@@ -119,17 +125,6 @@ wrk.headers["Content-Type"] = "application/json"
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
 def ensure_tools() -> None:
     packages = {"nginx": "nginx", "wrk": "wrk", "h2load": "nghttp2-client"}
     missing = [package for tool, package in packages.items() if shutil.which(tool) is None]
@@ -143,56 +138,6 @@ def ensure_tools() -> None:
     if subprocess.run(install, env=env, check=False, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, check=True, capture_output=True)
         subprocess.run(install, env=env, check=True, capture_output=True)
-
-
-def wait_port(port: int, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"{what} did not come up on port {port}")
-
-
-def wait_http(url: str, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    sys.exit(f"{what} did not come up at {url}")
-
-
-class Processes(ExitStack):
-    """Child processes, stopped (SIGTERM, then SIGKILL) when the stack closes."""
-
-    def __init__(self, logs: Path) -> None:
-        super().__init__()
-        self.logs = logs
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("ab")
-        self.callback(log.close)
-        process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})}
-        )
-        self.callback(self._stop, process)
-        return process
-
-    @staticmethod
-    def _stop(process: subprocess.Popen[bytes]) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
 
 
 @dataclass
@@ -220,11 +165,18 @@ class Target:
 
     def round_median(self, fraction: float) -> float:
         """The median over rounds of each round's percentile: a burst of other work on the machine that
-        hits one round is outvoted instead of setting the figure."""
-        return statistics.median(_percentile(latencies, fraction) for latencies in self.rounds)
+        hits one round is outvoted instead of setting the figure. Rounds in which nothing was answered are
+        left out (their timeouts are counted in `errors`, which fails the run); NaN if no round was answered."""
+        answered = [latencies for latencies in self.rounds if latencies]
+        if not answered:
+            return float("nan")
+        return statistics.median(_percentile(latencies, fraction) for latencies in answered)
 
 
 def _percentile(values: list[float], fraction: float) -> float:
+    """NaN when nothing was answered (every request timed out): a FAIL, not a crash of the report."""
+    if not values:
+        return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
@@ -270,12 +222,6 @@ async def fixed_rate(
     if record:
         target.latencies += latencies
         target.rounds.append(latencies)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def fixed_rate_rounds(targets: list[Target], rate: float, seconds: float, rounds: int) -> None:
@@ -410,57 +356,14 @@ def main(argv: list[str] | None = None) -> int:
     deployment = f"bench-{int(time.time())}"
     with Postgres() as postgres, Processes(work) as processes:
         asyncio.run(migrate_dsn(postgres.dsn))
-        names = (
-            "production",
-            "candidate",
-            "router",
-            "router-metrics",
-            "nginx",
-            "production-grpc",
-            "candidate-grpc",
-            "router-grpc",
-            "bare-grpc",
-        )
-        ports = {name: free_port() for name in names}
-        for name, bias in (("production", 0), ("candidate", 100)):
-            processes.start(
-                name,
-                [sys.executable, "-m", "tests.support.model_server", "--port", str(ports[name]), "--bias", str(bias),
-                 "--latency-ms", str(args.model_latency_ms), "--grpc-port", str(ports[f"{name}-grpc"])],
-            )  # fmt: skip
-            wait_http(f"http://127.0.0.1:{ports[name]}/v2/health/ready", f"the {name} model server")
-        config = {
-            "deployment": deployment,
-            "namespace": "bench",
-            "mode": "shadow",
-            "weight": args.weight,
-            "phase": "Progressing",
-            "protocol": "v2",
-            "predictionPath": "outputs[0].data[0]",
-            "confidencePath": "outputs[1].data[0]",
-            "production": {"name": "v1", "version": "1", "url": f"http://127.0.0.1:{ports['production']}",
-                           "modelName": "fraud", "grpcAddress": f"127.0.0.1:{ports['production-grpc']}"},
-            "candidate": {"name": "v2", "version": "2", "url": f"http://127.0.0.1:{ports['candidate']}",
-                          "modelName": "fraud", "grpcAddress": f"127.0.0.1:{ports['candidate-grpc']}"},
-            "fallbackToProduction": True,
-            "timeoutSeconds": 10,
-            "mirrorTimeoutSeconds": 10,
-        }  # fmt: skip
-        (work / "router.json").write_text(json.dumps(config))
-        router_process = processes.start(
-            "router",
-            [sys.executable, "-m", "shadowgate_operator.cli", "router", "--config-file", str(work / "router.json"),
-             "--listen", f"127.0.0.1:{ports['router']}", "--grpc-listen", f"127.0.0.1:{ports['router-grpc']}",
-             "--metrics-listen", f"127.0.0.1:{ports['router-metrics']}",
-             "--dsn", postgres.dsn, "--spool-dir", str(work / "spool"), "--log-level", "WARNING"],
-            env={"SHADOWGATE_OUTCOME_TOKEN": "bench"},
-        )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{ports['router']}/readyz", "the router")
+        servers = start_model_servers(processes, args.model_latency_ms)
+        router = start_router(processes, work, postgres.dsn, router_config(deployment, servers, args.weight))
+        ports = {"nginx": free_port()}
         nginx_dir = work / "nginx"
         nginx_dir.mkdir()
         (nginx_dir / "nginx.conf").write_text(
-            NGINX_CONF.format(dir=nginx_dir, port=ports["nginx"], production=ports["production"],
-                              candidate=ports["candidate"])
+            NGINX_CONF.format(dir=nginx_dir, port=ports["nginx"], production=servers.ports["production"],
+                              candidate=servers.ports["candidate"])
         )  # fmt: skip
         processes.start("nginx", ["nginx", "-c", str(nginx_dir / "nginx.conf"), "-p", str(nginx_dir)])
         wait_http(f"http://127.0.0.1:{ports['nginx']}/v2/health/ready", "nginx")
@@ -470,22 +373,15 @@ def main(argv: list[str] | None = None) -> int:
         grpc_frame = work / "infer.grpc"  # gRPC's framing: not compressed, 4-byte big-endian length, message
         grpc_frame.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)
 
-        bare = processes.start(
-            "bare-grpc-proxy",
-            [sys.executable, str(Path(__file__).parent / "bare_grpc_proxy.py"), "--listen",
-             f"127.0.0.1:{ports['bare-grpc']}", "--production", f"127.0.0.1:{ports['production-grpc']}",
-             "--candidate", f"127.0.0.1:{ports['candidate-grpc']}", "--initial-metadata"],
-            env={"GRPC_EXPERIMENTS": GRPC_EXPERIMENTS},  # grpcio as the router sets it up
-        )  # fmt: skip
-        wait_port(ports["bare-grpc"], "the bare gRPC proxy")
+        bare, bare_port = start_bare_proxy(processes, servers, ["--mirror", "--initial-metadata"])
 
         targets = [
-            Target("direct to production", f"http://127.0.0.1:{ports['production']}"),
+            Target("direct to production", servers.url("production")),
             Target("nginx with mirror", f"http://127.0.0.1:{ports['nginx']}"),
-            Target("shadowgate router", f"http://127.0.0.1:{ports['router']}", pid=router_process.pid),
-            Target("gRPC direct", f"127.0.0.1:{ports['production-grpc']}", grpc=True),
-            Target("gRPC via router", f"127.0.0.1:{ports['router-grpc']}", grpc=True, pid=router_process.pid),
-            Target("gRPC bare grpc.aio", f"127.0.0.1:{ports['bare-grpc']}", grpc=True, pid=bare.pid),
+            Target("shadowgate router", f"http://127.0.0.1:{router.http}", pid=router.pid),
+            Target("gRPC direct", servers.grpc_address("production"), grpc=True),
+            Target("gRPC via router", f"127.0.0.1:{router.grpc}", grpc=True, pid=router.pid),
+            Target("gRPC bare grpc.aio", f"127.0.0.1:{bare_port}", grpc=True, pid=bare.pid),
         ]
         print(f"fixed rate: {args.rate:g} req/s, {args.rounds} rounds of {args.seconds:g} s per target", flush=True)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -500,12 +396,12 @@ def main(argv: list[str] | None = None) -> int:
                     wrk(target, args.max_seconds, args.connections, script)
                 time.sleep(1)
         failed_grpc = sum(
-            count for code, count in grpc_codes(f"http://127.0.0.1:{ports['router-metrics']}").items() if code != "OK"
+            count for code, count in grpc_codes(f"http://127.0.0.1:{router.metrics}").items() if code != "OK"
         )
         targets[4].errors += int(failed_grpc)
 
         deadline = time.monotonic() + 60
-        while router_pending(f"http://127.0.0.1:{ports['router-metrics']}") and time.monotonic() < deadline:
+        while router_pending(f"http://127.0.0.1:{router.metrics}") and time.monotonic() < deadline:
             time.sleep(0.2)
         recorded = asyncio.run(count_rows(postgres.dsn, deployment))
         print(f"load average after: {load_average()}")
@@ -572,13 +468,17 @@ def report(targets: list[Target], args: argparse.Namespace, recorded: int) -> in
         f"gRPC via router / direct: max rate {grpc_ratio:.2f}x (the direct call is not mirrored); bare grpc.aio "
         f"proxy / direct: {max(grpc_bare.max_rate) / max(grpc_direct.max_rate):.2f}x"
     )
+    # An added latency is only a figure when neither side lost requests: timed-out requests are missing from
+    # the percentiles, and a starved baseline can make the difference look small or negative.
+    http_whole = router.errors == 0 and direct.errors == 0
+    grpc_whole = grpc_router.errors == 0 and grpc_direct.errors == 0
     verdicts = [
-        ("router adds <= 1 ms at p50", router_added["added_p50_ms"] <= 1.0),
-        ("router adds <= 5 ms at p99", router_added["added_p99_ms"] <= 5.0),
+        ("router adds <= 1 ms at p50", http_whole and router_added["added_p50_ms"] <= 1.0),
+        ("router adds <= 5 ms at p99", http_whole and router_added["added_p99_ms"] <= 5.0),
         ("router max rate >= half of nginx-with-mirror's", ratio >= 0.5),
         ("router max rate >= 0.8x nginx-with-mirror's", ratio >= 0.8),
-        ("gRPC: router adds <= 1 ms at p50", grpc_added["added_p50_ms"] <= 1.0),
-        ("gRPC: router adds <= 5 ms at p99", grpc_added["added_p99_ms"] <= 5.0),
+        ("gRPC: router adds <= 1 ms at p50", grpc_whole and grpc_added["added_p50_ms"] <= 1.0),
+        ("gRPC: router adds <= 5 ms at p99", grpc_whole and grpc_added["added_p99_ms"] <= 5.0),
         ("no errors", all(target.errors == 0 for target in targets)),
     ]
     print(f"rows recorded by the router: {recorded} (recording was on throughout)")

@@ -1,10 +1,15 @@
 """What a reconcile says besides status: the Events and history rows of transitions, and warnings.
 
-The Events and rows of a transition are derived from status.lastTransition and the status it led to
-(the functions below are pure), so the operator that wrote the transition, or the next one after a
-crash or a takeover, produces the same Event names and the same rows: posting or writing them twice
-leaves one copy (kube.Kube.post_event with a name, store.Database.write). `Announcer` posts them, and
-the warnings whose cause stays (a refused API call, a database away, an unknown verb) once per cause.
+The Events, rows and notifications of a transition are derived from status.lastTransition and the
+status it led to (the functions below are pure), so the operator that wrote the transition, or the next
+one after a crash or a takeover, produces the same Event names, the same rows and the same message ids:
+posting or writing them twice leaves one copy (kube.Kube.post_event with a name, store.Database.write,
+which queues the notifications in the transaction that writes the rows). A transition is thus announced
+to each receiver of spec.notifications exactly once, even when the operator is killed between writing
+the transition and queueing its messages, or between queueing and delivering them (the queue is in the
+database; the delivery worker, notify.deliver, sends each message at least once, under the same id).
+`Announcer` posts them, and the warnings whose cause stays (a refused API call, a database away, an
+unknown verb) once per cause.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 from shadowgate_operator.api import ACTION_ANNOTATION, GROUP, ShadowDeployment, Transition
 from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import KubeError
+from shadowgate_operator.notify.messages import Announcement, Outgoing, outgoing, registry_writeback
 from shadowgate_operator.ports import Cluster
 from shadowgate_operator.record import Rollout
 from shadowgate_operator.rollout import Notice
@@ -97,6 +103,22 @@ def transition_rows(sd: ShadowDeployment, transition: Transition) -> tuple[list[
     return event_rows(sd, transition), metrics
 
 
+def transition_notifications(sd: ShadowDeployment, transition: Transition) -> list[Outgoing]:
+    """The messages announcing a transition: one per Event and receiver of spec.notifications that wants
+    its reason, and a registry write-back for a Promoted or RolledBack Event when spec.registry names one,
+    with ids derived from the object's uid, the transition's sequence and the Event's index."""
+    if not sd.spec.notifications and sd.spec.registry is None:
+        return []
+    messages: list[Outgoing] = []
+    for index, event in enumerate(transition.events):
+        announcement = Announcement.of(
+            sd, sequence=transition.sequence, time=transition.time, index=index, event_type=event.type.value,
+            reason=event.reason, message=event.message, action=transition.action,
+        )  # fmt: skip
+        messages += outgoing(announcement, sd.spec.notifications) + registry_writeback(announcement, sd)
+    return messages
+
+
 @dataclass
 class Announcer:
     kube: Cluster
@@ -121,7 +143,8 @@ class Announcer:
                 return
             if created:
                 self.metrics.events.labels(event.type.value, event.reason).inc()
-        record.rows.add(*transition_rows(sd, transition))
+        events, metrics = transition_rows(sd, transition)
+        record.rows.add(events, metrics, transition_notifications(sd, transition))
         record.published = transition.sequence
 
     async def warn(

@@ -280,8 +280,9 @@ def url_problems(url: str) -> list[str]:
 
 
 def _url_rules(field: str) -> tuple[Rule, ...]:
-    """The URL chain as rules of the model holding an optional URL in `field` (camelCase on the wire)."""
-    rules = []
+    """The URL chain as rules of the model holding an optional URL in attribute `field` (camelCase on the
+    wire and in CEL)."""
+    rules, wire = [], to_camel(field)
     for index, (cel, _check, message) in enumerate(URL_CHECKS):
         # The whole-grammar check implies every check before it, and the host checks after it pass
         # whatever the other host checks say: after it, CEL's guard is that check alone (the same
@@ -292,7 +293,7 @@ def _url_rules(field: str) -> tuple[Rule, ...]:
             else URL_CHECKS[:index]
         )
         earlier = " && ".join(f"({condition})" for condition, _, _ in guard)
-        expression = f"!has(self.{field})" + (f" || !({earlier})" if earlier else "") + f" || ({cel})"
+        expression = f"!has(self.{wire})" + (f" || !({earlier})" if earlier else "") + f" || ({cel})"
 
         def check(model: Any, index: int = index) -> bool:
             url = getattr(model, field)
@@ -300,8 +301,8 @@ def _url_rules(field: str) -> tuple[Rule, ...]:
                 return True
             return URL_CHECKS[index][1](url)
 
-        cel_text = expression.replace("URL", f"self.{field}")
-        rules.append(Rule(cel=cel_text, message=message, check=check, field_path=f".{field}"))
+        cel_text = expression.replace("URL", f"self.{wire}")
+        rules.append(Rule(cel=cel_text, message=message, check=check, field_path=f".{wire}"))
     return tuple(rules)
 
 
@@ -432,6 +433,15 @@ class ServiceRef(ApiModel):
         return f"http://{self.name}.{self.namespace or default_namespace}.svc:{self.port}"
 
 
+class RegisteredModelRef(ApiModel):
+    """A version of a registered model in the model registry."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[^/:%]+$", min_length=1, max_length=256)]
+    """The registered model's name, e.g. fraud (MLflow: as in models:/fraud/3)."""
+    version: Annotated[str, StringConstraints(pattern=r"^[1-9][0-9]{0,17}$", max_length=18)]
+    """Its version number in the registry, e.g. "3" (MLflow numbers versions 1, 2, ...)."""
+
+
 class ModelEndpoint(ApiModel):
     """A model server: what it serves and where to reach it (exactly one of url or service)."""
 
@@ -450,6 +460,9 @@ class ModelEndpoint(ApiModel):
     """Port of the model server's gRPC endpoint (inference.GRPCInferenceService, plaintext), on the url's
     host or the Service: Triton 8001, MLServer and KServe 8081. Protocol v2 only; without it, gRPC calls
     the router would send to this server fail with UNAVAILABLE."""
+    registered_model: RegisteredModelRef | None = None
+    """This model's version in the model registry (spec.registry): on promotion the registry's alias moves
+    to the candidate's version and both are tagged with the outcome; on rollback the candidate's is tagged."""
 
     __declared_rules__ = _url_rules("url")
 
@@ -654,8 +667,9 @@ class Analysis(ApiModel):
     often it is looked at."""
     segment_by: SegmentBy | None = None
     """Compare the models per segment too (an instrument, a market): promotion then also needs every segment
-    with at least minSamples scored requests (the 10 largest) to be shown, at confidence, no more than
-    segmentTolerance worse than production. Status shows the largest segments. Unset: no segments."""
+    with at least minSamples scored requests or at least 10% of them (the 10 largest) to be shown, at
+    confidence, no more than segmentTolerance worse than production. Status shows the largest segments.
+    Unset: no segments."""
     segment_tolerance: float = Field(default=0.05, ge=0, le=1)
     """How much worse than production (relative to production's loss in the segment) a segment may be
     and still let the candidate pass: 0.05 = 5%."""
@@ -664,6 +678,10 @@ class Analysis(ApiModel):
     from 0.5 to 0.9999: a candidate within its gates trips each at most 1 - gateConfidence of the time (1%)."""
     max_step_duration: Duration | None = None
     """Give up on a step that is still undecided after this long (rolled back); unset waits forever."""
+    require_approval: StrictBool = False
+    """Hold a candidate that passed its last step until a person approves (`kubectl shadow promote`, i.e. the
+    shadowgate.io/action=promote annotation): it keeps its share and is still analysed meanwhile, so it is
+    still rolled back if it turns bad; an AwaitingApproval Event (and notification) says it is waiting."""
 
     # A rule, not minimum/maximum: "should be less than or equal to 0.9999" (or "... to 0" where a server
     # prints the bound as an integer) does not tell a person why 1 is refused.
@@ -813,6 +831,48 @@ class DatabaseSpec(ApiModel):
     """The Secret key holding the DSN; the router reads it from its environment."""
 
 
+class RegistryCredentialsRef(ApiModel):
+    """A Secret in the ShadowDeployment's namespace holding the registry's credentials: key `token` (a bearer
+    token), or keys `username` and `password` (MLflow's basic auth), as MLFLOW_TRACKING_TOKEN or
+    MLFLOW_TRACKING_USERNAME/_PASSWORD would give the MLflow client."""
+
+    name: DnsSubdomain
+    """Name of the Secret."""
+
+
+class MlflowSpec(ApiModel):
+    """An MLflow tracking server whose model registry holds the models."""
+
+    tracking_uri: Url
+    """The tracking server's URL, e.g. http://mlflow.mlops:5000 (the registry's REST API is under it)."""
+    credentials_secret_ref: RegistryCredentialsRef | None = None
+    """Where its credentials are, if it asks for any."""
+
+    __declared_rules__ = _url_rules("tracking_uri")
+
+
+ALIAS_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$"
+
+
+class RegistrySpec(ApiModel):
+    """The model registry told of the outcome: which version serves after a promotion (its alias), and the
+    outcome and reason as tags of both versions. Written after the traffic change, retried with backoff,
+    never holding the rollout; failures show as the NotificationsDelivered condition (receiver registry)."""
+
+    mlflow: MlflowSpec
+    """MLflow's model registry (open source or managed), through its REST API."""
+    alias: Annotated[str, StringConstraints(pattern=ALIAS_PATTERN, max_length=255)] = "champion"
+    """The alias naming the serving version: moved to the candidate's version on promotion."""
+
+    @rule(
+        "self.alias != 'latest' && !self.alias.matches('^[vV][0-9]+$')",
+        "registry.alias must not be latest or v<number>: MLflow keeps those for versions",
+        field_path=".alias",
+    )
+    def _alias_not_reserved(self) -> bool:
+        return self.alias != "latest" and re.fullmatch(r"[vV][0-9]+", self.alias) is None
+
+
 class OutcomesSpec(ApiModel):
     """How late outcomes reach the router's POST /outcomes."""
 
@@ -891,6 +951,16 @@ class ShadowDeploymentSpec(ApiModel):
     """Receivers told of each transition (analysis started, step advanced, promoted, rolled back, failed,
     paused, manual actions): CloudEvents or Slack webhooks, delivered at least once, retried with backoff,
     never delaying a decision."""
+    registry: RegistrySpec | None = None
+    """The model registry to write the outcome back to (needs candidate.registeredModel)."""
+
+    @rule(
+        "has(self.registry) == has(self.candidate.registeredModel)",
+        "registry and candidate.registeredModel go together: the registry needs the candidate's registered "
+        "model and version to write the outcome to, and a registeredModel needs spec.registry to say where",
+    )
+    def _registry_needs_model(self) -> bool:
+        return (self.registry is None) == (self.candidate.registered_model is None)
 
     @rule(
         "!has(self.notifications) || self.notifications.all(n, self.notifications.exists_one(m, m.name == n.name))",
@@ -997,6 +1067,8 @@ class ConditionType(StrEnum):
     PROGRESSING = "Progressing"
     PROMOTED = "Promoted"
     ROLLED_BACK = "RolledBack"
+    NOTIFICATIONS_DELIVERED = "NotificationsDelivered"
+    """Set when spec.notifications names receivers: False while deliveries to one keep failing."""
 
 
 class ConditionStatus(StrEnum):
@@ -1249,7 +1321,8 @@ class ShadowDeploymentStatus(StatusModel):
         max_length=8,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Ready (the router serves), Progressing, Promoted and RolledBack."""
+    """Ready (the router serves), Progressing, Promoted, RolledBack, and NotificationsDelivered when
+    spec.notifications names receivers."""
     observed_generation: int | None = Field(default=None, ge=0)
     """The spec generation the operator last acted on."""
     last_decision: Decision | None = None

@@ -218,22 +218,32 @@ def config_map(sd: ShadowDeployment) -> Manifest:
 
 ROUTER_SECRET_LABEL = "shadowgate.io/router-secret"
 """The label, with the value "true", on every Secret a ShadowDeployment names (spec.database.secretRef,
-spec.outcomes.tokenSecretRef). Naming a Secret takes the right to create a ShadowDeployment; labelling it takes
-the right to write Secrets. Without the label the operator neither hands the Secret to a router nor connects
-to the DSN in it, so whoever may create ShadowDeployments cannot put any other Secret of the namespace to use."""
+spec.outcomes.tokenSecretRef, spec.notifications[].urlSecretRef). Naming a Secret takes the right to create a
+ShadowDeployment; labelling it takes the right to write Secrets. Without the label the operator neither hands
+the Secret to a router, nor connects to the DSN in it, nor posts to the URL in it, so whoever may create
+ShadowDeployments cannot put any other Secret of the namespace to use."""
 
 
-def secret_problem(secret: Manifest, field: str) -> str | None:
-    """Why the Secret `secret`, named by the spec's `field`, is not one the operator gives a router: it lacks
-    ROUTER_SECRET_LABEL=true. Says how to label it; never looks at its values."""
+HELD_ROUTER = (
+    "the operator gives routers only the Secrets labelled for them, and the router Deployment is left as it was"
+)
+URL_SECRET_FIELD = "spec.notifications[].urlSecretRef"
+HELD_NOTIFICATIONS = (
+    "the operator reads only the Secrets labelled for it, and posts nothing to this receiver until then"
+)
+
+
+def secret_problem(secret: Manifest, field: str, consequence: str = HELD_ROUTER) -> str | None:
+    """Why the Secret `secret`, named by the spec's `field`, is not one the operator uses: it lacks
+    ROUTER_SECRET_LABEL=true. Says what is held back (`consequence`) and how to label it; never looks at its
+    values."""
     metadata = secret.get("metadata") or {}
     if (metadata.get("labels") or {}).get(ROUTER_SECRET_LABEL) == "true":
         return None
     namespace, name = metadata.get("namespace"), metadata.get("name")
     return (
-        f"Secret {namespace}/{name} ({field}) is not labelled {ROUTER_SECRET_LABEL}=true: the operator gives "
-        "routers only the Secrets labelled for them, and the router Deployment is left as it was. If this one "
-        f"is meant for it: kubectl label secret {name} -n {namespace} {ROUTER_SECRET_LABEL}=true"
+        f"Secret {namespace}/{name} ({field}) is not labelled {ROUTER_SECRET_LABEL}=true: {consequence}. If this "
+        f"one is meant for it: kubectl label secret {name} -n {namespace} {ROUTER_SECRET_LABEL}=true"
     )
 
 

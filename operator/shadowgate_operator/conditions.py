@@ -93,3 +93,32 @@ def transition(
 def _second(moment: datetime) -> datetime:
     # Kubernetes times have second precision; sub-second values would differ on every read-back.
     return moment.replace(microsecond=0)
+
+
+def notifications_condition(
+    status: ShadowDeploymentStatus,
+    receivers: int,
+    failing: Sequence[tuple[str, str]],
+    generation: int | None,
+    now: datetime,
+) -> ShadowDeploymentStatus:
+    """status with NotificationsDelivered following the delivery worker: True (Delivering) while no receiver
+    fails, False (DeliveryFailing) naming each failing (receiver, what went wrong); absent when
+    spec.notifications names no receiver (`receivers` 0)."""
+    kept = [c for c in status.conditions if c.type is not ConditionType.NOTIFICATIONS_DELIVERED]
+    if receivers == 0:
+        conditions = kept
+    elif failing:
+        message = "; ".join(f"receiver {receiver}: {detail}" for receiver, detail in failing)
+        conditions = set_condition(
+            status.conditions, ConditionType.NOTIFICATIONS_DELIVERED, FALSE, "DeliveryFailing", message[:4000],
+            generation, now,
+        )  # fmt: skip
+    else:
+        conditions = set_condition(
+            status.conditions, ConditionType.NOTIFICATIONS_DELIVERED, TRUE, "Delivering",
+            "no receiver is failing: each message is delivered at least once, retried with backoff", generation, now,
+        )  # fmt: skip
+    if conditions == list(status.conditions):
+        return status
+    return status.model_copy(update={"conditions": conditions})

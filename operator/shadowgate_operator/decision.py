@@ -26,7 +26,9 @@ The rules, in order (the first that applies wins):
 6. overall score >= promotionThreshold AND the candidate significantly better on quality (always-valid
    p-value <= 1 - confidence) AND it answered at least `MIN_STEP_REQUESTS` requests in this step (each
    step's gates saw it at that share) AND its measured error rate and p99 within the hard gates (over
-   them but not yet shown: held, never moved on) -> Advance to the next step, or Promote after the last one.
+   them but not yet shown: held, never moved on) AND, with segmentBy, every judged segment shown within
+   segmentTolerance (`_segments`: those with minSamples, and those with `SEGMENT_SHARE` of the samples)
+   -> Advance to the next step, or Promote after the last one.
 7. maxStepDuration exceeded -> RollBack, inconclusive: the candidate was not shown better in time.
 8. Otherwise Wait, saying which condition is missing.
 
@@ -114,6 +116,11 @@ MIN_STEP_REQUESTS = 100
 guardrails see it at that step's share (a p99 of fewer requests is just the slowest one)."""
 SEGMENTS_JUDGED = 10
 """The largest segments (with at least minSamples) that can hold promotion back; status shows as many."""
+SEGMENT_SHARE = 0.1
+"""A segment with at least this share of the window's samples is judged even below minSamples: a step
+cannot pass on the other segments' data while a tenth of the traffic is too new to be shown within
+tolerance (a candidate worse on a fifth of the traffic would otherwise pass at minSamples overall, before
+that fifth has minSamples of its own). Smaller segments are judged once they reach minSamples."""
 LOG_LOSS_CLIP = -math.log(1e-15)
 """The SQL clips probabilities at 1e-15, so a request's log loss is at most 34.54 whatever lossCap says."""
 LOG_LOSS_CAP = -math.log(1e-4)
@@ -432,16 +439,20 @@ def _segments(spec: ShadowDeploymentSpec, metrics: WindowMetrics, quality: _Qual
     no more than segmentTolerance worse in each (relative to production's mean loss there). All of them
     must pass, so no multiplicity correction is needed for the false-promotion rate (intersection-union):
     each test alone keeps it at 1 - confidence. The test is the normal mixture on the segment's estimate,
-    this look only; with a sticky key its variance is scaled by the overall clustering's design effect."""
+    this look only; with a sticky key its variance is scaled by the overall clustering's design effect.
+    A segment with `SEGMENT_SHARE` of the samples is judged below minSamples too (and holds promotion until
+    it has the data to be shown within tolerance)."""
     analysis = spec.analysis
     if analysis.segment_by is None or not metrics.segments:
         return []
     alpha = 1.0 - analysis.confidence
     inflation = _design_effect(metrics)
+    total = sum(segment.samples for segment in metrics.segments)
     results = []
     for index, segment in enumerate(metrics.segments[:SEGMENTS_JUDGED]):
         improvement = relative_improvement(analysis.metric, segment.production, segment.candidate)
-        judged = segment.samples >= analysis.min_samples and index < SEGMENTS_JUDGED
+        large = total > 0 and segment.samples >= SEGMENT_SHARE * total
+        judged = (segment.samples >= analysis.min_samples or large) and index < SEGMENTS_JUDGED
         within = p = None
         if judged:
             estimate = _segment_estimate(segment, metrics.paired)
@@ -542,6 +553,9 @@ def overall_score(
 def _latency_component(analysis: Analysis, production: SideMetrics, candidate: SideMetrics) -> float:
     """1 - established p99 slowdown beyond the tolerance / 25%, clipped."""
     alpha = 1.0 - analysis.gate_confidence
+    measured_c, measured_p = candidate.latency_p99_ms, production.latency_p99_ms
+    if measured_c is not None and measured_p is not None and measured_c - measured_p <= analysis.latency_tolerance_ms:
+        return 1.0  # no slowdown beyond the tolerance even as measured: none can be established
     if production.latency is not None and candidate.latency is not None:
         slow = quantile_bounds(candidate.latency, P99, alpha)[0]
         fast = quantile_bounds(production.latency, P99, alpha)[1]

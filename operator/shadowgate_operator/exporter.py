@@ -1,6 +1,6 @@
 """The operator's own Prometheus metrics: what each rollout is doing, and what went wrong with the API.
 
-What the operator exports, kept apart from what it reads (metrics.py, queries.py). One registry per
+What the operator exports, kept apart from what it reads (metrics.py, analysis/). One registry per
 Reconciler rather than the process-global one, so tests can run several. The per-rollout series are
 read from the operator's records when scraped (`follow`): a ShadowDeployment's series go with its
 record, so there is nothing to remove when it is deleted.

@@ -11,11 +11,15 @@
   deletion to finish. When peering pauses this replica its loops stop; when it becomes the active one,
   they start again and their first reconcile re-applies every child and re-posts the Events of the
   transition in status (see service.py): whatever the replica before it left half-done is completed.
+- The notification delivery worker (notify.deliver.Deliverer) runs as a task from startup to cleanup,
+  beside the loops: it watches the notifications queue of each database as the Reconciler opens it, and
+  its series are on the operator's /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -25,6 +29,8 @@ from shadowgate_operator.api import GROUP, PLURAL, VERSION
 from shadowgate_operator.builders import MANAGER, OperatorSettings
 from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import REPORTING_COMPONENT, Kube, KubeError
+from shadowgate_operator.notify.deliver import Deliverer, DeliveryMetrics
+from shadowgate_operator.notify.queue import NotificationQueue
 from shadowgate_operator.service import Reconciler
 from shadowgate_operator.store import Databases
 
@@ -57,17 +63,31 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
             settings.watching.field_selectors["kopf.dev", plural] = f"metadata.name={settings.peering.name}"
     # `shadowgate operator` puts its settings in the memo; anything else running these handlers gets defaults.
     metrics = getattr(memo, "operator_metrics", None) or OperatorMetrics()
-    memo.reconciler = Reconciler(
-        kube=Kube.connect(counted=metrics.count_request),
-        settings=getattr(memo, "operator_settings", None) or OperatorSettings.from_env(),
-        databases=Databases(run_migrations=getattr(memo, "run_migrations", True)),
-        metrics=metrics,
+    kube = Kube.connect(counted=metrics.count_request)
+    notifier = Deliverer(
+        secrets=kube, metrics=DeliveryMetrics(metrics.registry), namespaces=getattr(memo, "delivery_namespaces", None)
     )
+    memo.reconciler = reconciler = Reconciler(
+        kube=kube,
+        settings=getattr(memo, "operator_settings", None) or OperatorSettings.from_env(),
+        databases=Databases(
+            run_migrations=getattr(memo, "run_migrations", True),
+            opened=lambda pool: notifier.watch(NotificationQueue(pool)),
+        ),
+        metrics=metrics,
+        notifier=notifier,
+    )
+    notifier.changed = reconciler.wake
+    memo.delivery = asyncio.create_task(notifier.run(), name="shadowgate-notifications")
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
-    await memo.reconciler.close()
+    delivery: asyncio.Task[None] = memo.delivery
+    delivery.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await delivery
+    await memo.reconciler.close()  # lets the posts in flight finish, briefly
 
 
 @kopf.on.event(*RESOURCE)

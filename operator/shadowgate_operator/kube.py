@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from shadowgate_operator import kubeaccess
+from shadowgate_common import kubeaccess
 from shadowgate_operator.api import GROUP, PLURAL, VERSION
 
 FIELD_MANAGER = "shadowgate-operator"

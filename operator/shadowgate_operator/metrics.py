@@ -1,5 +1,5 @@
 """What the analysis reads from the database for one ShadowDeployment: the contract between the SQL
-(queries.py) and the decision (decision.py, stats.py). Plain data, no I/O.
+(analysis/) and the decision (decision.py, stats.py). Plain data, no I/O.
 
 Two windows meet here. The *evidence window* is what the quality comparison is over: since the analysis
 began in shadow mode (every shadow step asks the same paired question, so evidence carries from step to
@@ -189,7 +189,7 @@ class SideMetrics:
     latency_p99_ms: float | None = None
     loss: Moments = Moments()
     """Per-request loss on scored requests (those with an outcome) of the evidence window; lower is better
-    for every metric. Canary mode: the side's own sample (intention to treat, queries.py)."""
+    for every metric. Canary mode: the side's own sample (intention to treat, analysis/sql.py)."""
     metric_value: float | None = None
     """The configured metric itself on scored requests (MAE, RMSE, accuracy, ...), for people."""
     latency: LatencySketch | None = None
@@ -240,7 +240,7 @@ class WindowMetrics:
     """Per segment, largest first, when spec.analysis.segmentBy is set."""
     quarantined: int = 0
     """Scored requests left out of every sum because a prediction, confidence or outcome was not a finite
-    number within the sane range (queries.SANE_LIMIT): counted, never scored."""
+    number within the sane range (analysis.sql.SANE_LIMIT): counted, never scored."""
     unscored_repeats: int = 0
     """Predictions not scored because their request id was scored already, or because they were made
     after their outcome was known (issue 12 D6)."""

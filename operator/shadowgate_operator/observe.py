@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from shadowgate_operator.api import Phase, ShadowDeployment
-from shadowgate_operator.builders import OperatorSettings, secret_problem
+from shadowgate_operator.builders import HELD_NOTIFICATIONS, URL_SECRET_FIELD, OperatorSettings, secret_problem
 from shadowgate_operator.dbaway import DATABASE_AWAY, describe
 from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import KubeError, secret_value
@@ -95,15 +95,18 @@ class Observer:
         """This object's database, or why there is none; its spec recorded there once per generation."""
         reference = sd.spec.database.secret_ref
         if record.dsn is None:
-            # Both named Secrets read, for their router-secret label, whenever the DSN is (at the first
+            # Every named Secret read, for its router-secret label, whenever the DSN is (at the first
             # reconcile, at each resync, and at every reconcile while one of them is refused).
             token = sd.spec.outcomes.token_secret_ref.name
+            hooks = sorted({target.url_secret_ref.name for target in sd.spec.notifications})
             try:
                 secret = await self.kube.get("v1", "Secret", sd.namespace, reference.name)
                 token_secret = await self.kube.get("v1", "Secret", sd.namespace, token)
+                hook_secrets = [await self.kube.get("v1", "Secret", sd.namespace, name) for name in hooks]
             except KubeError as exc:
                 if not exc.permission_denied:
-                    return None, f"cannot read Secret {reference.name} or {token}: {exc.reason}"
+                    names = ", ".join([reference.name, token, *hooks])
+                    return None, f"cannot read Secret {names}: {exc.reason}"
                 problem = self.permission_problem(exc)
                 denials.reads.append(problem)
                 return None, problem
@@ -116,10 +119,21 @@ class Observer:
                 if named is not None and (refusal := secret_problem(named, field)) is not None
             }
             denials.invalid += [Blocked("SecretNotAllowed", refusal) for refusal in unlabelled.values()]
+            # A receiver's Secret is never the router's: Ready says it is refused (the delivery worker refuses
+            # it too, notify.deliver), the router Deployment follows the spec meanwhile.
+            hooks_unlabelled = [
+                refusal
+                for named in hook_secrets
+                if named is not None
+                and (refusal := secret_problem(named, URL_SECRET_FIELD, HELD_NOTIFICATIONS)) is not None
+            ]
+            denials.invalid += [
+                Blocked("SecretNotAllowed", refusal, holds_router=False) for refusal in hooks_unlabelled
+            ]
             if "spec.database.secretRef" in unlabelled:
                 return None, unlabelled["spec.database.secretRef"]
             dsn = secret_value(secret, reference.key)
-            if unlabelled:  # the token's Secret: used now, read again at the next reconcile until labelled
+            if unlabelled or hooks_unlabelled:  # used now, read again at the next reconcile until labelled
                 return await self._connect(record, sd, dsn, denials)
             record.dsn = dsn
         return await self._connect(record, sd, record.dsn, denials)

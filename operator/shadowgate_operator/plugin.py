@@ -215,7 +215,7 @@ class Cluster:
 
     @classmethod
     def connect(cls, kubeconfig: str | None, context: str | None, namespace: str | None) -> Cluster:
-        from shadowgate_operator.kubeaccess import KubeAccessError, load
+        from shadowgate_common.kubeaccess import KubeAccessError, load
 
         try:
             access = load(kubeconfig, context)

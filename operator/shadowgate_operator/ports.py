@@ -12,8 +12,9 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from shadowgate_operator.analysis.window import WindowAnalysis
 from shadowgate_operator.metrics import WindowMetrics
-from shadowgate_operator.queries import WindowAnalysis
+from shadowgate_operator.notify.messages import Outgoing
 from shadowgate_operator.store import EventRow, MetricsRow
 
 
@@ -50,7 +51,12 @@ class Database(Protocol):
         self, namespace: str, deployment: str, generation: int, revision: str, spec: dict[str, Any]
     ) -> None: ...
 
-    async def write(self, events: Sequence[EventRow], metrics: Sequence[MetricsRow]) -> None: ...
+    async def write(
+        self, events: Sequence[EventRow], metrics: Sequence[MetricsRow], notifications: Sequence[Outgoing] = ()
+    ) -> int:
+        """History rows and the notifications announcing them, in one transaction; returns how many
+        notifications were newly queued."""
+        ...
 
     async def refresh(self, analysis: WindowAnalysis) -> WindowMetrics: ...
 

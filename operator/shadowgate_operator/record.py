@@ -23,10 +23,11 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
+from shadowgate_operator.analysis.sql import options_of
+from shadowgate_operator.analysis.window import CATCH_UP_SECONDS, WindowAnalysis
 from shadowgate_operator.api import Phase, ShadowDeployment, ShadowDeploymentStatus
 from shadowgate_operator.builders import Manifest
 from shadowgate_operator.decision import evidence_since
-from shadowgate_operator.queries import CATCH_UP_SECONDS, WindowAnalysis, options_of
 from shadowgate_operator.rollout import Blocked, Notice, RouterState
 from shadowgate_operator.store import Rows
 
@@ -125,9 +126,9 @@ class Rollout:
         return self.rows.waiting
 
     def window(self, sd: ShadowDeployment) -> WindowAnalysis | None:
-        """The analysis windows of `sd` (queries.WindowAnalysis): the evidence window (decision.evidence_since:
+        """The analysis windows of `sd` (analysis.window.WindowAnalysis): the evidence window (decision.evidence_since:
         the analysis's start in shadow mode, the step's in canary mode) and the current step's. A new
-        metric, mode, options (queries.options_of) or evidence start is a new WindowAnalysis; a new shadow
+        metric, mode, options (analysis.sql.options_of) or evidence start is a new WindowAnalysis; a new shadow
         step moves its step window only. None when `sd` is not progressing."""
         status = sd.status
         step_since = status.step_started_at or status.analysis_started_at

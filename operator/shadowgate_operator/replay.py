@@ -83,7 +83,8 @@ async def replay(
 ) -> list[ReplayStep]:
     """Run the operator's procedure every analysis interval from `start` to `end` over the rows recorded by
     each moment, carrying the status from look to look as the operator does."""
-    from shadowgate_operator.queries import options_of, window_metrics
+    from shadowgate_operator.analysis.sql import options_of
+    from shadowgate_operator.analysis.window import window_metrics
 
     interval = dt.timedelta(seconds=spec.analysis.interval_seconds)
     resource = ShadowDeployment(metadata=ObjectMeta(name=name, namespace=namespace, generation=1), spec=spec)

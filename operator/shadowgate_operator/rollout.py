@@ -182,6 +182,9 @@ class Blocked:
 
     reason: str
     message: str
+    holds_router: bool = True
+    """RouterImageNotAllowed and SecretNotAllowed: whether the router Deployment is left as it was meanwhile
+    (False for a notification's Secret, which the router never holds)."""
 
 
 def _ready(
@@ -231,6 +234,8 @@ def apply_decision(
         message = f"Progressing: {_describe_step(spec, advanced)}."
         advanced = advanced.model_copy(update={"current_weight": weight_for(spec, advanced), "message": message})
         return advanced, [Notice("Normal", "StepAdvanced", f"{decision.reason} Now {_describe_step(spec, advanced)}.")]
+    if action in (DecisionAction.ADVANCE, DecisionAction.PROMOTE) and spec.analysis.require_approval:
+        return _await_approval(status, decision)
     if action in (DecisionAction.ADVANCE, DecisionAction.PROMOTE):
         promoted = _finish(spec, status, Phase.PROMOTED, DecisionAction.PROMOTE, decision.reason, now)
         return promoted, [Notice("Normal", "Promoted", decision.reason)]
@@ -244,6 +249,25 @@ def apply_decision(
     if last is None or (last.action, last.reason) != (decision.action, decision.reason):
         status = status.model_copy(update={"last_decision": decision})
     return status, []
+
+
+AWAITING_APPROVAL = "Waiting for approval (analysis.requireApproval)"
+
+
+def _await_approval(status: ShadowDeploymentStatus, decision: Decision) -> tuple[ShadowDeploymentStatus, list[Notice]]:
+    """A candidate that would be promoted, held at its step for a person's yes: the decision says Wait and
+    why; the AwaitingApproval Event comes once, when the hold begins (not at each analysis that passes)."""
+    reason = (
+        f"{AWAITING_APPROVAL}: {decision.reason} Approve with `kubectl shadow promote` (annotation "
+        f"{ACTION_ANNOTATION}=promote); the analysis goes on meanwhile."
+    )
+    last = status.last_decision
+    held = Decision(action=DecisionAction.WAIT, reason=reason, time=decision.time)
+    waiting = last is not None and last.action is DecisionAction.WAIT and last.reason.startswith(AWAITING_APPROVAL)
+    if waiting and last is not None and last.reason == reason:
+        return status, []
+    status = status.model_copy(update={"last_decision": held, "message": reason})
+    return status, ([] if waiting else [Notice("Normal", "AwaitingApproval", reason)])
 
 
 def _without_data(

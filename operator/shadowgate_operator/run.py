@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         ns.strip() for ns in os.environ.get("WATCH_NAMESPACE", "").split(",") if ns.strip()
     ]
     clusterwide = args.all_namespaces or not namespaces
+    has_patterns = any(character in ns for ns in namespaces for character in "*?[!")
     settings = OperatorSettings.from_env()
     if args.router_image:
         settings = settings.model_copy(update={"router_image": args.router_image})
@@ -61,8 +62,11 @@ def run(args: argparse.Namespace) -> int:
             run_migrations=not args.no_migrate,
             # Named namespaces only (no patterns): nothing to discover, so no cluster-wide list or watch of
             # namespaces and CRDs, and the namespaced install needs no ClusterRole at all.
-            scanning=clusterwide or any(character in ns for ns in namespaces for character in "*?[!"),
+            scanning=clusterwide or has_patterns,
             peering_lifetime=args.peering_lifetime,
+            # The notifications it delivers: those of the namespaces it watches when they are named (patterns
+            # and all namespaces: every message in its databases).
+            delivery_namespaces=None if clusterwide or has_patterns else tuple(namespaces),
         ),
     )
     return 0

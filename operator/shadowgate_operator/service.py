@@ -10,7 +10,9 @@ Kubernetes API and the database, each behind a small interface (ports.Cluster, p
   manifests differ from what was last applied (a hash per child; all of them again at each resync);
 - act: the status first (it is the record of what was decided), then the changed children, then the
   Events and history rows of the transition the status names (announce.Announcer), then warnings and
-  the rows waiting for the database.
+  the rows waiting for the database, with the transition's notifications queued in the same transaction
+  (the delivery worker, `notifier`, posts them apart from the reconcile; its receivers that keep failing
+  show as the NotificationsDelivered condition and a Warning).
 
 Nothing is written when nothing changed: an idle rollout costs no API call, and a finished one
 (Promoted, RolledBack, Failed) or a paused one is looked at again only at its resync or when its spec,
@@ -27,6 +29,7 @@ operator does not allow (RouterImageNotAllowed) are reported the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -38,9 +41,11 @@ from shadowgate_operator import announce
 from shadowgate_operator.announce import Announcer
 from shadowgate_operator.api import ShadowDeployment
 from shadowgate_operator.builders import Manifest, OperatorSettings, router_objects
+from shadowgate_operator.conditions import notifications_condition
 from shadowgate_operator.dbaway import DATABASE_AWAY, describe
 from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import KubeError
+from shadowgate_operator.notify.deliver import Deliverer
 from shadowgate_operator.observe import Observed, Observer
 from shadowgate_operator.ports import Cluster, Database, Databases
 from shadowgate_operator.record import Denials, Rollout, Rollouts
@@ -61,6 +66,7 @@ WARNED = frozenset(
         "InvalidDatabaseSecret",
         "RouterImageNotAllowed",
         "SecretNotAllowed",
+        "NotificationFailing",
     }
 )
 """Warnings said once while their cause stays; each reconcile looks at all their causes."""
@@ -82,6 +88,9 @@ class Reconciler:
     rollouts: Rollouts = field(default_factory=Rollouts)
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     clock: Callable[[], dt.datetime] = utcnow
+    notifier: Deliverer | None = None
+    """The notification delivery worker (run beside the Reconciler by the kopf glue): woken when a
+    transition's messages are queued; its failing receivers are read into status."""
 
     def __post_init__(self) -> None:
         self.metrics.follow(self.rollouts)
@@ -89,8 +98,16 @@ class Reconciler:
         self.observer = Observer(self.kube, self.databases, self.settings, self.metrics, self.rollouts)
 
     async def close(self) -> None:
+        if self.notifier is not None:
+            await self.notifier.close()
         await self.databases.close()
         await self.kube.close()
+
+    def wake(self, namespace: str, name: str) -> None:
+        """Reconcile this object now (e.g. one of its receivers started or stopped failing)."""
+        record = self.rollouts.find(namespace, name)
+        if record is not None:
+            record.wake.set()
 
     def resume(self, namespace: str, name: str) -> None:
         """The object's loop (re)starts in this replica (a start, or a takeover from another replica): what
@@ -142,6 +159,11 @@ class Reconciler:
             sd, now, analyse=analyse, router=seen.router, metrics=seen.window, data_problem=seen.data_problem,
             permission_problem=expected.problem(), blocked=expected.blocked(), stamp=dt.datetime.now(dt.UTC),
         )  # fmt: skip
+        failing = [(f.receiver, f.detail) for f in self.notifier.failing(*record.key)] if self.notifier else []
+        delivery = notifications_condition(
+            plan.status, len(sd.spec.notifications), failing, sd.metadata.generation, now
+        )
+        plan = dataclasses.replace(plan, status=delivery)
         planned = sd.model_copy(update={"status": plan.status})
         body = seen.body
         if plan.status.to_dict() != sd.status.to_dict():
@@ -150,7 +172,8 @@ class Reconciler:
         denials = Denials(reads=seen.denials.reads, invalid=seen.denials.invalid)
         # An image not allowed or a Secret not labelled: the router keeps the Deployment (image, Secrets) it has.
         image_refused = any(
-            blocked.reason in ("RouterImageNotAllowed", "SecretNotAllowed") for blocked in denials.invalid
+            blocked.reason in ("RouterImageNotAllowed", "SecretNotAllowed") and blocked.holds_router
+            for blocked in denials.invalid
         )
         for child in record.needs_apply(router_objects(planned, self.settings)):
             if not (image_refused and child["kind"] == "Deployment"):
@@ -163,7 +186,11 @@ class Reconciler:
         await self.announcer.publish(record, body, planned)
         # Whose causes this reconcile looked at: the others' warnings are not forgotten yet.
         observed = WARNED | ({"DatabaseUnavailable"} if analyse or seen.data_problem else set())
-        await self.announcer.warn(record, body, planned, self._warnings(plan, seen, denials), observed)
+        warnings = self._warnings(plan, seen, denials) + [
+            Notice("Warning", "NotificationFailing", f"Notifications to receiver {receiver} keep failing: {detail}")
+            for receiver, detail in failing
+        ]
+        await self.announcer.warn(record, body, planned, warnings, observed)
         if seen.window is not None and (plan.transition is None or plan.transition.analysed is None):
             judged = plan.judged_samples or 0
             row = announce.analysis_row(
@@ -209,7 +236,9 @@ class Reconciler:
 
     async def _flush(self, record: Rollout, database: Database) -> None:
         try:
-            await record.rows.flush(database.write)
+            queued = await record.rows.flush(database.write)
+            if queued and self.notifier is not None:
+                self.notifier.wake()
         except DATABASE_AWAY as exc:
             logger.warning("%s/%s: %d rows wait for the database: %s", *record.key, record.rows.waiting, describe(exc))
 

@@ -6,7 +6,9 @@ is safe to analyse on and applying pending migrations (unless the operator runs 
 
 History rows (deployment_events, deployment_metrics) are written idempotently: a row whose deployment,
 time and event (or decision) are already there is not written again, so the rows of a transition can be
-written again after a restart or a takeover (from status.lastTransition) without doubling them.
+written again after a restart or a takeover (from status.lastTransition) without doubling them. A
+transition's notifications (notify/) are queued in the same transaction as its rows: both are written or
+neither, and queueing them again after a restart adds nothing (one row per message id and receiver).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from shadowgate_operator.analysis.window import WindowAnalysis
 from shadowgate_operator.dbaway import DATABASE_AWAY, describe
 from shadowgate_operator.metrics import WindowMetrics
 from shadowgate_operator.migrate import database_problems, migrate_with_report
-from shadowgate_operator.queries import WindowAnalysis
+from shadowgate_operator.notify.messages import Outgoing
+from shadowgate_operator.notify.queue import enqueue
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +131,11 @@ class Database:
             namespace, deployment, generation, revision, json.dumps(spec),
         )  # fmt: skip
 
-    async def write(self, events: Sequence[EventRow], metrics: Sequence[MetricsRow]) -> None:
-        """History rows, each unless the same one is there already, in one transaction."""
+    async def write(
+        self, events: Sequence[EventRow], metrics: Sequence[MetricsRow], notifications: Sequence[Outgoing] = ()
+    ) -> int:
+        """History rows, each unless the same one is there already, and the notifications announcing them,
+        each unless queued already, in one transaction. Returns how many notifications were new."""
         async with self.pool.acquire() as connection, connection.transaction():
             if events:
                 await connection.executemany(
@@ -143,6 +150,7 @@ class Database:
                       r.candidate_value, r.improvement, r.overall_score, r.p_value, r.decision, r.reason,
                       _json(r.metrics)) for r in metrics],
                 )  # fmt: skip
+            return await enqueue(connection, notifications)
 
     async def refresh(self, analysis: WindowAnalysis) -> WindowMetrics:
         """Bring one deployment's window up to what was recorded (see WindowAnalysis.refresh)."""
@@ -155,6 +163,9 @@ class Databases:
     """The Database of each DSN in use, shared by the ShadowDeployments that name it."""
 
     run_migrations: bool = True
+    opened: Callable[[asyncpg.Pool], None] | None = None
+    """Called with each pool once it is open and its schema up to date (the delivery worker watches its
+    notifications queue)."""
     _open: dict[str, Database] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -186,6 +197,8 @@ class Databases:
                 await pool.close()
                 raise
             self._open[dsn] = Database(pool)
+            if self.opened is not None:
+                self.opened(pool)
             return self._open[dsn]
 
     async def close(self) -> None:
@@ -194,7 +207,7 @@ class Databases:
         self._open.clear()
 
 
-Writer = Callable[[Sequence[EventRow], Sequence[MetricsRow]], Awaitable[None]]
+Writer = Callable[[Sequence[EventRow], Sequence[MetricsRow], Sequence[Outgoing]], Awaitable[int]]
 
 
 def _where(dsn: str) -> str:
@@ -205,7 +218,8 @@ def _where(dsn: str) -> str:
 
 @dataclass
 class Rows:
-    """One ShadowDeployment's history rows that the database has not taken yet.
+    """One ShadowDeployment's history rows, and the notifications announcing them, that the database has not
+    taken yet.
 
     A database that is away delays these rows, it does not lose them: each reconcile that reaches the
     database writes what waits first, oldest first, each row with its own time. Memory is bounded by
@@ -216,9 +230,15 @@ class Rows:
     limit: int = 10_000
     events: list[EventRow] = field(default_factory=list)
     metrics: list[MetricsRow] = field(default_factory=list)
+    notifications: list[Outgoing] = field(default_factory=list)
 
-    def add(self, events: Sequence[EventRow] = (), metrics: Sequence[MetricsRow] = ()) -> None:
-        for waiting, new in ((self.events, events), (self.metrics, metrics)):
+    def add(
+        self,
+        events: Sequence[EventRow] = (),
+        metrics: Sequence[MetricsRow] = (),
+        notifications: Sequence[Outgoing] = (),
+    ) -> None:
+        for waiting, new in ((self.events, events), (self.metrics, metrics), (self.notifications, notifications)):
             waiting.extend(new)  # type: ignore[arg-type]
             if len(waiting) > self.limit:
                 logger.error("%d history rows waited too long for the database; dropping the oldest",
@@ -227,13 +247,16 @@ class Rows:
 
     @property
     def waiting(self) -> int:
-        return len(self.events) + len(self.metrics)
+        return len(self.events) + len(self.metrics) + len(self.notifications)
 
-    async def flush(self, write: Writer) -> None:
-        """Write what waits (with Database.write); on an error (DATABASE_AWAY), everything keeps waiting."""
+    async def flush(self, write: Writer) -> int:
+        """Write what waits (with Database.write), in one transaction; on an error (DATABASE_AWAY), everything
+        keeps waiting. Returns how many notifications were newly queued."""
         if not self.waiting:
-            return
-        events, metrics = list(self.events), list(self.metrics)
-        await write(events, metrics)
+            return 0
+        events, metrics, notifications = list(self.events), list(self.metrics), list(self.notifications)
+        queued = await write(events, metrics, notifications)
         del self.events[: len(events)]
         del self.metrics[: len(metrics)]
+        del self.notifications[: len(notifications)]
+        return queued

@@ -175,7 +175,7 @@ async def _rows(connection: asyncpg.Connection, table: str) -> int:
 def chunk_interval(current: Edition, policy: StoragePolicy) -> dt.timedelta:
     """The chunk interval of predictions and outcomes: the compression horizon where compression runs.
 
-    The incremental analysis reads back no further than that horizon (queries.py), and each chunk a
+    The incremental analysis reads back no further than that horizon (analysis/window.py), and each chunk a
     read could touch costs every one of its index probes and some planning (bench/analysis: 185 ms of
     CPU per read with daily chunks and a 7-day horizon, 61 ms with weekly ones, 48 ms on plain
     PostgreSQL, on the same loaded machine), so chunks as long as the horizon keep a read to two of them.
@@ -399,7 +399,7 @@ async def compression_horizon(connection: asyncpg.Connection) -> dt.timedelta | 
     """How old rows are when the compression policy compresses them (the shortest horizon of the jobs on
     predictions and outcomes), or None where nothing compresses them (plain PostgreSQL, the Apache
     edition, no policy). After its first run, the incremental analysis reads no rows stamped more than this
-    before its previous run (queries.WindowAnalysis.lookback)."""
+    before its previous run (analysis.window.WindowAnalysis.lookback)."""
     if not (await edition(connection)).full:
         return None
     horizon: dt.timedelta | None = await connection.fetchval(

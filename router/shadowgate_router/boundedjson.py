@@ -6,12 +6,13 @@ candidate answering it lost every row the recording callback was handling. Here 
 than `MAX_DEPTH` is refused with `JsonTooDeep` (a ValueError) before it is decoded, whatever the call
 stack looks like, and the decoder's own RecursionError is turned into the same error.
 
-The check costs next to nothing for ordinary bodies: a document with at most `MAX_DEPTH` opening
-brackets cannot be nested deeper, and two ``bytes.count`` calls say so. Others are measured exactly, in
-linear time and mostly in C (strings removed by a regular expression, brackets kept by
-``bytes.translate``, innermost pairs removed level by level, a running sum for what is left), a fraction
-of what decoding them costs.
-"""
+The check costs next to nothing for ordinary bodies: a document with at most `MAX_DEPTH` opening brackets
+cannot be nested deeper, and two ``bytes.count`` calls say so. The usual attack, a document that opens with
+brackets only, is refused from its first few hundred bytes, before any pass over the whole of it (a 200 KB
+``[[[[...`` from a client or a candidate answering it costs the event loop microseconds). Others are
+measured exactly, in linear time and mostly in C (strings removed by a regular expression, brackets kept by
+``bytes.translate``, innermost pairs removed level by level, a running sum for what is left), a fraction of
+what decoding them costs."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ _SIGNS = bytes.maketrans(b"[]{}", b"\x01\xff\x01\xff")
 _EMPTY_PAIRS = re.compile(rb"\[\]|\{\}")
 """Openers to +1, closers to -1 (0xff read as a signed byte)."""
 _CHUNK = 65_536
+_HEAD = 8
+"""Bytes per level of `limit` looked at first: ``[[[[...`` or ``{"inputs": [[[[...`` (or ``{"a":{"a":...``)
+refused from its first 512 bytes, whatever the document's size."""
 
 
 class JsonTooDeep(ValueError):
@@ -41,12 +45,14 @@ class JsonTooDeep(ValueError):
 
 def too_deep(data: bytes, limit: int = MAX_DEPTH) -> bool:
     """Whether `data`, read as JSON, nests deeper than `limit` (brackets inside strings do not count)."""
+    if _opens_deeper(data[: _HEAD * limit], limit):
+        return True  # the usual attack: refused from its first bytes, before any pass over all of it
     if data.count(b"[") + data.count(b"{") <= limit:
         return False
     if b'"' in data:
         data = _STRINGS.sub(b"", data)
     brackets = data.translate(None, _NOT_BRACKETS)
-    if _deeper(brackets[: 4 * limit], limit):  # a deep prefix, the usual attack: refused at once
+    if _deeper(brackets[: 4 * limit], limit):  # a deep prefix, once strings are gone: refused at once
         return True
     # Shallow documents with many brackets (a batch of rows): each pass removes the innermost empty pairs,
     # one level, at the speed of C; what is left after a few passes gets the exact, slower measure.
@@ -57,6 +63,18 @@ def too_deep(data: bytes, limit: int = MAX_DEPTH) -> bool:
             break  # unbalanced: the measure below still bounds it, the decoder refuses it
         brackets, removed = shorter, removed + 1
     return bool(brackets) and _deeper(brackets, limit - removed)
+
+
+def _opens_deeper(head: bytes, limit: int) -> bool:
+    """Whether the first `limit` + 1 brackets of `head` (the start of a document), outside strings, all open:
+    then the document nests deeper than `limit`. A string cut off at the end of `head` ends what is looked at."""
+    if b'"' in head:
+        head = _STRINGS.sub(b"", head)
+        cut = head.find(b'"')
+        if cut >= 0:
+            head = head[:cut]
+    brackets = head.translate(None, _NOT_BRACKETS)[: limit + 1]
+    return len(brackets) > limit and b"]" not in brackets and b"}" not in brackets
 
 
 def _deeper(brackets: bytes, limit: int) -> bool:

@@ -191,10 +191,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if "grpc" not in sys.modules:
         os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+    from shadowgate_common.kubeaccess import KubeAccessError
+    from shadowgate_common.kubeaccess import load as load_kube_access
     from shadowgate_router.app import RouterApp, Settings
     from shadowgate_router.configwatch import ConfigFile, ConfigMapWatch
-    from shadowgate_router.kubeapi import KubeAccessError
-    from shadowgate_router.kubeapi import load as load_kube_access
     from shadowgate_router.proxy import ProxySettings
 
     if not args.dsn:

@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
+from shadowgate_common.kubeaccess import KubeAccess
 from shadowgate_router.config import CONFIG_KEY
-from shadowgate_router.kubeapi import KubeAccess
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class ConfigMapWatch:
         backoff = 0.2
         version: str | None = None
         timeout = httpx.Timeout(10.0, read=WATCH_SECONDS + 30)
-        async with httpx.AsyncClient(verify=self.access.ssl_context, timeout=timeout) as client:
+        async with httpx.AsyncClient(verify=self.access.verify, timeout=timeout) as client:
             while True:
                 try:
                     if version is None:

@@ -8,11 +8,11 @@ reading the answer), the pool has a hard connection limit, and failures come bac
 with a short `kind` that is recorded in the database and exported as a metric label.
 
 A model server is a peer like any client: the head of its answer (status line and headers) is counted as it
-arrives and refused past `MAX_HEAD_BYTES` or `MAX_HEADERS` fields, its body past the pool's
-`response_limit`, and all answers being received from one server at once past its `memory_limit`, so a
-server sending endless headers or 50 MB bodies costs the call (a ``bad_response``), not the router's
-memory. The limit on all answers at once is per server: a misbehaving candidate cannot use production's.
-"""
+arrives and refused past `MAX_HEAD_BYTES` or `MAX_HEADERS` fields, its body past the pool's `response_limit`
+(at once, unread, when its Content-Length announces more), and all answers being received from one server at
+once past its `memory_limit`, so a server sending endless headers or 50 MB bodies costs the call (a
+``bad_response``), not the router's memory. The limit on all answers at once is per server: a misbehaving
+candidate cannot use production's."""
 
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ class _Connection(asyncio.Protocol):
     """One keep-alive connection; carries one request at a time."""
 
     __slots__ = (
+        "_announced",
         "_body",
         "_body_size",
         "_content_length",
@@ -94,6 +95,8 @@ class _Connection(asyncio.Protocol):
         self._header_size = 0
         self._refused = False
         self._content_length = False
+        self._announced = -1
+        """The answer's Content-Length, -1 without one: past the pool's response_limit it is refused unread."""
         self._headers_done = False
         self._no_body = False
         """The request was HEAD: its answer ends with its head, whatever Content-Length says (RFC 9110 9.3.2)."""
@@ -142,7 +145,7 @@ class _Connection(asyncio.Protocol):
         """Fail the call with a bad_response saying what the server sent, and drop the connection."""
         self._refused = True
         self._fail(UpstreamError(BAD_RESPONSE, f"{self._pool.base_url} sent {detail}"))
-        self.close()
+        self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -165,6 +168,7 @@ class _Connection(asyncio.Protocol):
         self._head_size = 0
         self._header_size = 0
         self._content_length = False
+        self._announced = -1
         self._headers_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -175,13 +179,24 @@ class _Connection(asyncio.Protocol):
             self._refuse(f"an answer with over {MAX_HEADERS} header fields or {MAX_HEADER_BYTES} bytes of them")
             return
         lowered = name.lower()
-        if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+        if lowered == b"content-length":
+            self._content_length = True
+            stripped = value.strip()
+            if stripped.isdigit() and len(stripped) <= 19:
+                self._announced = int(stripped)
+        elif lowered == b"transfer-encoding" and b"chunked" in value.lower():
             self._content_length = True
         self._headers.append((lowered, value))
 
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
         self._headers_done = True
+        bodiless = self._no_body or self._status < 200 or self._status in (204, 304)
+        if not bodiless and self._announced > self._pool.response_limit:
+            # Announced too big: refused before a byte of it is read (the connection is reset, not drained).
+            limit = self._pool.response_limit
+            self._refuse(f"an answer of {self._announced} bytes (Content-Length), over the limit of {limit} bytes")
+            return
         if self._no_body and self._status >= 200:
             # httptools cannot be told to skip the body: answer now, and drop the connection, whose parser
             # would wait for the body Content-Length announces.
@@ -258,6 +273,13 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Close at once, unread bytes discarded (the peer sees a reset): for an answer refused mid-way, whose
+        rest is not worth reading."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class UpstreamPool:

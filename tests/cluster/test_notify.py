@@ -4,6 +4,7 @@ API server, and real HTTP receivers on loopback (aiohttp) that fail, hang, go aw
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -19,6 +20,7 @@ from cloudevents.core.formats.json import JSONFormat
 from prometheus_client import CollectorRegistry
 
 from shadowgate_operator.api import ShadowDeployment
+from shadowgate_operator.builders import ROUTER_SECRET_LABEL
 from shadowgate_operator.kube import Kube
 from shadowgate_operator.localenv.process import free_port
 from shadowgate_operator.notify.deliver import Deliverer, DeliveryMetrics, RetryPolicy
@@ -151,8 +153,16 @@ async def stop(worker: Deliverer, task: asyncio.Task[None], grace: float = 1.0) 
     await worker.close(grace)
 
 
-def secret(kubectl: Kubectl, namespace: str, name: str, values: dict[str, str]) -> None:
-    apply(kubectl, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": values})
+def secret(kubectl: Kubectl, namespace: str, name: str, values: dict[str, str], *, labelled: bool = True) -> None:
+    """A receivers' Secret, labelled shadowgate.io/router-secret=true as the operator requires (unless not)."""
+    labels = {ROUTER_SECRET_LABEL: "true"} if labelled else {}
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "labels": labels},
+        "stringData": values,
+    }
+    apply(kubectl, namespace, manifest)
 
 
 def rollout(namespace: str, receivers: list[dict[str, Any]]) -> ShadowDeployment:
@@ -224,6 +234,8 @@ async def test_a_cloudevent_and_a_slack_message_arrive_once_each_with_the_transi
     assert [block["type"] for block in payload["blocks"]] == ["header", "section", "section", "context"]
 
     await until(lambda: counted(worker, "shadowgate_notifications_delivered_total", format="slack") == 1, "counted")
+    # The worker counts a delivery before it marks the row: wait for the rows, not the counter.
+    await until(lambda: _none_waiting(queue), "both rows to be marked delivered")
     for receiver in ("events", "team"):
         stored = await row(queue, receiver)
         assert stored["delivered_at"] is not None and stored["attempts"] == 1
@@ -373,6 +385,32 @@ async def test_a_missing_secret_is_waited_for_and_a_url_the_operator_will_not_ca
     assert receiver.ids() == [f"{UID}.t5.0"]
 
 
+async def test_a_secret_not_labelled_for_the_operator_is_neither_posted_to_nor_quoted_until_labelled(
+    kubectl: Kubectl, namespace: str, queue: NotificationQueue, workers: Workers, receivers: list[Receiver]
+) -> None:
+    """Issue 12, least privilege: a receiver's Secret needs shadowgate.io/router-secret=true like the router's
+    Secrets, or anyone who may create a ShadowDeployment could have the operator post to (or quote, in an error)
+    any Secret of the namespace. Unlabelled: retried as secret_not_allowed, nothing sent; labelled: delivered."""
+    receiver = await Receiver().start()
+    receivers.append(receiver)
+    secret(kubectl, namespace, "hooks", {"url": receiver.url}, labelled=False)
+    sd = rollout(namespace, [{"name": "events", "urlSecretRef": {"name": "hooks"}}])
+    await queue.enqueue(messages(sd))
+    worker = workers()
+    await until(lambda: counted(worker, "shadowgate_notification_failures_total", format="cloudevents",
+                                cause="secret_not_allowed") >= 2, "the unlabelled Secret to be refused")  # fmt: skip
+    stored = await row(queue, "events")
+    assert stored["abandoned_at"] is None and stored["delivered_at"] is None  # retried: labelling it heals it
+    assert stored["last_error"].startswith(
+        f"Secret {namespace}/hooks (spec.notifications[].urlSecretRef) is not labelled shadowgate.io/router-secret=true"
+    )
+    assert receiver.url not in stored["last_error"] and receiver.received == []
+
+    kubectl("label", "secret", "hooks", "-n", namespace, f"{ROUTER_SECRET_LABEL}=true")
+    await until(lambda: _none_waiting(queue), "delivery once the Secret is labelled")
+    assert receiver.ids() == [f"{UID}.t5.0"]
+
+
 async def test_finished_rows_are_pruned_after_a_while_and_waiting_ones_never(
     namespace: str, queue: NotificationQueue
 ) -> None:
@@ -384,3 +422,19 @@ async def test_finished_rows_are_pruned_after_a_while_and_waiting_ones_never(
     await queue.pool.execute("UPDATE notifications SET abandoned_at = now() WHERE id LIKE '%.t2.0'")
     assert await queue.prune(dt.timedelta(days=7)) == 2
     assert [r["id"] for r in await queue.pool.fetch("SELECT id FROM notifications")] == [f"{UID}.t3.0"]
+
+
+async def test_an_operator_watching_some_namespaces_claims_only_their_messages(queue: NotificationQueue) -> None:
+    """Operators watching other namespaces can share a database: each delivers its own namespaces' messages,
+    whose receivers' Secrets it may read (a namespaced operator took another's and got 403 on every attempt)."""
+    ours = messages(rollout("team-a", [{"name": "events", "urlSecretRef": {"name": "hooks"}}]))
+    theirs = [dataclasses.replace(m, id=m.id.replace(UID, "other-uid"), namespace="team-b") for m in ours]
+    await queue.enqueue(ours + theirs)
+
+    claimed = await queue.claim(10, lease_seconds=60, namespaces=("team-a",))
+    assert [(c.message.namespace, c.message.id) for c in claimed] == [("team-a", m.id) for m in ours]
+    untouched = await queue.pool.fetch("SELECT attempts, leased_until FROM notifications WHERE namespace = 'team-b'")
+    assert [(r["attempts"], r["leased_until"]) for r in untouched] == [(0, None)] * len(theirs)
+
+    everyone = await queue.claim(10, lease_seconds=60)  # an operator watching all namespaces
+    assert [c.message.namespace for c in everyone] == ["team-b"] * len(theirs)

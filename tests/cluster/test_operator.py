@@ -492,6 +492,50 @@ def test_a_secret_not_labelled_for_the_router_is_neither_handed_to_it_nor_connec
     eventually(lambda: rows(dsn, never, namespace, "nolabel"), 60, "the spec recorded in the database")
 
 
+def test_a_notification_secret_not_labelled_is_refused_in_ready_while_the_router_follows_the_spec(
+    kubectl: Kubectl, namespace: str, start_operator: StartOperator, apply_shadow: ApplyShadow
+) -> None:
+    """Issue 12, least privilege: spec.notifications[].urlSecretRef is held to the same label as the router's
+    Secrets. Unlabelled, Ready is False SecretNotAllowed with a Warning saying how to label it (and not what the
+    Secret holds); the router, which never holds that Secret, is made as usual. Labelling it heals Ready."""
+    start_operator("--namespace", namespace)
+    hook = "https://hooks.example.com/services/T000/B000/not-for-this-operator"
+    apply(kubectl, namespace, router_secret("team-hooks", "url", hook, labelled=False))
+    analysis = example()["spec"]["analysis"] | {"interval": "5s"}
+    notifications = [{"name": "team", "urlSecretRef": {"name": "team-hooks"}}]
+    apply_shadow(namespace, example("hooked", analysis=analysis, notifications=notifications))
+
+    def ready() -> dict[str, Any]:
+        conditions = shadow(kubectl, namespace, "hooked").get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "Ready"), {})
+
+    refused = eventually(lambda: ready().get("reason") == "SecretNotAllowed" and ready(), 60, "Ready SecretNotAllowed")
+    assert refused["status"] == "False"
+    assert refused["message"].startswith(
+        f"Secret {namespace}/team-hooks (spec.notifications[].urlSecretRef) is not labelled "
+        "shadowgate.io/router-secret=true: the operator reads only the Secrets labelled for it, and posts nothing "
+        "to this receiver until then."
+    )
+    assert refused["message"].endswith(
+        f"kubectl label secret team-hooks -n {namespace} shadowgate.io/router-secret=true"
+    )
+    assert hook not in refused["message"]
+    warnings = eventually(
+        lambda: [e for e in events_for(kubectl, namespace, "hooked") if e["reason"] == "SecretNotAllowed"],
+        30,
+        "the Warning Event",
+    )
+    assert [(w["type"], w["message"]) for w in warnings] == [("Warning", refused["message"])]
+    # Not the router's Secret: its Deployment follows the spec (with the database and token Secrets only).
+    deployment = eventually(
+        lambda: get_json(kubectl, "deployment", "hooked-router", "-n", namespace), 60, "the router Deployment"
+    )
+    assert "team-hooks" not in json.dumps(deployment)
+
+    kubectl("label", "secret", "team-hooks", "-n", namespace, "shadowgate.io/router-secret=true")
+    eventually(lambda: ready().get("reason") not in (None, "SecretNotAllowed"), 60, "Ready to stop refusing it")
+
+
 def shadow_dsn(kubectl: Kubectl, namespace: str) -> str:
     """The DSN apply_shadow put in fraud-detector-db (the test database)."""
     secret = get_json(kubectl, "secret", "fraud-detector-db", "-n", namespace)

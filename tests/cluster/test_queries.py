@@ -1,5 +1,5 @@
 """The metric queries against real PostgreSQL: seeded rows, and every number checked against a plain-Python
-reading of the definitions in queries.py (written from the docstring, not from the SQL).
+reading of the definitions in analysis/sql.py (written from the docstring, not from the SQL).
 
 The seed covers errors, timeouts, 4xx answers, a side not called, missing and duplicate outcomes (a later
 correction, and a late-arriving one with an older time that must not win), outcomes just inside and just
@@ -25,19 +25,25 @@ import asyncpg
 import pytest
 
 from shadowgate_operator import timescale
-from shadowgate_operator.api import Metric, TrafficMode
-from shadowgate_operator.metrics import Clustered, LatencySketch, Moments, SegmentMetrics, SideMetrics, WindowMetrics
-from shadowgate_operator.queries import (
+from shadowgate_operator.analysis.sql import (
     CLOCK_SKEW,
     KEY_BUCKETS,
-    LATENCY_RELATIVE_ACCURACY,
     OUTCOME_LEEWAY,
     SANE_LIMIT,
     Options,
-    WindowAnalyses,
-    WindowAnalysis,
-    recorded_horizon,
-    window_metrics,
+    recorded_between_query,
+    whole_window_query,
+)
+from shadowgate_operator.analysis.window import WindowAnalyses, WindowAnalysis, recorded_horizon, window_metrics
+from shadowgate_operator.api import Metric, TrafficMode
+from shadowgate_operator.metrics import (
+    LATENCY_RELATIVE_ACCURACY,
+    Clustered,
+    LatencySketch,
+    Moments,
+    SegmentMetrics,
+    SideMetrics,
+    WindowMetrics,
 )
 from tests.support.databases import EDITIONS, own_database
 
@@ -211,7 +217,7 @@ def seed(
     return predictions, outcomes
 
 
-# --- the reference: the definitions of queries.py, in plain Python ---------------------------------
+# --- the reference: the definitions of analysis/sql.py, in plain Python ---------------------------------
 
 
 def _called(side: Side) -> bool:
@@ -330,7 +336,7 @@ def reference(
     step_since: dt.datetime | None = None,
     first_recorded: Mapping[str, dt.datetime] | None = None,
 ) -> Expected:
-    """The definitions of queries.py in plain Python. `predictions` in the order they were recorded;
+    """The definitions of analysis/sql.py in plain Python. `predictions` in the order they were recorded;
     `first_recorded`: when each request id's first outcome was recorded (None: long after every
     prediction, as for every seeded row)."""
     options = options or Options(fallback=fallback_to_production)
@@ -1053,3 +1059,33 @@ async def test_keys_segments_caps_quarantine_and_repeated_ids(
     )
     analysis.move_step(step)
     assert_matches(await analysis.refresh(connection), expected)
+
+
+LONGEST_OUTPUT = 8_000
+"""Characters of the longest expression list (`Output:`) in any node of any analysis statement's plan. With
+every step of the statement fenced (analysis/sql.py, OFFSET 0) the longest is some 3,000-4,000; without the
+fences PostgreSQL substitutes each column's expression wherever it is used, and issue 11's power sums
+grew it to 95,000 characters: a read ten times slower and 40 ms of planning, which no result shows."""
+
+
+@pytest.mark.parametrize("whole_window", [True, False], ids=["whole-window", "slice"])
+async def test_each_column_is_computed_once_per_row(connection: asyncpg.Connection, whole_window: bool) -> None:
+    now: dt.datetime = await connection.fetchval("SELECT clock_timestamp()")
+    longest: dict[str, int] = {}
+    for metric in Metric:
+        for mode in MODES:
+            for grouped in (False, True):
+                options = Options(loss_cap=1.0, clustered=grouped, segmented=grouped)
+                query = (
+                    whole_window_query(NS, DEPLOYMENT, metric, mode, SINCE, None, options=options)
+                    if whole_window
+                    else recorded_between_query(NS, DEPLOYMENT, metric, mode, SINCE, now - dt.timedelta(seconds=5), now,
+                                                options=options)
+                )  # fmt: skip
+                async with connection.transaction():
+                    await connection.execute("SET LOCAL enable_nestloop = off")
+                    plan = await connection.fetch(f"EXPLAIN (VERBOSE) {query.sql}", *query.arguments)
+                outputs = [row[0] for row in plan if row[0].lstrip().startswith("Output:")]
+                longest[f"{metric}/{mode}/{grouped}"] = max(map(len, outputs))
+    assert len(longest) == len(Metric) * len(MODES) * 2
+    assert max(longest.values()) <= LONGEST_OUTPUT, sorted(longest.items(), key=lambda item: -item[1])[:3]

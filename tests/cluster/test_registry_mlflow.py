@@ -1,7 +1,9 @@
-"""Registry write-back against a real MLflow tracking server (`mlflow server`, SQLite backend, on loopback)."""
+"""Registry write-back against a real MLflow tracking server (`mlflow server`, SQLite backend, on loopback):
+the MLflow client of the operator, and the real operator writing a promotion and a rollback back."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -12,10 +14,14 @@ import httpx
 import pytest
 
 from shadowgate_operator.localenv.process import free_port
+from shadowgate_operator.migrate import migrate_dsn
 from shadowgate_operator.registry import ModelVersionRef, Outcome
 from shadowgate_operator.registry.mlflow import MlflowRegistry, RegistryError
+from tests.cluster.conftest import ApplyShadow, StartOperator
+from tests.conftest import Kubectl
 from tests.support.mlflow_server import MLFLOW, MlflowServer
 from tests.support.model_servers import install
+from tests.support.operator import eventually, example, wait_phase
 
 OUTCOME = Outcome(
     rollout="models/fraud-detector",
@@ -129,3 +135,79 @@ async def test_a_model_the_registry_does_not_know_is_refused_for_good_and_a_serv
     with pytest.raises(RegistryError) as away:
         await MlflowRegistry(f"http://127.0.0.1:{free_port()}", http).rolled_back(ModelVersionRef("m", "1"), OUTCOME)
     assert away.value.retry and "not reached" in str(away.value)
+
+
+def registry_state(server: MlflowServer, name: str) -> tuple[str, dict[str, dict[str, str]]]:
+    """Where `champion` points, and each version's tags, as MLflow says now."""
+
+    async def read() -> tuple[str, dict[str, dict[str, str]]]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            versions = {number: tags(await version(http, server, name, number)) for number in ("1", "2", "3")}
+            return await champion(http, server, name), versions
+
+    return asyncio.run(read())
+
+
+@pytest.mark.cluster
+@pytest.mark.database
+@pytest.mark.timeout(900)
+def test_the_operator_writes_a_promotion_and_a_rollback_back_to_mlflow(
+    kubectl: Kubectl,
+    namespace: str,
+    dsn: str,
+    start_operator: StartOperator,
+    apply_shadow: ApplyShadow,
+    mlflow: MlflowServer,
+) -> None:
+    asyncio.run(migrate_dsn(dsn))
+
+    async def model() -> str:
+        async with httpx.AsyncClient(timeout=30) as http:
+            return await registered(http, mlflow, versions=3)
+
+    name, rollout = asyncio.run(model()), "registered"
+    manifest = example(rollout, registry={"mlflow": {"trackingUri": mlflow.url}})
+    manifest["spec"]["production"]["registeredModel"] = {"name": name, "version": "1"}
+    manifest["spec"]["candidate"]["registeredModel"] = {"name": name, "version": "2"}
+    start_operator("--namespace", namespace)
+    apply_shadow(namespace, manifest)
+    wait_phase(kubectl, namespace, rollout, "Progressing", timeout=60)
+
+    def annotate(value: str) -> None:
+        kubectl(
+            "annotate", "--overwrite", "shadowdeployment", rollout, "-n", namespace, f"shadowgate.io/action={value}"
+        )
+
+    annotate("promote")
+    promoted = wait_phase(kubectl, namespace, rollout, "Promoted", timeout=60)
+    state = eventually(lambda: (found := registry_state(mlflow, name))[0] == "2" and found, 120, "champion on 2")
+    link = f"/apis/shadowgate.io/v1alpha1/namespaces/{namespace}/shadowdeployments/{rollout}"
+    candidate, production = state[1]["2"], state[1]["1"]
+    assert (candidate["shadowgate.outcome"], candidate["shadowgate.replaces"]) == ("promoted", "1")
+    assert (candidate["shadowgate.rollout"], candidate["shadowgate.link"]) == (f"{namespace}/{rollout}", link)
+    assert candidate["shadowgate.reason"] == promoted["status"]["lastTransition"]["events"][0]["message"]
+    assert (production["shadowgate.outcome"], production["shadowgate.replaced_by"]) == ("replaced", "2")
+
+    # The next candidate, version 3, rolled back: tagged with the reason, the alias stays on 2.
+    kubectl(
+        "patch", "shadowdeployment", rollout, "-n", namespace, "--type=merge", "-p",
+        '{"spec": {"production": {"version": "2.0.0", "registeredModel": {"version": "2"}},'
+        ' "candidate": {"version": "3.0.0", "registeredModel": {"version": "3"}}}}',
+    )  # fmt: skip
+    annotate("retry:1")
+    wait_phase(kubectl, namespace, rollout, "Progressing", timeout=60)
+    annotate("abort:2")
+    rolled_back = wait_phase(kubectl, namespace, rollout, "RolledBack", timeout=60)
+    state = eventually(
+        # The reason is the last tag written.
+        lambda: "shadowgate.reason" in (found := registry_state(mlflow, name))[1]["3"] and found,
+        120,
+        "3 tagged",
+    )
+    reason = next(e for e in rolled_back["status"]["lastTransition"]["events"] if e["reason"] == "RolledBack")
+    assert state[0] == "2"
+    assert (state[1]["3"]["shadowgate.outcome"], state[1]["3"]["shadowgate.reason"]) == (
+        "rolled_back",
+        reason["message"],
+    )
+    assert state[1]["2"]["shadowgate.outcome"] == "promoted"

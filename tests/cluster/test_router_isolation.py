@@ -84,7 +84,10 @@ async def test_a_slow_failing_or_hung_candidate_does_not_touch_production(
     healthy = sorted(p99 for _, p99 in rounds["healthy"])
     noise = max(healthy[-2] - healthy[1], 3.0)  # spread of the healthy rounds, their extremes left out
     healthy_p50 = sorted(p50 for p50, _ in rounds["healthy"])
-    noise_p50 = max(healthy_p50[-2] - healthy_p50[1], 1.0)  # the same for the median, at least 1 ms
+    # The same for the median: at least 1 ms or a quarter of the healthy median, since on a busy machine
+    # (a fresh-machine run at load 10-20) a 10x slower candidate's extra open copies cost production about
+    # 1 ms of CPU time; production waiting on the candidate would add its 50 ms.
+    noise_p50 = max(healthy_p50[-2] - healthy_p50[1], 1.0, 0.25 * statistics.median(healthy_p50))
     report = ", ".join(f"{name}: p50 {p50[name]:.1f} ms p99 {p99[name]:.1f} ms" for name in SCENARIOS)
     print(f"production through the router, {RATE:g} req/s all mirrored (median of {ROUNDS} rounds): {report}")
     assert timeouts > 0, "the hung candidate's copies should have been recorded as timeouts"

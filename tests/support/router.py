@@ -268,7 +268,7 @@ class Router(Process):
 
     def start(self, *, ready: bool = True) -> Router:
         super().start()
-        wait_until(lambda: self._get("/healthz").status_code == 200, 20, "the router to listen")
+        wait_until(lambda: self._get("/healthz").status_code == 200, 60, "the router to listen")
         if ready:
             self.wait_ready()
         return self

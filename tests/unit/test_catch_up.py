@@ -6,14 +6,14 @@ import datetime as dt
 
 import pytest
 
-from shadowgate_operator.api import Metric, TrafficMode
-from shadowgate_operator.queries import (
+from shadowgate_operator.analysis.window import (
     CATCH_UP_MIN_SECONDS,
     CATCH_UP_ROWS,
     CATCH_UP_SECONDS,
     WindowAnalyses,
     WindowAnalysis,
 )
+from shadowgate_operator.api import Metric, TrafficMode
 
 SINCE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 

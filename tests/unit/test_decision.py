@@ -28,7 +28,7 @@ from shadowgate_operator.decision import (
     overall_score,
     relative_improvement,
 )
-from shadowgate_operator.metrics import LatencySketch, Moments, SideMetrics, WindowMetrics
+from shadowgate_operator.metrics import LatencySketch, Moments, SegmentMetrics, SideMetrics, WindowMetrics
 from shadowgate_operator.stats import NO_EVIDENCE, Evidence
 from tests.admission_cases import load_example, merge_patch
 
@@ -556,3 +556,50 @@ def test_scores_stay_within_bounds_for_extreme_inputs() -> None:
 def test_decide_is_pure() -> None:
     metrics = shadow(400, 1.0, 0.95)
     assert run(metrics) == run(replace(metrics))
+
+
+# --- segments (segmentBy) ------------------------------------------------------------------------------
+
+
+def segmented(*segments: tuple[str, int, float]) -> WindowMetrics:
+    """Shadow metrics 10% better overall (significantly), with these (name, pairs, candidate's mean loss
+    against production's 1.0) segments."""
+    return replace(
+        shadow(500, 1.0, 0.9, noise=0.3),
+        segments=tuple(
+            SegmentMetrics(name, losses(n, 1.0, 0.8), losses(n, mean, 0.8 * mean), losses(n, 1.0 - mean, 0.3))
+            for name, n, mean in segments
+        ),
+    )
+
+
+SEGMENT_BY = {"segmentBy": {"header": "X-Instrument"}}
+
+
+def test_a_segment_with_a_tenth_of_the_traffic_holds_the_step_before_it_has_min_samples() -> None:
+    """The segments-shift situation: better on A, worse on B, B a sixth of the traffic so far. B has fewer
+    than minSamples pairs, but too much traffic to pass without it."""
+    verdict = run(segmented(("A", 420, 0.88), ("B", 80, 1.1)), analysis=SEGMENT_BY)
+    assert verdict.decision.action is WAIT
+    assert "segment 'B' (80 samples, 10.0% worse) is not yet shown within segmentTolerance 5% of production" in (
+        verdict.decision.reason
+    )
+    assert verdict.metrics is not None
+    assert [(s.name, s.judged, s.within_tolerance) for s in verdict.metrics.segments] == [
+        ("A", True, True),
+        ("B", True, False),
+    ]
+
+
+def test_a_small_segment_is_judged_once_it_has_min_samples() -> None:
+    small = run(segmented(("A", 460, 0.88), ("B", 40, 1.1)), analysis=SEGMENT_BY)  # 8% of the pairs
+    assert small.decision.action is ADVANCE
+    assert small.metrics is not None
+    assert [(s.name, s.judged, s.within_tolerance) for s in small.metrics.segments] == [
+        ("A", True, True),
+        ("B", False, None),
+    ]
+    better = run(segmented(("A", 380, 0.9), ("B", 120, 0.9)), analysis=SEGMENT_BY)
+    assert better.decision.action is ADVANCE
+    assert better.metrics is not None
+    assert all(s.judged and s.within_tolerance for s in better.metrics.segments)

@@ -1,4 +1,4 @@
-"""The operator's one credential loader: kubeconfig first (as kubectl), tokens re-read for every request."""
+"""The one credential loader (operator, plugin, demo, router): kubeconfig first, tokens re-read per request."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shadowgate_operator.kubeaccess import KubeAccessError, load
+from shadowgate_common.kubeaccess import KubeAccessError, load
 
 
 def kubeconfig(tmp_path: Path, user: dict[str, object], namespace: str | None = None) -> Path:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from shadowgate_operator.queries import LATENCY_RELATIVE_ACCURACY, LatencySketch
+from shadowgate_operator.metrics import LATENCY_RELATIVE_ACCURACY, LatencySketch
 
 
 def exact_percentile(values: list[float], q: float) -> float:

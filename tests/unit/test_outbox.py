@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from shadowgate_operator.notify.messages import Outgoing
 from shadowgate_operator.store import EventRow, MetricsRow, Rows
 
 KEY = ("team-a", "pricer")
@@ -30,11 +31,12 @@ async def test_a_failed_write_keeps_every_row_and_a_later_one_writes_them_once()
     rows.add(events=[event(1)])
     written: list[str] = []
 
-    async def away(events: Sequence[EventRow], metrics: Sequence[MetricsRow]) -> None:
+    async def away(events: Sequence[EventRow], metrics: Sequence[MetricsRow], notifications: Sequence[Outgoing]) -> int:
         raise OSError("connection refused")
 
-    async def back(events: Sequence[EventRow], metrics: Sequence[MetricsRow]) -> None:
+    async def back(events: Sequence[EventRow], metrics: Sequence[MetricsRow], notifications: Sequence[Outgoing]) -> int:
         written.extend(row.event for row in events)
+        return len(notifications)
 
     with pytest.raises(OSError):
         await rows.flush(away)

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from shadowgate_operator.api import ConditionType, DecisionAction, Phase, ShadowDeployment
+from shadowgate_operator.api import ConditionType, Decision, DecisionAction, Phase, ShadowDeployment
 from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
-from shadowgate_operator.rollout import Blocked, Plan, RouterState, plan_rollout
+from shadowgate_operator.rollout import Blocked, Plan, RouterState, apply_decision, plan_rollout
 from tests.admission_cases import load_example, merge_patch
 
 T0 = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
@@ -277,3 +277,37 @@ def test_kubectl_get_shows_the_step_and_a_score_only_once_the_step_has_min_sampl
     assert promoted.status.phase is Phase.PROMOTED
     assert promoted.status.metrics is not None
     assert (promoted.status.step, promoted.status.score) == ("1/1", promoted.status.metrics.overall_score)
+
+
+def test_require_approval_holds_a_passing_candidate_at_its_last_step_until_a_person_promotes() -> None:
+    held_spec = resource({"spec": {"analysis": {"requireApproval": True}}})
+    last = started().status.model_copy(update={"current_step": 2, "current_weight": 20})
+    passed = Decision(action=DecisionAction.PROMOTE, reason="Step 3 passed: score 0.81 >= 0.7.", time=T0)
+    held, notices = apply_decision(held_spec.spec, last, passed, T0)
+    assert [(n.type, n.reason) for n in notices] == [("Normal", "AwaitingApproval")]
+    assert "Step 3 passed: score 0.81 >= 0.7." in notices[0].message and "kubectl shadow promote" in notices[0].message
+    assert (held.phase, held.current_step, held.current_weight) == (Phase.PROGRESSING, 2, 20)
+    assert held.last_decision is not None and held.last_decision.action is DecisionAction.WAIT
+    # The next analysis that passes again: no second Event; new numbers only update the decision's reason.
+    assert apply_decision(held_spec.spec, held, passed, T0) == (held, [])
+    again = Decision(action=DecisionAction.PROMOTE, reason="Step 3 passed: score 0.83 >= 0.7.", time=T0)
+    updated, notices = apply_decision(held_spec.spec, held, again, T0)
+    assert notices == [] and updated.last_decision is not None and "0.83" in updated.last_decision.reason
+    # Without requireApproval the same decision promotes; with it, the person's promote does.
+    assert apply_decision(resource().spec, last, passed, T0)[0].phase is Phase.PROMOTED
+    approved = resource(
+        {"spec": {"analysis": {"requireApproval": True}}, "status": held.to_dict(),
+         "metadata": {"annotations": {ACTION: "promote"}}}
+    )  # fmt: skip
+    plan = plan_rollout(approved, T0)
+    assert reasons(plan) == ["Promoted"] and plan.status.phase is Phase.PROMOTED
+
+
+def test_require_approval_still_rolls_back_a_candidate_that_turns_bad_while_it_waits() -> None:
+    spec = resource({"spec": {"analysis": {"requireApproval": True}}}).spec
+    last = started().status.model_copy(update={"current_step": 2, "current_weight": 20})
+    passed = Decision(action=DecisionAction.PROMOTE, reason="Step 3 passed.", time=T0)
+    held, _ = apply_decision(spec, last, passed, T0)
+    worse = Decision(action=DecisionAction.ROLL_BACK, reason="Error rate 0.12 > maxErrorRate 0.05.", time=T0)
+    rolled_back, notices = apply_decision(spec, held, worse, T0)
+    assert rolled_back.phase is Phase.ROLLED_BACK and [n.reason for n in notices] == ["RolledBack"]

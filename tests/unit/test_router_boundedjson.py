@@ -64,3 +64,36 @@ def test_deep_outcomes_are_refused_with_400() -> None:
     with pytest.raises(outcomes.OutcomeRefused, match="deeper than") as refused:
         outcomes.parse(b'{"outcomes": ' + nested(10_000) + b"}")
     assert refused.value.status == 400
+
+
+class Watched(bytes):
+    """A document whose whole-body passes fail the test: slices of it are plain bytes."""
+
+    def count(self, *args: object) -> int:
+        raise AssertionError("a pass over the whole document")
+
+    def translate(self, *args: object) -> bytes:
+        raise AssertionError("a pass over the whole document")
+
+
+@pytest.mark.parametrize(
+    "document",
+    [nested(100_000), b'{"inputs": ' + nested(100_000) + b"}", b'{"a": "x]}", "b": {"c": [' + nested(70) + b"]}}"],
+)
+def test_a_document_that_opens_deep_is_refused_from_its_first_bytes(document: bytes) -> None:
+    """D1/D2: a client's or a candidate's ``[[[[...`` costs the router a look at its head, not at its 200 KB."""
+    assert too_deep(Watched(document))
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b'{"s": "' + b"[" * 600 + b'", "x": [1]}',  # a string of brackets running past the head
+        rb'{"s": "\\", "x": ' + b"[" * 60 + b"1" + b"]" * 60 + b"}",  # an escaped backslash ends the string
+        b"[" * 64 + b"]" * 64,
+        b"[" + nested(40) + b"," + nested(40) + b"]",  # many brackets, none deeper than 41
+    ],
+)
+def test_what_opens_with_many_brackets_but_is_not_deep_passes(document: bytes) -> None:
+    assert not too_deep(document)
+    assert loads(document) == json.loads(document)

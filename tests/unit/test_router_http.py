@@ -452,6 +452,26 @@ async def test_an_oversized_answer_fails_the_call_and_frees_its_memory(framing: 
         await pool.close()
 
 
+async def test_an_answer_announced_over_the_limit_is_refused_before_its_body_is_read() -> None:
+    """D5: a Content-Length over response_limit fails the call at its head: the server here never sends the
+    body, so only a refusal at the head ends the call before its deadline."""
+
+    async def head_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 50000000\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # holds the connection open until the client drops it
+
+    async with RawServer(head_only) as raw:
+        pool = UpstreamPool(raw.url, response_limit=1_000_000)
+        with pytest.raises(UpstreamError) as failed:
+            await pool.request(b"POST", b"/x", [], b"{}", 30)
+        assert failed.value.kind == BAD_RESPONSE
+        assert "an answer of 50000000 bytes (Content-Length), over the limit of 1000000 bytes" in failed.value.detail
+        assert pool.receiving == 0
+        await pool.close()
+
+
 async def test_answers_being_received_at_once_share_a_memory_limit() -> None:
     size = 3_000_000
     async with RawServer(answering(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size, size, 4096)) as raw:

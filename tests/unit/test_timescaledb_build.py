@@ -4,7 +4,10 @@ and what happens without a source."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from shadowgate_operator.localenv.timescaledb import (
     SOURCE_ENV,
     TIMESCALEDB_VERSION,
     VERSION_ENV,
+    _extract_safely,
     _Layout,
     _version_num,
     availability,
@@ -101,3 +105,44 @@ def test_installed_files_go_to_the_trees_lib_and_share(tmp_path: Path) -> None:
         tmp_path / "share/postgresql/15/extension/timescaledb.control"
     )
     assert layout.place(Path("/etc/postgresql/15/main/postgresql.conf")) is None
+
+
+def _tarball(path: Path, members: dict[str, bytes], symlinks: dict[str, str] | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        for name, target in (symlinks or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            archive.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize("filters", [True, False], ids=["python-with-filters", "python-3.11.2-without"])
+def test_source_tarball_extracts_and_refuses_members_outside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filters: bool
+) -> None:
+    """Debian bookworm's python3 (3.11.2) has no tarfile extraction filters: a fresh machine's build
+    failed with a TypeError there. Both paths unpack a good tarball and refuse one that escapes."""
+    if filters and not hasattr(tarfile, "data_filter"):
+        pytest.skip(f"Python {sys.version.split()[0]} has no tarfile extraction filters (they came in 3.11.4)")
+    if not filters:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    refused: tuple[type[Exception], ...] = (ComponentError,)
+    if hasattr(tarfile, "FilterError"):  # what the data filter raises; absent before 3.11.4
+        refused += (tarfile.FilterError,)
+    good = _tarball(tmp_path / "good.tar.gz", {"timescaledb-2.22.1/CMakeLists.txt": b"project(x)\n"})
+    with tarfile.open(good) as archive:
+        _extract_safely(archive, tmp_path / "src")
+    assert (tmp_path / "src/timescaledb-2.22.1/CMakeLists.txt").read_bytes() == b"project(x)\n"
+
+    for name, bad in {
+        "dotdot": _tarball(tmp_path / "dotdot.tar.gz", {"../escaped": b"x"}),
+        "symlink": _tarball(tmp_path / "link.tar.gz", {}, {"timescaledb/link": "/etc/passwd"}),
+    }.items():
+        with tarfile.open(bad) as archive, pytest.raises(refused):
+            _extract_safely(archive, tmp_path / f"out-{name}")
+        assert not (tmp_path / "escaped").exists()

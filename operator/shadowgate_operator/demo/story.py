@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import asyncpg
 import httpx
 
-from shadowgate_operator import kubeaccess
+from shadowgate_common import kubeaccess
 from shadowgate_operator.api import GROUP, PLURAL, VERSION
 from shadowgate_operator.builders import ROUTER_SECRET_LABEL
 from shadowgate_operator.demo.progress import Counters, Progress

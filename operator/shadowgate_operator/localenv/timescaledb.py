@@ -336,6 +336,26 @@ def _copy_server_tree(bin_dir: Path, root: Path) -> _Layout:
     )
 
 
+def _extract_safely(archive: tarfile.TarFile, destination: Path) -> None:
+    """Unpack a source tarball, refusing members that would land outside `destination`.
+
+    Python 3.11.4+ does this with extraction filters; Debian bookworm's python3 is 3.11.2, which has
+    none (`extractall(filter=...)` is a TypeError there), so the same rule is applied by hand.
+    """
+    if hasattr(tarfile, "data_filter"):
+        archive.extractall(destination, filter="data")
+        return
+    root = destination.resolve()
+    for member in archive.getmembers():
+        target = (root / member.name).resolve()
+        link = (target.parent / member.linkname).resolve() if member.issym() else None
+        linked = (root / member.linkname).resolve() if member.islnk() else None
+        escapes = [p for p in (target, link, linked) if p is not None and not p.is_relative_to(root)]
+        if escapes or member.isdev():
+            raise ComponentError("timescaledb", f"refusing unsafe member {member.name!r} in the source tarball")
+    archive.extractall(destination)  # every member was checked above
+
+
 def build(bin_dir: Path, source_dir: Path, version: str | None = None) -> ServerTree:
     """Build TimescaleDB `version` from `source_dir` against the server in `bin_dir` into the cache,
     unless it is there already. Raises ComponentError when it cannot."""
@@ -362,7 +382,7 @@ def build(bin_dir: Path, source_dir: Path, version: str | None = None) -> Server
             work = Path(scratch)
             log = work / "build.log"
             with tarfile.open(tarball) as archive:
-                archive.extractall(work / "src", filter="data")
+                _extract_safely(archive, work / "src")
             (source,) = (work / "src").iterdir()
             pg_config = str(bin_dir / "pg_config")
             jobs = str(max(1, min(os.cpu_count() or 2, 4)))

@@ -6,7 +6,11 @@ receiver's messages in order, one at a time): a receiver that hangs holds one sl
 request timeout and delays only its own messages, never the others', and never the Reconciler, which
 only inserts rows. Each attempt:
 
-1. reads the receiver's URL from its Secret (so a rotated URL is used at once, and no URL is stored);
+1. reads the receiver's URL from its Secret (so a rotated URL is used at once, and no URL is stored), only
+   if the Secret is labelled shadowgate.io/router-secret=true like every Secret a ShadowDeployment names
+   (builders.secret_problem): naming a Secret takes the right to create a ShadowDeployment, labelling it the
+   right to write Secrets, so an unlabelled one is neither posted to nor quoted in an error; retried, as
+   labelling it makes it usable;
 2. posts the queued body as is (same id on every attempt);
 3. 2xx: delivered. An answer that says this body can never be taken (a redirect, 400, 405, 410, 413, 415,
    422) or a URL the operator will not post to: abandoned at once. Anything else (5xx, 429, 401, 403,
@@ -15,9 +19,15 @@ only inserts rows. Each attempt:
    until the message is `give_up_after` old. 401, 403 and 404 are retried because the URL is read again
    at each attempt: a Slack webhook revoked and replaced in the Secret works from the next attempt on.
 
+A registry write-back (channel mlflow) goes the same way: its credentials are read from their Secret at
+each attempt, and registry.mlflow.MlflowRegistry makes the (idempotent) calls; a refusal that cannot
+change (a model or version not in the registry, a bad alias) is given up on, anything else retried.
+
 Every failed attempt and every abandoned message is counted in the operator's metrics (`DeliveryMetrics`)
-and logged with the receiver's answer. A worker that stops (or dies) with messages claimed leaves them to
-the next one when their lease ends.
+and logged with the receiver's answer. A receiver whose message failed `FAILING_AFTER` attempts in a row,
+or was abandoned, is `failing` until one of its messages is delivered: the Reconciler shows it as a
+Warning Event and the NotificationsDelivered condition of the ShadowDeployment (`changed` wakes it).
+A worker that stops (or dies) with messages claimed leaves them to the next one when their lease ends.
 """
 
 from __future__ import annotations
@@ -25,12 +35,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -38,7 +50,12 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from shadowgate_operator.api import url_problems
+from shadowgate_operator.builders import HELD_NOTIFICATIONS, URL_SECRET_FIELD, secret_problem
+from shadowgate_operator.kube import secret_value
+from shadowgate_operator.notify.messages import Channel, Outgoing
 from shadowgate_operator.notify.queue import Claimed, NotificationQueue
+from shadowgate_operator.registry import ModelVersionRef, Outcome
+from shadowgate_operator.registry.mlflow import MlflowRegistry, RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +64,27 @@ KEEP_FINISHED = dt.timedelta(days=7)
 """Delivered and abandoned rows are kept this long: the record of what was said to whom."""
 REFUSED_FOR_GOOD = frozenset({400, 405, 410, 413, 415, 422})
 """Answers that mean the same body will never be taken, wherever the URL points."""
+REGISTRY_SECRET_FIELD = "spec.registry.mlflow.credentialsSecretRef"
+HELD_REGISTRY = (
+    "the operator reads only the Secrets labelled for it, and writes nothing back to the registry until then"
+)
+FAILING_AFTER = 3
+"""Failed attempts in a row after which a receiver is reported failing (a Warning and a condition)."""
+
+
+@dataclass(frozen=True)
+class Failing:
+    """A receiver whose deliveries keep failing: what its first failing attempt met, and when."""
+
+    receiver: str
+    detail: str
+    since: dt.datetime
 
 
 class SecretReader(Protocol):
-    """Where receivers' URLs are read (kube.Kube)."""
+    """Where receivers' URLs are read (kube.Kube): the Secret as the API server has it, None if there is none."""
 
-    async def get_secret_value(self, namespace: str, name: str, key: str) -> str | None: ...
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -85,14 +117,15 @@ class DeliveryMetrics:
         self.registry = registry
         self.delivered = Counter(
             "shadowgate_notifications_delivered",
-            "Notifications a receiver accepted (2xx), by format (cloudevents, slack).",
+            "Notifications a receiver accepted (2xx), by format (cloudevents, slack; mlflow: registry write-backs).",
             ["format"],
             registry=registry,
         )
         self.failures = Counter(
             "shadowgate_notification_failures",
-            "Delivery attempts that failed, by format and cause (http_5xx, http_4xx, http_429, timeout, connect, "
-            "http_3xx, transport, no_url, bad_url); most are retried.",
+            "Delivery attempts that failed, by format (cloudevents, slack, mlflow: a registry write-back) and cause "
+            "(http_5xx, http_4xx, http_429, timeout, connect, http_3xx, transport, no_url, bad_url, "
+            "secret_not_allowed, registry); most are retried.",
             ["format", "cause"],
             registry=registry,
         )
@@ -152,6 +185,13 @@ class Deliverer:
     poll_seconds: float = 1.0
     """How often due messages are looked for when nothing wakes the worker."""
     http: httpx.AsyncClient | None = None
+    changed: Callable[[str, str], None] | None = None
+    """Called with (namespace, name) when a receiver of that ShadowDeployment starts or stops failing."""
+    namespaces: tuple[str, ...] | None = None
+    """Deliver only the messages of ShadowDeployments in these namespaces (the ones this operator watches);
+    None for all. Operators watching other namespaces may share a database, and their receivers' Secrets are
+    theirs to read."""
+    _failing: dict[tuple[str, str], dict[str, Failing]] = field(default_factory=dict)
     _queues: dict[int, NotificationQueue] = field(default_factory=dict)
     _inflight: set[asyncio.Task[None]] = field(default_factory=set)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -173,6 +213,27 @@ class Deliverer:
         """Deliver this queue's messages too (idempotent: one queue per pool)."""
         self._queues.setdefault(id(queue.pool), queue)
         self.wake()
+
+    def failing(self, namespace: str, name: str) -> list[Failing]:
+        """The receivers of this ShadowDeployment whose deliveries keep failing now, by name."""
+        return sorted(self._failing.get((namespace, name), {}).values(), key=lambda failing: failing.receiver)
+
+    def _health(self, claimed: Claimed, failed: str | None) -> None:
+        """Follow a receiver's health after an attempt: `failed` is what went wrong, None when delivered."""
+        message = claimed.message
+        key = (message.namespace, message.deployment)
+        receivers = self._failing.setdefault(key, {})
+        if failed is None:
+            if receivers.pop(message.receiver, None) is None:
+                return
+            if not receivers:
+                del self._failing[key]
+        elif message.receiver not in receivers:
+            receivers[message.receiver] = Failing(message.receiver, failed, dt.datetime.now(dt.UTC))
+        else:
+            return
+        if self.changed is not None:
+            self.changed(*key)
 
     def wake(self) -> None:
         """Look for due messages now (e.g. after queueing some) rather than at the next poll."""
@@ -197,7 +258,7 @@ class Deliverer:
             if free <= 0:
                 break
             try:
-                claimed = await queue.claim(free, self.policy.lease)
+                claimed = await queue.claim(free, self.policy.lease, self.namespaces)
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 logger.warning("notifications: cannot read the queue now (%s); trying again", type(exc).__name__)
                 continue
@@ -255,6 +316,7 @@ class Deliverer:
         try:
             if outcome.ok:
                 self.metrics.delivered.labels(label).inc()
+                self._health(claimed, None)
                 await queue.delivered(claimed)
                 logger.info("notification %s delivered to %s (attempt %d)", message.id, where, claimed.attempts)
                 return
@@ -262,6 +324,7 @@ class Deliverer:
             age = (dt.datetime.now(dt.UTC) - claimed.created_at).total_seconds()
             if not outcome.retry or age >= self.policy.give_up_after:
                 self.metrics.abandoned.labels(label, outcome.cause).inc()
+                self._health(claimed, f"a message was given up on: {outcome.detail}")
                 await queue.abandon(claimed, outcome.detail)
                 logger.error(
                     "notification %s to %s abandoned after %d attempts: %s", message.id, where, claimed.attempts,
@@ -269,6 +332,8 @@ class Deliverer:
                 )  # fmt: skip
                 return
             delay = self.policy.delay(claimed.attempts, outcome.retry_after)
+            if claimed.attempts >= FAILING_AFTER:
+                self._health(claimed, f"{claimed.attempts} attempts failed, retried with backoff: {outcome.detail}")
             await queue.retry(claimed, outcome.detail, delay)
             logger.warning(
                 "notification %s to %s: attempt %d failed (%s); next in %.1fs", message.id, where, claimed.attempts,
@@ -280,10 +345,15 @@ class Deliverer:
 
     async def _post(self, claimed: Claimed) -> Attempt:
         message = claimed.message
+        if message.format is Channel.MLFLOW:
+            return await self._write_back(message)
         try:
-            url = await self.secrets.get_secret_value(message.namespace, message.url_secret, message.url_key)
+            secret = await self.secrets.get("v1", "Secret", message.namespace, message.url_secret)
         except Exception as exc:  # the API server away or refusing: worth another try, not a crash
             return Attempt(False, "no_url", f"cannot read Secret {message.url_secret}: {exc}")
+        if secret is not None and (refused := secret_problem(secret, URL_SECRET_FIELD, HELD_NOTIFICATIONS)) is not None:
+            return Attempt(False, "secret_not_allowed", refused)
+        url = secret_value(secret, message.url_key)
         if url is None:
             return Attempt(False, "no_url", f"Secret {message.url_secret} has no key {message.url_key!r} (yet)")
         url = url.strip()
@@ -307,3 +377,34 @@ class Deliverer:
             return Attempt(False, "http_3xx" if status < 400 else "http_4xx", answer, retry=False)
         cause = "http_5xx" if status >= 500 else "http_429" if status == 429 else "http_4xx"
         return Attempt(False, cause, answer, True, _retry_after(response.headers.get("Retry-After")))
+
+    async def _write_back(self, message: Outgoing) -> Attempt:
+        """A registry write-back: the outcome the body names, through MLflow's REST API."""
+        job = json.loads(message.envelope.body)
+        problem = usable_url(job["trackingUri"])
+        if problem is not None:
+            return Attempt(False, "bad_url", f"registry trackingUri: {problem}", retry=False)
+        credentials: dict[str, str | None] = {"token": None, "username": None, "password": None}
+        if message.url_secret:
+            try:
+                secret = await self.secrets.get("v1", "Secret", message.namespace, message.url_secret)
+            except Exception as exc:  # the API server away or refusing: worth another try
+                return Attempt(False, "no_url", f"cannot read Secret {message.url_secret}: {exc}")
+            if secret is not None and (refused := secret_problem(secret, REGISTRY_SECRET_FIELD, HELD_REGISTRY)):
+                return Attempt(False, "secret_not_allowed", refused)
+            credentials = {key: secret_value(secret, key) for key in credentials}
+            if not any(credentials.values()):
+                return Attempt(False, "no_url", f"Secret {message.url_secret} has no token or username (yet)")
+        assert self.http is not None
+        registry = MlflowRegistry(job["trackingUri"], self.http, **credentials)
+        candidate = ModelVersionRef(job["candidate"]["model"], job["candidate"]["version"])
+        production = ModelVersionRef(**job["production"]) if job["production"] else None
+        outcome = Outcome(rollout=job["rollout"], link=job["link"], reason=job["reason"], time=job["time"])
+        try:
+            if job["outcome"] == "promoted":
+                await registry.promoted(candidate, production, outcome, job["alias"])
+            else:
+                await registry.rolled_back(candidate, outcome)
+        except RegistryError as exc:
+            return Attempt(False, "registry", str(exc), retry=exc.retry)
+        return Attempt(True)

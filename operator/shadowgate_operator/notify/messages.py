@@ -1,5 +1,9 @@
 """What a notification says: one Event of a transition, with the rollout's numbers, for each receiver.
 
+A promotion or a rollback is also written back to the model registry when spec.registry names one
+(`registry_writeback`): queued and retried as a message like the others, to the receiver `registry:mlflow`
+(a name no spec.notifications entry can take), its body what the registry is to be told.
+
 Pure: no I/O. `Announcement.of` reads a transition's Event and the status it led to; `envelope` renders it
 in a receiver's format (`cloudevent`, `slack`) as the exact headers and bytes to post, built once when the
 message is queued, so every attempt sends the same body with the same id.
@@ -16,6 +20,7 @@ import datetime as dt
 import json
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from cloudevents.core.bindings.http import to_structured
@@ -231,6 +236,20 @@ def slack(announcement: Announcement) -> Envelope:
 RENDERERS = {NotificationFormat.CLOUDEVENTS: cloudevent, NotificationFormat.SLACK: slack}
 
 
+class Channel(StrEnum):
+    """How a queued message is sent: a receiver's format (spec.notifications), or a registry write-back."""
+
+    CLOUDEVENTS = "cloudevents"
+    SLACK = "slack"
+    MLFLOW = "mlflow"
+    """A write-back to MLflow's model registry: the body is a `WriteBack` as JSON."""
+
+
+REGISTRY_RECEIVER = "registry:mlflow"
+REGISTRY_OUTCOMES = {"Promoted": "promoted", "RolledBack": "rolled_back"}
+"""The Events written back to the registry, and the outcome each records."""
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """One message for one receiver, as it is queued."""
@@ -239,8 +258,9 @@ class Outgoing:
     receiver: str
     namespace: str
     deployment: str
-    format: NotificationFormat
+    format: Channel
     url_secret: str
+    """The Secret holding the URL (a registry write-back: its credentials; empty when it needs none)."""
     url_key: str
     envelope: Envelope
 
@@ -253,11 +273,45 @@ def outgoing(announcement: Announcement, targets: list[NotificationTarget]) -> l
             receiver=target.name,
             namespace=announcement.namespace,
             deployment=announcement.name,
-            format=target.format,
+            format=Channel(target.format.value),
             url_secret=target.url_secret_ref.name,
             url_key=target.url_secret_ref.key,
             envelope=RENDERERS[target.format](announcement),
         )
         for target in targets
         if target.wants(announcement.reason)
+    ]
+
+
+def registry_writeback(announcement: Announcement, sd: ShadowDeployment) -> list[Outgoing]:
+    """The write-back of a Promoted or RolledBack Event to the registry of spec.registry, if it names one:
+    what `registry.ModelRegistry.promoted` / `rolled_back` are to be called with, as a queued message."""
+    registry, candidate = sd.spec.registry, sd.spec.candidate.registered_model
+    outcome = REGISTRY_OUTCOMES.get(announcement.reason)
+    if registry is None or candidate is None or outcome is None:
+        return []
+    production = sd.spec.production.registered_model
+    body = {
+        "trackingUri": registry.mlflow.tracking_uri,
+        "alias": registry.alias,
+        "outcome": outcome,
+        "candidate": {"model": candidate.name, "version": candidate.version},
+        "production": None if production is None else {"model": production.name, "version": production.version},
+        "rollout": f"{announcement.namespace}/{announcement.name}",
+        "link": announcement.source,
+        "reason": announcement.message,
+        "time": announcement.time.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    credentials = registry.mlflow.credentials_secret_ref
+    return [
+        Outgoing(
+            id=announcement.id,
+            receiver=REGISTRY_RECEIVER,
+            namespace=announcement.namespace,
+            deployment=announcement.name,
+            format=Channel.MLFLOW,
+            url_secret=credentials.name if credentials is not None else "",
+            url_key="",
+            envelope=Envelope(headers={"Content-Type": "application/json"}, body=json.dumps(body).encode()),
+        )
     ]

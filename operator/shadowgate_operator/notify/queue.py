@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from shadowgate_operator.api import NotificationFormat
-from shadowgate_operator.notify.messages import Envelope, Outgoing
+from shadowgate_operator.notify.messages import Channel, Envelope, Outgoing
 
 _COLUMNS = "id, receiver, namespace, deployment, format, url_secret, url_key, headers, body, created_at, attempts"
 
@@ -27,7 +26,7 @@ _CLAIM = f"""
 WITH heads AS (
     SELECT DISTINCT ON (namespace, deployment, receiver) id, receiver, due_at, leased_until
     FROM notifications
-    WHERE delivered_at IS NULL AND abandoned_at IS NULL
+    WHERE delivered_at IS NULL AND abandoned_at IS NULL AND ($3::text[] IS NULL OR namespace = ANY($3::text[]))
     ORDER BY namespace, deployment, receiver, seq
 ), due AS (
     SELECT n.id, n.receiver FROM notifications AS n JOIN heads AS h ON n.id = h.id AND n.receiver = h.receiver
@@ -52,31 +51,42 @@ class Claimed:
     """Attempts so far, this one included."""
 
 
+async def enqueue(connection: asyncpg.Connection, messages: Sequence[Outgoing]) -> int:
+    """Queue these messages on `connection` (inside the caller's transaction, if it holds one: the Reconciler
+    queues a transition's messages with its history rows, so both are written or neither), each once per id
+    and receiver; returns how many were new."""
+    if not messages:
+        return 0
+    rows = await connection.fetch(
+        """INSERT INTO notifications (id, receiver, namespace, deployment, format, url_secret, url_key,
+               headers, body)
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+               $7::text[], $8::jsonb[], $9::bytea[])
+           ON CONFLICT (id, receiver) DO NOTHING
+           RETURNING id""",
+        [m.id for m in messages], [m.receiver for m in messages], [m.namespace for m in messages],
+        [m.deployment for m in messages], [m.format.value for m in messages], [m.url_secret for m in messages],
+        [m.url_key for m in messages], [json.dumps(m.envelope.headers) for m in messages],
+        [m.envelope.body for m in messages],
+    )  # fmt: skip
+    return len(rows)
+
+
 @dataclass
 class NotificationQueue:
     pool: asyncpg.Pool
 
     async def enqueue(self, messages: Sequence[Outgoing]) -> int:
         """Queue these messages (each once per id and receiver); returns how many were new."""
-        if not messages:
-            return 0
-        rows = await self.pool.fetch(
-            """INSERT INTO notifications (id, receiver, namespace, deployment, format, url_secret, url_key,
-                   headers, body)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                   $7::text[], $8::jsonb[], $9::bytea[])
-               ON CONFLICT (id, receiver) DO NOTHING
-               RETURNING id""",
-            [m.id for m in messages], [m.receiver for m in messages], [m.namespace for m in messages],
-            [m.deployment for m in messages], [m.format.value for m in messages], [m.url_secret for m in messages],
-            [m.url_key for m in messages], [json.dumps(m.envelope.headers) for m in messages],
-            [m.envelope.body for m in messages],
-        )  # fmt: skip
-        return len(rows)
+        async with self.pool.acquire() as connection:
+            return await enqueue(connection, messages)
 
-    async def claim(self, limit: int, lease_seconds: float) -> list[Claimed]:
-        """Up to `limit` due messages, held for `lease_seconds`, oldest due first."""
-        rows = await self.pool.fetch(_CLAIM, limit, float(lease_seconds))
+    async def claim(self, limit: int, lease_seconds: float, namespaces: Sequence[str] | None = None) -> list[Claimed]:
+        """Up to `limit` due messages, held for `lease_seconds`, oldest due first; only those of ShadowDeployments
+        in `namespaces` when given (an operator watching some namespaces shares the database with others)."""
+        rows = await self.pool.fetch(
+            _CLAIM, limit, float(lease_seconds), None if namespaces is None else list(namespaces)
+        )
         return [
             Claimed(
                 message=Outgoing(
@@ -84,7 +94,7 @@ class NotificationQueue:
                     receiver=row["receiver"],
                     namespace=row["namespace"],
                     deployment=row["deployment"],
-                    format=NotificationFormat(row["format"]),
+                    format=Channel(row["format"]),
                     url_secret=row["url_secret"],
                     url_key=row["url_key"],
                     envelope=Envelope(headers=json.loads(row["headers"]), body=bytes(row["body"])),

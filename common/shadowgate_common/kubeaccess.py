@@ -1,15 +1,13 @@
-"""Where the Kubernetes API server is and how to authenticate to it: the operator's one credential loader.
+"""Where the Kubernetes API server is and how to authenticate to it: the one credential loader of the
+operator (kube.Kube), `kubectl shadow`, the demo and the router (its ConfigMap watch).
 
-The operator (kube.Kube), `kubectl shadow` and the demo all reach the API server through `load()`,
-which looks where kubectl does: a kubeconfig named by argument or $KUBECONFIG, else the pod's
+`load()` looks where kubectl does: a kubeconfig named by argument or $KUBECONFIG, else the pod's
 ServiceAccount when running in one, else ~/.kube/config. Server URL, CA, client certificate, token
-or token file are read here with PyYAML; users that authenticate through an ``exec`` plugin or an
-``auth-provider`` (cloud clusters) are handed to the kubernetes package's loader, imported only then,
-so a command-line call does not pay for importing the whole client. Bearer tokens are re-read for
-each request: kubelet rotates a pod's ServiceAccount token, exec plugins renew theirs.
-
-(The router reads its credentials with its own loader, shadowgate_router.kubeapi: it never imports
-the operator, and the operator imports nothing of the router but its config model.)
+or token file, basic auth are read here with PyYAML; users that authenticate through an ``exec`` plugin
+or an ``auth-provider`` (cloud clusters) are handed to the kubernetes package's loader, imported only
+then, so a command-line call or a router's start does not pay for importing the whole client. Bearer
+tokens are re-read for each request: kubelet rotates a pod's ServiceAccount token, exec plugins renew
+theirs. It imports nothing of shadowgate_operator or shadowgate_router (.importlinter).
 """
 
 from __future__ import annotations
