@@ -42,6 +42,11 @@ MAX_PIPELINED = 16
 """Requests parsed ahead of the one being answered before the connection stops parsing and reading."""
 LINGER_SECONDS = 2.0
 """After refusing a request, how long the rest of what the client sends is read and dropped."""
+LINGER_BYTES = 1024 * 1024
+"""...and how much of it at most: past this, nothing more is read (the client's sends stall) until the close.
+Enough for the rest of a body a little over the limit, sent by a client that reads its answer once it has
+sent everything; an attacker reconnecting in a loop to send endless headers costs the router this much per
+connection instead of whatever loopback carries in LINGER_SECONDS (a 128 MB header, whole)."""
 
 
 @dataclass(slots=True)
@@ -136,6 +141,8 @@ class HttpConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._paused = False
         self._rejected = False
+        self._dropped = 0
+        """Bytes read and dropped since the refusal (bounded by LINGER_BYTES)."""
         self._in_head = False
         self._head_bytes = 0
         self._unparsed: memoryview | None = None
@@ -184,6 +191,10 @@ class HttpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._rejected:
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES and not self._paused and self.transport is not None:
+                self._paused = True  # for good: the close is planned (LINGER_SECONDS after the refusal is sent)
+                self.transport.pause_reading()
             return
         self.last_activity = time.monotonic()
         if self._unparsed is not None:  # only if data arrives after pause_reading: keep the order

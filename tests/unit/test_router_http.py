@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import time
@@ -10,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from shadowgate_router.httpserver import HttpServer, Request, Response, json_response
+from shadowgate_router.httpserver import LINGER_SECONDS, HttpServer, Request, Response, json_response
 from shadowgate_router.upstream import BAD_RESPONSE, CLOSED, CONNECT, TIMEOUT, UpstreamError, UpstreamPool
 
 
@@ -296,6 +297,33 @@ async def test_a_header_that_never_ends_is_refused_once_it_passes_the_limit(serv
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 431 ")
     writer.close()
+
+
+async def test_after_a_refusal_what_the_client_sends_is_dropped_up_to_a_budget(server: HttpServer) -> None:
+    """D3 (client): after the 431 the router reads and drops the rest for LINGER_SECONDS, so that the client
+    reads the 431 rather than a reset, but no more than LINGER_BYTES of it: then it stops reading, the
+    client's sends stall (they used to be read whole: 128 MB per connection), and the connection is closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 431 ")
+    piece, sent, stalled = b"a" * 1024 * 1024, 0, False
+    while sent < 100 * len(piece):
+        writer.write(piece)
+        try:
+            await asyncio.wait_for(writer.drain(), 1)
+        except TimeoutError:
+            stalled = True
+            break
+        except ConnectionError:
+            break
+        sent += len(piece)
+    assert stalled, f"the router read all {sent:,} bytes sent after the refusal"
+    # What was sent is the budget (1 MiB) plus what the two kernels buffer (a few MB on loopback).
+    assert sent < 40 * len(piece), sent
+    with contextlib.suppress(ConnectionError):  # then the connection is closed: EOF (or a reset) in time
+        await asyncio.wait_for(reader.read(), LINGER_SECONDS + 5)
+    writer.transport.abort()
 
 
 async def test_chunked_trailers_are_counted_like_headers(server: HttpServer) -> None:
