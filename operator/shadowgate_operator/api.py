@@ -1163,7 +1163,8 @@ class AnalysisMetrics(StatusModel):
     score_components: ScoreComponents | None = None
     """The parts of the overall score before weighting."""
     p_value: float | None = Field(default=None, ge=0, le=1)
-    """Always-valid p-value of the candidate being better on quality (the smallest of the step so far)."""
+    """Always-valid p-value of the candidate being better on quality (the smallest of the step so far); none
+    until an analysis had minSamples."""
     p_value_worse: float | None = Field(default=None, ge=0, le=1)
     """Always-valid p-value of the candidate being worse on quality (the smallest of the step so far)."""
     agreement: float | None = Field(default=None, ge=0, le=1)
@@ -1230,6 +1231,9 @@ class Decision(StatusModel):
     reason: Annotated[str, StringConstraints(max_length=4096)]
     """Why, in words: the numbers and the thresholds they were compared with."""
     time: AwareDatetime
+    """When the decision last changed (its action or its reason), not when it was last checked: an analysis
+    that decides the same again leaves the decision as it was, so an idle rollout's status is not rewritten
+    at each interval."""
 
 
 class ActionVerb(StrEnum):

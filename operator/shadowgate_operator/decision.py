@@ -392,7 +392,9 @@ def _quality(
     state = None
     if since is not None:
         state = EvidenceState(since=since, p_better=evidence.p_better, p_worse=evidence.p_worse, bets=_bets_state(bets))
-    tested = ready or carried is not None
+    # p-values are shown once a look had minSamples, this one or an earlier one whose evidence is carried; a
+    # state carried from looks with too few samples holds none (1, 1): showing it would only rewrite status.
+    tested = ready or (carried is not None and min(carried.p_better, carried.p_worse) < 1.0)
     return _Quality(evidence, tested, test, units, state, waiting_for, unit_name)
 
 

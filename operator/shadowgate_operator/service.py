@@ -202,9 +202,10 @@ class Reconciler:
         return plan
 
     def _schedule(self, record: Rollout, planned: ShadowDeployment, analyse: bool, plan: Plan) -> None:
-        """The next analysis: an interval after this one; after a (re)start or a transition, an interval
-        after the last decision in status (a restart is invisible), or within the next interval when that
-        is past (so that many objects taken over together do not all query the database at once)."""
+        """The next analysis: an interval after this one. After a (re)start or a transition, an interval after
+        status.lastDecision.time, when the decision last changed (a restart is invisible); when that is an
+        interval or more ago (an idle rollout decides the same again and keeps the time), at a random moment
+        within the next interval, so that many objects taken over together do not all query the database at once."""
         interval = planned.spec.analysis.interval_seconds
         if analyse or record.analysis_due is None or plan.transition is not None:
             last = planned.status.last_decision

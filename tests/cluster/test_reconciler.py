@@ -6,7 +6,9 @@ between any two of its calls leaves behind. The subprocess tests (test_operator.
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -126,6 +128,17 @@ async def history(dsn: str, namespace: str, name: str) -> list[str]:
         await connection.close()
 
 
+async def analyses_recorded(dsn: str, namespace: str, name: str) -> int:
+    connection = await asyncpg.connect(dsn)
+    try:
+        found = await connection.fetchval(
+            "SELECT count(*) FROM deployment_metrics WHERE namespace = $1 AND deployment = $2", namespace, name
+        )
+        return int(found)
+    finally:
+        await connection.close()
+
+
 def shadow(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
     found: dict[str, Any] = json.loads(kubectl("get", "shadowdeployment", name, "-n", namespace, "-o", "json").stdout)
     return found
@@ -181,6 +194,44 @@ async def test_a_reconcile_writes_status_children_event_and_row_then_nothing_unt
     assert calls.kube == {"replace_status": 1, "apply": 1}
     configmap = json.loads(kubectl("get", "configmap", "first-router", "-n", namespace, "-o", "json").stdout)
     assert json.loads(configmap["data"]["config.json"])["weight"] == 15
+
+
+async def test_an_idle_rollout_is_analysed_every_interval_without_api_writes(
+    kubectl: Kubectl, namespace: str, apply_shadow: ApplyShadow, make_reconciler: MakeReconciler, dsn: str
+) -> None:
+    """No traffic: every analysis reads the empty window and decides the same Wait, so after the decision
+    first changes (no data yet -> too few samples) it costs no API call; each analysis still leaves its row."""
+    apply_shadow(namespace, example("idle"))
+    calls = Calls()
+    reconciler = make_reconciler(calls)
+    record = reconciler.rollouts.get(namespace, "idle")
+    await reconciler.reconcile(record, analyse=None)  # a new object: started and analysed at once
+    reconciler.rollouts.router_seen(json.loads(kubectl("get", "deployment", "idle-router", "-n", namespace,
+                                                       "-o", "json").stdout))  # fmt: skip
+    await reconciler.reconcile(record, analyse=True)  # the window read: 0 of minSamples
+    decided = shadow(kubectl, namespace, "idle")["status"]
+    assert decided["lastDecision"]["reason"].startswith("Waiting for samples at step 1")
+    rows_before = await analyses_recorded(dsn, namespace, "idle")
+
+    calls.kube.clear()
+    start = reconciler.clock()
+    for interval in range(1, 4):  # the next three intervals, 30 s apart
+        reconciler.clock = lambda later=start + dt.timedelta(seconds=30 * interval): later
+        await reconciler.reconcile(record, analyse=True)
+    assert sum(calls.kube.values()) == 0, calls.kube
+    assert shadow(kubectl, namespace, "idle")["status"] == decided
+    assert await analyses_recorded(dsn, namespace, "idle") == rows_before + 3
+
+    # A restarted operator paces the next analysis from lastDecision.time: 10 s after the decision changed,
+    # in the 20 s left of its interval; 100 s after (an idle rollout), at random within the next interval.
+    decided_at = dt.datetime.fromisoformat(decided["lastDecision"]["time"])
+    for since, (low, high) in ((10, (10.0, 20.0)), (100, (0.0, 30.0))):
+        restarted = make_reconciler()
+        restarted.clock = lambda now=decided_at + dt.timedelta(seconds=since): now
+        again = restarted.rollouts.get(namespace, "idle")
+        await restarted.reconcile(again)
+        assert again.analysis_due is not None
+        assert low <= again.analysis_due - time.monotonic() <= high
 
 
 async def test_a_finished_rollout_is_left_alone_until_its_resync(

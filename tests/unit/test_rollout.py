@@ -167,6 +167,39 @@ def test_the_analysis_holds_and_says_why_without_churn() -> None:
     assert again.status.to_dict() == first.status.to_dict()  # same decision: no new time, no status write
 
 
+NO_TRAFFIC = WindowMetrics(
+    production=SideMetrics(requests=0, latency_p99_ms=None),
+    candidate=SideMetrics(requests=0, latency_p99_ms=None),
+    scored=0,
+    paired=True,
+)
+
+
+def test_an_idle_rollout_plans_the_same_status_at_every_analysis() -> None:
+    """No traffic: each analysis decides the same Wait on an empty window, so the status (what the operator
+    writes) stays as the first analysis left it, lastDecision.time included (when the decision last
+    changed, not when it was last re-checked): an idle rollout costs no status write per interval."""
+    first = plan_rollout(after(started()), T0, analyse=True, metrics=NO_TRAFFIC)
+    assert first.status.last_decision is not None
+    assert first.status.last_decision.reason.startswith("Waiting for samples at step 1 of 3")
+    assert first.status.metrics is not None and first.status.metrics.p_value is None  # no test ran yet
+    plan = first
+    for look in range(1, 4):
+        plan = plan_rollout(after(plan), T0 + timedelta(seconds=30 * look), analyse=True, metrics=NO_TRAFFIC)
+        assert plan.notices == ()
+        assert plan.status.to_dict() == first.status.to_dict(), f"analysis {look + 1} changed the status"
+
+
+def test_last_decision_time_is_when_the_decision_last_changed() -> None:
+    first = plan_rollout(after(started()), T0, analyse=True, metrics=NO_TRAFFIC)
+    same = plan_rollout(after(first), T0 + timedelta(minutes=5), analyse=True, metrics=NO_TRAFFIC)
+    assert same.status.last_decision == first.status.last_decision
+    later = T0 + timedelta(minutes=10)
+    changed = plan_rollout(after(first), later, analyse=True, metrics=window(40))  # new numbers, new reason
+    assert changed.status.last_decision is not None and changed.status.last_decision.time == later
+    assert changed.status.last_decision.reason != first.status.last_decision.reason
+
+
 def test_an_advance_reports_the_samples_it_judged_though_the_next_step_starts_at_zero() -> None:
     n = 400
     metrics = WindowMetrics(
