@@ -2,9 +2,10 @@
 
 The object comes from the record (its watch keeps it; read again only after a conflict), the router
 Deployment's availability from its watch (read directly until the watch has reported it), the DSN from
-its Secret (read again at each resync, or after the database refused it), the database from a shared
-pool, and, when an analysis is due, the current step's window (only the rows recorded since its last
-read). Every refusal is noted (`Denials`) rather than raised: what can be done still is.
+its Secret (read again at each resync, at every reconcile while it is missing or refused, or after the
+database refused it; never watched), the database from a shared pool, and, when an analysis is due, the
+current step's window (only the rows recorded since its last read). Every refusal is noted (`Denials`)
+rather than raised: what can be done still is.
 """
 
 from __future__ import annotations
@@ -132,6 +133,8 @@ class Observer:
             ]
             if "spec.database.secretRef" in unlabelled:
                 return None, unlabelled["spec.database.secretRef"]
+            if secret is None:  # not created yet (applied after the object, say): read again at every reconcile
+                return None, f"Secret {sd.namespace}/{reference.name} (spec.database.secretRef) does not exist"
             dsn = secret_value(secret, reference.key)
             if unlabelled or hooks_unlabelled:  # used now, read again at the next reconcile until labelled
                 return await self._connect(record, sd, dsn, denials)

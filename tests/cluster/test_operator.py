@@ -386,8 +386,10 @@ def test_what_blocks_the_router_is_a_condition_and_one_warning_not_a_crash(
     operator = start_operator("--namespace", namespace)
     analysis = example()["spec"]["analysis"] | {"interval": "5s"}
     apply_shadow(namespace, example("quota", analysis=analysis))
-    apply_shadow(namespace, example("baddsn", analysis=analysis, database={"secretRef": {"name": "garbage-db"}}))
+    # Its Secret holds no DSN from the start (apply_shadow would first write the working one, which the operator
+    # keeps until its resync: it reads a DSN Secret, never watches it). Its token Secret is quota's.
     apply(kubectl, namespace, router_secret("garbage-db", "dsn", "hunter2 is no DSN"))
+    apply(kubectl, namespace, example("baddsn", analysis=analysis, database={"secretRef": {"name": "garbage-db"}}))
     router = example()["spec"]["router"] | {"image": "attacker.example/steal-secrets:1"}
     apply_shadow(namespace, example("image", router=router))
 

@@ -23,7 +23,7 @@ from shadowgate_operator.service import Reconciler
 from shadowgate_operator.store import Databases
 from tests.cluster.conftest import ApplyShadow
 from tests.conftest import Kubectl
-from tests.support.operator import events_for, example
+from tests.support.operator import apply, events_for, example, router_secret
 
 pytestmark = [pytest.mark.cluster, pytest.mark.database]
 
@@ -345,3 +345,38 @@ async def test_a_refused_child_turns_ready_false_at_the_next_reconcile_with_one_
     warnings = [e for e in events_for(kubectl, namespace, "refused") if e["reason"] == "PermissionDenied"]
     assert len(warnings) == 1
     assert delay >= 0.5
+
+
+async def test_a_dsn_secret_is_read_at_each_reconcile_until_it_exists_then_again_at_the_resync(
+    kubectl: Kubectl, namespace: str, make_reconciler: MakeReconciler, dsn: str
+) -> None:
+    """The operator reads the Secrets a ShadowDeployment names and never watches them (`secrets: get` only). One
+    not created yet (applied after the object) is said so and read again at each reconcile until it is there; once
+    read, the DSN is kept until the resync, which sees it replaced by one that is no DSN."""
+    manifest = example("later", database={"secretRef": {"name": "later-db"}})
+    apply(kubectl, namespace, router_secret(manifest["spec"]["outcomes"]["tokenSecretRef"]["name"], "token", "t"))
+    apply(kubectl, namespace, manifest)
+    reconciler = make_reconciler()
+    record = reconciler.rollouts.get(namespace, "later")
+
+    await reconciler.tick(namespace, "later")  # the first analysis, at once
+    missing = f"Secret {namespace}/later-db (spec.database.secretRef) does not exist"
+    assert shadow(kubectl, namespace, "later")["status"]["lastDecision"]["reason"] == f"Waiting for data: {missing}"
+    assert [e["message"] for e in events_for(kubectl, namespace, "later") if e["reason"] == "DatabaseUnavailable"] == [
+        missing
+    ]
+    await reconciler.reconcile(record)
+    assert record.dsn is None and record.recorded_generation is None
+
+    apply(kubectl, namespace, router_secret("later-db", "dsn", dsn))
+    await reconciler.reconcile(record)  # no watch event says so: the next reconcile reads it
+    assert record.dsn == dsn and record.recorded_generation == 1
+
+    apply(kubectl, namespace, router_secret("later-db", "dsn", "hunter2 is no DSN"))
+    await reconciler.reconcile(record)
+    assert record.dsn == dsn  # kept until the resync
+    record.resync_at = 0.0
+    await reconciler.reconcile(record)
+    ready = next(c for c in shadow(kubectl, namespace, "later")["status"]["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidDatabaseSecret")
+    assert "hunter2" not in ready["message"]
