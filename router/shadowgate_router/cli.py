@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from shadowgate_router.breaker import BreakerSettings
 from shadowgate_router.config import (
     CONFIG_KEY,
     DRAIN_SECONDS,
@@ -31,6 +32,7 @@ from shadowgate_router.config import (
 )
 
 log = logging.getLogger("shadowgate_router")
+BREAKER = BreakerSettings()
 
 
 def register(subparsers: Any) -> None:
@@ -115,6 +117,21 @@ def register(subparsers: Any) -> None:
         default=64,
         help="per model server, MiB of answers being received at once; beyond it calls fail as bad_response "
         "(a misbehaving candidate cannot take the router's memory, nor production's share of it)",
+    )
+    serving.add_argument(
+        "--breaker-failures",
+        type=int,
+        default=BREAKER.failures,
+        help="candidate calls failing in a row with no usable answer (connect, timeout, closed, bad_response) "
+        "that open its circuit breaker: no calls to it for --breaker-cool-off seconds, each skipped one recorded "
+        "as a candidate failure (circuit_open); 0 turns the breaker off. Production is never behind it",
+    )
+    serving.add_argument(
+        "--breaker-cool-off",
+        type=float,
+        default=BREAKER.cool_off,
+        help="seconds the candidate's open breaker makes no calls before letting a few through; doubled each "
+        f"time they fail too, up to {BREAKER.max_cool_off:g}",
     )
     serving.add_argument(
         "--record-features", action="store_true", help="store each request body in predictions.features (JSONB)"
@@ -239,6 +256,11 @@ def run(args: argparse.Namespace) -> int:
             decoded_limit=args.decoded_limit,
             response_limit=args.response_limit,
             response_memory=args.response_memory_mb * 1024 * 1024,
+            breaker=BreakerSettings(
+                failures=args.breaker_failures,
+                cool_off=args.breaker_cool_off,
+                max_cool_off=max(args.breaker_cool_off, BREAKER.max_cool_off),
+            ),
         ),
         memory_rows=args.memory_rows,
         batch_rows=args.batch_rows,

@@ -20,7 +20,8 @@ class RouterMetrics:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "shadowgate_router_requests",
-            "Model server calls by side, role and outcome (HTTP status, or timeout/connect/closed/bad_response).",
+            "Model server calls by side, role and outcome (HTTP status, or timeout/connect/closed/bad_response; "
+            "circuit_open: a candidate call its circuit breaker skipped).",
             ["side", "role", "status"],
             registry=registry,
         )
@@ -142,6 +143,18 @@ class RouterMetrics:
             "shadowgate_router_config_watch_errors", "Failed reads or watches of the ConfigMap.", registry=registry
         )
         self.inflight = Gauge("shadowgate_router_inflight_mirrors", "Shadow copies in flight.", registry=registry)
+        self.breaker_state = Gauge(
+            "shadowgate_router_candidate_breaker_state",
+            "The candidate's circuit breaker: 0 closed (calls go through), 1 half-open (a few probe calls), "
+            "2 open (no calls; each skipped one is counted in requests_total as circuit_open and recorded as a "
+            "candidate failure).",
+            registry=registry,
+        )
+        self.breaker_opened = Counter(
+            "shadowgate_router_candidate_breaker_opened",
+            "Times the candidate's circuit breaker opened (its calls kept failing with no usable answer).",
+            registry=registry,
+        )
 
     def render(self) -> tuple[bytes, bytes]:
         """The exposition body and its content type."""

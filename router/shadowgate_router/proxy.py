@@ -5,6 +5,8 @@ at the same moment, in the background, under its own timeout and a concurrency l
 the copy is dropped and counted, never queued). Whatever the candidate does is recorded, never shown.
 canary: the candidate's share is answered by the candidate; when it fails (no answer, or a 5xx) and
 fallback is on, production answers instead and the row says so.
+In both modes calls to the candidate go through its circuit breaker (breaker.py): while it is open the call
+is not made and the row records the candidate as failed (`circuit_open`); production is never behind one.
 
 Nothing here waits for the database: the row is put on the recorder's queue after the answer has been
 handed to the socket (`Response.after`), and for a mirrored request only once the copy has finished.
@@ -16,10 +18,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shadowgate_router import codings
+from shadowgate_router.breaker import CIRCUIT_OPEN, Breaker, BreakerSettings, State
 from shadowgate_router.config import RouterConfig, TrafficMode, parse_json_path
 from shadowgate_router.hashing import salt_for, threshold, to_candidate
 from shadowgate_router.httpserver import Request, Response, error_response, new_request_id
@@ -44,7 +47,15 @@ from shadowgate_router.protocols import (
 from shadowgate_router.recentids import RecentIds
 from shadowgate_router.recorder import Recorder, now_us
 from shadowgate_router.spool import Row
-from shadowgate_router.upstream import TIMEOUT, UpstreamError, UpstreamPool, UpstreamResponse
+from shadowgate_router.upstream import (
+    BAD_RESPONSE,
+    CLOSED,
+    CONNECT,
+    TIMEOUT,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,8 @@ CANCELLED = "cancelled"
 """Recorded as the candidate's error for a shadow copy cut short by shutdown."""
 NO_PREDICTION = "no_prediction"
 """Recorded as the side's error when it answered 2xx but the configured path held no number."""
+BREAKER_FAILURES = frozenset({CONNECT, TIMEOUT, CLOSED, BAD_RESPONSE})
+"""Candidate call failures that count towards opening its breaker: no usable HTTP answer (see breaker.py)."""
 
 # Not forwarded in either direction: they describe one hop, or the router sets them itself.
 _HOP_BY_HOP = frozenset(
@@ -92,6 +105,8 @@ class ProxySettings:
     """Largest answer body taken from a model server (bigger: the call fails as bad_response)."""
     response_memory: int = 64 * 1024 * 1024
     """Per model server: answer bytes being received at once, beyond which calls fail the same way."""
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    """The candidate's circuit breaker (breaker.py); off with failures=0."""
 
 
 @dataclass(slots=True)
@@ -101,7 +116,8 @@ class Answer:
     status: int | None
     error: str | None
     detail: str
-    latency_ms: float
+    latency_ms: float | None
+    """None for a call that was not made (skipped by the breaker, or cut short): it took no time to measure."""
     response: UpstreamResponse | None
 
     @property
@@ -127,13 +143,24 @@ class Route:
     candidate: UpstreamPool
     mirror_drop: frozenset[bytes]
     """Lower-cased names of the request headers left out of shadow copies."""
+    breaker: Breaker | None
+    """The candidate's circuit breaker; None when off, and when the candidate answers everything (promoted)."""
 
 
 def _mirrored(task: asyncio.Task[Answer]) -> Answer:
     """A finished copy's answer; one cut short (the process stopping) is recorded as such."""
     if task.cancelled():
-        return Answer(None, CANCELLED, "the router stopped before the candidate answered", 0.0, None)
+        return Answer(None, CANCELLED, "the router stopped before the candidate answered", None, None)
     return task.result()
+
+
+def _skipped(breaker: Breaker) -> Answer:
+    """What the candidate is recorded as having done with a call its open breaker skipped: failed."""
+    return Answer(None, CIRCUIT_OPEN, f"the candidate's circuit breaker is open ({breaker.reason})", None, None)
+
+
+async def _answered_now(answer: Answer) -> Answer:
+    return answer
 
 
 def valid_request_id(value: bytes) -> bool:
@@ -188,7 +215,11 @@ class Proxy:
         self._responses: dict[int, Any] = {}
         self._refusals: dict[int, Any] = {}
         self._request_latency = {side: metrics.request_latency.labels(side) for side in ("production", "candidate")}
+        self._breaker: tuple[tuple[str, str, str], Breaker] | None = None
+        """The candidate's breaker and whom it guards (URL, model name, version): kept across configurations
+        that change only the split, replaced with the candidate."""
         metrics.inflight.set_function(lambda: len(self._mirrors))
+        metrics.breaker_state.set_function(self._breaker_state)
 
     # configuration
     def apply(self, config: RouterConfig) -> None:
@@ -207,12 +238,39 @@ class Proxy:
             production=pools[config.production.base_url],
             candidate=pools[config.candidate.base_url],
             mirror_drop=frozenset(name.lower().encode() for name in config.mirror_drop_headers),
+            breaker=self._candidate_breaker(config),
         )
         for url in [url for url in self._pools if url not in pools]:
             retired = self._pools.pop(url)
             # Let calls that started under the old configuration finish before closing its connections.
             grace = max(config.timeout_seconds, config.mirror_timeout_seconds) + 1
             asyncio.get_running_loop().call_later(grace, self._close_later, retired)
+
+    def _candidate_breaker(self, config: RouterConfig) -> Breaker | None:
+        settings = self.settings.breaker
+        if not settings.enabled or config.candidate_answers_all:
+            return None  # promoted, the candidate is the service: nothing to fall back on, nothing to protect
+        candidate = config.candidate
+        guarded = (candidate.base_url, candidate.model_name, candidate.version)
+        if self._breaker is None or self._breaker[0] != guarded:
+            self._breaker = (guarded, Breaker(settings, on_change=self._breaker_changed))
+        return self._breaker[1]
+
+    def _breaker_changed(self, breaker: Breaker) -> None:
+        if breaker.state is State.OPEN:
+            self.metrics.breaker_opened.inc()
+            log.warning(
+                "the candidate's circuit breaker opened: %s; no calls to it for %gs, each recorded as %s",
+                breaker.reason,
+                breaker.cool_off,
+                CIRCUIT_OPEN,
+            )
+        elif breaker.state is State.CLOSED:
+            log.info("the candidate's circuit breaker closed: it answered again")
+
+    def _breaker_state(self) -> float:
+        route = self.route
+        return float(route.breaker.state) if route is not None and route.breaker is not None else 0.0
 
     def _close_later(self, pool: UpstreamPool) -> None:
         task = asyncio.get_running_loop().create_task(pool.close())
@@ -356,7 +414,7 @@ class Proxy:
         candidate_target = self._target(found.candidate_template, config.candidate.model_name, request.query)
 
         if config.mode is TrafficMode.SHADOW:
-            mirror = None
+            mirror: asyncio.Task[Answer] | Answer | None = None
             if candidate_share:
                 mirrored = headers
                 if route.mirror_drop:  # the client's credentials are for production, not for a model under test
@@ -366,10 +424,10 @@ class Proxy:
             response = self._respond(production, "production", request_id, started)
 
             def record_shadow(done: asyncio.Task[Answer] | None = None) -> None:
-                if mirror is not None and not mirror.done():
+                if isinstance(mirror, asyncio.Task) and not mirror.done():
                     mirror.add_done_callback(record_shadow)
                     return
-                candidate = _mirrored(mirror) if mirror is not None else None
+                candidate = _mirrored(mirror) if isinstance(mirror, asyncio.Task) else mirror
                 self._record(
                     route, received, request_id, "production", production, candidate, False, features, recorded_key
                 )
@@ -418,8 +476,19 @@ class Proxy:
 
     def _mirror(
         self, route: Route, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> asyncio.Task[Answer] | None:
+    ) -> asyncio.Task[Answer] | Answer | None:
+        """The shadow copy in flight; the candidate's failure when its breaker skips the copy; None when the
+        copy is dropped (too many in flight: the row then has no candidate side)."""
+        breaker = route.breaker
+        ticket = 0
+        if breaker is not None:
+            admitted = breaker.admit()
+            if admitted is None:
+                return self._skip(breaker, "mirror")
+            ticket = admitted
         if self.mirrors_full():
+            if breaker is not None:
+                breaker.release(ticket)
             return None
         task = asyncio.get_running_loop().create_task(
             self._call(
@@ -431,10 +500,21 @@ class Proxy:
                 headers,
                 body,
                 route.config.mirror_timeout_seconds,
+                breaker,
+                ticket,
             )
         )
         self.track_mirror(task)
         return task
+
+    def _skip(self, breaker: Breaker, role: str) -> Answer:
+        """A candidate call the open breaker skipped: counted in requests_total as circuit_open (no latency)."""
+        key = ("candidate", role, CIRCUIT_OPEN)
+        counter = self._calls.get(key)
+        if counter is None:
+            counter = self._calls[key] = self.metrics.requests.labels(*key)
+        counter.inc()
+        return _skipped(breaker)
 
     def mirrors_full(self) -> bool:
         """Whether --mirror-concurrency copies (HTTP and gRPC together) are in flight; counts the drop if so."""
@@ -477,9 +557,19 @@ class Proxy:
     def _infer_call(
         self, route: Route, side: str, role: str, target: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> Coroutine[Any, Any, Answer]:
-        """A call that answers an inference request (or falls back for one): POST, the answer's time limit."""
-        pool = route.production if side == "production" else route.candidate
-        return self._call(pool, side, role, b"POST", target, headers, body, route.config.timeout_seconds)
+        """A call that answers an inference request (or falls back for one): POST, the answer's time limit; the
+        candidate's through its breaker."""
+        limit = route.config.timeout_seconds
+        if side == "production":
+            return self._call(route.production, side, role, b"POST", target, headers, body, limit)
+        breaker = route.breaker
+        ticket = 0
+        if breaker is not None:
+            admitted = breaker.admit()
+            if admitted is None:
+                return _answered_now(self._skip(breaker, role))
+            ticket = admitted
+        return self._call(route.candidate, side, role, b"POST", target, headers, body, limit, breaker, ticket)
 
     async def _call(
         self,
@@ -491,17 +581,28 @@ class Proxy:
         headers: list[tuple[bytes, bytes]],
         body: bytes,
         time_limit: float,
+        breaker: Breaker | None = None,
+        ticket: int = 0,
     ) -> Answer:
+        """One call to a model server; its outcome goes to `breaker` (the candidate's) under `ticket`."""
         started = time.perf_counter()
         try:
             response = await pool.request(method, target, headers, body, time_limit)
         except UpstreamError as exc:
-            answer = Answer(None, exc.kind, exc.detail, (time.perf_counter() - started) * 1000, None)
+            latency_ms = (time.perf_counter() - started) * 1000
+            answer = Answer(None, exc.kind, exc.detail, latency_ms, None)
             label = exc.kind
+        except BaseException:
+            if breaker is not None:
+                breaker.release(ticket)  # cut short (cancelled): no verdict on the candidate
+            raise
         else:
-            answer = Answer(response.status, None, "", (time.perf_counter() - started) * 1000, response)
+            latency_ms = (time.perf_counter() - started) * 1000
+            answer = Answer(response.status, None, "", latency_ms, response)
             label = str(response.status)
-        self.count_call(side, role, label, answer.latency_ms)
+        if breaker is not None:
+            breaker.record(ticket, answer.error in BREAKER_FAILURES)
+        self.count_call(side, role, label, latency_ms)
         return answer
 
     def count_call(self, side: str, role: str, label: str, latency_ms: float) -> None:
@@ -518,7 +619,7 @@ class Proxy:
     def _respond(self, answer: Answer, side: str, request_id: bytes, started: float | None = None) -> Response:
         upstream = answer.response
         if upstream is None:
-            status = 504 if answer.error == TIMEOUT else 502
+            status = 504 if answer.error == TIMEOUT else 503 if answer.error == CIRCUIT_OPEN else 502
             response = error_response(status, f"the {side} model server failed: {answer.detail}", request_id)
             response.headers.append((_SERVED_BY, side.encode()))
         else:
@@ -618,4 +719,5 @@ class Proxy:
                 prediction = confidence = None
             if prediction is None:
                 error = NO_PREDICTION
-        return (version, prediction, confidence, round(answer.latency_ms, 3), answer.status, error)
+        latency = None if answer.latency_ms is None else round(answer.latency_ms, 3)
+        return (version, prediction, confidence, latency, answer.status, error)

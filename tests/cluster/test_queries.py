@@ -618,6 +618,45 @@ async def test_a_canary_fallback_stays_in_the_candidates_sample(connection: asyn
     assert (metrics.candidate.requests, metrics.candidate.errors, metrics.production.requests) == (2, 1, 2)
 
 
+async def test_requests_the_candidates_breaker_skipped_count_as_its_failures(connection: asyncpg.Connection) -> None:
+    """Issue 12: a call the router's circuit breaker skipped is recorded as `circuit_open`, with no status and
+    no latency. It is a candidate request and an error (the error gate sees the candidate failing as before
+    the breaker), it is scored for the candidate on production's fallback answer like any failure, never
+    for production (issue 11), and no latency is made up for it."""
+    start = SINCE + dt.timedelta(hours=3)
+    ok, fallback = Side(prediction=1.0, latency_ms=5.0, status=200), Side(prediction=9.0, latency_ms=5.0, status=200)
+    refused, skipped = Side(latency_ms=40.0, error="bad_response"), Side(error="circuit_open")
+    canary = [
+        Prediction(start, "own", ok, NOT_CALLED, deployment="breaker-canary"),
+        Prediction(start, "refused", fallback, refused, deployment="breaker-canary"),
+        *(Prediction(start, f"skipped-{n}", fallback, skipped, deployment="breaker-canary") for n in range(3)),
+    ]
+    shadow = [
+        Prediction(start, "refused", ok, refused, deployment="breaker-shadow"),
+        *(Prediction(start, f"skipped-{n}", ok, skipped, deployment="breaker-shadow") for n in range(3)),
+    ]
+    outcomes = [
+        Outcome(start + dt.timedelta(seconds=1), row.request_id, 0.0, deployment=row.deployment)
+        for row in (*canary, *shadow)
+    ]
+    await insert(connection, [*canary, *shadow], outcomes)
+    until = start + dt.timedelta(minutes=1)
+
+    metrics = await window_metrics(connection, NS, "breaker-canary", Metric.MAE, TrafficMode.CANARY, start, until)
+    assert metrics.production.loss == Moments(1, 1.0, 1.0, 1.0, 1.0), "production's sample is its own request"
+    assert metrics.candidate.loss.n == 4 and metrics.candidate.loss.total == 36.0
+    assert (metrics.candidate.requests, metrics.candidate.errors) == (4, 4)
+    assert metrics.candidate.latency is not None and metrics.candidate.latency.count == 1
+
+    metrics = await window_metrics(connection, NS, "breaker-shadow", Metric.MAE, TrafficMode.SHADOW, start, until)
+    assert (metrics.candidate.requests, metrics.candidate.errors, metrics.scored) == (4, 4, 4)
+    assert metrics.candidate.latency is not None and metrics.candidate.latency.count == 1
+    no_fallback = await window_metrics(
+        connection, NS, "breaker-shadow", Metric.MAE, TrafficMode.SHADOW, start, until, options=Options(fallback=False)
+    )
+    assert (no_fallback.candidate.errors, no_fallback.scored) == (4, 0)
+
+
 async def test_an_open_ended_window_and_an_empty_one(
     connection: asyncpg.Connection, seeded: tuple[list[Prediction], list[Outcome]]
 ) -> None:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from shadowgate_operator.migrate import migrate
+from tests.support.hostile import HostileServer
 from tests.support.load import run_load
 from tests.support.router import HostileModelServer, ModelServer, Router, router_config, wait_until
 
@@ -160,7 +161,9 @@ async def test_a_candidate_sending_huge_answers_costs_its_calls_not_the_router(
     an answer's endless head had no limit at all. Now each such call fails as bad_response, production
     answers every request, every row is recorded, and memory stays near where it started."""
     candidate = hostile(mode, size)
-    router = start_router(router_config(production.url, candidate.url, deployment=deployment, weight=100))
+    # The breaker off: every one of the 40 calls is made and read up to its limit, which is what is measured.
+    config = router_config(production.url, candidate.url, deployment=deployment, weight=100)
+    router = start_router(config, "--breaker-failures", "0")
     before = peak_rss_mb(router)
     results = await run_load(f"{router.url}/v2/models/fraud/infer", 40, rate=20)
     assert [result.status for result in results] == [200] * 40
@@ -338,3 +341,102 @@ async def test_an_outcome_id_with_a_nul_is_refused(
             json=[{"request_id": "ok", "outcome": 1}, {"request_id": "a\u0000b", "outcome": 1}],
         )
     assert answer.status_code == 400 and "visible ASCII" in answer.json()["error"]
+
+
+# The candidate's circuit breaker (issue 12): a candidate whose every answer is refused is left alone for a
+# while, and every request it is not called for is still recorded as its failure.
+
+COOL_OFF = 5.0
+
+
+def kinds(recorded: list[Any]) -> list[str | None]:
+    return [row["candidate_error"] for row in recorded]
+
+
+async def test_a_candidate_whose_answers_are_all_refused_is_left_alone_and_still_counted_as_failing(
+    production: ModelServer, start_router: StartRouter, db: asyncpg.Connection, deployment: str
+) -> None:
+    """Shadow mode, every request mirrored to a candidate answering 5,000 headers (each answer refused as
+    bad_response). After 10 failures in a row the breaker opens: no copy is sent for the cool-off, each
+    skipped one is recorded as the candidate failing (circuit_open, no status, no latency) so the error
+    rate still counts every request; production answers all. After the cool-off a probe goes through,
+    fails, and the breaker opens again."""
+    async with HostileServer("many-headers", 5_000) as candidate:
+        config = router_config(production.url, candidate.url, deployment=deployment, weight=100)
+        router = start_router(config, "--breaker-cool-off", str(COOL_OFF))
+        url = f"{router.url}/v2/models/fraud/infer"
+        results = await run_load(url, 60, rate=50)
+        results += await run_load(url, int((COOL_OFF + 2) * 20), rate=20)  # past the cool-off
+        recorded = await rows(db, deployment, len(results))
+        calls = candidate.requests
+    assert [(result.status, result.served_by) for result in results] == [(200, "production")] * len(results)
+    by_id = {row["request_id"]: row for row in recorded}
+    for result in results:
+        assert by_id[result.request_id]["production_prediction"] == json.loads(result.body)["outputs"][0]["data"][0]
+
+    errors = kinds(recorded)
+    assert set(errors) == {"bad_response", "circuit_open"}, errors
+    assert errors[:10] == ["bad_response"] * 10
+    assert errors.count("bad_response") == calls, "every call made reached the candidate; no skipped one did"
+    for row in recorded:
+        skipped = row["candidate_error"] == "circuit_open"
+        assert (row["candidate_status"], row["candidate_version"]) == (None, "2.0")
+        assert (row["candidate_latency_ms"] is None) == skipped, "a call not made has no latency"
+
+    # The request ids are stamped and admitted in one step, so the rows in time order show the breaker: from
+    # the first skipped request, none is sent until the cool-off has passed since the last one admitted.
+    first_skipped = errors.index("circuit_open")
+    opened = recorded[first_skipped - 1]["time"]
+    during = [row for row in recorded[first_skipped:] if (row["time"] - opened).total_seconds() < COOL_OFF]
+    assert kinds(during) == ["circuit_open"] * len(during) and len(during) > 40
+    probes = [index for index, kind in enumerate(errors) if kind == "bad_response" and index > first_skipped]
+    assert probes, f"no probe after the cool-off: {errors}"
+    assert (recorded[probes[0]]["time"] - opened).total_seconds() >= COOL_OFF
+    assert len(probes) <= 3 and errors[-1] == "circuit_open", "the failed probe opened it again"
+
+    candidate_calls = {
+        status: router.metric("shadowgate_router_requests_total", side="candidate", role="mirror", status=status)
+        for status in ("bad_response", "circuit_open")
+    }
+    assert candidate_calls == {"bad_response": calls, "circuit_open": errors.count("circuit_open")}
+    assert router.metric("shadowgate_router_candidate_breaker_opened_total") >= 2
+    assert router.metric("shadowgate_router_candidate_breaker_state") == 2
+    assert "the candidate's circuit breaker opened: 10 calls in a row failed" in router.log()
+
+
+async def test_in_canary_mode_the_open_breaker_falls_back_to_production_or_answers_503(
+    production: ModelServer, start_router: StartRouter, db: asyncpg.Connection, deployment: str
+) -> None:
+    """Canary, 90% to a candidate whose answers are all refused. With fallbackToProduction production
+    answers every request; the rows the breaker skipped say the candidate failed (circuit_open) and that
+    production answered as the fallback, so the analysis scores them for the candidate, never for
+    production (issue 11). Without fallback the client gets a 503 from the candidate's side at once."""
+    async with HostileServer("many-headers", 5_000) as candidate:
+        config = router_config(
+            production.url, candidate.url, deployment=deployment, mode="canary", weight=90, fallbackToProduction=True
+        )
+        router = start_router(config, "--breaker-cool-off", "60")
+        url = f"{router.url}/v2/models/fraud/infer"
+        results = await run_load(url, 60, rate=50)
+        recorded = await rows(db, deployment, 60)
+        assert {(result.status, result.served_by) for result in results} == {(200, "production")}
+        given = [row for row in recorded if row["candidate_error"] is not None]
+        assert len(given) == len([row for row in recorded if row["candidate_version"] is not None]) > 40
+        assert kinds(given)[:10] == ["bad_response"] * 10 and set(kinds(given)) == {"bad_response", "circuit_open"}
+        for row in given:
+            assert (row["served_by"], row["fallback"], row["candidate_status"]) == ("production", True, None)
+            assert row["production_prediction"] is not None
+        assert candidate.requests == kinds(given).count("bad_response")
+        skipped = kinds(given).count("circuit_open")
+        assert router.metric("shadowgate_router_requests_total", role="answer", status="circuit_open") == skipped
+        assert router.metric("shadowgate_router_fallbacks_total") == len(given)
+
+        old = router.readiness().json()["revision"]
+        router.write_config({**config, "fallbackToProduction": False})
+        wait_until(lambda: router.readiness().json()["revision"] != old, 5, "the new configuration")
+        results = await run_load(url, 30, rate=50)
+        calls = candidate.requests
+    refused = [result for result in results if result.served_by == "candidate"]
+    assert refused and {result.status for result in refused} == {503}, "the breaker is kept across the change"
+    assert "the candidate's circuit breaker is open (10 calls in a row failed)" in json.loads(refused[0].body)["error"]
+    assert calls == kinds(given).count("bad_response"), "no call reached the candidate while it was open"
