@@ -279,6 +279,27 @@ CASES: tuple[Case, ...] = (
     ),
     Case("notification-without-url", _spec(notifications=[{"name": "team"}]), "urlSecretRef: Required value"),
     Case(
+        "gate-names-repeated",
+        _spec(gates=[{"name": "smoke", "type": "preRollout", "urlSecretRef": {"name": "gates"}}] * 2),
+        "each gate in gates needs its own name",
+    ),
+    Case(
+        "gate-type-unknown",
+        _spec(gates=[{"name": "smoke", "type": "pre-rollout", "urlSecretRef": {"name": "gates"}}]),
+        'supported values: "preRollout", "confirmStep", "confirmPromotion", "postRollback"',
+    ),
+    Case(
+        "gate-timeout-too-long",
+        _spec(gates=[{"name": "smoke", "type": "confirmStep", "urlSecretRef": {"name": "gates"}, "timeout": "2m"}]),
+        "gates[].timeout must be between 1s and 30s",
+    ),
+    Case(
+        "gate-on-timeout-unknown",
+        _spec(gates=[{"name": "smoke", "type": "confirmStep", "urlSecretRef": {"name": "gates"}, "onTimeout": "skip"}]),
+        'supported values: "hold", "proceed"',
+    ),
+    Case("gate-without-url", _spec(gates=[{"name": "smoke", "type": "preRollout"}]), "urlSecretRef: Required value"),
+    Case(
         "registry-without-registered-model",
         _spec(registry={"mlflow": {"trackingUri": "http://mlflow.mlops:5000"}}),
         "registry and candidate.registeredModel go together",

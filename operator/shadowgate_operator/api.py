@@ -922,6 +922,66 @@ class NotificationTarget(ApiModel):
         return not self.events or reason in self.events
 
 
+class GateType(StrEnum):
+    """When a gate is asked (the moments Flagger calls pre-rollout, confirm-traffic-increase, confirm-promotion
+    and post-rollout)."""
+
+    PRE_ROLLOUT = "preRollout"
+    """Before the candidate gets any traffic: a new ShadowDeployment, a new candidate, a retry. Held: phase
+    Pending, the router sends the candidate nothing."""
+    CONFIRM_STEP = "confirmStep"
+    """Before each step advance (the analysis passed the step). Held: the candidate keeps its step's share and
+    is still analysed, so it is still rolled back if it turns bad."""
+    CONFIRM_PROMOTION = "confirmPromotion"
+    """Before promotion (the analysis passed the last step), and before analysis.requireApproval's wait. Held
+    like confirmStep. A person's `kubectl shadow promote` is not asked about."""
+    POST_ROLLBACK = "postRollback"
+    """After a rollback (by the analysis or by hand), once the router sends the candidate nothing: told, its
+    answer shown; the rollback stands whatever it answers, and it is not asked again."""
+
+
+class GateTimeoutAction(StrEnum):
+    """What a gate that does not answer within its timeout means."""
+
+    HOLD = "hold"
+    """The rollout stays where it is, as if the gate had said no, and the gate is asked again later."""
+    PROCEED = "proceed"
+    """The rollout goes on, as if the gate had said yes (the timeout is still shown)."""
+
+
+class Gate(ApiModel):
+    """A webhook the operator asks before a move of the rollout (or tells after a rollback): a POST of a
+    CloudEvents 1.0 event (structured JSON, type io.shadowgate.gate.<type>, the same data as a notification
+    plus `gate`). A 2xx answer lets the rollout through; any other answer (the first 200 characters of its
+    body are shown), a refused connection or a timeout holds it where it is: the GatesOpen condition is False
+    with the answer, a Warning Event says it once, and the gate is asked again at the next analysis
+    interval (not more often), until it says yes."""
+
+    name: Identifier
+    """Names the gate in conditions, Events and logs; unique within spec.gates."""
+    type: GateType
+    """preRollout, confirmStep, confirmPromotion or postRollback."""
+    url_secret_ref: UrlSecretRef
+    """The Secret key holding the gate's URL (the Secret must be labelled shadowgate.io/router-secret=true,
+    like every Secret a ShadowDeployment names); read at each call, so a rotated URL is used at once."""
+    timeout: Duration = "10s"
+    """How long the operator waits for the gate's answer, from 1s to 30s (default 10s)."""
+    on_timeout: GateTimeoutAction = GateTimeoutAction.HOLD
+    """hold (default): no answer in time holds the rollout; proceed: no answer in time lets it through."""
+
+    @rule(
+        _cel_duration_within("self.timeout", "1s", "30s"),
+        "gates[].timeout must be between 1s and 30s",
+        field_path=".timeout",
+    )
+    def _timeout_range(self) -> bool:
+        return _within(self.timeout, "1s", "30s")
+
+    @property
+    def timeout_seconds(self) -> float:
+        return parse_duration(self.timeout).total_seconds()
+
+
 class ShadowDeploymentSpec(ApiModel):
     """The desired rollout of a candidate model beside the production model."""
 
@@ -953,6 +1013,10 @@ class ShadowDeploymentSpec(ApiModel):
     never delaying a decision."""
     registry: RegistrySpec | None = None
     """The model registry to write the outcome back to (needs candidate.registeredModel)."""
+    gates: list[Gate] = Field(default_factory=list, max_length=8)
+    """Webhooks asked before the rollout moves (preRollout, confirmStep, confirmPromotion) and told after a
+    rollback (postRollback); a gate that does not answer 2xx holds the rollout until it does. Empty (default):
+    no gates."""
 
     @rule(
         "has(self.registry) == has(self.candidate.registeredModel)",
@@ -969,6 +1033,15 @@ class ShadowDeploymentSpec(ApiModel):
     )
     def _notification_names_unique(self) -> bool:
         names = [target.name for target in self.notifications]
+        return len(names) == len(set(names))
+
+    @rule(
+        "!has(self.gates) || self.gates.all(g, self.gates.exists_one(h, h.name == g.name))",
+        "each gate in gates needs its own name",
+        field_path=".gates",
+    )
+    def _gate_names_unique(self) -> bool:
+        names = [gate.name for gate in self.gates]
         return len(names) == len(set(names))
 
     @rule(
@@ -1069,6 +1142,8 @@ class ConditionType(StrEnum):
     ROLLED_BACK = "RolledBack"
     NOTIFICATIONS_DELIVERED = "NotificationsDelivered"
     """Set when spec.notifications names receivers: False while deliveries to one keep failing."""
+    GATES_OPEN = "GatesOpen"
+    """Set when spec.gates names gates: False while one holds the rollout (or a postRollback gate failed)."""
 
 
 class ConditionStatus(StrEnum):
@@ -1300,12 +1375,50 @@ class Transition(StatusModel):
     events: list[AnnouncedEvent] = Field(default_factory=list, max_length=8)
 
 
+class GateOutcome(StrEnum):
+    """How a gate answered."""
+
+    PASSED = "Passed"
+    """A 2xx answer."""
+    REFUSED = "Refused"
+    """Any other HTTP answer (a redirect is not followed)."""
+    TIMED_OUT = "TimedOut"
+    """No whole answer within the gate's timeout."""
+    UNREACHABLE = "Unreachable"
+    """No answer: no connection, no URL in its Secret, a URL the operator does not post to."""
+    NOT_ALLOWED = "NotAllowed"
+    """Its Secret is not labelled shadowgate.io/router-secret=true: not called."""
+
+
+class GateAnswer(StatusModel):
+    """One gate's latest answer."""
+
+    name: Annotated[str, StringConstraints(max_length=63)]
+    outcome: GateOutcome
+    message: Annotated[str, StringConstraints(max_length=512)] = ""
+    """What it answered, in words: the HTTP status and the start of the body, or why there was no answer."""
+
+
+class GateWait(StatusModel):
+    """The gates of one moment the rollout waits on (or, after a rollback, the postRollback gates told)."""
+
+    type: GateType
+    step: int | None = Field(default=None, ge=0, le=19)
+    """The step the rollout is held at (the step it was rolled back from, for postRollback)."""
+    since: AwareDatetime
+    """When the wait began."""
+    purpose: Annotated[str, StringConstraints(max_length=512)] = ""
+    """What the gates are asked to let through, in words."""
+    answers: list[GateAnswer] = Field(default_factory=list, max_length=8)
+    """Each gate's latest answer."""
+
+
 class ShadowDeploymentStatus(StatusModel):
     """What the operator observed and decided; written only by the operator."""
 
     phase: Phase | None = None
-    """Where the rollout is: Pending (not reconciled yet), Progressing, Paused, or finished: Promoted,
-    RolledBack or Failed."""
+    """Where the rollout is: Pending (not reconciled yet, or held by a preRollout gate), Progressing, Paused,
+    or finished: Promoted, RolledBack or Failed."""
     current_step: int | None = Field(default=None, ge=0, le=19)
     """Index into spec.traffic.steps of the step being analysed (0 is the first)."""
     current_weight: int | None = Field(default=None, ge=0, le=100)
@@ -1325,8 +1438,8 @@ class ShadowDeploymentStatus(StatusModel):
         max_length=8,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Ready (the router serves), Progressing, Promoted, RolledBack, and NotificationsDelivered when
-    spec.notifications names receivers."""
+    """Ready (the router serves), Progressing, Promoted, RolledBack, NotificationsDelivered when
+    spec.notifications names receivers, and GatesOpen when spec.gates names gates."""
     observed_generation: int | None = Field(default=None, ge=0)
     """The spec generation the operator last acted on."""
     last_decision: Decision | None = None
@@ -1346,6 +1459,9 @@ class ShadowDeploymentStatus(StatusModel):
     """The last manual verb (shadowgate.io/action annotation) carried out."""
     last_transition: Transition | None = None
     """The latest transition and the Events that announce it (see Transition)."""
+    gate: GateWait | None = None
+    """The gates (spec.gates) the rollout waits on now, with their latest answers; after a rollback, the
+    postRollback gates told of it. Unset when no gate holds it."""
     message: Annotated[str, StringConstraints(max_length=4096)] | None = None
     """The current state in one sentence."""
 

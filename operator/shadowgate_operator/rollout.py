@@ -10,6 +10,7 @@ has to post (no transition decided twice, none left unannounced).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,8 @@ from shadowgate_operator.api import (
     ConditionType,
     Decision,
     DecisionAction,
+    GateType,
+    GateWait,
     HandledAction,
     ManualAction,
     Phase,
@@ -33,6 +36,8 @@ from shadowgate_operator.api import (
 )
 from shadowgate_operator.conditions import set_condition, transition
 from shadowgate_operator.decision import analyse as analyse_window
+from shadowgate_operator.gates import verdict as gating
+from shadowgate_operator.gates.verdict import GateCall, GateReply
 from shadowgate_operator.metrics import WindowMetrics
 
 EventType = Literal["Normal", "Warning"]
@@ -47,7 +52,7 @@ class Notice:
     message: str
 
 
-UNANNOUNCED = frozenset({"InvalidAction"})
+UNANNOUNCED = frozenset({"InvalidAction", *gating.GATE_WARNINGS})
 """Notices that are not part of a transition: warnings about a cause that stays (the Reconciler says
 them once per cause), not recorded in status.lastTransition."""
 
@@ -84,6 +89,11 @@ class Plan:
     starts again at 0 when the decision advances to the next step."""
     transition: Transition | None = None
     """The transition this plan makes (also in status.lastTransition), or None."""
+    asks: tuple[GateCall, ...] = ()
+    """Gates (spec.gates) to ask before this plan can say whether the rollout moves: the plan holds meanwhile;
+    plan again with their answers."""
+    again: bool = False
+    """Reconcile again once this status is written: postRollback gates are to be told of the rollback."""
 
     @property
     def weight(self) -> int:
@@ -287,6 +297,110 @@ def _without_data(
     return Decision(action=DecisionAction.WAIT, reason=f"Waiting for data: {problem}", time=now)
 
 
+# --- gates (spec.gates): the moves they guard; gates.verdict says whether the answers let them through ---
+
+
+def _kept(previous: Decision | None, decision: Decision) -> Decision:
+    """`decision`, or `previous` when it says the same (its time kept: a hold that stays writes nothing)."""
+    if previous is not None and (previous.action, previous.reason) == (decision.action, decision.reason):
+        return previous
+    return decision
+
+
+def _gate_start(
+    spec: ShadowDeploymentSpec,
+    before: ShadowDeploymentStatus,
+    started: ShadowDeploymentStatus,
+    replies: Mapping[str, GateReply],
+    now: dt.datetime,
+) -> tuple[ShadowDeploymentStatus, tuple[GateCall, ...]] | None:
+    """A start (`before` -> `started`) the preRollout gates hold: phase Pending, no traffic to the candidate,
+    and the gates to ask; None when they let it through."""
+    key = gating.gate_key(GateType.PRE_ROLLOUT, started.candidate_revision, 0)
+    purpose = f"the candidate's first traffic ({_describe_step(spec, started)})"
+    consulted = gating.consult(
+        spec.gates, GateType.PRE_ROLLOUT, key, purpose, replies, step=0, previous=before.gate, now=now
+    )
+    if consulted.open:
+        return None
+    message = consulted.message
+    waiting = _kept(before.last_decision, Decision(action=DecisionAction.WAIT, reason=message, time=now))
+    held = before.model_copy(
+        update={
+            "phase": Phase.PENDING, "current_step": 0, "current_weight": 0, "samples": 0, "metrics": None,
+            "evidence": None, "candidate_revision": started.candidate_revision,
+            "analysis_revision": started.analysis_revision, "message": message, "gate": consulted.wait,
+            "last_decision": waiting, "last_action": started.last_action,
+        }
+    )  # fmt: skip
+    return held, consulted.asks
+
+
+def _through_gates(
+    spec: ShadowDeploymentSpec,
+    status: ShadowDeploymentStatus,
+    decision: Decision,
+    replies: Mapping[str, GateReply],
+    now: dt.datetime,
+) -> tuple[Decision, GateWait | None, tuple[GateCall, ...]]:
+    """An analysis's decision past the gates of its move: a step advance asks the confirmStep gates, a promotion
+    (before requireApproval's wait) the confirmPromotion ones. Held: a Wait that says by whom, the hold, and
+    the gates still to ask."""
+    steps, step = spec.traffic.steps, status.current_step or 0
+    if decision.action is DecisionAction.ADVANCE and step + 1 < len(steps):
+        moment = GateType.CONFIRM_STEP
+        purpose = f"step {step + 2} of {len(steps)} ({steps[step + 1]}% of requests to the candidate)"
+    elif decision.action in (DecisionAction.ADVANCE, DecisionAction.PROMOTE):
+        moment = GateType.CONFIRM_PROMOTION
+        purpose = f"the promotion of candidate {spec.candidate.name} {spec.candidate.version}"
+    else:
+        return decision, None, ()
+    key = gating.gate_key(moment, status.candidate_revision, step)
+    consulted = gating.consult(spec.gates, moment, key, purpose, replies, step=step, previous=status.gate, now=now)
+    if consulted.open:
+        if consulted.summary:
+            decision = decision.model_copy(update={"reason": f"{decision.reason} {consulted.summary}"[:4096]})
+        return decision, None, ()
+    reason = f"{consulted.message} The analysis passed: {decision.reason}"[:4096]
+    return Decision(action=DecisionAction.WAIT, reason=reason, time=decision.time), consulted.wait, consulted.asks
+
+
+def _settle_gate(
+    spec: ShadowDeploymentSpec,
+    before: ShadowDeploymentStatus,
+    status: ShadowDeploymentStatus,
+    replies: Mapping[str, GateReply],
+    now: dt.datetime,
+) -> tuple[ShadowDeploymentStatus, tuple[GateCall, ...], bool]:
+    """status.gate after this plan: a hold goes when the rollout left the place it held it at; a rollback
+    brings the postRollback gates (told at the next reconcile, once the router sends the candidate nothing);
+    an earlier rollback's gates not told yet are to be told now. Returns the status, the gates to tell and
+    whether to reconcile again at once."""
+    wait, phase = status.gate, status.phase_or_pending
+    if phase is Phase.ROLLED_BACK:
+        if before.phase_or_pending is not Phase.ROLLED_BACK:
+            tellable = any(gate.type is GateType.POST_ROLLBACK for gate in spec.gates)
+            reason = status.last_decision.reason if status.last_decision is not None else "rolled back"
+            wait = None if not tellable else GateWait(
+                type=GateType.POST_ROLLBACK, step=status.current_step, since=now.replace(microsecond=0),
+                purpose=f"the rollback ({reason})"[:512],
+            )  # fmt: skip
+            return status.model_copy(update={"gate": wait}), (), tellable
+        if wait is not None and wait.type is GateType.POST_ROLLBACK:
+            key = gating.gate_key(GateType.POST_ROLLBACK, status.candidate_revision, wait.step or 0, wait.since)
+            told, calls = gating.tell(spec.gates, wait, key, replies)
+            return status.model_copy(update={"gate": told}), calls, False
+        return status, (), False
+    stale = wait is not None and (
+        wait.type is GateType.POST_ROLLBACK
+        or (wait.type is GateType.PRE_ROLLOUT and phase is not Phase.PENDING)
+        or (wait.type in gating.HOLDS[1:] and (phase is not Phase.PROGRESSING or wait.step != status.current_step))
+    )
+    if stale:
+        status = status.model_copy(update={"gate": None})
+    return status, (), False
+
+
 def plan_rollout(
     sd: ShadowDeployment,
     now: dt.datetime,
@@ -298,6 +412,7 @@ def plan_rollout(
     permission_problem: str | None = None,
     blocked: Blocked | None = None,
     stamp: dt.datetime | None = None,
+    gates: Mapping[str, GateReply] | None = None,
 ) -> Plan:
     """The status `sd` should have now and the Events that announce the change.
 
@@ -307,20 +422,31 @@ def plan_rollout(
     is not allowed to make (Ready is then False with reason PermissionDenied); `blocked` why the router
     cannot follow although it may (Ready is then False with its reason). A transition is stamped
     `stamp` (default `now`): sub-second, so that its history rows keep their order.
+
+    `gates` holds the answers of spec.gates (by gate name) the Reconciler has: a start, step advance or
+    promotion whose gates have no answer to it yet holds and names them in `Plan.asks`, to be planned again
+    with their answers; one they refuse holds (status.gate, the GatesOpen condition).
     """
     spec, status = sd.spec, sd.status
     notices: list[Notice] = []
     revision = spec.candidate_revision()
+    replies: Mapping[str, GateReply] = gates or {}
+    asks: tuple[GateCall, ...] = ()
 
     settings = spec.analysis_revision()
-    if status.candidate_revision != revision:
-        if status.candidate_revision is None:
+    held_start = status.phase is Phase.PENDING and status.candidate_revision is not None
+    if status.candidate_revision != revision or held_start:
+        before = status
+        if status.candidate_revision is None or held_start:
             status = _start_analysis(spec, status, now, "Analysis started.")
             notices.append(Notice("Normal", "AnalysisStarted", status.message or ""))
         else:
             reason = "Production or candidate changed in spec: analysis restarted at step 1."
             status = _start_analysis(spec, status, now, reason)
             notices.append(Notice("Normal", "AnalysisRestarted", f"{reason} {status.message}"))
+        gated = _gate_start(spec, before, status, replies, now)
+        if gated is not None:  # no traffic to the candidate until its preRollout gates say yes
+            (status, asks), notices = gated, []
     elif status.analysis_revision is None:
         # Written by an operator from before the analysis revision: adopt the current settings.
         status = status.model_copy(update={"analysis_revision": settings})
@@ -338,7 +464,13 @@ def plan_rollout(
         action = None
         notices.append(Notice("Warning", "InvalidAction", str(exc)))
     if action is not None:
+        before = status
         status, notice = _manual_action(sd, status, action, now)
+        gated = _gate_start(spec, before, status, replies, now) if notice.reason == "AnalysisRestarted" else None
+        if gated is not None:
+            status, asks = gated
+            by_hand = f"({ACTION_ANNOTATION}={action.value})"
+            notice = Notice("Normal", "AwaitingGates", f"Retry by hand {by_hand}: {status.message}")
         notices.append(notice)
 
     phase = status.phase_or_pending
@@ -372,19 +504,36 @@ def plan_rollout(
         judged = AnalysedStep(
             step=status.current_step or 0, weight=status.current_weight or 0, samples=status.samples or 0
         )
+        decision, hold, asks = _through_gates(spec, status, decision, replies, now)
+        held_before = status.gate
         status, decided = apply_decision(spec, status, decision, now)
+        if hold is not None:
+            status = status.model_copy(update={"gate": hold, "message": gating.hold_message(hold)})
+        elif held_before is not None:  # the move went through, or the analysis does not ask for it any more
+            if status.message == gating.hold_message(held_before):
+                status = status.model_copy(update={"message": f"Progressing: {_describe_step(spec, status)}."})
+            status = status.model_copy(update={"gate": None})
         if decided:
             analysed = judged
         notices += decided
 
+    status, told, again = _settle_gate(spec, sd.status, status, replies, now)
+    asks += told
     transitions = [notice.reason for notice in notices if notice.reason not in ("ActionIgnored", "InvalidAction")]
-    transition_reason = transitions[-1] if transitions else None
+    held_pending = status.gate is not None and status.gate.type is GateType.PRE_ROLLOUT
+    transition_reason = transitions[-1] if transitions else ("AwaitingGates" if held_pending else None)
     status = _conditions(status, sd.metadata.generation, now, router, transition_reason, permission_problem, blocked)
+    status = gating.gates_condition(status, spec.gates, sd.metadata.generation, now)
     transition = _transition(sd.status.last_transition, notices, action, analysed, stamp or now)
     if transition is not None:
         status = status.model_copy(update={"last_transition": transition})
     status = with_columns(spec, status)
-    return Plan(status=status, notices=tuple(notices), judged_samples=judged_samples, transition=transition)
+    # Warnings while a gate's answer stays (the Reconciler says each once per cause).
+    notices += [Notice("Warning", reason, message) for reason, message in gating.warnings(spec.gates, status.gate)]
+    return Plan(
+        status=status, notices=tuple(notices), judged_samples=judged_samples, transition=transition, asks=asks,
+        again=again,
+    )  # fmt: skip
 
 
 def with_columns(spec: ShadowDeploymentSpec, status: ShadowDeploymentStatus) -> ShadowDeploymentStatus:
