@@ -218,10 +218,10 @@ def config_map(sd: ShadowDeployment) -> Manifest:
 
 ROUTER_SECRET_LABEL = "shadowgate.io/router-secret"
 """The label, with the value "true", on every Secret a ShadowDeployment names (spec.database.secretRef,
-spec.outcomes.tokenSecretRef, spec.notifications[].urlSecretRef). Naming a Secret takes the right to create a
-ShadowDeployment; labelling it takes the right to write Secrets. Without the label the operator neither hands
-the Secret to a router, nor connects to the DSN in it, nor posts to the URL in it, so whoever may create
-ShadowDeployments cannot put any other Secret of the namespace to use."""
+spec.outcomes.tokenSecretRef, spec.notifications[].urlSecretRef, spec.gates[].urlSecretRef). Naming a Secret
+takes the right to create a ShadowDeployment; labelling it takes the right to write Secrets. Without the label
+the operator neither hands the Secret to a router, nor connects to the DSN in it, nor posts to the URL in it,
+so whoever may create ShadowDeployments cannot put any other Secret of the namespace to use."""
 
 
 HELD_ROUTER = (
@@ -231,6 +231,8 @@ URL_SECRET_FIELD = "spec.notifications[].urlSecretRef"
 HELD_NOTIFICATIONS = (
     "the operator reads only the Secrets labelled for it, and posts nothing to this receiver until then"
 )
+GATE_URL_SECRET_FIELD = "spec.gates[].urlSecretRef"
+HELD_GATES = "the operator reads only the Secrets labelled for it, and calls no gate with it: the gate holds until then"
 
 
 def secret_problem(secret: Manifest, field: str, consequence: str = HELD_ROUTER) -> str | None:

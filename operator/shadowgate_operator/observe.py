@@ -17,7 +17,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from shadowgate_operator.api import Phase, ShadowDeployment
-from shadowgate_operator.builders import HELD_NOTIFICATIONS, URL_SECRET_FIELD, OperatorSettings, secret_problem
+from shadowgate_operator.builders import (
+    GATE_URL_SECRET_FIELD,
+    HELD_GATES,
+    HELD_NOTIFICATIONS,
+    URL_SECRET_FIELD,
+    OperatorSettings,
+    secret_problem,
+)
 from shadowgate_operator.dbaway import DATABASE_AWAY, describe
 from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import KubeError, secret_value
@@ -99,7 +106,11 @@ class Observer:
             # Every named Secret read, for its router-secret label, whenever the DSN is (at the first
             # reconcile, at each resync, and at every reconcile while one of them is refused).
             token = sd.spec.outcomes.token_secret_ref.name
-            hooks = sorted({target.url_secret_ref.name for target in sd.spec.notifications})
+            # Receivers' and gates' URLs: each Secret with the field that names it (a receiver's first).
+            named_by = {gate.url_secret_ref.name: (GATE_URL_SECRET_FIELD, HELD_GATES) for gate in sd.spec.gates}
+            receivers = sd.spec.notifications
+            named_by |= {target.url_secret_ref.name: (URL_SECRET_FIELD, HELD_NOTIFICATIONS) for target in receivers}
+            hooks = sorted(named_by)
             try:
                 secret = await self.kube.get("v1", "Secret", sd.namespace, reference.name)
                 token_secret = await self.kube.get("v1", "Secret", sd.namespace, token)
@@ -120,13 +131,12 @@ class Observer:
                 if named is not None and (refusal := secret_problem(named, field)) is not None
             }
             denials.invalid += [Blocked("SecretNotAllowed", refusal) for refusal in unlabelled.values()]
-            # A receiver's Secret is never the router's: Ready says it is refused (the delivery worker refuses
-            # it too, notify.deliver), the router Deployment follows the spec meanwhile.
+            # A receiver's or a gate's Secret is never the router's: Ready says it is refused (the delivery worker
+            # and the gatekeeper refuse it too, notify.deliver, gates.call), the router follows the spec meanwhile.
             hooks_unlabelled = [
                 refusal
-                for named in hook_secrets
-                if named is not None
-                and (refusal := secret_problem(named, URL_SECRET_FIELD, HELD_NOTIFICATIONS)) is not None
+                for name, named in zip(hooks, hook_secrets, strict=True)
+                if named is not None and (refusal := secret_problem(named, *named_by[name])) is not None
             ]
             denials.invalid += [
                 Blocked("SecretNotAllowed", refusal, holds_router=False) for refusal in hooks_unlabelled

@@ -28,6 +28,7 @@ from shadowgate_operator.analysis.window import CATCH_UP_SECONDS, WindowAnalysis
 from shadowgate_operator.api import Phase, ShadowDeployment, ShadowDeploymentStatus
 from shadowgate_operator.builders import Manifest
 from shadowgate_operator.decision import evidence_since
+from shadowgate_operator.gates.call import Remembered
 from shadowgate_operator.rollout import Blocked, Notice, RouterState
 from shadowgate_operator.store import Rows
 
@@ -113,6 +114,8 @@ class Rollout:
     published: int = 0
     """The latest transition (status.lastTransition.sequence) whose Events and rows were handed out."""
     rows: Rows = field(default_factory=Rows)
+    gate_replies: dict[str, Remembered] = field(default_factory=dict)
+    """Gate name -> its latest reply (spec.gates), reused within an analysis interval."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when something happened that the loop of this object should act on now."""
@@ -211,7 +214,8 @@ class Rollout:
         now = time.monotonic()
         due = self.resync_at
         phase = self.status.phase_or_pending if self.status is not None else Phase.PENDING
-        if phase is Phase.PROGRESSING and self.analysis_due is not None:
+        held = phase is Phase.PENDING and self.status is not None and self.status.gate is not None
+        if (phase is Phase.PROGRESSING or held) and self.analysis_due is not None:  # held: its gates asked again
             due = min(due, self.analysis_due)
             if catch_up is not None:
                 due = min(due, now + catch_up)

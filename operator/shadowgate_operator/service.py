@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import random
 import time
@@ -44,6 +45,8 @@ from shadowgate_operator.builders import Manifest, OperatorSettings, router_obje
 from shadowgate_operator.conditions import notifications_condition
 from shadowgate_operator.dbaway import DATABASE_AWAY, describe
 from shadowgate_operator.exporter import OperatorMetrics
+from shadowgate_operator.gates.call import Gatekeeper, GateMetrics
+from shadowgate_operator.gates.verdict import GATE_WARNINGS
 from shadowgate_operator.kube import KubeError
 from shadowgate_operator.notify.deliver import Deliverer
 from shadowgate_operator.observe import Observed, Observer
@@ -67,6 +70,7 @@ WARNED = frozenset(
         "RouterImageNotAllowed",
         "SecretNotAllowed",
         "NotificationFailing",
+        *GATE_WARNINGS,
     }
 )
 """Warnings said once while their cause stays; each reconcile looks at all their causes."""
@@ -91,15 +95,21 @@ class Reconciler:
     notifier: Deliverer | None = None
     """The notification delivery worker (run beside the Reconciler by the kopf glue): woken when a
     transition's messages are queued; its failing receivers are read into status."""
+    gatekeeper: Gatekeeper | None = None
+    """Asks the gates (spec.gates) a plan names; one is made on the Kubernetes client if not given."""
 
     def __post_init__(self) -> None:
         self.metrics.follow(self.rollouts)
+        if self.gatekeeper is None:
+            self.gatekeeper = Gatekeeper(self.kube, GateMetrics(self.metrics.registry))
         self.announcer = Announcer(self.kube, self.metrics)
         self.observer = Observer(self.kube, self.databases, self.settings, self.metrics, self.rollouts)
 
     async def close(self) -> None:
         if self.notifier is not None:
             await self.notifier.close()
+        if self.gatekeeper is not None:
+            await self.gatekeeper.close()
         await self.databases.close()
         await self.kube.close()
 
@@ -155,10 +165,16 @@ class Reconciler:
         await self.announcer.publish(record, seen.body, sd)
         # Applying comes after the status write: expect the refusals the last apply met.
         expected = Denials(seen.denials.reads, record.denied.applies, record.denied.refused, seen.denials.invalid)
-        plan = plan_rollout(
-            sd, now, analyse=analyse, router=seen.router, metrics=seen.window, data_problem=seen.data_problem,
-            permission_problem=expected.problem(), blocked=expected.blocked(), stamp=dt.datetime.now(dt.UTC),
+        planning = functools.partial(
+            plan_rollout, sd, now, analyse=analyse, router=seen.router, metrics=seen.window,
+            data_problem=seen.data_problem, permission_problem=expected.problem(), blocked=expected.blocked(),
+            stamp=dt.datetime.now(dt.UTC),
         )  # fmt: skip
+        plan = planning()
+        if plan.asks and self.gatekeeper is not None:
+            # A move its gates must let through: ask them (each within its timeout), plan again with the answers.
+            interval = sd.spec.analysis.interval_seconds
+            plan = planning(gates=await self.gatekeeper.ask(record.gate_replies, sd, plan.asks, interval))
         failing = [(f.receiver, f.detail) for f in self.notifier.failing(*record.key)] if self.notifier else []
         delivery = notifications_condition(
             plan.status, len(sd.spec.notifications), failing, sd.metadata.generation, now
@@ -169,6 +185,8 @@ class Reconciler:
         if plan.status.to_dict() != sd.status.to_dict():
             body = record.body = await self.kube.replace_status({**body, "status": plan.status.to_dict()})
         record.status = plan.status
+        if plan.again:  # postRollback gates: told at the next reconcile, once the router follows this status
+            record.wake.set()
         denials = Denials(reads=seen.denials.reads, invalid=seen.denials.invalid)
         # An image not allowed or a Secret not labelled: the router keeps the Deployment (image, Secrets) it has.
         image_refused = any(

@@ -16,6 +16,7 @@ approximation of the format.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -31,6 +32,9 @@ from shadowgate_operator.api import GROUP, PLURAL, VERSION, NotificationFormat, 
 
 EVENT_TYPE_PREFIX = "io.shadowgate.rollout."
 """CloudEvents `type`: this prefix and the Event reason, e.g. io.shadowgate.rollout.Promoted."""
+GATE_TYPE_PREFIX = "io.shadowgate.gate."
+"""CloudEvents `type` of a gate's request (spec.gates): this prefix and the gate's type, e.g.
+io.shadowgate.gate.confirmPromotion."""
 SLACK_CONTENT_TYPE = "application/json"
 
 
@@ -148,22 +152,40 @@ class Announcement:
         return data
 
 
-def cloudevent(announcement: Announcement) -> Envelope:
-    """A CloudEvents 1.0 event in structured JSON mode."""
+def cloudevent(
+    announcement: Announcement, *, event_type: str | None = None, extra: dict[str, Any] | None = None
+) -> Envelope:
+    """A CloudEvents 1.0 event in structured JSON mode (`event_type` and `extra` data: a gate's request)."""
     event = CloudEvent(
         attributes={
             "specversion": "1.0",
             "id": announcement.id,
             "source": announcement.source,
-            "type": EVENT_TYPE_PREFIX + announcement.reason,
+            "type": event_type or EVENT_TYPE_PREFIX + announcement.reason,
             "subject": announcement.name,
             "time": announcement.time.astimezone(dt.UTC),
             "datacontenttype": "application/json",
         },
-        data=announcement.data(),
+        data={**announcement.data(), **(extra or {})},
     )
     message = to_structured(event, JSONFormat())
     return Envelope(headers=dict(message.headers), body=message.body)
+
+
+def gate_request(sd: ShadowDeployment, *, id: str, time: dt.datetime, gate: str, moment: str, purpose: str) -> Envelope:
+    """What a gate (spec.gates) is posted: a CloudEvent of the shape notifications have, of type
+    io.shadowgate.gate.<moment>, whose data says what it is asked to let through (`message`: "Asked to let
+    through ..."; after a rollback, "Told of ...") and names the gate (`gate`)."""
+    transition = sd.status.last_transition
+    verb = "Told of" if moment == "postRollback" else "Asked to let through"
+    announcement = dataclasses.replace(
+        Announcement.of(
+            sd, sequence=transition.sequence if transition is not None else 0, time=time, index=0,
+            event_type="Normal", reason=moment, message=f"{verb} {purpose}.",
+        ),
+        id=id,
+    )  # fmt: skip
+    return cloudevent(announcement, event_type=GATE_TYPE_PREFIX + moment, extra={"gate": gate})
 
 
 # Slack's limits: a header's text at most 150 characters, a section's 3000, a field's 2000, ten fields.
