@@ -39,12 +39,22 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
+from shadowgate_router.breaker import CIRCUIT_OPEN, Breaker
 from shadowgate_router.config import DEFAULT_MIRROR_DROP_HEADERS, Protocol, RouterConfig, TrafficMode, Upstream
 from shadowgate_router.hashing import to_candidate
 from shadowgate_router.httpserver import new_request_id
 from shadowgate_router.oip import inference_pb2
 from shadowgate_router.protocols import Extractor, grpc_request_document, walk_json
-from shadowgate_router.proxy import CANCELLED, NO_PREDICTION, Proxy, Route, key_text, segment_text, valid_request_id
+from shadowgate_router.proxy import (
+    BREAKER_FAILURES,
+    CANCELLED,
+    NO_PREDICTION,
+    Proxy,
+    Route,
+    key_text,
+    segment_text,
+    valid_request_id,
+)
 from shadowgate_router.recorder import now_us
 from shadowgate_router.spool import Row
 from shadowgate_router.upstream import CONNECT, TIMEOUT
@@ -122,7 +132,8 @@ class GrpcAnswer:
     """None when there was no answer: see `error`."""
     error: str | None
     details: str
-    latency_ms: float
+    latency_ms: float | None
+    """None for a call that was not made (skipped by the candidate's breaker, or cut short)."""
     body: bytes | None
     initial: Metadata = ()
     trailing: Metadata = ()
@@ -328,9 +339,17 @@ class GrpcProxy:
             request.model_version = ""  # a version in the call is production's; the candidate's default
             return request.SerializeToString()
 
+        breaker = route.grpc_breaker
         if config.mode is TrafficMode.SHADOW:
-            mirror = None
-            if candidate_share and not proxy.mirrors_full():
+            mirror: asyncio.Task[GrpcAnswer] | GrpcAnswer | None = None
+            ticket = 0 if breaker is None or not candidate_share else breaker.admit()
+            if ticket is None:
+                assert breaker is not None
+                mirror = self._skip(breaker, "mirror")
+            elif candidate_share and proxy.mirrors_full():
+                if breaker is not None:
+                    breaker.release(ticket)
+            elif candidate_share:
                 drop = self._mirror_drop
                 mirrored = [(key, value) for key, value in forward if key not in drop] if drop else forward
                 mirror = asyncio.get_running_loop().create_task(
@@ -342,16 +361,18 @@ class GrpcProxy:
                         mirrored,
                         config.mirror_timeout_seconds,
                         keep_metadata=False,
+                        breaker=breaker,
+                        ticket=ticket,
                     )
                 )
                 proxy.track_mirror(mirror)
             answered = await self._call(upstreams.production, "production", "answer", production_data, forward, timeout)
 
             def record_shadow(done: asyncio.Task[GrpcAnswer] | None = None) -> None:
-                if mirror is not None and not mirror.done():
+                if isinstance(mirror, asyncio.Task) and not mirror.done():
                     mirror.add_done_callback(record_shadow)
                     return
-                candidate = _mirrored(mirror) if mirror is not None else None
+                candidate = _mirrored(mirror) if isinstance(mirror, asyncio.Task) else mirror
                 self._record(
                     route, received, request_id, "production", answered, candidate, False, features, recorded_key
                 )
@@ -363,7 +384,21 @@ class GrpcProxy:
         served_by = "production"
         fallback = False
         if candidate_share:
-            candidate = await self._call(upstreams.candidate, "candidate", "answer", candidate_data(), forward, timeout)
+            admitted = 0 if breaker is None else breaker.admit()
+            if admitted is None:
+                assert breaker is not None
+                candidate = self._skip(breaker, "answer")
+            else:
+                candidate = await self._call(
+                    upstreams.candidate,
+                    "candidate",
+                    "answer",
+                    candidate_data(),
+                    forward,
+                    timeout,
+                    breaker=breaker,
+                    ticket=admitted,
+                )
             served_by = "candidate"
             if candidate.failed and config.fallback_to_production:
                 self.metrics.fallbacks.inc()
@@ -398,9 +433,11 @@ class GrpcProxy:
         time_limit: float,
         method: str = MODEL_INFER,
         keep_metadata: bool = True,
+        breaker: Breaker | None = None,
+        ticket: int = 0,
     ) -> GrpcAnswer:
         """One call to a model server. `keep_metadata`: also take its initial and trailing metadata (for the
-        client; a shadow copy's are never used)."""
+        client; a shadow copy's are never used). Its outcome goes to `breaker` (the candidate's) under `ticket`."""
         started = time.perf_counter()
         if channel is None:
             answer = GrpcAnswer(
@@ -412,6 +449,10 @@ class GrpcProxy:
                 body = await call
             except grpc.aio.AioRpcError as exc:
                 answer = _failure(exc, time_limit, (time.perf_counter() - started) * 1000)
+            except BaseException:
+                if breaker is not None:
+                    breaker.release(ticket)  # cut short (cancelled): no verdict on the candidate
+                raise
             else:
                 latency_ms = (time.perf_counter() - started) * 1000
                 if keep_metadata:
@@ -426,9 +467,16 @@ class GrpcProxy:
                     )
                 else:
                     answer = GrpcAnswer(grpc.StatusCode.OK, None, "", latency_ms, body)
+        if breaker is not None:
+            breaker.record(ticket, answer.error in BREAKER_FAILURES)
         label = answer.error or str(answer.status)
-        self.proxy.count_call(side, role, label, answer.latency_ms)
+        self.proxy.count_call(side, role, label, answer.latency_ms or 0.0)
         return answer
+
+    def _skip(self, breaker: Breaker, role: str) -> GrpcAnswer:
+        """What the candidate is recorded as having done with a call its open breaker skipped: failed."""
+        self.proxy.count_skip(role)
+        return GrpcAnswer(None, CIRCUIT_OPEN, f"the candidate's circuit breaker is open ({breaker.reason})", None, None)
 
     async def _answer(
         self,
@@ -637,7 +685,7 @@ def _code_for(error: str | None) -> grpc.StatusCode:
 
 def _mirrored(task: asyncio.Task[GrpcAnswer]) -> GrpcAnswer:
     if task.cancelled():
-        return GrpcAnswer(None, CANCELLED, "the router stopped before the candidate answered", 0.0, None)
+        return GrpcAnswer(None, CANCELLED, "the router stopped before the candidate answered", None, None)
     return task.result()
 
 
@@ -652,7 +700,8 @@ def _side(extract: Extractor, version: str, answer: GrpcAnswer | None) -> Row:
             prediction, confidence = extract.read_grpc(inference_pb2.ModelInferResponse.FromString(answer.body))
         if prediction is None:
             error = NO_PREDICTION
-    return (version, prediction, confidence, round(answer.latency_ms, 3), answer.status, error)
+    latency = None if answer.latency_ms is None else round(answer.latency_ms, 3)
+    return (version, prediction, confidence, latency, answer.status, error)
 
 
 def _features(request: inference_pb2.ModelInferRequest) -> str:

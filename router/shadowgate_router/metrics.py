@@ -147,12 +147,14 @@ class RouterMetrics:
             "shadowgate_router_candidate_breaker_state",
             "The candidate's circuit breaker: 0 closed (calls go through), 1 half-open (a few probe calls), "
             "2 open (no calls; each skipped one is counted in requests_total as circuit_open and recorded as a "
-            "candidate failure).",
+            "candidate failure); per protocol (http, grpc: a breaker each).",
+            ["protocol"],
             registry=registry,
         )
         self.breaker_opened = Counter(
             "shadowgate_router_candidate_breaker_opened",
             "Times the candidate's circuit breaker opened (its calls kept failing with no usable answer).",
+            ["protocol"],
             registry=registry,
         )
 

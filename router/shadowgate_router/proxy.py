@@ -5,8 +5,9 @@ at the same moment, in the background, under its own timeout and a concurrency l
 the copy is dropped and counted, never queued). Whatever the candidate does is recorded, never shown.
 canary: the candidate's share is answered by the candidate; when it fails (no answer, or a 5xx) and
 fallback is on, production answers instead and the row says so.
-In both modes calls to the candidate go through its circuit breaker (breaker.py): while it is open the call
-is not made and the row records the candidate as failed (`circuit_open`); production is never behind one.
+In both modes calls to the candidate go through its circuit breaker (breaker.py; one for HTTP, one for gRPC):
+while it is open the call is not made and the row records the candidate as failed (`circuit_open`);
+production is never behind one.
 
 Nothing here waits for the database: the row is put on the recorder's queue after the answer has been
 handed to the socket (`Response.after`), and for a mirrored request only once the copy has finished.
@@ -15,6 +16,7 @@ handed to the socket (`Response.after`), and for a mirrored request only once th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Coroutine
@@ -144,7 +146,10 @@ class Route:
     mirror_drop: frozenset[bytes]
     """Lower-cased names of the request headers left out of shadow copies."""
     breaker: Breaker | None
-    """The candidate's circuit breaker; None when off, and when the candidate answers everything (promoted)."""
+    """The candidate's circuit breaker (HTTP); None when off, and when the candidate answers everything
+    (promoted)."""
+    grpc_breaker: Breaker | None
+    """The same for its gRPC address (a breaker of its own: another port, maybe another server)."""
 
 
 def _mirrored(task: asyncio.Task[Answer]) -> Answer:
@@ -215,11 +220,12 @@ class Proxy:
         self._responses: dict[int, Any] = {}
         self._refusals: dict[int, Any] = {}
         self._request_latency = {side: metrics.request_latency.labels(side) for side in ("production", "candidate")}
-        self._breaker: tuple[tuple[str, str, str], Breaker] | None = None
-        """The candidate's breaker and whom it guards (URL, model name, version): kept across configurations
-        that change only the split, replaced with the candidate."""
+        self._breakers: dict[str, tuple[tuple[str, str, str], Breaker]] = {}
+        """Per protocol (http, grpc), the candidate's breaker and whom it guards (address, model name, version):
+        kept across configurations that change only the split, replaced with the candidate."""
         metrics.inflight.set_function(lambda: len(self._mirrors))
-        metrics.breaker_state.set_function(self._breaker_state)
+        for protocol in ("http", "grpc"):
+            metrics.breaker_state.labels(protocol).set_function(functools.partial(self._breaker_state, protocol))
 
     # configuration
     def apply(self, config: RouterConfig) -> None:
@@ -238,7 +244,8 @@ class Proxy:
             production=pools[config.production.base_url],
             candidate=pools[config.candidate.base_url],
             mirror_drop=frozenset(name.lower().encode() for name in config.mirror_drop_headers),
-            breaker=self._candidate_breaker(config),
+            breaker=self._candidate_breaker(config, "http", config.candidate.base_url),
+            grpc_breaker=self._candidate_breaker(config, "grpc", config.candidate.grpc_address),
         )
         for url in [url for url in self._pools if url not in pools]:
             retired = self._pools.pop(url)
@@ -246,31 +253,36 @@ class Proxy:
             grace = max(config.timeout_seconds, config.mirror_timeout_seconds) + 1
             asyncio.get_running_loop().call_later(grace, self._close_later, retired)
 
-    def _candidate_breaker(self, config: RouterConfig) -> Breaker | None:
+    def _candidate_breaker(self, config: RouterConfig, protocol: str, address: str | None) -> Breaker | None:
         settings = self.settings.breaker
-        if not settings.enabled or config.candidate_answers_all:
+        if not settings.enabled or config.candidate_answers_all or address is None:
             return None  # promoted, the candidate is the service: nothing to fall back on, nothing to protect
-        candidate = config.candidate
-        guarded = (candidate.base_url, candidate.model_name, candidate.version)
-        if self._breaker is None or self._breaker[0] != guarded:
-            self._breaker = (guarded, Breaker(settings, on_change=self._breaker_changed))
-        return self._breaker[1]
+        guarded = (address, config.candidate.model_name, config.candidate.version)
+        held = self._breakers.get(protocol)
+        if held is None or held[0] != guarded:
+            breaker = Breaker(settings, on_change=functools.partial(self._breaker_changed, protocol))
+            held = self._breakers[protocol] = (guarded, breaker)
+        return held[1]
 
-    def _breaker_changed(self, breaker: Breaker) -> None:
+    def _breaker_changed(self, protocol: str, breaker: Breaker) -> None:
         if breaker.state is State.OPEN:
-            self.metrics.breaker_opened.inc()
+            self.metrics.breaker_opened.labels(protocol).inc()
             log.warning(
-                "the candidate's circuit breaker opened: %s; no calls to it for %gs, each recorded as %s",
+                "the candidate's circuit breaker opened (%s): %s; no calls to it for %gs, each recorded as %s",
+                protocol,
                 breaker.reason,
                 breaker.cool_off,
                 CIRCUIT_OPEN,
             )
         elif breaker.state is State.CLOSED:
-            log.info("the candidate's circuit breaker closed: it answered again")
+            log.info("the candidate's circuit breaker closed (%s): it answered again", protocol)
 
-    def _breaker_state(self) -> float:
+    def _breaker_state(self, protocol: str) -> float:
         route = self.route
-        return float(route.breaker.state) if route is not None and route.breaker is not None else 0.0
+        if route is None:
+            return 0.0
+        breaker = route.breaker if protocol == "http" else route.grpc_breaker
+        return float(breaker.state) if breaker is not None else 0.0
 
     def _close_later(self, pool: UpstreamPool) -> None:
         task = asyncio.get_running_loop().create_task(pool.close())
@@ -508,13 +520,17 @@ class Proxy:
         return task
 
     def _skip(self, breaker: Breaker, role: str) -> Answer:
-        """A candidate call the open breaker skipped: counted in requests_total as circuit_open (no latency)."""
+        self.count_skip(role)
+        return _skipped(breaker)
+
+    def count_skip(self, role: str) -> None:
+        """A candidate call the open breaker skipped, in requests_total as circuit_open (HTTP and gRPC alike; no
+        latency: it took none)."""
         key = ("candidate", role, CIRCUIT_OPEN)
         counter = self._calls.get(key)
         if counter is None:
             counter = self._calls[key] = self.metrics.requests.labels(*key)
         counter.inc()
-        return _skipped(breaker)
 
     def mirrors_full(self) -> bool:
         """Whether --mirror-concurrency copies (HTTP and gRPC together) are in flight; counts the drop if so."""

@@ -204,6 +204,31 @@ async def test_a_model_server_down_or_slow_is_unavailable_or_past_its_deadline(
     ]
 
 
+async def test_a_candidate_that_cannot_be_reached_is_left_alone_by_its_own_breaker(
+    servers: tuple[ModelServer, ModelServer], start_router: StartRouter, db: asyncpg.Connection, deployment: str
+) -> None:
+    """Issue 12: gRPC copies to a candidate whose gRPC port refuses connections. After 10 failures in a row
+    the gRPC breaker opens (HTTP's, another port, stays closed): the copies it skips are recorded as the
+    candidate failing (circuit_open, no latency), production answers every call."""
+    config = config_for(servers, deployment, mode="shadow", weight=100)
+    config["candidate"]["grpcAddress"] = f"127.0.0.1:{free_port()}"
+    router = start_router(config, "--breaker-cool-off", "60")
+    for value in range(25):
+        code, answer, _, _ = await call(router.grpc_address, "ModelInfer", infer_request(value))
+        assert code is grpc.StatusCode.OK and answer is not None and score(answer) == value
+    recorded = await rows(db, deployment, 25)
+    errors = [row["candidate_error"] for row in recorded]
+    assert errors[:10] == ["connect"] * 10 and set(errors) == {"connect", "circuit_open"}, errors
+    assert errors.count("circuit_open") >= 10
+    for row in recorded:
+        assert (row["candidate_latency_ms"] is None) == (row["candidate_error"] == "circuit_open")
+    skipped = router.metric("shadowgate_router_requests_total", side="candidate", role="mirror", status="circuit_open")
+    assert skipped == errors.count("circuit_open")
+    assert router.metric("shadowgate_router_candidate_breaker_state", protocol="grpc") == 2
+    assert router.metric("shadowgate_router_candidate_breaker_state", protocol="http") == 0
+    assert "the candidate's circuit breaker opened (grpc): 10 calls in a row failed" in router.log()
+
+
 async def test_bad_calls_are_refused_and_counted(
     servers: tuple[ModelServer, ModelServer], start_router: StartRouter, deployment: str
 ) -> None:

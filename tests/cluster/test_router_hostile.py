@@ -399,9 +399,9 @@ async def test_a_candidate_whose_answers_are_all_refused_is_left_alone_and_still
         for status in ("bad_response", "circuit_open")
     }
     assert candidate_calls == {"bad_response": calls, "circuit_open": errors.count("circuit_open")}
-    assert router.metric("shadowgate_router_candidate_breaker_opened_total") >= 2
-    assert router.metric("shadowgate_router_candidate_breaker_state") == 2
-    assert "the candidate's circuit breaker opened: 10 calls in a row failed" in router.log()
+    assert router.metric("shadowgate_router_candidate_breaker_opened_total", protocol="http") >= 2
+    assert router.metric("shadowgate_router_candidate_breaker_state", protocol="http") == 2
+    assert "the candidate's circuit breaker opened (http): 10 calls in a row failed" in router.log()
 
 
 async def test_in_canary_mode_the_open_breaker_falls_back_to_production_or_answers_503(
