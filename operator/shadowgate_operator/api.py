@@ -965,9 +965,10 @@ class Gate(ApiModel):
     """The Secret key holding the gate's URL (the Secret must be labelled shadowgate.io/router-secret=true,
     like every Secret a ShadowDeployment names); read at each call, so a rotated URL is used at once."""
     timeout: Duration = "10s"
-    """How long the operator waits for the gate's answer, from 1s to 30s (default 10s)."""
+    """How long the operator waits for the gate's whole answer (connect, send, answer), from 1s to 30s."""
     on_timeout: GateTimeoutAction = GateTimeoutAction.HOLD
-    """hold (default): no answer in time holds the rollout; proceed: no answer in time lets it through."""
+    """hold: no answer in time holds the rollout (asked again at the next interval); proceed: no answer in time
+    lets it through."""
 
     @rule(
         _cel_duration_within("self.timeout", "1s", "30s"),
@@ -1015,8 +1016,8 @@ class ShadowDeploymentSpec(ApiModel):
     """The model registry to write the outcome back to (needs candidate.registeredModel)."""
     gates: list[Gate] = Field(default_factory=list, max_length=8)
     """Webhooks asked before the rollout moves (preRollout, confirmStep, confirmPromotion) and told after a
-    rollback (postRollback); a gate that does not answer 2xx holds the rollout until it does. Empty (default):
-    no gates."""
+    rollback (postRollback); a gate that does not answer 2xx holds the rollout until it does. Empty: no
+    gates."""
 
     @rule(
         "has(self.registry) == has(self.candidate.registeredModel)",

@@ -232,7 +232,7 @@ HELD_NOTIFICATIONS = (
     "the operator reads only the Secrets labelled for it, and posts nothing to this receiver until then"
 )
 GATE_URL_SECRET_FIELD = "spec.gates[].urlSecretRef"
-HELD_GATES = "the operator reads only the Secrets labelled for it, and calls no gate with it: the gate holds until then"
+HELD_GATES = "the operator reads only the Secrets labelled for it, and calls no gate with it until then (it holds)"
 
 
 def secret_problem(secret: Manifest, field: str, consequence: str = HELD_ROUTER) -> str | None:

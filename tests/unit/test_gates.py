@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from shadowgate_operator.api import ConditionType, DecisionAction, GateOutcome, GateType, Phase
-from shadowgate_operator.gates.verdict import ANSWER_LIMIT, GateReply
+from shadowgate_operator.gates.verdict import MESSAGE_LIMIT, GateReply
 from shadowgate_operator.metrics import Moments, SideMetrics, WindowMetrics
 from shadowgate_operator.rollout import Plan, plan_rollout
 from tests.unit.test_rollout import ACTION, T0, after, condition, reasons, resource, window
@@ -240,7 +240,7 @@ def test_an_answer_is_bounded_in_status() -> None:
     spec = gated(gate("smoke", "preRollout"))
     plan = both_passes(spec, GateOutcome.REFUSED, "x" * 5000)
     assert plan.status.gate is not None
-    assert len(plan.status.gate.answers[0].message) == ANSWER_LIMIT
+    assert len(plan.status.gate.answers[0].message) == MESSAGE_LIMIT
 
 
 def test_no_gates_no_condition_and_nothing_asked() -> None:

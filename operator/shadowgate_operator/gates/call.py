@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from shadowgate_operator.api import GateOutcome, ShadowDeployment
 from shadowgate_operator.builders import GATE_URL_SECRET_FIELD, HELD_GATES, secret_problem
-from shadowgate_operator.gates.verdict import ANSWER_LIMIT, GateCall, GateReply
+from shadowgate_operator.gates.verdict import ANSWER_LIMIT, MESSAGE_LIMIT, GateCall, GateReply
 from shadowgate_operator.kube import secret_value
 from shadowgate_operator.notify.deliver import SecretReader, usable_url
 from shadowgate_operator.notify.messages import gate_request
@@ -126,7 +126,7 @@ class Gatekeeper:
         gate, ref = call.gate, call.gate.url_secret_ref
 
         def reply(outcome: GateOutcome, message: str) -> GateReply:
-            return GateReply(gate.name, call.key, outcome, message[:ANSWER_LIMIT])
+            return GateReply(gate.name, call.key, outcome, message[:MESSAGE_LIMIT])
 
         try:
             secret = await self.secrets.get("v1", "Secret", sd.namespace, ref.name)

@@ -30,7 +30,9 @@ from shadowgate_operator.api import (
 from shadowgate_operator.conditions import set_condition
 
 ANSWER_LIMIT = 200
-"""Characters of a gate's answer shown in status, conditions and Events."""
+"""Characters of a gate's answer (its body) shown in status, conditions and Events."""
+MESSAGE_LIMIT = 512
+"""Characters of a reply's message in status (the answer, or why there was none)."""
 WARNING_REASONS: Mapping[GateOutcome, str] = {
     GateOutcome.REFUSED: "GateRefused",
     GateOutcome.TIMED_OUT: "GateTimedOut",
@@ -65,7 +67,7 @@ class GateReply:
     message: str = ""
 
     def answer(self) -> GateAnswer:
-        return GateAnswer(name=self.gate, outcome=self.outcome, message=self.message[:ANSWER_LIMIT])
+        return GateAnswer(name=self.gate, outcome=self.outcome, message=self.message[:MESSAGE_LIMIT])
 
 
 def gate_key(moment: GateType, revision: str | None, step: int, since: dt.datetime | None = None) -> str:
