@@ -28,7 +28,9 @@ from tests.support.operator import (
     router_secret,
     shadow,
     wait_phase,
+    wait_reasons,
 )
+from tests.support.seeder import Model, Seeder
 
 pytestmark = [pytest.mark.cluster, pytest.mark.database]
 
@@ -39,7 +41,8 @@ INTERVAL = 5.0
 class Gates:
     """Gate webhooks on loopback, one per path (a thread of its own: the operator is another process):
     /refuse answers 500 with REFUSAL; /hang never answers (until the test ends); /flaky answers 503 three
-    times, then 200; /told answers 204. Records (path, monotonic time, headers, body) of each POST."""
+    times, then 200; /told answers 204; /step answers 409 twice, then 200; /promote answers 200. Records
+    (path, monotonic time, headers, body) of each POST."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -59,6 +62,8 @@ class Gates:
                     "/refuse": (500, REFUSAL),
                     "/flaky": (503 if tries <= 3 else 200, "not yet" if tries <= 3 else "go"),
                     "/told": (204, ""),
+                    "/step": (409 if tries <= 2 else 200, "load test running" if tries <= 2 else "ok"),
+                    "/promote": (200, "approved"),
                 }[self.path]
                 answer = text.encode()
                 self.send_response(status)
@@ -199,3 +204,49 @@ def test_gates_hold_the_rollout_in_sight_and_let_it_go_when_they_say_yes(
     assert metric(f"http://{metrics}", "shadowgate_gate_calls_total", type="preRollout", outcome="Refused") >= 4
     assert metric(f"http://{metrics}", "shadowgate_gate_calls_total", type="preRollout", outcome="TimedOut") >= 1
     operator.assert_running()
+
+
+@pytest.mark.timeout(600)
+def test_step_and_promotion_gates_hold_a_passing_candidate_until_they_say_yes(
+    kubectl: Kubectl,
+    namespace: str,
+    dsn: str,
+    start_operator: StartOperator,
+    apply_shadow: ApplyShadow,
+    gates: Gates,
+) -> None:
+    """A better candidate (rows seeded as the router writes them): its first step passes, but the confirmStep
+    gate refuses twice, so it stays at step 1 (still analysed); then it advances, and the confirmPromotion
+    gate, asked once, lets it be promoted."""
+    asyncio.run(migrate_dsn(dsn))
+    secret = router_secret("gates", "step", gates.url("/step"))
+    secret["stringData"]["promote"] = gates.url("/promote")
+    apply(kubectl, namespace, secret)
+    start_operator("--namespace", namespace)
+    manifest = example(
+        "passing",
+        traffic={"mode": "shadow", "steps": [10, 50]},
+        gates=[
+            {"name": "load", "type": "confirmStep", "urlSecretRef": {"name": "gates", "key": "step"}},
+            {"name": "board", "type": "confirmPromotion", "urlSecretRef": {"name": "gates", "key": "promote"}},
+        ],
+    )
+    manifest["spec"]["analysis"] = {"interval": "5s", "minSamples": 100, "maxErrorRate": 0.05, "maxStepDuration": "5m"}
+    apply_shadow(namespace, manifest)
+    wait_phase(kubectl, namespace, "passing", "Progressing")
+    with Seeder(dsn, namespace, "passing", production=Model(error_scale=1.0), candidate=Model(error_scale=0.5)):
+        refused = held(kubectl, namespace, "passing", "GateRefused")
+        assert "gate load refused (HTTP 409: 'load test running')" in refused["message"]
+        status = shadow(kubectl, namespace, "passing")["status"]
+        assert (status["currentStep"], status["currentWeight"]) == (0, 10)
+        assert status["lastDecision"]["action"] == "Wait"
+        assert status["lastDecision"]["reason"].startswith("Held by gates (confirmStep) before step 2 of 2")
+        promoted = wait_phase(kubectl, namespace, "passing", "Promoted", timeout=120)
+    assert promoted["status"]["currentWeight"] == 100
+    wait_reasons(kubectl, namespace, "passing", ["AnalysisStarted", "GateRefused", "StepAdvanced", "Promoted"])
+    events = {e["reason"]: e["message"] for e in events_for(kubectl, namespace, "passing")}
+    assert "Gates: gate load let it through (HTTP 200: 'ok')." in events["StepAdvanced"]
+    assert "Gates: gate board let it through (HTTP 200: 'approved')." in events["Promoted"]
+    assert len(gates.times("/step")) == 3 and len(gates.times("/promote")) == 1
+    gaps = [later - earlier for earlier, later in itertools.pairwise(gates.times("/step"))]
+    assert min(gaps) >= 0.9 * INTERVAL - 0.5, gaps
