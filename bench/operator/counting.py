@@ -5,14 +5,17 @@
 The operator's own calls go through httpx and kopf's through aiohttp; both clients are wrapped before
 the operator starts, so the baseline (an older checkout on PYTHONPATH) and the current code are counted
 the same way. Every second the counts are written to COUNTS.json: per client, method and kind of call
-(a watch is a GET with watch=true and is counted once, when it is opened).
+(a watch is a GET with watch=true and is counted once, when it is opened). SIGUSR1 and SIGUSR2 start and
+stop a profile of it (COUNTS.pstats).
 """
 
 from __future__ import annotations
 
 import collections
+import cProfile
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -61,10 +64,27 @@ def _dump_forever(path: Path) -> None:
         time.sleep(1.0)
 
 
+def _profile_on_signals(path: Path) -> None:
+    """SIGUSR1 starts profiling the operator (its event loop runs in this, the main, thread); SIGUSR2 stops
+    and writes the statistics to `path` (pstats): the bench profiles its steady window only."""
+    profiler = cProfile.Profile()
+
+    def start(*_: Any) -> None:
+        profiler.enable()
+
+    def stop(*_: Any) -> None:
+        profiler.disable()
+        profiler.dump_stats(path)
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+
+
 def main() -> int:
     path = Path(sys.argv[1])
     _wrap_httpx()
     _wrap_aiohttp()
+    _profile_on_signals(path.with_suffix(".pstats"))
     threading.Thread(target=_dump_forever, args=(path,), daemon=True).start()
     import shadowgate_operator
     from shadowgate_operator.cli import main as cli_main

@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,10 @@ class Figures:
     peak_rss_mb: float = 0.0
     window_seconds: float = 0.0
     requests: dict[str, int] = field(default_factory=dict)
+    objects_changed: dict[str, int] = field(default_factory=dict)
+    """Of the objects whose resourceVersion moved in the steady window: how many saw each field change."""
+    events: dict[str, int] = field(default_factory=dict)
+    """Events first posted in the steady window, by reason: what the writes announced."""
     weight_change_seconds: list[float] = field(default_factory=list)
     weight_changes_missed: int = 0
     """Weight changes that did not reach the ConfigMap within WEIGHT_TIMEOUT (the rest are not tried)."""
@@ -147,6 +152,42 @@ async def create_all(api: Api, objects: int) -> None:
 async def phases(api: Api) -> dict[str, str]:
     listing = await api.call("GET", SHADOWS)
     return {item["metadata"]["name"]: (item.get("status") or {}).get("phase", "") for item in listing["items"]}
+
+
+async def objects(api: Api) -> dict[str, dict[str, Any]]:
+    listing = await api.call("GET", SHADOWS)
+    return {item["metadata"]["name"]: item for item in listing["items"]}
+
+
+def _meta(item: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in item["metadata"].items() if key not in ("resourceVersion", "managedFields")}
+
+
+def what_changed(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Of the objects whose resourceVersion moved: how many saw each status field (or metadata) change."""
+    fields: dict[str, int] = {}
+    for name, item in after.items():
+        old = before.get(name)
+        if old is not None and old["metadata"]["resourceVersion"] == item["metadata"]["resourceVersion"]:
+            continue
+        old_status, status = (old or {}).get("status") or {}, item.get("status") or {}
+        changed = [f"status.{key}" for key in sorted(old_status.keys() | status.keys())
+                   if old_status.get(key) != status.get(key)]  # fmt: skip
+        if old is None or (_meta(old), old["spec"]) != (_meta(item), item["spec"]):
+            changed.append("metadata/spec")
+        for key in changed or ["(nothing seen)"]:
+            fields[key] = fields.get(key, 0) + 1
+    return fields
+
+
+async def events_since(api: Api, since: str) -> dict[str, int]:
+    """Events first posted at or after `since` (RFC 3339, whole seconds), counted by reason."""
+    listing = await api.call("GET", f"/api/v1/namespaces/{NAMESPACE}/events")
+    reasons: dict[str, int] = {}
+    for event in listing["items"]:
+        if (event.get("firstTimestamp") or "") >= since:
+            reasons[event["reason"]] = reasons.get(event["reason"], 0) + 1
+    return reasons
 
 
 async def router_weight(api: Api, name: str) -> int | None:
@@ -260,9 +301,20 @@ async def measure(variant: Variant, args: argparse.Namespace, workdir: Path) -> 
 
             await asyncio.sleep(args.settle)
             operator.check()
+            before = await objects(api)
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            if args.profile:
+                operator.process.send_signal(signal.SIGUSR1)
             cpu, counts, window_start = operator.cpu_seconds(), operator.requests(), time.monotonic()
             await asyncio.sleep(args.window)
             operator.check()
+            if args.profile:
+                operator.process.send_signal(signal.SIGUSR2)
+            seen_after = await objects(api)
+            figures.objects_changed = what_changed(before, seen_after)
+            for moment, listing in (("before", before), ("after", seen_after)):  # for a look at what changed
+                (workdir / f"{variant.name}-window-{moment}.json").write_text(json.dumps(listing))
+            figures.events = await events_since(api, since)
             figures.window_seconds = time.monotonic() - window_start
             figures.cpu_percent = 100 * (operator.cpu_seconds() - cpu) / figures.window_seconds
             after = operator.requests()
@@ -349,7 +401,15 @@ def report(results: Sequence[Figures], interval: float) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     for f in results:
         detail = ", ".join(f"{label}: {count}" for label, count in sorted(f.requests.items()) if count)
+        per_minute = ", ".join(
+            f"{label} {count * 60 / f.window_seconds:.0f}" for label, count in sorted(f.requests.items()) if count
+        )
+        events = ", ".join(f"{reason} {count}" for reason, count in sorted(f.events.items())) or "none"
         lines.append(f"\n{f.variant}: requests in the {f.window_seconds:.0f} s window: {detail or 'none'}")
+        lines.append(f"{f.variant}: per minute by verb: {per_minute or 'none'}")
+        changed = ", ".join(f"{key} {count}" for key, count in sorted(f.objects_changed.items())) or "none"
+        lines.append(f"{f.variant}: objects written in the window, by what changed: {changed}")
+        lines.append(f"{f.variant}: Events posted in the window: {events}")
     return "\n".join(lines)
 
 
@@ -391,6 +451,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--weights", type=int, nargs="+", default=[15, 25, 35], help="first steps set one after the other"
     )
     parser.add_argument("--keep", action="store_true", help="keep the operator logs and counts")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the steady window (VARIANT-counts.pstats, with --keep)",
+    )
     return asyncio.run(bench(parser.parse_args(argv)))
 
 
