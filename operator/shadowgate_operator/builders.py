@@ -410,6 +410,12 @@ def network_policy(sd: ShadowDeployment, settings: OperatorSettings) -> Manifest
     }
 
 
+def router_inputs(sd: ShadowDeployment) -> tuple[Any, ...]:
+    """Everything `router_objects` reads of `sd` (the operator's settings stay the same): equal inputs, equal
+    children, so the Reconciler builds them again only when these change."""
+    return (sd.metadata.uid, sd.namespace, sd.name, sd.spec, sd.status.phase_or_pending, sd.status.current_weight)
+
+
 def router_objects(sd: ShadowDeployment, settings: OperatorSettings) -> list[Manifest]:
     """All children, in an order that applies cleanly: identity and config before the pods using them."""
     children = [

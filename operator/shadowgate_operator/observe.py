@@ -70,7 +70,7 @@ class Observer:
         if record.body["metadata"].get("deletionTimestamp"):  # going: nothing more to do for it
             return None
         try:
-            sd = ShadowDeployment.model_validate(record.body)
+            sd = record.shadow_deployment()
         except ValidationError as exc:  # admission validation makes this rare (stored before a CRD upgrade)
             logger.error("ShadowDeployment %s/%s is invalid, not reconciled: %s", *record.key, exc)
             return None

@@ -193,7 +193,7 @@ class Reconciler:
             blocked.reason in ("RouterImageNotAllowed", "SecretNotAllowed") and blocked.holds_router
             for blocked in denials.invalid
         )
-        for child in record.needs_apply(router_objects(planned, self.settings)):
+        for child in record.needs_apply(planned, lambda: router_objects(planned, self.settings)):
             if not (image_refused and child["kind"] == "Deployment"):
                 await self._apply(record, child, denials)
         if (denials.problem(), denials.blocked()) != (expected.problem(), expected.blocked()):
