@@ -29,6 +29,15 @@ Kubectl = Callable[..., subprocess.CompletedProcess[str]]
 STARTUP_TIMES: dict[str, float] = {}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Subprocesses (`shadowgate operator`, the router, model servers) run this checkout's code, as the tests
+    themselves do through pyproject's `pythonpath`, whichever venv's package is installed (a venv made in
+    another checkout would otherwise start its own copy of the operator)."""
+    roots = [str(path) for path in config.getini("pythonpath")]
+    inherited = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(roots + ([inherited] if inherited else []))
+
+
 def pytest_report_header() -> str:
     """What the throwaway database runs: CI's log must say "with timescaledb"."""
     return f"throwaway database: {database_description()}"
