@@ -34,7 +34,7 @@ from shadowgate_operator.analysis.sql import (
     recorded_between_query,
     whole_window_query,
 )
-from shadowgate_operator.analysis.window import WindowAnalyses, WindowAnalysis, recorded_horizon, window_metrics
+from shadowgate_operator.analysis.window import WindowAnalysis, recorded_horizon, window_metrics
 from shadowgate_operator.api import Metric, TrafficMode
 from shadowgate_operator.metrics import (
     LATENCY_RELATIVE_ACCURACY,
@@ -954,30 +954,6 @@ async def test_a_restarted_analysis_goes_on_from_the_saved_sums(connection: asyn
     assert not other.resumed
     unsaved = WindowAnalysis(NS, deployment, Metric.RMSE, TrafficMode.SHADOW, since, saved=False)
     assert (await unsaved.refresh(connection)).production.requests == 2 and not unsaved.resumed
-
-
-async def test_analyses_start_over_when_the_window_changes(connection: asyncpg.Connection) -> None:
-    deployment = "steps"
-    now: dt.datetime = await connection.fetchval("SELECT clock_timestamp()")
-    ok = Side(prediction=1.0, latency_ms=2.0, status=200)
-    await insert(
-        connection,
-        [Prediction(now - dt.timedelta(minutes=m), f"r{m}", ok, ok, deployment=deployment) for m in (1, 2, 20)],
-    )
-    analyses = WindowAnalyses()
-    step_one = now - dt.timedelta(minutes=30)
-    assert (
-        await analyses.window_metrics(connection, NS, deployment, Metric.MAE, TrafficMode.SHADOW, step_one)
-    ).production.requests == 3
-    first = analyses.analysis(NS, deployment, Metric.MAE, TrafficMode.SHADOW, step_one)
-    assert analyses.analysis(NS, deployment, Metric.MAE, TrafficMode.SHADOW, step_one) is first
-    step_two = now - dt.timedelta(minutes=10)
-    assert (
-        await analyses.window_metrics(connection, NS, deployment, Metric.MAE, TrafficMode.SHADOW, step_two)
-    ).production.requests == 2
-    assert analyses.analysis(NS, deployment, Metric.RMSE, TrafficMode.SHADOW, step_two) is not first
-    analyses.forget(NS, deployment)
-    assert analyses.analysis(NS, deployment, Metric.RMSE, TrafficMode.SHADOW, step_two).horizon is None
 
 
 async def test_a_writer_the_analysis_cannot_see_into_is_taken_as_old_as_the_allowance(

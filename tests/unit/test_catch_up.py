@@ -10,7 +10,6 @@ from shadowgate_operator.analysis.window import (
     CATCH_UP_MIN_SECONDS,
     CATCH_UP_ROWS,
     CATCH_UP_SECONDS,
-    WindowAnalyses,
     WindowAnalysis,
 )
 from shadowgate_operator.api import Metric, TrafficMode
@@ -38,7 +37,3 @@ def after_a_run(rows: int, span: float) -> WindowAnalysis:
 )
 def test_the_pause_aims_at_a_fixed_number_of_rows_per_read(rows: int, span: float, expected: float) -> None:
     assert after_a_run(rows, span).catch_up_seconds() == pytest.approx(expected)
-
-
-def test_a_deployment_without_an_analysis_waits_the_default() -> None:
-    assert WindowAnalyses().catch_up_seconds("ns", "unknown") == CATCH_UP_SECONDS

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from shadowgate_operator.api import ShadowDeployment
+from shadowgate_operator.analysis.window import CATCH_UP_SECONDS
+from shadowgate_operator.api import Metric, ShadowDeployment
 from shadowgate_operator.builders import Manifest, OperatorSettings, router_objects
 from shadowgate_operator.record import Rollout, child_key
 from shadowgate_operator.rollout import plan_rollout
@@ -92,3 +93,25 @@ def test_the_body_is_validated_once_per_body() -> None:
     assert record.shadow_deployment() is sd
     record.seen({**record.body, "metadata": {**record.body["metadata"], "resourceVersion": "2"}})
     assert record.shadow_deployment() is not sd
+
+
+def test_a_new_evidence_window_starts_the_analysis_over_and_a_new_shadow_step_moves_its_step_window() -> None:
+    record = Rollout("models", "fraud-detector")
+    assert record.catch_up_delay() is None  # nothing to catch up before the first window
+    sd = planned()
+    first = record.window(sd)
+    assert first is not None and record.window(sd) is first
+    assert record.catch_up_delay() == CATCH_UP_SECONDS  # its first read comes soon
+    later = T0 + timedelta(minutes=10)
+    step_two = sd.model_copy(
+        update={"status": sd.status.model_copy(update={"current_step": 1, "step_started_at": later})}
+    )
+    assert record.window(step_two) is first and first.step_since == later  # shadow: evidence carries over
+    rmse = step_two.model_copy(
+        update={
+            "spec": step_two.spec.model_copy(
+                update={"analysis": step_two.spec.analysis.model_copy(update={"metric": Metric.RMSE})}
+            )
+        }
+    )
+    assert record.window(rmse) is not first

@@ -8,7 +8,7 @@ Two ways to read the same definitions:
   prediction stamped in it, hash-joined to the latest outcome per request id. Its cost grows with the
   rows in the window (one to two seconds for 200,000 rows on a small shared machine): right for replay
   and tests, too slow to repeat every few seconds on a busy deployment.
-- `WindowAnalysis` (and `WindowAnalyses`, one per ShadowDeployment, what the operator uses) keeps
+- `WindowAnalysis` (one per ShadowDeployment, held in its record: what the operator uses) keeps
   running sums and each run reads only the rows *recorded* since its previous run (`recorded_at`,
   migration 0003), up to a horizon that no open write transaction can still fall behind. New requests
   are added in full; a request whose latest outcome changed has its loss with the old outcome taken

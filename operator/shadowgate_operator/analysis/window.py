@@ -334,10 +334,11 @@ class WindowAnalysis:
     than the horizon before it, is left out of the sums (`window_metrics`, hence replay, still reads it).
     Elsewhere there is no such bound.
 
-    A new metric, mode, options or `since` is a new window: make a new WindowAnalysis (WindowAnalyses
-    does). A new step window (`move_step`, shadow mode's later steps) keeps the evidence window's sums and
-    starts the step's counts over: its first run after the move also reads the step's rows recorded up to
-    the previous horizon (seconds of rows: the step has just begun).
+    A new metric, mode, options or `since` is a new window: make a new WindowAnalysis (the operator's record
+    of the ShadowDeployment does, record.Rollout.window). A new step window (`move_step`, shadow mode's
+    later steps) keeps the evidence window's sums and starts the step's counts over: its first run after the
+    move also reads the step's rows recorded up to the previous horizon (seconds of rows: the step has just
+    begun).
 
     With `saved` (the default), the sums and horizon are saved in `analysis_windows` after every run, and
     a WindowAnalysis whose first run finds the same window saved there goes on from it: an operator that
@@ -523,75 +524,3 @@ class WindowAnalysis:
     def metrics(self) -> WindowMetrics:
         """The window as of the last refresh."""
         return self._window.metrics()
-
-
-class WindowAnalyses:
-    """The operator's WindowAnalysis per ShadowDeployment, started over when its evidence window changes
-    (a canary step moves `since`; a new metric, mode or option changes what is summed); a shadow step
-    only moves its step window."""
-
-    def __init__(
-        self, *, outcome_leeway: dt.timedelta = OUTCOME_LEEWAY, writer_allowance: dt.timedelta = WRITER_ALLOWANCE
-    ):
-        self.outcome_leeway = outcome_leeway
-        self.writer_allowance = writer_allowance
-        self._analyses: dict[tuple[str, str], WindowAnalysis] = {}
-
-    def analysis(
-        self,
-        namespace: str,
-        deployment: str,
-        metric: Metric,
-        mode: TrafficMode,
-        since: dt.datetime,
-        *,
-        options: Options = Options(),
-        step_since: dt.datetime | None = None,
-    ) -> WindowAnalysis:
-        current = self._analyses.get((namespace, deployment))
-        if current is None or (current.metric, current.mode, current.since, current.options) != (
-            metric,
-            mode,
-            since,
-            options,
-        ):
-            current = WindowAnalysis(
-                namespace,
-                deployment,
-                metric,
-                mode,
-                since,
-                outcome_leeway=self.outcome_leeway,
-                writer_allowance=self.writer_allowance,
-                options=options,
-                step_since=step_since,
-            )
-            self._analyses[(namespace, deployment)] = current
-        else:
-            current.move_step(step_since or since)
-        return current
-
-    async def window_metrics(
-        self,
-        connection: asyncpg.Connection,
-        namespace: str,
-        deployment: str,
-        metric: Metric,
-        mode: TrafficMode,
-        since: dt.datetime,
-        *,
-        options: Options = Options(),
-        step_since: dt.datetime | None = None,
-    ) -> WindowMetrics:
-        """The current windows of one deployment, read incrementally."""
-        analysis = self.analysis(namespace, deployment, metric, mode, since, options=options, step_since=step_since)
-        return await analysis.refresh(connection)
-
-    def catch_up_seconds(self, namespace: str, deployment: str) -> float:
-        """When this deployment's sums should next be brought up to date (WindowAnalysis.catch_up_seconds)."""
-        current = self._analyses.get((namespace, deployment))
-        return CATCH_UP_SECONDS if current is None else current.catch_up_seconds()
-
-    def forget(self, namespace: str, deployment: str) -> None:
-        """Drop a deleted or finished deployment's sums."""
-        self._analyses.pop((namespace, deployment), None)
