@@ -2,7 +2,7 @@
 
 A dead, hung or hostile candidate costs the router something on every call: a connect attempt, a mirror
 slot held until the timeout, or an answer read up to a limit and refused (a candidate writing a 128 MB
-header at every call held production's p99 at 21x its baseline in one run of bench/hostile). After
+header at every call: bench/hostile). After
 `BreakerSettings.failures` failed calls in a row, or a failure ratio of `ratio` over at least `min_calls`
 calls of the last `window` seconds, the breaker opens: for `cool_off` seconds no call is made, then up to
 `probes` calls go through (half-open). All of them answering closes it; any of them failing opens it again
