@@ -5,8 +5,9 @@
 The operator's own calls go through httpx and kopf's through aiohttp; both clients are wrapped before
 the operator starts, so the baseline (an older checkout on PYTHONPATH) and the current code are counted
 the same way. Every second the counts are written to COUNTS.json: per client, method and kind of call
-(a watch is a GET with watch=true and is counted once, when it is opened). SIGUSR1 and SIGUSR2 start and
-stop a profile of it (COUNTS.pstats).
+(a watch is a GET with watch=true and is counted once, when it is opened), with the kind of object (no
+names), and apart, the requests answered with an HTTP error. SIGUSR1 and SIGUSR2 start and
+stop a profile of it (COUNTS-1.pstats, COUNTS-2.pstats, ...).
 """
 
 from __future__ import annotations
@@ -21,14 +22,25 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 COUNTS: collections.Counter[str] = collections.Counter()
+REFUSED: collections.Counter[str] = collections.Counter()
+"""Requests answered with an HTTP error (e.g. 409: a write from a stale read), by label and status."""
+
+
+def _resource(url: str) -> str:
+    """The kind of object a request is about: `secrets`, `shadowdeployments/status`, ... (no names)."""
+    parts = urlsplit(url).path.strip("/").split("/")
+    at = parts.index("namespaces") + 2 if "namespaces" in parts[:-1] else (2 if parts[:1] == ["api"] else 3)
+    rest = parts[at:]
+    return "/".join(rest[:1] + rest[2:3]) or "-"
 
 
 def _label(client: str, method: str, url: str, params: Any) -> str:
     text = f"{url} {params or ''}"
     watch = "watch=true" in text or "watch=True" in text or "'watch': 'true'" in text or "'watch': True" in text
-    return f"{client} {method.upper()}{' (watch)' if watch else ''}"
+    return f"{client} {method.upper()}{' (watch)' if watch else ''} {_resource(url)}"
 
 
 def _wrap_httpx() -> None:
@@ -37,8 +49,12 @@ def _wrap_httpx() -> None:
     original = httpx.AsyncClient.send
 
     async def send(self: httpx.AsyncClient, request: httpx.Request, **kwargs: Any) -> httpx.Response:
-        COUNTS[_label("operator", request.method, str(request.url), None)] += 1
-        return await original(self, request, **kwargs)
+        label = _label("operator", request.method, str(request.url), None)
+        COUNTS[label] += 1
+        response = await original(self, request, **kwargs)
+        if response.status_code >= 400:
+            REFUSED[f"{label} {response.status_code}"] += 1
+        return response
 
     httpx.AsyncClient.send = send  # type: ignore[method-assign]
 
@@ -57,24 +73,28 @@ def _wrap_aiohttp() -> None:
 
 def _dump_forever(path: Path) -> None:
     while True:
-        snapshot = dict(COUNTS)
+        snapshot = {"time": time.time(), "counts": dict(COUNTS), "refused": dict(REFUSED)}
         temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"time": time.time(), "counts": snapshot}))
+        temporary.write_text(json.dumps(snapshot))
         os.replace(temporary, path)
         time.sleep(1.0)
 
 
 def _profile_on_signals(path: Path) -> None:
     """SIGUSR1 starts profiling the operator (its event loop runs in this, the main, thread); SIGUSR2 stops
-    and writes the statistics to `path` (pstats): the bench profiles its steady window only."""
+    and writes the statistics (pstats) to `path` with the profile's number: 1 the start-up, 2 the steady window."""
     profiler = cProfile.Profile()
+    taken = 0
 
     def start(*_: Any) -> None:
         profiler.enable()
 
     def stop(*_: Any) -> None:
+        nonlocal profiler, taken
         profiler.disable()
-        profiler.dump_stats(path)
+        taken += 1
+        profiler.dump_stats(path.with_name(f"{path.stem}-{taken}{path.suffix}"))
+        profiler = cProfile.Profile()
 
     signal.signal(signal.SIGUSR1, start)
     signal.signal(signal.SIGUSR2, stop)

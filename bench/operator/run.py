@@ -73,6 +73,10 @@ class Figures:
     peak_rss_mb: float = 0.0
     window_seconds: float = 0.0
     requests: dict[str, int] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)
+    """Requests of the window answered with an HTTP error, by label and status."""
+    refused_at_start: dict[str, int] = field(default_factory=dict)
+    """The same from the start until all were Progressing (e.g. 409: status written from a stale read)."""
     objects_changed: dict[str, int] = field(default_factory=dict)
     """Of the objects whose resourceVersion moved in the steady window: how many saw each field change."""
     events: dict[str, int] = field(default_factory=dict)
@@ -229,9 +233,10 @@ class Operator:
                 values[key] = int(value.split()[0]) / 1024
         return values["VmRSS"], values["VmHWM"]
 
-    def requests(self) -> dict[str, int]:
+    def requests(self, which: str = "counts") -> dict[str, int]:
+        """The requests made so far, by label (`which="refused"`: those answered with an HTTP error)."""
         try:
-            counts: dict[str, int] = json.loads(self.counts.read_text())["counts"]
+            counts: dict[str, int] = json.loads(self.counts.read_text()).get(which, {})
         except (OSError, ValueError):
             return {}
         return counts
@@ -284,6 +289,11 @@ async def measure(variant: Variant, args: argparse.Namespace, workdir: Path) -> 
         api = Api(kubeconfig)
         try:
             print(f"[{variant.name}] operator started; creating {args.objects} ShadowDeployments", flush=True)
+            if args.profile:
+                while not operator.counts.exists():  # written once counting.py handles the signals
+                    operator.check()
+                    await asyncio.sleep(0.1)
+                operator.process.send_signal(signal.SIGUSR1)
             started = time.monotonic()
             await create_all(api, args.objects)
             figures.created_seconds = time.monotonic() - started
@@ -296,6 +306,8 @@ async def measure(variant: Variant, args: argparse.Namespace, workdir: Path) -> 
                     figures.progressing_seconds = time.monotonic() - started
                     break
                 await asyncio.sleep(1.0)
+            if args.profile:
+                operator.process.send_signal(signal.SIGUSR2)
             shown = f"{figures.progressing_seconds:.0f} s" if figures.progressing_seconds else "not reached"
             print(f"[{variant.name}] {figures.progressing}/{args.objects} Progressing ({shown})", flush=True)
 
@@ -305,6 +317,7 @@ async def measure(variant: Variant, args: argparse.Namespace, workdir: Path) -> 
             since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             if args.profile:
                 operator.process.send_signal(signal.SIGUSR1)
+            figures.refused_at_start = operator.requests("refused")
             cpu, counts, window_start = operator.cpu_seconds(), operator.requests(), time.monotonic()
             await asyncio.sleep(args.window)
             operator.check()
@@ -319,6 +332,12 @@ async def measure(variant: Variant, args: argparse.Namespace, workdir: Path) -> 
             figures.cpu_percent = 100 * (operator.cpu_seconds() - cpu) / figures.window_seconds
             after = operator.requests()
             figures.requests = {label: after.get(label, 0) - counts.get(label, 0) for label in after}
+            refused = operator.requests("refused")
+            figures.refused = {
+                label: count - figures.refused_at_start.get(label, 0)
+                for label, count in refused.items()
+                if count > figures.refused_at_start.get(label, 0)
+            }
             figures.rss_mb, figures.peak_rss_mb = operator.memory_mb()
             print(f"[{variant.name}] steady window done: {figures.cpu_percent:.1f}% CPU", flush=True)
 
@@ -410,6 +429,9 @@ def report(results: Sequence[Figures], interval: float) -> str:
         changed = ", ".join(f"{key} {count}" for key, count in sorted(f.objects_changed.items())) or "none"
         lines.append(f"{f.variant}: objects written in the window, by what changed: {changed}")
         lines.append(f"{f.variant}: Events posted in the window: {events}")
+        for when, refusals in (("until all were Progressing", f.refused_at_start), ("in the window", f.refused)):
+            listed = ", ".join(f"{label}: {count}" for label, count in sorted(refusals.items())) or "none"
+            lines.append(f"{f.variant}: requests answered with an error {when}: {listed}")
     return "\n".join(lines)
 
 
@@ -454,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="profile the steady window (VARIANT-counts.pstats, with --keep)",
+        help="profile the start and the steady window (VARIANT-counts-1/2.pstats, with --keep)",
     )
     return asyncio.run(bench(parser.parse_args(argv)))
 
