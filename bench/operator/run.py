@@ -276,7 +276,8 @@ def loadavg() -> str:
 
 async def measure(variant: Variant, args: argparse.Namespace, workdir: Path) -> Figures:
     figures = Figures(variant.name, args.objects, load=loadavg())
-    with ControlPlane() as plane, Postgres() as postgres:
+    # A Service range for thousands of routers (the default /24 holds 253: later Services were refused with 500).
+    with ControlPlane(service_cidr="10.0.0.0/20") as plane, Postgres() as postgres:
         kubeconfig = plane.kubeconfig
         kubectl(kubeconfig, "apply", "--server-side", "-f", str(variant.root / "crds"))
         kubectl(kubeconfig, "wait", "--for=condition=Established", "crd/shadowdeployments.shadowgate.io")

@@ -103,11 +103,14 @@ def router_seen(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
 
 @kopf.daemon(*RESOURCE, cancellation_timeout=10.0)
 async def rollout_loop(
-    stopped: kopf.DaemonStopped, namespace: str | None, name: str, memo: Any, logger: Any, **_: Any
+    stopped: kopf.DaemonStopped, namespace: str | None, name: str, body: kopf.Body, memo: Any, logger: Any, **_: Any
 ) -> None:
     """One loop per ShadowDeployment: reconcile or do the light work in between, then sleep until woken or due."""
     reconciler: Reconciler = memo.reconciler
     namespace = namespace or ""
+    # The object as kopf started the loop for it: with the finalizer kopf added, which the watch event
+    # `seen` got may not have yet (a status written from that older copy would meet a conflict).
+    reconciler.rollouts.seen(dict(body))
     reconciler.resume(namespace, name)
     stop = asyncio.ensure_future(stopped.wait())
     try:

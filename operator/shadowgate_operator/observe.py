@@ -82,7 +82,10 @@ class Observer:
         window = None
         if analyse and database is not None and sd.status.phase is Phase.PROGRESSING:
             window, problem = await self._measure(record, database, sd)
-        router = record.router or await self._router_state(sd, denials)
+        router = record.router
+        if router is None and sd.status.phase is not None:
+            # A new object (nothing in status) has no router yet: its Deployment's watch reports it once applied.
+            router = await self._router_state(sd, denials)
         image_problem = self.settings.image_problem(sd)
         if image_problem is not None:  # the router keeps the image it has
             denials.invalid.append(Blocked("RouterImageNotAllowed", image_problem))
