@@ -164,12 +164,27 @@ def check_records(result: StoryResult, dsn: str) -> tuple[list[dict[str, Any]], 
     return events, metrics
 
 
+def check_notifications(result: StoryResult, events: list[dict[str, Any]], transcript: str) -> None:
+    """The demo's receiver got one CloudEvent per transition the story shows (its deployment_events rows),
+    in order, each with a new id and the weight the transition set; the story printed a line for each."""
+    received = result.notifications
+    assert [n.reason for n in received] == [e["event"] for e in events], received
+    assert [n.type for n in received] == [f"io.shadowgate.rollout.{e['event']}" for e in events]
+    assert [n.data["weight"] for n in received] == [e["weight"] for e in events]
+    assert len({n.id for n in received}) == len(received)
+    assert received[-1].data["phase"] == result.phase
+    shown = [line for line in transcript.splitlines() if line.startswith("==> notification io.shadowgate.")]
+    assert shown == [f"==> {n.line()}" for n in received], transcript
+
+
 def check_report(result: StoryResult, chart: Path, ending: str) -> str:
     out = io.StringIO()
     print_report(result, chart, out=out)
     report = out.getvalue()
     assert re.search(rf"trade-signal\s+\w+\s+\d+\s+{result.phase}\s", report), report  # kubectl get
     assert "Events:" in report and "AnalysisStarted" in report
+    listed = report.split(f"notifications received ({len(result.notifications)} CloudEvents")[1]
+    assert all(f"  {n.line()}" in listed for n in result.notifications), report
     assert f"Would have ended: {ending}" in report  # shadowgate replay over the recorded rows
     header = chart.read_bytes()[:8]
     assert header == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 20_000
@@ -228,6 +243,7 @@ def test_a_better_model_is_shadowed_step_by_step_and_promoted(
     after = Counter(t["servedBy"] for t in trades(result) if t["time"] > result.decided_at + MARGIN)
     assert set(after) == {"candidate"} and after["candidate"] >= 200, after
 
+    check_notifications(result, events, transcript)
     check_report(result, environment.workdir / "promote.png", "Promote")
     assert "Advance" in transcript and "Promote" in transcript  # the live table showed each decision
 
@@ -267,6 +283,7 @@ def test_a_worse_model_is_canaried_and_rolled_back_before_it_reaches_more_accoun
     after = Counter(t["servedBy"] for t in trades(result) if t["time"] > result.decided_at + MARGIN)
     assert set(after) == {"production"} and after["production"] >= 200, after
 
+    check_notifications(result, events, transcript)
     check_report(result, environment.workdir / "rollback.png", "RollBack")
     assert "RollBack" in transcript
 

@@ -1,5 +1,5 @@
 """The demo's parts without a cluster: the synthetic market and its models, the model server's request
-parsing, the scenarios' ShadowDeployments, and the live table."""
+parsing, the scenarios' ShadowDeployments, the live table and the notification receiver."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import io
 import json
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
 from shadowgate_operator.api import ShadowDeployment
 from shadowgate_operator.demo.progress import Counters, Progress
+from shadowgate_operator.demo.receiver import Receiver
 from shadowgate_operator.demo.report import chart_figure
 from shadowgate_operator.demo.scenarios import SCENARIOS, Pace, manifest
 from shadowgate_operator.demo.story import prometheus_sum
+from shadowgate_operator.notify.messages import Announcement, cloudevent
 from trading import market
 from trading.models import MODELS, TrainedModel, train
 from trading.server import BadRequest, features_from
@@ -82,6 +85,10 @@ def test_each_scenario_is_a_valid_shadowdeployment_pointed_at_the_local_servers(
     assert sd.spec.production.url == "http://127.0.0.1:1001" and sd.spec.candidate.url == "http://127.0.0.1:1002"
     assert sd.spec.analysis.min_samples == 150 and sd.spec.traffic.steps == [10, 50]
     assert sd.spec.candidate.name.endswith(scenario.candidate_model)
+    # Each transition goes to the demo's CloudEvents receiver, its URL in a Secret the demo writes.
+    assert [(n.name, n.format, n.url_secret_ref.name, n.events) for n in sd.spec.notifications] == [
+        ("demo-receiver", "cloudevents", "trade-signal-hooks", [])
+    ]
     assert scenario.load()["spec"]["traffic"]["steps"] == [5, 20, 50]  # the file itself is untouched
 
 
@@ -192,3 +199,37 @@ def test_the_promote_charts_decision_labels_do_not_overlap() -> None:
     assert len(labels) == 3
     assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1 :])
     plt.close(figure)
+
+
+def test_the_receiver_reads_each_cloudevent_once_and_says_what_it_cannot_read() -> None:
+    """What the operator posts (notify.messages.cloudevent), over real HTTP on loopback: kept once per id
+    (delivery is at least once), handed out once by take(), shown as one line; a body that is not a
+    CloudEvent is answered 400 and kept to be said."""
+    document = manifest(SCENARIOS["promote"], "http://127.0.0.1:1", "http://127.0.0.1:2", Pace())
+    document["metadata"].update(namespace="shadowgate-demo", uid="0f6c1d2e-aaaa-bbbb-cccc-123456789abc")
+    document["status"] = {"phase": "Promoted", "currentStep": 2, "currentWeight": 100, "samples": 230}
+    sd = ShadowDeployment.model_validate(document)
+    time = dt.datetime(2026, 12, 1, 7, 30, tzinfo=dt.UTC)
+    message = "Step 3 of 3 (50% shadow) passed: promoted; the router answers every request from trade-signal-v2."
+    envelopes = [
+        cloudevent(Announcement.of(sd, sequence=n, time=time, index=0, event_type="Normal", reason=reason,
+                                   message=message if reason == "Promoted" else f"{reason} at step {n}."))
+        for n, reason in ((1, "AnalysisStarted"), (4, "Promoted"))
+    ]  # fmt: skip
+    receiver = Receiver().start()
+    try:
+        with httpx.Client(timeout=5.0) as client:
+            answers = [client.post(receiver.url, headers=e.headers, content=e.body).status_code for e in envelopes]
+            assert answers == [202, 202]
+            assert [e.reason for e in receiver.take()] == ["AnalysisStarted", "Promoted"]
+            again = client.post(receiver.url, headers=envelopes[1].headers, content=envelopes[1].body)
+            assert again.status_code == 202 and receiver.take() == []  # a redelivery is dropped
+            refused = client.post(receiver.url, headers={"Content-Type": "application/json"}, content=b"{}")
+            assert refused.status_code == 400 and len(receiver.refused) == 1
+            assert client.post(receiver.url.replace("/events", "/other"), content=b"{}").status_code == 404
+    finally:
+        receiver.stop()
+    started, promoted = receiver.events
+    assert promoted.id == "0f6c1d2e-aaaa-bbbb-cccc-123456789abc.t4.0"
+    assert promoted.line() == f"notification io.shadowgate.rollout.Promoted step 3/3, 100%: {message}"
+    assert started.line(width=60).endswith("…") and len(started.line(width=60)) == 60

@@ -1,6 +1,7 @@
 """What the demo shows once the story has ended: the cluster's view, the decision history and a chart.
 
 - `kubectl get shadowdeployments` and the Events of `kubectl describe`: what anyone with kubectl sees;
+- the notifications the demo's CloudEvents receiver got: one per transition, what a team's would get;
 - the decision history: `shadowgate replay` re-runs the analysis over the rows recorded in PostgreSQL
   under the spec the operator recorded (what actually happened is in the Events just above);
 - what the clients saw after the decision (X-Shadowgate-Served-By of the last requests);
@@ -245,6 +246,10 @@ def print_report(result: StoryResult, chart: Path, out: TextIO = sys.stdout) -> 
     print(environment.kubectl_run("get", "shadowdeployments", "-n", environment.namespace).stdout.rstrip(), file=out)
     _heading(out, f"kubectl describe shadowdeployment {result.name} -n {environment.namespace}  (its Events)")
     print(describe_events(result), file=out)
+    if result.manifest["spec"].get("notifications"):
+        _heading(out, f"notifications received ({len(result.notifications)} CloudEvents, one per transition)")
+        for event in result.notifications:
+            print(f"  {event.line()}", file=out)
     _heading(out, f"decision history: shadowgate replay {environment.namespace}/{result.name} --dsn {environment.dsn}")
     print(decision_history(result), file=out)
     seen = served_after_decision(result)

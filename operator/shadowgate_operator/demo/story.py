@@ -8,8 +8,10 @@ On a cluster (a kubeconfig) and a database (a DSN) that are already up, and in o
    ConfigMap, start the router as a local process that authenticates with that ServiceAccount's token
    and watches that ConfigMap, exactly as its pod would;
 4. send trades through the router and post their outcomes as they close;
-5. show a row per analysis until the operator promotes or rolls back; keep the traffic a few seconds
-   more (what clients see afterwards); stop the traffic, let the router flush every row, stop it.
+5. show a row per analysis until the operator promotes or rolls back, and a line per notification the
+   demo's CloudEvents receiver (receiver.py, named in spec.notifications) gets; keep the traffic a few
+   seconds more (what clients see afterwards) and wait for the last transition's notification; stop the
+   traffic, let the router flush every row, stop it.
 
 Everything started here is stopped before `tell` returns or raises, Ctrl-C included.
 """
@@ -32,6 +34,7 @@ from shadowgate_common import kubeaccess
 from shadowgate_operator.api import GROUP, PLURAL, VERSION
 from shadowgate_operator.builders import ROUTER_SECRET_LABEL
 from shadowgate_operator.demo.progress import Counters, Progress
+from shadowgate_operator.demo.receiver import Received, Receiver
 from shadowgate_operator.demo.scenarios import Pace, Scenario, manifest
 from shadowgate_operator.demo.stack import (
     Environment,
@@ -53,6 +56,9 @@ from shadowgate_operator.migrate import migrate_dsn
 FINISHED = ("Promoted", "RolledBack", "Failed")
 DECIDED = ("Promote", "RollBack", "Fail")
 POLL_SECONDS = 0.5
+NOTIFICATION_WAIT = 30.0
+"""Seconds the story waits, after the end, for the notification of the last transition (the operator's
+worker posts it within a second or so of queueing it, retrying if it fails)."""
 ROUTER_PORT = 8500
 ROUTER_METRICS_PORT = 8509
 """The router's port when it is free (and the story may use fixed ports)."""
@@ -81,6 +87,8 @@ class StoryResult:
     """Request ids the production model server answered (its own count, not the router's)."""
     candidate_ids: list[str]
     """Request ids the candidate model server answered."""
+    notifications: list[Received] = field(default_factory=list)
+    """The CloudEvents the demo's receiver got, in order of arrival, each id once."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per part of the story, in order."""
 
@@ -121,11 +129,12 @@ async def tell(
 
     `fixed_ports` uses the ports the manifest names (and 8500 for the router) when they are free.
     """
-    story = _Story(Stack(environment), environment, scenario, pace or Pace(), out, fixed_ports)
+    story = _Story(Stack(environment), Receiver().start(), environment, scenario, pace or Pace(), out, fixed_ports)
     try:
         return await story.tell()
     finally:
         story.stack.stop()
+        story.receiver.stop()
 
 
 @dataclass
@@ -137,6 +146,7 @@ class _Model:
 @dataclass
 class _Story:
     stack: Stack
+    receiver: Receiver
     environment: Environment
     scenario: Scenario
     pace: Pace
@@ -194,10 +204,10 @@ class _Story:
             decided_at = time.time()
             self.timings["rollout until the decision"] = time.monotonic() - rollout_started
 
-            # What clients see once the decision is in force, then a clean stop: no trade without its
-            # outcome, no row left unwritten.
+            # What clients see once the decision is in force (and the last transition's notification),
+            # then a clean stop: no trade without its outcome, no row left unwritten.
             winding_down = time.monotonic()
-            await asyncio.sleep(self.pace.after_end)
+            await self.wait_notified(progress, shadow, self.pace.after_end)
             self.stack.stop_one(traffic, timeout=30.0)
             await _wait_flushed(http, metrics_url)
             production_ids, candidate_ids = [
@@ -219,6 +229,7 @@ class _Story:
             traffic=last_json_line(traffic.log_path),
             production_ids=production_ids,
             candidate_ids=candidate_ids,
+            notifications=self.receiver.events,
             timings=self.timings,
         )
 
@@ -248,18 +259,48 @@ class _Story:
         return models[0], models[1]
 
     def create_secrets(self, document: dict[str, Any]) -> str:
-        """The Secrets the ShadowDeployment names: the database's DSN and a new outcome token (returned,
-        and written to outcome-token in the work directory for the clients)."""
+        """The Secrets the ShadowDeployment names: the database's DSN, a new outcome token (returned,
+        and written to outcome-token in the work directory for the clients) and the URL of each receiver
+        in spec.notifications (the demo's own)."""
         spec = document["spec"]
         token = secrets.token_hex(16)
         token_file = self.environment.workdir / "outcome-token"
         token_file.touch(mode=0o600)
         token_file.write_text(token)
+        receivers = [target["urlSecretRef"] for target in spec.get("notifications", [])]
         self.environment.apply(
             secret(spec["database"]["secretRef"]["name"], "dsn", self.environment.dsn),
             secret(spec["outcomes"]["tokenSecretRef"]["name"], "token", token),
+            *(secret(ref["name"], ref.get("key", "url"), self.receiver.url) for ref in receivers),
         )
+        if receivers:
+            self.say(f"notification receiver at {self.receiver.url} (CloudEvents; spec.notifications)")
         return token
+
+    def show_notifications(self, progress: Progress) -> None:
+        """A line per notification received since the last call (and per body it could not read)."""
+        for event in self.receiver.take():
+            progress.say(f"==> {event.line()}")
+        while self.receiver.refused:
+            progress.say(f"==> notification refused by the receiver: {self.receiver.refused.pop(0)}")
+
+    async def wait_notified(self, progress: Progress, shadow: dict[str, Any], after_end: float) -> None:
+        """`after_end` seconds, showing notifications as they come, then until the notification of the
+        phase the rollout ended in has come (at most NOTIFICATION_WAIT seconds more)."""
+        phase = (shadow.get("status") or {}).get("phase")
+        expected = bool(shadow.get("spec", {}).get("notifications"))
+        started = time.monotonic()
+        while True:
+            self.stack.check()
+            self.show_notifications(progress)
+            waited = time.monotonic() - started
+            if waited >= after_end:
+                if not expected or any(e.data.get("phase") == phase for e in self.receiver.events):
+                    return
+                if waited >= after_end + NOTIFICATION_WAIT:
+                    self.say(f"no notification of {phase} after {NOTIFICATION_WAIT:.0f}s (see operator.log)")
+                    return
+            await asyncio.sleep(0.2)
 
     async def start_router(
         self, kube: _Kube, http: httpx.AsyncClient, name: str, token: str
@@ -305,6 +346,7 @@ class _Story:
                 for row in rows[shown:]:
                     progress.analysis(dict(row), counters)
                 shown = len(rows)
+                self.show_notifications(progress)
                 if status.get("phase") in FINISHED:
                     finished_at = finished_at or time.monotonic()
                     # The analysis writes its row just after the status: wait for it (not for a manual verb's).
