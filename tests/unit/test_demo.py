@@ -229,7 +229,8 @@ def test_the_receiver_reads_each_cloudevent_once_and_says_what_it_cannot_read() 
             assert client.post(receiver.url.replace("/events", "/other"), content=b"{}").status_code == 404
     finally:
         receiver.stop()
-    started, promoted = receiver.events
+    _, promoted = receiver.events
     assert promoted.id == "0f6c1d2e-aaaa-bbbb-cccc-123456789abc.t4.0"
-    assert promoted.line() == f"notification io.shadowgate.rollout.Promoted step 3/3, 100%: {message}"
-    assert started.line(width=60).endswith("…") and len(started.line(width=60)) == 60
+    expected = f"notification io.shadowgate.rollout.Promoted: Promoted at step 3/3 (100%): {message}"
+    assert promoted.line(width=200) == expected
+    assert promoted.line() == expected[:109] + "…" and len(promoted.line()) == 110

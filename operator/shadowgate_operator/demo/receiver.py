@@ -36,11 +36,12 @@ class Received:
     def reason(self) -> str:
         return str(self.data.get("reason", ""))
 
-    def line(self, width: int = 160) -> str:
-        """One line: the type, where the rollout is, and the Event's message (cut to `width`)."""
+    def line(self, width: int = 110) -> str:
+        """One line: the type, the phase and step it led to, and the start of the Event's message (the
+        whole of it is the live table's reason just above), cut to `width` characters."""
         step, steps, weight = self.data.get("step"), self.data.get("steps"), self.data.get("weight")
-        where = "" if step is None else f" step {step + 1}/{steps}, {weight}%"
-        text = f"notification {self.type}{where}: {self.data.get('message', '')}"
+        where = "" if step is None else f" at step {step + 1}/{steps} ({weight}%)"
+        text = f"notification {self.type}: {self.data.get('phase')}{where}: {self.data.get('message', '')}"
         return text if len(text) <= width else text[: width - 1] + "…"
 
 
