@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import asyncpg
 
+from shadowgate_common.aio import wait_event
 from shadowgate_router.metrics import RouterMetrics
 from shadowgate_router.spool import Row, Spool
 
@@ -201,8 +201,7 @@ class Recorder:
 
     async def _run_journal(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._journal_wake.wait(), self.flush_interval)
+            await wait_event(self._journal_wake, self.flush_interval)
             self._journal_wake.clear()
             if self._stopping:
                 return  # close() journals what is left itself
@@ -265,8 +264,7 @@ class Recorder:
 
     async def _run_writer(self) -> None:
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._writer_wake.wait(), self.flush_interval)
+            await wait_event(self._writer_wake, self.flush_interval)
             self._writer_wake.clear()
             if time.monotonic() < self._retry_at or not self.spool.rows:
                 self._update_gauges()

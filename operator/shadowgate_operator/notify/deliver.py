@@ -49,6 +49,7 @@ import asyncpg
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from shadowgate_common.aio import wait_event
 from shadowgate_operator.api import url_problems
 from shadowgate_operator.builders import HELD_NOTIFICATIONS, URL_SECRET_FIELD, secret_problem
 from shadowgate_operator.kube import secret_value
@@ -247,8 +248,7 @@ class Deliverer:
             free = self.concurrency - len(self._inflight)
             if claimed and free > 0:
                 continue  # there may be more due
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            await wait_event(self._wake, self.poll_seconds)
 
     async def claim_and_start(self) -> int:
         """Claim as many due messages as there are free slots and start posting them; returns how many."""
