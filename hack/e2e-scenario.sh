@@ -211,8 +211,10 @@ promote() {
     ready="$(k get deployment "$SD-router" -n "$EXAMPLE_NS" -o jsonpath='{.status.readyReplicas}')"
     [ "$ready" = 2 ] || fail "router Deployment has $ready ready replicas, expected 2"
     echo "    ShadowDeployment Ready=True; router Deployment 2/2 ready"
-    # Shadow mode: production answers every request while the candidate sees a copy of some.
-    answers_are "production/1.4.2=40" || fail "the router does not answer from production before the decision"
+    # Shadow mode: production answers every request while the candidate sees a copy of some. The router
+    # Service is seconds old: a DNS server may still answer from its cache that the name does not exist
+    # (the traffic pod asked before the Service was made; CoreDNS keeps such an answer up to its TTL).
+    wait_for 60 2 "the router to answer from production before the decision" answers_are "production/1.4.2=40"
     wait_for_decision Promoted
     show_events
     events_have Normal/AnalysisStarted Normal/StepAdvanced Normal/Promoted || fail "Events missing"
