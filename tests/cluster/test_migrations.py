@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -155,6 +156,62 @@ def test_migrate_makes_the_schema_on_every_edition_and_a_second_run_changes_noth
     assert "converted" not in out and "policy" not in out
     if kind == TIMESCALEDB:
         assert run(jobs(dsn)) == first
+
+
+def test_the_request_id_keys_lead_with_request_id_and_keep_rows_unique_on_an_existing_database(
+    edition_dsn: tuple[str, str], tmp_path: Path
+) -> None:
+    """Migration 0009 rebuilds the request-id keys of a database that has rows (on TimescaleDB, some in
+    compressed chunks): same rows, same uniqueness, request_id first (the analysis's lookups descend it)."""
+    kind, dsn = edition_dsn
+    earlier = tmp_path / "migrations"
+    earlier.mkdir()
+    for migration in discover():
+        if migration.version < 9:
+            (earlier / migration.path.name).write_text(migration.sql)
+    run(_migrate_from(dsn, earlier))
+    run(insert_predictions(dsn, [30, 3, 0.1]))
+    if kind == TIMESCALEDB:
+        older = "SELECT count(compress_chunk(c)) FROM show_chunks('predictions', older_than => interval '7 days') c"
+        assert run(value(dsn, older)) == 1
+    assert run(keys(dsn)) == {
+        "predictions_request_key": '(namespace, deployment, request_id, "time")',
+        "outcomes_request_key": '(namespace, deployment, request_id, "time")',
+    }
+
+    run(_migrate_from(dsn, None))
+    assert run(keys(dsn)) == {
+        "predictions_request_id_key": '(request_id, namespace, deployment, "time")',
+        "outcomes_request_id_key": '(request_id, namespace, deployment, "time")',
+    }
+    assert run(value(dsn, "SELECT count(*) FROM predictions")) == 3
+    for index in range(3):  # every row again, the compressed one too: refused, or a no-op with ON CONFLICT
+        again = f"""INSERT INTO predictions (time, namespace, deployment, request_id, served_by, mode, weight)
+                    SELECT time, namespace, deployment, request_id, served_by, mode, weight FROM predictions
+                    WHERE request_id = 'r{index}'"""
+        with pytest.raises(asyncpg.UniqueViolationError):
+            run(value(dsn, again))
+        run(value(dsn, again + " ON CONFLICT DO NOTHING"))
+    assert run(value(dsn, "SELECT count(*) FROM predictions")) == 3
+
+
+async def keys(dsn: str) -> dict[str, str]:
+    """The unique request-id keys of predictions and outcomes: name -> columns."""
+    rows = await fetch(
+        dsn,
+        """SELECT indexname, substring(indexdef from '\\(.*\\)') AS columns FROM pg_indexes
+           WHERE schemaname = current_schema() AND tablename IN ('predictions', 'outcomes')
+             AND indexdef LIKE 'CREATE UNIQUE INDEX%'""",
+    )
+    return {row["indexname"]: row["columns"] for row in rows}
+
+
+async def _migrate_from(dsn: str, directory: Path | None) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await migrate_with_report(connection, directory)
+    finally:
+        await connection.close()
 
 
 # --- fix 2: the storage policy ------------------------------------------------------------------------

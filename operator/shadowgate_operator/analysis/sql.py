@@ -168,9 +168,11 @@ rows AS (
 # first of its id in between and none was recorded by $11; an earlier one being rescored is the first
 # recorded of its id. What was recorded by $11 is read for all the slice's request ids at once
 # (`= ANY(array)`: one index scan per table, or per chunk on TimescaleDB, instead of one nested-loop probe
-# per id, which cost a third more on TimescaleDB), then hash-joined. The statement runs with nested loops
-# disabled (see _settings), so its shape does not depend on row estimates, which are poor for rows
-# recorded after the last ANALYZE. Cost follows the rows recorded in between, not the window or the tables.
+# per id, which cost a third more on TimescaleDB), then hash-joined. Each scan descends the request-id key
+# once per id: it leads with request_id (migration 0009), so each step compares one column, not three.
+# The statement runs with nested loops disabled (see _settings), so its shape does not depend on row
+# estimates, which are poor for rows recorded after the last ANALYZE. Cost follows the rows recorded in
+# between, not the window or the tables.
 _RECORDED_BETWEEN = f"""
 slice_outcomes AS MATERIALIZED (
     SELECT o.request_id, o.time, o.outcome, o.recorded_at
@@ -218,7 +220,9 @@ arrived AS (
     JOIN prior_predictions p ON p.request_id = s.request_id
 ),
 -- Per id, the outcomes recorded by $11: the latest (the one as of $11) and when the first was recorded.
--- Predictions made after $11 + $10 skip it (their outcomes came later still).
+-- Only first predictions need them (no other can be scored); those made after $11 + $10 skip it (their
+-- outcomes came later still). The ids go in sorted and distinct, as the index scans want them (unsorted,
+-- each chunk's scan sorts them again).
 prior_outcomes AS MATERIALIZED (
     SELECT DISTINCT ON (o.request_id COLLATE "C") o.request_id, o.outcome, o.time, o.first_recorded
     FROM (
@@ -227,7 +231,8 @@ prior_outcomes AS MATERIALIZED (
                 ORDER BY o.time DESC ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS first_recorded
         FROM outcomes o
         WHERE o.namespace = $1 AND o.deployment = $2 AND o.time >= $4 AND coalesce(o.recorded_at, o.time) <= $11
-          AND o.request_id = ANY((SELECT array_agg(a.request_id) FROM arrived a WHERE NOT a.fresh)::text[])
+          AND o.request_id = ANY((
+              SELECT array_agg(DISTINCT a.request_id) FROM arrived a WHERE NOT a.fresh AND a.first_seen)::text[])
     ) o
     ORDER BY o.request_id COLLATE "C", o.time DESC
 ),
