@@ -28,12 +28,15 @@ reset at every step, intention to treat already in). Its operator package and th
 then are taken from git (`git archive`) into a temporary directory and run there first, with the same
 number of runs, on the same rows (a new row whose situation the old code cannot be configured for, e.g.
 lossCap or segmentBy, is compared with the old row of the same traffic). `--baseline none` skips it.
+`--baseline-bench current` runs this bench (with its newer rows) on the baseline's operator instead: a
+change of the decision alone, measured on the same rows and seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import math
 import multiprocessing
 import os
@@ -72,6 +75,8 @@ from shadowgate_operator.metrics import (  # noqa: E402
 )
 from shadowgate_operator.rollout import apply_decision  # noqa: E402
 
+CLUSTERED_FIELDS = frozenset(Clustered.__dataclass_fields__)
+
 SEED = 20261125
 RUNS = 1000
 BASELINE = "6b4e8364d80c36f8261a6215676e89cc7b62121e"
@@ -98,6 +103,8 @@ class Segment:
 class World:
     correlation: float = 0.85
     """Correlation of the two models' errors on the same request."""
+    scale_sigma: float = 0.5
+    """Spread (lognormal sigma) of the requests' scales: how heavy the losses' tail is (0: normal errors)."""
     ratio: float = 1.0
     """The candidate's error scale: 0.9 is 10% better, 1.1 10% worse."""
     metric: str = "mae"
@@ -108,11 +115,18 @@ class World:
     """Spread (lognormal sigma) of the accounts' own loss levels, shared by both models."""
     account_effect: float = 0.0
     """Spread (sd) of the candidate's error scale across accounts, around `ratio`."""
+    account_sizes: float = 0.0
+    """Spread (lognormal sigma) of the accounts' shares of the traffic (0: every account alike). The shares
+    are the lognormal's quantiles, the same in every run: a few large accounts and many small ones."""
     fail_hardest: float = 0.0
     """The candidate fails on this share of the hardest requests (largest scale): no answer."""
     rare_share: float = 0.0
     rare_loss: float = 0.0
     """On this share of requests the candidate's loss is `rare_loss`, whatever the outcome."""
+    rare_scale: float = 0.0
+    """Instead of `rare_loss`: on the rare requests the candidate's error is scaled by this, not `ratio`."""
+    rare_production: bool = False
+    """The rare loss (or scale) is production's instead (the candidate's mirror image)."""
     segments: tuple[Segment, ...] = ()
     shift_at: int = 0
     """Counted samples after which segment shares go from `before` to `after`."""
@@ -125,7 +139,7 @@ class World:
     def draw(self, rng: np.random.Generator, n: int, shifted: bool) -> Requests:
         """n requests; per-request draws only (account-level draws come from `Accounts`)."""
         rho = self.correlation
-        scale = np.exp(0.5 * rng.standard_normal(n))
+        scale = np.exp(self.scale_sigma * rng.standard_normal(n))
         common = math.sqrt(rho) * rng.standard_normal(n)
         own = math.sqrt(1.0 - rho)
         error_p = scale * (common + own * rng.standard_normal(n))
@@ -144,7 +158,7 @@ class World:
             error_c=error_c,
             ratio=ratio,
             segment=segment,
-            account=rng.integers(0, self.accounts, n) if self.accounts else np.full(n, -1, dtype=np.int64),
+            account=self._accounts(rng, n),
             point=rng.random(n),
             rare=rng.random(n) < self.rare_share,
             fail_p=rng.random(n) < self.error_production,
@@ -152,6 +166,23 @@ class World:
             latency_p=self.p99_production * np.exp(sigma * (rng.standard_normal(n) - z99)),
             latency_c=self.p99_candidate * np.exp(sigma * (rng.standard_normal(n) - z99)),
         )
+
+    def _accounts(self, rng: np.random.Generator, n: int) -> npt.NDArray[np.int64]:
+        if not self.accounts:
+            return np.full(n, -1, dtype=np.int64)
+        if not self.account_sizes:
+            return rng.integers(0, self.accounts, n)
+        return np.searchsorted(_account_shares(self.accounts, self.account_sizes), rng.random(n)).astype(np.int64)
+
+
+@functools.cache
+def _account_shares(accounts: int, sigma: float) -> Array:
+    """Cumulative traffic shares of `accounts` accounts sized like a lognormal(sigma)'s quantiles."""
+    middle = np.array([_normal_quantile((k + 0.5) / accounts) for k in range(accounts)])
+    sizes = np.exp(sigma * middle)
+    cumulative = np.cumsum(sizes / sizes.sum())
+    cumulative[-1] = 1.0
+    return cumulative
 
 
 @dataclass
@@ -233,14 +264,24 @@ def score(world: World, accounts: Accounts, requests: Requests, weight: float, c
         assigned = r.point < weight
         level = np.ones(len(r.point))
         ratio = r.ratio
-    error_p = level * r.error_p
+    if world.rare_scale:
+        if world.rare_production:
+            level_p = level * np.where(r.rare, world.rare_scale, 1.0)
+        else:
+            level_p, ratio = level, np.where(r.rare, world.rare_scale, ratio)
+    else:
+        level_p = level
+    error_p = level_p * r.error_p
     error_c = level * ratio * r.error_c
     if world.metric == "accuracy":
         loss_p = (np.abs(error_p) > ACCURACY_THRESHOLD).astype(np.float64)
         loss_c = (np.abs(error_c) > ACCURACY_THRESHOLD).astype(np.float64)
     else:
         loss_p, loss_c = np.abs(error_p), np.abs(error_c)
-    loss_c = np.where(r.rare, world.rare_loss, loss_c)
+    if world.rare_loss and world.rare_production:
+        loss_p = np.where(r.rare, world.rare_loss, loss_p)
+    elif world.rare_loss:
+        loss_c = np.where(r.rare, world.rare_loss, loss_c)
     c_failed = assigned & (r.fail_c | (r.scale > hard))
     p_called = np.ones(len(key), dtype=bool) if not canary else ~assigned | c_failed
     p_ok = p_called & ~r.fail_p
@@ -393,12 +434,18 @@ class Stream:
         if self.sticky:
 
             def clustered(index: int) -> Clustered:
+                """Clustered.of over the key buckets, vectorised (the sums an older Clustered has not are left
+                out, so that a baseline's operator can run this bench)."""
                 n, total = np.rint(keys[index, 0]), keys[index, 1]
                 used = n > 0
                 n, total = n[used], total[used]
-                return Clustered(
-                    int(used.sum()), float((total * total).sum()), float((n * total).sum()), float((n * n).sum())
-                )
+                sums = {
+                    "keys": int(used.sum()), "squares": float((total * total).sum()),
+                    "cross": float((n * total).sum()), "counts": float((n * n).sum()),
+                    "cubes": float((total**3).sum()), "cross_squares": float((n * total * total).sum()),
+                    "cross_counts": float((n * n * total).sum()), "count_cubes": float((n**3).sum()),
+                }  # fmt: skip
+                return Clustered(**{name: value for name, value in sums.items() if name in CLUSTERED_FIELDS})
 
             clusters = (clustered(2), Clustered()) if not self.canary else (clustered(0), clustered(1))
         segments: tuple[SegmentMetrics, ...] = ()
@@ -649,6 +696,19 @@ def _rows() -> tuple[Row, ...]:
             sticky=True, identical=same),
         Row("shadow-sticky", "shadow + stickyHeader, 200 accounts, effect varies by account, zero overall",
             World(accounts=200, account_effect=0.1), sticky=True),
+        # The skewness rule: the direction a skewed estimate overstates waits, the other does not
+        # (stats.Estimate.skewness). Equal mean losses, the per-request differences strongly skewed
+        # (skewness -2.6 and +2.1, normal errors): the first a candidate usually a little better and now
+        # and then much worse, the second its mirror. Printed, not held: on paired differences this skewed
+        # the normal test overstates its evidence whichever way the rule points (README).
+        Row("skew-candidate-aa", "equal mean loss: the candidate's error x0.8 on 90% of requests, x2.8 on 10%",
+            World(ratio=0.8, rare_share=0.1, rare_scale=2.8, scale_sigma=0.0), expect="report"),
+        Row("skew-production-aa", "its mirror: the candidate's error x1.2, production's x3 on 10% of requests",
+            World(ratio=1.2, rare_share=0.1, rare_scale=3.0, rare_production=True, scale_sigma=0.0),
+            expect="report"),
+        Row("sticky-worse-20", "canary 20% + stickyHeader, 1,000 accounts of skewed sizes and levels: 89% worse (e2e)",
+            World(accounts=1000, account_level=0.4, account_sizes=1.0, ratio=1.89), mode=canary, steps=(20,),
+            sticky=True, expect="worse"),
         Row("canary-fallback", "canary 10% + fallback: the candidate fails its hardest 2% of requests",
             World(fail_hardest=0.02), mode=canary),
         Row("rare-25", "10% better on 99.6% of requests, loss 25 on 0.4% (about 2% worse overall)",
@@ -784,23 +844,28 @@ class Baseline:
     median: str
 
 
-_BASELINE_LINE = re.compile(r"^(\S+)\s+([\d.]+)%\s+([\d.]+)%\s+(\S+)\s+(\S+)\s+")
+_BASELINE_LINE = re.compile(r"^(\S+)\s+([\d.]+)%\s+(?:-\s+)?([\d.]+)%\s+(?:-\s+)?(\S+)\s+(\S+)\s+")
+"""A row's line, as the baseline's bench prints it (this one: with "-" for its own baseline's columns)."""
 
 
-def run_baseline(ref: str, keys: list[str], runs: int, workers: int) -> tuple[dict[str, Baseline], float]:
-    """The bench and the operator as of `ref`, run with the same runs on the rows `keys`: its rates per row
-    key, and its runtime in seconds."""
+def run_baseline(
+    ref: str, keys: list[str], runs: int, workers: int, current_bench: bool = False
+) -> tuple[dict[str, Baseline], float]:
+    """The bench and the operator as of `ref` (with `current_bench`, this bench and the operator as of
+    `ref`), run with the same runs on the rows `keys`: its rates per row key, and its runtime in seconds."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-decision-baseline-") as directory:
+        parts = ["operator", "router"] + ([] if current_bench else ["bench/decision"])
         archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "operator", "router", "bench/decision"],
-            capture_output=True,
-            check=True,
+            ["git", "-C", str(ROOT), "archive", "--format=tar", ref, *parts], capture_output=True, check=True
         )
         subprocess.run(["tar", "-x", "-C", directory], input=archive.stdout, check=True)
+        if current_bench:
+            (Path(directory) / "bench/decision").mkdir(parents=True)
+            (Path(directory) / "bench/decision/run.py").write_bytes(Path(__file__).read_bytes())
         old = subprocess.run(
             [sys.executable, str(Path(directory) / "bench/decision/run.py"), "--runs", str(runs),
-             "--workers", str(workers), "--rows", ",".join(keys)],
+             "--workers", str(workers), "--rows", ",".join(keys), *(["--baseline", "none"] if current_bench else [])],
             capture_output=True, text=True, cwd=directory,
         )  # fmt: skip
     found = {}
@@ -821,6 +886,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", help="comma-separated row keys (default: all)")
     parser.add_argument("--baseline", default=BASELINE, help="git commit of the baseline, or none")
     parser.add_argument("--baseline-runs", type=int, help="runs per row of the baseline (default: --runs)")
+    parser.add_argument(
+        "--baseline-bench", choices=("ref", "current"), default="ref",
+        help="the bench the baseline runs: its own as of --baseline (default), or this one (rows added since "
+        "included) with the baseline's operator",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     _init()
     chosen = [i for i, row in enumerate(ROWS) if not args.rows or row.key in args.rows.split(",")]
@@ -828,7 +898,11 @@ def main(argv: list[str] | None = None) -> int:
     baseline_runs = args.baseline_runs or args.runs
     if args.baseline != "none":
         keys = sorted({ROWS[i].baseline or ROWS[i].key for i in chosen})
-        baseline, spent = run_baseline(args.baseline, keys, baseline_runs, args.workers)
+        if args.baseline_bench == "current":
+            keys = sorted({ROWS[i].key for i in chosen})
+        baseline, spent = run_baseline(
+            args.baseline, keys, baseline_runs, args.workers, args.baseline_bench == "current"
+        )
         print(f"baseline {args.baseline[:7]}: {len(baseline)} rows, {baseline_runs:,} runs each, in {spent:.0f} s")
     started = time.perf_counter()
     print(
@@ -858,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
 def _print_row(summary: Summary, baseline: dict[str, Baseline]) -> bool:
     """One row's two lines; whether it meets its target (on the rates measured)."""
     row = summary.row
-    old = baseline.get(row.baseline or row.key)
+    old = baseline.get(row.key) if row.key in baseline else baseline.get(row.baseline or row.key)
     action = DecisionAction.ROLL_BACK if row.expect in ("worse", "gate") else DecisionAction.PROMOTE
     target, passed = summary.verdict()
     print(

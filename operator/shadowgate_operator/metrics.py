@@ -71,30 +71,48 @@ class Moments:
 
 @dataclass(frozen=True)
 class Clustered:
-    """One series grouped by sticky key: what the cluster-robust variance of its mean needs.
+    """One series grouped by sticky key: what the cluster-robust variance of its mean, and the skewness of
+    that mean, need.
 
     With T_g the sum and n_g the count of key g's values: `keys` = G, `squares` = sum of T_g^2, `cross` =
-    sum of n_g T_g, `counts` = sum of n_g^2. Keys are hashed into a fixed number of buckets in SQL, and a
-    bucket holding several keys is one coarser cluster: still a valid grouping (every key in one bucket).
+    sum of n_g T_g, `counts` = sum of n_g^2, and for the third power `cubes` = sum of T_g^3,
+    `cross_squares` = sum of n_g T_g^2, `cross_counts` = sum of n_g^2 T_g, `count_cubes` = sum of n_g^3.
+    Keys are hashed into a fixed number of buckets in SQL, and a bucket holding several keys is one coarser
+    cluster: still a valid grouping (every key in one bucket). Every sum is computed from the buckets'
+    (n_g, T_g), which the analysis keeps (analysis/window.py), so none needs its own SQL.
     """
 
     keys: int = 0
     squares: float = 0.0
     cross: float = 0.0
     counts: float = 0.0
+    cubes: float = 0.0
+    cross_squares: float = 0.0
+    cross_counts: float = 0.0
+    count_cubes: float = 0.0
 
     def variance_of_mean(self, n: int, mean: float) -> float | None:
         """sum_g (T_g - n_g mean)^2 / n^2 * G / (G - 1) (the CR1 sandwich); None below two keys."""
         if self.keys < 2 or n <= 0:
             return None
-        spread = self.squares - 2.0 * mean * self.cross + mean * mean * self.counts
-        return max(0.0, spread) / (n * n) * self.keys / (self.keys - 1)
+        return max(0.0, self.residual_squares(mean)) / (n * n) * self.keys / (self.keys - 1)
+
+    def residual_squares(self, mean: float) -> float:
+        """sum_g (T_g - n_g mean)^2: the keys' residual totals, squared."""
+        return self.squares - 2.0 * mean * self.cross + mean * mean * self.counts
+
+    def residual_cubes(self, mean: float) -> float:
+        """sum_g (T_g - n_g mean)^3: the keys' residual totals, cubed (their skewness is the mean's)."""
+        return (
+            self.cubes - 3.0 * mean * self.cross_squares + 3.0 * mean * mean * self.cross_counts
+            - mean**3 * self.count_cubes
+        )  # fmt: skip
 
     @classmethod
     def of(cls, groups: Iterable[tuple[int, float]]) -> Clustered:
         """From (n_g, T_g) per key."""
         keys = 0
-        squares = cross = counts = 0.0
+        squares = cross = counts = cubes = cross_squares = cross_counts = count_cubes = 0.0
         for n, total in groups:
             if n <= 0:
                 continue
@@ -102,7 +120,11 @@ class Clustered:
             squares += total * total
             cross += n * total
             counts += n * n
-        return cls(keys, squares, cross, counts)
+            cubes += total**3
+            cross_squares += n * total * total
+            cross_counts += n * n * total
+            count_cubes += n**3
+        return cls(keys, squares, cross, counts, cubes, cross_squares, cross_counts, count_cubes)
 
 
 @dataclass

@@ -497,7 +497,7 @@ def assert_matches(actual: WindowMetrics, expected: Expected) -> None:
         assert actual.clusters is not None
         for got_keys, wanted_keys in zip(actual.clusters, want.clusters, strict=True):
             assert got_keys.keys == wanted_keys.keys
-            for name in ("squares", "cross", "counts"):
+            for name in ("squares", "cross", "counts", "cubes", "cross_squares", "cross_counts", "count_cubes"):
                 assert getattr(got_keys, name) == pytest.approx(getattr(wanted_keys, name), rel=1e-9, abs=1e-6)
     assert [segment.name for segment in actual.segments] == [segment.name for segment in want.segments]
     for got_segment, wanted_segment in zip(actual.segments, want.segments, strict=True):

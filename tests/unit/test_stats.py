@@ -306,6 +306,14 @@ def test_keys_that_differ_make_the_clustered_estimate_wider() -> None:
     assert keyed.variance > 10 * plain.variance and keyed.observations == 2
 
 
+def test_the_clustered_third_power_sums_are_those_of_the_keys_residual_totals() -> None:
+    groups = [(3, 1.0), (5, 4.0), (2, -1.0), (4, 2.0), (1, 7.5)]
+    clustered = Clustered.of(groups)
+    mean = sum(t for _, t in groups) / sum(k for k, _ in groups)
+    assert clustered.residual_cubes(mean) == pytest.approx(sum((t - k * mean) ** 3 for k, t in groups))
+    assert clustered.residual_squares(mean) == pytest.approx(sum((t - k * mean) ** 2 for k, t in groups))
+
+
 @pytest.mark.parametrize(("events", "trials", "threshold"), [(12, 100, 0.05), (3, 300, 0.01), (40, 50, 0.5)])
 def test_the_rate_test_is_a_mixture_of_likelihood_ratios_above_the_threshold(
     events: int, trials: int, threshold: float
