@@ -24,8 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from shadowgate_operator.demo.registry import DemoRegistry
 from shadowgate_operator.demo.report import print_report
 from shadowgate_operator.demo.scenarios import SCENARIOS, Pace
 from shadowgate_operator.demo.stack import Environment
@@ -47,6 +49,17 @@ milliseconds of the operator writing it, and the deployment_events row is writte
 ACCOUNTS = 5_000
 
 
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRegistry]:
+    """The demo's MLflow server (its venv built once, then cached), shared by the two stories: each
+    registers its own versions of trade-signal."""
+    registry = DemoRegistry(tmp_path_factory.mktemp("mlflow")).begin()
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
 @pytest.fixture
 def environment(
     kubeconfig: str, dsn: str, namespace: str, shadow_crd: str, kubectl: Kubectl, tmp_path: Path
@@ -57,11 +70,11 @@ def environment(
             "-p", '{"metadata":{"finalizers":null}}', check=False)  # fmt: skip
 
 
-def told(environment: Environment, scenario: str) -> tuple[StoryResult, str]:
+def told(environment: Environment, scenario: str, registry: DemoRegistry) -> tuple[StoryResult, str]:
     out = io.StringIO()
     started = time.monotonic()
     try:
-        result = asyncio.run(tell(environment, SCENARIOS[scenario], PACE, out=out))
+        result = asyncio.run(tell(environment, SCENARIOS[scenario], PACE, out=out, registry=registry))
     finally:
         print(out.getvalue())  # shown when the test fails
         for log in sorted(environment.workdir.glob("*.log")):
@@ -177,6 +190,51 @@ def check_notifications(result: StoryResult, events: list[dict[str, Any]], trans
     assert shown == [f"==> {n.line()}" for n in received], transcript
 
 
+def mlflow_state(result: StoryResult) -> tuple[str, dict[str, dict[str, str]]]:
+    """Where the alias points and the tags of production's and the candidate's versions, asked of MLflow
+    itself (not the story's read-back)."""
+    spec = result.manifest["spec"]
+    url, model, alias = (
+        spec["registry"]["mlflow"]["trackingUri"],
+        spec["candidate"]["registeredModel"]["name"],
+        (spec["registry"]["alias"]),
+    )
+    api = f"{url}/api/2.0/mlflow"
+    with httpx.Client(timeout=30) as http:
+        answer = http.get(f"{api}/registered-models/alias", params={"name": model, "alias": alias})
+        assert answer.status_code == 200, answer.text
+        tags = {}
+        for side in ("production", "candidate"):
+            version = spec[side]["registeredModel"]["version"]
+            found = http.get(f"{api}/model-versions/get", params={"name": model, "version": version})
+            assert found.status_code == 200, found.text
+            tags[side] = {tag["key"]: tag["value"] for tag in found.json()["model_version"].get("tags", [])}
+    return str(answer.json()["model_version"]["version"]), tags
+
+
+def check_registry(result: StoryResult, transcript: str, reason: str) -> tuple[str, dict[str, dict[str, str]]]:
+    """The story registered the versions it named, showed what MLflow holds after the end (each line
+    printed), and that is what MLflow says; returns (the alias's version, each side's tags)."""
+    spec = result.manifest["spec"]
+    assert spec["registry"]["alias"] == "champion"
+    assert spec["production"]["registeredModel"]["name"] == spec["candidate"]["registeredModel"]["name"]
+    assert "==> MLflow at http://127.0.0.1:" in transcript and "registered model trade-signal" in transcript
+    alias, tags = mlflow_state(result)
+    assert result.registry is not None
+    assert result.registry.alias_version == alias
+    assert result.registry.tags[spec["candidate"]["registeredModel"]["version"]] == {
+        key: value for key, value in tags["candidate"].items() if key.startswith("shadowgate.")
+    }
+    names = (spec["production"]["name"], spec["candidate"]["name"])
+    assert all(line in transcript.splitlines() for line in result.registry.lines(names)), transcript
+    assert tags["candidate"]["shadowgate.reason"] == reason
+    rollout = f"{result.environment.namespace}/{result.name}"
+    assert (tags["candidate"]["shadowgate.rollout"], tags["candidate"]["trading.model"]) == (
+        rollout, result.scenario.candidate_model,
+    )  # fmt: skip
+    return alias, tags
+
+
 def check_report(result: StoryResult, chart: Path, ending: str) -> str:
     out = io.StringIO()
     print_report(result, chart, out=out)
@@ -192,9 +250,9 @@ def check_report(result: StoryResult, chart: Path, ending: str) -> str:
 
 
 def test_a_better_model_is_shadowed_step_by_step_and_promoted(
-    environment: Environment, kubectl: Kubectl, dsn: str
+    environment: Environment, kubectl: Kubectl, dsn: str, registry: DemoRegistry
 ) -> None:
-    result, transcript = told(environment, "promote")
+    result, transcript = told(environment, "promote", registry)
     namespace, name = environment.namespace, result.name
 
     status = result.shadow["status"]
@@ -244,14 +302,25 @@ def test_a_better_model_is_shadowed_step_by_step_and_promoted(
     assert set(after) == {"candidate"} and after["candidate"] >= 200, after
 
     check_notifications(result, events, transcript)
+    # MLflow: champion moved from production's version to the candidate's; both versions tagged.
+    spec = result.manifest["spec"]
+    promoted = next(e for e in status["lastTransition"]["events"] if e["reason"] == "Promoted")
+    alias, tags = check_registry(result, transcript, promoted["message"])
+    assert alias == spec["candidate"]["registeredModel"]["version"] != spec["production"]["registeredModel"]["version"]
+    assert (tags["candidate"]["shadowgate.outcome"], tags["candidate"]["shadowgate.replaces"]) == (
+        "promoted", spec["production"]["registeredModel"]["version"],
+    )  # fmt: skip
+    assert (tags["production"]["shadowgate.outcome"], tags["production"]["shadowgate.replaced_by"]) == (
+        "replaced", alias,
+    )  # fmt: skip
     check_report(result, environment.workdir / "promote.png", "Promote")
     assert "Advance" in transcript and "Promote" in transcript  # the live table showed each decision
 
 
 def test_a_worse_model_is_canaried_and_rolled_back_before_it_reaches_more_accounts(
-    environment: Environment, kubectl: Kubectl, dsn: str
+    environment: Environment, kubectl: Kubectl, dsn: str, registry: DemoRegistry
 ) -> None:
-    result, transcript = told(environment, "rollback")
+    result, transcript = told(environment, "rollback", registry)
     namespace, name = environment.namespace, result.name
 
     status = result.shadow["status"]
@@ -284,6 +353,12 @@ def test_a_worse_model_is_canaried_and_rolled_back_before_it_reaches_more_accoun
     assert set(after) == {"production"} and after["production"] >= 200, after
 
     check_notifications(result, events, transcript)
+    # MLflow: the candidate's version tagged with the reason; champion stays on production's.
+    rolled_back = next(e for e in status["lastTransition"]["events"] if e["reason"] == "RolledBack")
+    alias, tags = check_registry(result, transcript, rolled_back["message"])
+    assert alias == result.manifest["spec"]["production"]["registeredModel"]["version"]
+    assert tags["candidate"]["shadowgate.outcome"] == "rolled_back"
+    assert not any(key.startswith("shadowgate.") for key in tags["production"])
     check_report(result, environment.workdir / "rollback.png", "RollBack")
     assert "RollBack" in transcript
 
@@ -340,6 +415,7 @@ def test_ctrl_c_during_the_demo_leaves_nothing_running(tmp_path: Path) -> None:
         started = descendants(demo.pid)
         commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ") for pid in started}
         assert any(b"trading.traffic" in c for c in commands.values()) and any(b"etcd" in c for c in commands.values())
+        assert any(b"mlflow server" in c for c in commands.values()), commands  # the demo's registry
         assert len(started) >= 10, commands
         # The control plane's and the database's directories, from etcd's and PostgreSQL's command lines.
         directories = {

@@ -13,14 +13,14 @@ from typing import Any
 import httpx
 import pytest
 
+from shadowgate_operator.localenv.mlflow import MLFLOW, MlflowServer
 from shadowgate_operator.localenv.process import free_port
+from shadowgate_operator.localenv.venvs import install
 from shadowgate_operator.migrate import migrate_dsn
 from shadowgate_operator.registry import ModelVersionRef, Outcome
 from shadowgate_operator.registry.mlflow import MlflowRegistry, RegistryError
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import Kubectl
-from tests.support.mlflow_server import MLFLOW, MlflowServer
-from tests.support.model_servers import install
 from tests.support.operator import eventually, example, wait_phase
 
 OUTCOME = Outcome(
@@ -44,7 +44,7 @@ def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
         return
     install(MLFLOW)  # cached after the first run
     try:
-        server.start()
+        server.start().wait_ready(540)
         yield server
     finally:
         server.stop()

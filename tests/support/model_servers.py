@@ -3,10 +3,10 @@ and Triton Inference Server as nvidia-pytriton packages it, each serving the sam
 tests/support/model_server.py (prediction = bias + the sum of the inputs; tests/protocols/servers/).
 
 Their dependencies conflict with each other and with the project's, so each family has its own virtualenv,
-built with uv (seconds instead of pip's minutes) and cached in ~/.cache/shadowgate/model-servers/ under a
-hash of what it holds; a file lock lets concurrent test runs share one build. Triton's Python backend
-needs a Python whose threading it understands: its venv is built on Debian's /usr/bin/python3 (a pyenv
-build failed there). Servers run as processes in their own session and are stopped with their children.
+built with uv and cached in ~/.cache/shadowgate/model-servers/ (shadowgate_operator.localenv.venvs, which
+the demo's MLflow server shares). Triton's Python backend needs a Python whose threading it understands:
+its venv is built on Debian's /usr/bin/python3 (a pyenv build failed there). Servers run as processes in
+their own session and are stopped with their children.
 
     python -m tests.support.model_servers install      # build the venvs that are missing (make test-protocols does)
 """
@@ -15,103 +15,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from shadowgate_operator.localenv.venvs import Family, install, project_python
 from tests.support.router import REPO_ROOT, Process, free_port, wait_until
 
-CACHE = Path(os.environ.get("SHADOWGATE_CACHE", Path.home() / ".cache" / "shadowgate")) / "model-servers"
 SERVERS = REPO_ROOT / "tests" / "protocols" / "servers"
 DEBIAN_PYTHON = "/usr/bin/python3"
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    requirements: tuple[str, ...]
-    python: str
-    """The interpreter the venv is built on."""
-
-    @property
-    def venv(self) -> Path:
-        key = json.dumps([self.name, self.requirements, _python_version(self.python)])
-        return CACHE / f"{self.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-    @property
-    def bin(self) -> Path:
-        return self.venv / "bin"
-
-    @property
-    def ready(self) -> bool:
-        return (self.venv / ".complete").exists()
-
-
-def _python_version(python: str) -> str:
-    result = subprocess.run(
-        [python, "-c", "import sys; print(sys.version)"], capture_output=True, text=True, check=True, timeout=30
-    )
-    return result.stdout.strip()
-
-
-def _project_python() -> str:
-    """The interpreter under the project's venv (uv builds a venv from a base interpreter, not a venv)."""
-    return getattr(sys, "_base_executable", sys.executable)
-
-
 FAMILIES = {
-    "mlserver": Family("mlserver", ("mlserver==1.7.1",), _project_python()),
-    "kserve": Family("kserve", ("kserve==0.21.0",), _project_python()),
+    "mlserver": Family("mlserver", ("mlserver==1.7.1",), project_python()),
+    "kserve": Family("kserve", ("kserve==0.21.0",), project_python()),
     "triton": Family("triton", ("nvidia-pytriton==0.7.0",), DEBIAN_PYTHON),
 }
-
-
-def _uv() -> str:
-    found = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
-    if found is None:
-        raise RuntimeError("uv is not installed: it is in the project's dev extra (make setup)")
-    return found
-
-
-def install(family: Family) -> float:
-    """Build the family's venv unless it is cached; returns the seconds it took (0 when cached)."""
-    if family.ready:
-        return 0.0
-    if not Path(family.python).exists():
-        raise RuntimeError(f"{family.name} needs {family.python} (Debian's python3 package)")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with (CACHE / f"{family.venv.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if family.ready:  # another run built it while we waited
-            return 0.0
-        started = time.monotonic()
-        shutil.rmtree(family.venv, ignore_errors=True)  # a build that died halfway
-        env = {**os.environ, "UV_NATIVE_TLS": "1", "UV_PYTHON_DOWNLOADS": "never"}
-        uv = _uv()
-        subprocess.run(
-            [uv, "venv", "--quiet", "--python", family.python, str(family.venv)], env=env, check=True, timeout=300
-        )
-        subprocess.run(
-            [uv, "pip", "install", "--quiet", "--python", str(family.bin / "python"), *family.requirements],
-            env=env,
-            check=True,
-            timeout=1800,
-        )
-        (family.venv / ".complete").write_text(json.dumps({"requirements": family.requirements}) + "\n")
-        return time.monotonic() - started
 
 
 def install_all(names: list[str] | None = None) -> dict[str, float]:

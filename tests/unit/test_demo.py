@@ -15,6 +15,7 @@ import pytest
 from shadowgate_operator.api import ShadowDeployment
 from shadowgate_operator.demo.progress import Counters, Progress
 from shadowgate_operator.demo.receiver import Receiver
+from shadowgate_operator.demo.registry import ReadBack, Registered
 from shadowgate_operator.demo.report import chart_figure
 from shadowgate_operator.demo.scenarios import SCENARIOS, Pace, manifest
 from shadowgate_operator.demo.story import prometheus_sum
@@ -90,6 +91,56 @@ def test_each_scenario_is_a_valid_shadowdeployment_pointed_at_the_local_servers(
         ("demo-receiver", "cloudevents", "trade-signal-hooks", [])
     ]
     assert scenario.load()["spec"]["traffic"]["steps"] == [5, 20, 50]  # the file itself is untouched
+    # Without MLflow the registry is left out (the CRD wants registry and registeredModel together) ...
+    assert sd.spec.registry is None
+    assert sd.spec.production.registered_model is None and sd.spec.candidate.registered_model is None
+    # ... with it, the spec names the demo's server, and the versions it registered for these two models.
+    registered = Registered("http://127.0.0.1:1003", "trade-signal", {"v1": "4", "v2": "5", "v3": "6"}, "champion", "4")
+    document = manifest(scenario, "http://127.0.0.1:1001", "http://127.0.0.1:1002", pace, registered)
+    sd = ShadowDeployment.model_validate({**document, "metadata": {**document["metadata"], "namespace": "demo"}})
+    assert sd.spec.registry is not None and sd.spec.registry.mlflow.tracking_uri == "http://127.0.0.1:1003"
+    assert sd.spec.registry.alias == "champion"
+    assert sd.spec.production.registered_model is not None and sd.spec.candidate.registered_model is not None
+    assert (sd.spec.production.registered_model.name, sd.spec.production.registered_model.version) == (
+        "trade-signal", registered.versions[scenario.production_model],
+    )  # fmt: skip
+    assert sd.spec.candidate.registered_model.version == registered.versions[scenario.candidate_model]
+    # The file names the versions a new server gives (1, 2, 3 for v1, v2, v3).
+    file_spec = scenario.load()["spec"]
+    assert file_spec["candidate"]["registeredModel"]["version"] == scenario.candidate_model.lstrip("v")
+
+
+def test_the_registry_lines_say_where_the_alias_went_and_each_versions_tags() -> None:
+    registered = Registered("http://127.0.0.1:5000", "trade-signal", {"v1": "1", "v2": "2", "v3": "3"}, "champion", "1")
+    common = {"shadowgate.rollout": "demo/trade-signal", "shadowgate.reason": "Step 3 of 3 passed: " + "x" * 200}
+    promoted = ReadBack(registered, "1", "2", "2", {
+        "2": {"shadowgate.outcome": "promoted", **common, "shadowgate.replaces": "1"},
+        "1": {"shadowgate.outcome": "replaced", **common, "shadowgate.replaced_by": "2"},
+    })  # fmt: skip
+    assert promoted.written("Promoted") and not ReadBack(registered, "1", "2", "1", {}).written("Promoted")
+    lines = promoted.lines(("trade-signal-v1", "trade-signal-v2"))
+    assert lines[1] == "      alias champion -> version 2 (the candidate; moved from version 1)"
+    assert lines[2:5] == [
+        "      version 2 (trade-signal-v2):",
+        "        shadowgate.outcome = promoted",
+        "        shadowgate.rollout = demo/trade-signal",
+    ]
+    assert lines[5].startswith("        shadowgate.reason = Step 3") and len(lines[5]) == 110
+    assert lines[-3:] == [
+        "        shadowgate.outcome = replaced",
+        "        shadowgate.replaced_by = 2",
+        "        shadowgate.rollout, shadowgate.reason: as on version 2",
+    ]
+    rolled_back = ReadBack(registered, "1", "3", "1", {"3": {"shadowgate.outcome": "rolled_back", **common}, "1": {}})
+    assert rolled_back.written("RolledBack")
+    assert rolled_back.lines(("trade-signal-v1", "trade-signal-v3"))[1:] == [
+        "      alias champion -> version 1 (production; still on version 1)",
+        "      version 3 (trade-signal-v3):",
+        "        shadowgate.outcome = rolled_back",
+        "        shadowgate.rollout = demo/trade-signal",
+        ("        shadowgate.reason = Step 3 of 3 passed: " + "x" * 200)[:109] + "\u2026",
+        "      version 1 (trade-signal-v1): no shadowgate tag",
+    ]
 
 
 def test_the_live_table_shows_each_analysis_and_the_reason_of_a_transition() -> None:

@@ -54,6 +54,7 @@ def _interrupt(signum: int, _: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from shadowgate_operator.demo.registry import DemoRegistry
     from shadowgate_operator.demo.report import print_report
     from shadowgate_operator.demo.stack import Environment
     from shadowgate_operator.demo.story import tell
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)
     _say(f"scenario {scenario.name}: {scenario.summary}")
+    # MLflow first: its server takes some 15 s to import and start (or its venv is built meanwhile).
+    registry = DemoRegistry(output / "mlflow").begin()
     try:
         binaries = ensure_binaries()
         with ControlPlane(binaries=binaries) as plane, Postgres() as database:
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             environment.kubectl_run("create", "namespace", DEMO_NAMESPACE)
             _say(f"CRDs installed; namespace {DEMO_NAMESPACE}")
             timings["control plane, PostgreSQL, CRDs"] = time.monotonic() - started
-            result = asyncio.run(tell(environment, scenario, pace, fixed_ports=True))
+            result = asyncio.run(tell(environment, scenario, pace, registry=registry))
             timings.update(result.timings)
             reporting = time.monotonic()
             print_report(result, output / f"{scenario.name}.png")
@@ -99,8 +102,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        registry.stop()
         _say(f"interrupted after {_minutes(time.monotonic() - started)}; everything it started is stopped")
         return 130
+    finally:
+        registry.stop()
     parts = ", ".join(f"{part} {_minutes(seconds)}" for part, seconds in timings.items())
     _say(f"done in {_minutes(time.monotonic() - started)} ({parts}); everything it started is stopped")
     faults = args.candidate_error_rate > 0 or args.candidate_latency_ms is not None

@@ -2,7 +2,8 @@
 
 Each scenario is a ShadowDeployment in examples/demo/ plus the models the demo serves for it
 (examples/trading/). The demo changes only what cannot be known in advance, the model servers' URLs
-(their ports on this machine), and whatever a `Pace` overrides (the tests go faster).
+(their ports on this machine), the MLflow server's URL and the registry's version numbers (or leaves the
+registry out when there is no MLflow), and whatever a `Pace` overrides (the tests go faster).
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from shadowgate_operator.localenv.binaries import REPO_ROOT
+
+if TYPE_CHECKING:
+    from shadowgate_operator.demo.registry import Registered
 
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -34,16 +38,6 @@ class Scenario:
     def load(self) -> dict[str, Any]:
         loaded: dict[str, Any] = yaml.safe_load(self.manifest.read_text())
         return loaded
-
-    @property
-    def default_ports(self) -> tuple[int, int]:
-        """The ports the manifest's URLs name (used when they are free)."""
-        spec = self.load()["spec"]
-        return _port(spec["production"]["url"]), _port(spec["candidate"]["url"])
-
-
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -88,12 +82,24 @@ class Pace:
     """Share of the candidate's answers that are 500s (the error-rate gate)."""
 
 
-def manifest(scenario: Scenario, production_url: str, candidate_url: str, pace: Pace) -> dict[str, Any]:
-    """The scenario's ShadowDeployment pointed at these model servers, with the pace's overrides."""
+def manifest(
+    scenario: Scenario, production_url: str, candidate_url: str, pace: Pace, registry: Registered | None = None
+) -> dict[str, Any]:
+    """The scenario's ShadowDeployment pointed at these model servers, with the pace's overrides, and at
+    this MLflow server and its versions of the models (without `registry`: no registry write-back)."""
     document = copy.deepcopy(scenario.load())
     spec = document["spec"]
     spec["production"]["url"] = production_url
     spec["candidate"]["url"] = candidate_url
+    if registry is None:
+        spec.pop("registry", None)
+        for side in ("production", "candidate"):
+            spec[side].pop("registeredModel", None)
+    else:
+        spec["registry"]["mlflow"]["trackingUri"] = registry.url
+        spec["registry"]["alias"] = registry.alias
+        for side, model in (("production", scenario.production_model), ("candidate", scenario.candidate_model)):
+            spec[side]["registeredModel"] = {"name": registry.model, "version": registry.versions[model]}
     spec["analysis"].update(pace.analysis)
     spec["traffic"].update(pace.traffic)
     return document

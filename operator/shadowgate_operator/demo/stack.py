@@ -22,7 +22,7 @@ import yaml
 
 from shadowgate_operator.demo.scenarios import EXAMPLES
 from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.process import ManagedProcess, free_port, port_is_free
+from shadowgate_operator.localenv.process import ManagedProcess, free_port
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,10 @@ def python_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def pick_port(preferred: int, taken: set[int]) -> int:
-    """`preferred` when nothing listens there, else any free port; remembered in `taken`."""
-    port = preferred if preferred not in taken and port_is_free(preferred) else free_port()
+def pick_port(taken: set[int]) -> int:
+    """A port nothing listens on, chosen by the kernel (so two demos at once do not pick the same one),
+    and not one already handed out in `taken` (its server may not listen yet); remembered there."""
+    port = free_port()
     while port in taken:
         port = free_port()
     taken.add(port)

@@ -2,7 +2,9 @@
 
 On a cluster (a kubeconfig) and a database (a DSN) that are already up, and in one namespace:
 
-1. migrate the database; start the two model servers (each trains its model at start);
+1. migrate the database; start the two model servers (each trains its model at start) on free ports;
+   with an MLflow server (registry.py), register the trading models as versions of `trade-signal` there
+   and name them in the ShadowDeployment (else leave its registry out, saying why in one line);
 2. create the Secrets the ShadowDeployment names (the DSN, an outcome token) and start the operator;
 3. apply the scenario's ShadowDeployment; once the operator has created the router's ServiceAccount and
    ConfigMap, start the router as a local process that authenticates with that ServiceAccount's token
@@ -10,8 +12,9 @@ On a cluster (a kubeconfig) and a database (a DSN) that are already up, and in o
 4. send trades through the router and post their outcomes as they close;
 5. show a row per analysis until the operator promotes or rolls back, and a line per notification the
    demo's CloudEvents receiver (receiver.py, named in spec.notifications) gets; keep the traffic a few
-   seconds more (what clients see afterwards) and wait for the last transition's notification; stop the
-   traffic, let the router flush every row, stop it.
+   seconds more (what clients see afterwards) and wait for the last transition's notification; after a
+   promotion or a rollback, read the alias and the versions' tags back from MLflow and show them; stop
+   the traffic, let the router flush every row, stop it.
 
 Everything started here is stopped before `tell` returns or raises, Ctrl-C included.
 """
@@ -35,6 +38,14 @@ from shadowgate_operator.api import GROUP, PLURAL, VERSION
 from shadowgate_operator.builders import ROUTER_SECRET_LABEL
 from shadowgate_operator.demo.progress import Counters, Progress
 from shadowgate_operator.demo.receiver import Received, Receiver
+from shadowgate_operator.demo.registry import (
+    WRITE_BACK_WAIT,
+    DemoRegistry,
+    ReadBack,
+    Registered,
+    register,
+    wait_written,
+)
 from shadowgate_operator.demo.scenarios import Pace, Scenario, manifest
 from shadowgate_operator.demo.stack import (
     Environment,
@@ -50,7 +61,7 @@ from shadowgate_operator.demo.stack import (
     wait_http,
 )
 from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.process import ManagedProcess, free_port
+from shadowgate_operator.localenv.process import ManagedProcess
 from shadowgate_operator.migrate import migrate_dsn
 
 FINISHED = ("Promoted", "RolledBack", "Failed")
@@ -59,9 +70,6 @@ POLL_SECONDS = 0.5
 NOTIFICATION_WAIT = 30.0
 """Seconds the story waits, after the end, for the notification of the last transition (the operator's
 worker posts it within a second or so of queueing it, retrying if it fails)."""
-ROUTER_PORT = 8500
-ROUTER_METRICS_PORT = 8509
-"""The router's port when it is free (and the story may use fixed ports)."""
 METRICS_ROWS = """
     SELECT time, step, weight, samples, production_value, candidate_value, improvement, overall_score, p_value,
            (metrics ->> 'pValueWorse')::float8 AS p_value_worse, decision, reason
@@ -89,6 +97,8 @@ class StoryResult:
     """Request ids the candidate model server answered."""
     notifications: list[Received] = field(default_factory=list)
     """The CloudEvents the demo's receiver got, in order of arrival, each id once."""
+    registry: ReadBack | None = None
+    """The alias and tags MLflow held after the end (None: told without a registry)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per part of the story, in order."""
 
@@ -123,13 +133,14 @@ async def tell(
     pace: Pace | None = None,
     *,
     out: TextIO = sys.stdout,
-    fixed_ports: bool = False,
+    registry: DemoRegistry | None = None,
 ) -> StoryResult:
     """Run `scenario` to its end on `environment`; everything it starts is stopped when it returns.
 
-    `fixed_ports` uses the ports the manifest names (and 8500 for the router) when they are free.
+    With `registry` (an MLflow server, begun by the caller and stopped by it) the models are registered
+    in it, the ShadowDeployment names them, and the write-back is read back and shown after the end.
     """
-    story = _Story(Stack(environment), Receiver().start(), environment, scenario, pace or Pace(), out, fixed_ports)
+    story = _Story(Stack(environment), Receiver().start(), environment, scenario, pace or Pace(), out, registry)
     try:
         return await story.tell()
     finally:
@@ -151,15 +162,15 @@ class _Story:
     scenario: Scenario
     pace: Pace
     out: TextIO
-    fixed_ports: bool
+    registry: DemoRegistry | None
     taken: set[int] = field(default_factory=set)
     timings: dict[str, float] = field(default_factory=dict)
 
     def say(self, message: str) -> None:
         print(f"==> {message}", file=self.out, flush=True)
 
-    def port(self, preferred: int) -> int:
-        return pick_port(preferred, self.taken) if self.fixed_ports else free_port()
+    def port(self) -> int:
+        return pick_port(self.taken)
 
     async def tell(self) -> StoryResult:
         started = time.monotonic()
@@ -167,7 +178,8 @@ class _Story:
         environment.workdir.mkdir(parents=True, exist_ok=True)
         await self.migrate()
         production, candidate = await self.start_model_servers()
-        document = manifest(self.scenario, production.url, candidate.url, self.pace)
+        registered = await self.register()
+        document = manifest(self.scenario, production.url, candidate.url, self.pace, registered)
         token = self.create_secrets(document)
         self.stack.start(
             "operator", operator_argv(environment.namespace), env=python_env(KUBECONFIG=str(environment.kubeconfig))
@@ -208,6 +220,7 @@ class _Story:
             # then a clean stop: no trade without its outcome, no row left unwritten.
             winding_down = time.monotonic()
             await self.wait_notified(progress, shadow, self.pace.after_end)
+            registry = await self.show_registry(progress, registered, document, shadow)
             self.stack.stop_one(traffic, timeout=30.0)
             await _wait_flushed(http, metrics_url)
             production_ids, candidate_ids = [
@@ -230,6 +243,7 @@ class _Story:
             production_ids=production_ids,
             candidate_ids=candidate_ids,
             notifications=self.receiver.events,
+            registry=registry,
             timings=self.timings,
         )
 
@@ -242,11 +256,11 @@ class _Story:
         pace, scenario = self.pace, self.scenario
         candidate_latency = pace.latency_ms if pace.candidate_latency_ms is None else pace.candidate_latency_ms
         models: list[_Model] = []
-        for version, preferred, latency, error_rate in (
-            (scenario.production_model, scenario.default_ports[0], pace.latency_ms, 0.0),
-            (scenario.candidate_model, scenario.default_ports[1], candidate_latency, pace.candidate_error_rate),
+        for version, latency, error_rate in (
+            (scenario.production_model, pace.latency_ms, 0.0),
+            (scenario.candidate_model, candidate_latency, pace.candidate_error_rate),
         ):
-            port = self.port(preferred)
+            port = self.port()
             process = self.stack.start(f"model-{version}", model_server_argv(version, port, latency, error_rate))
             models.append(_Model(process, f"http://127.0.0.1:{port}"))
         async with httpx.AsyncClient() as http:
@@ -257,6 +271,49 @@ class _Story:
             lines = model.process.log_path.read_text().splitlines()
             self.say(f"model server at {model.url}: {next((x for x in lines if x.startswith('trained')), '')}")
         return models[0], models[1]
+
+    async def register(self) -> Registered | None:
+        """The trading models as versions of one registered model in the demo's MLflow server, the alias on
+        production's; None (said in one line) when there is no MLflow."""
+        if self.registry is None:
+            return None
+        waited = time.monotonic()
+        alias = self.scenario.load()["spec"]["registry"]["alias"]
+        registered = None
+        if await self.registry.ready():
+            try:
+                registered = await register(self.registry.url, self.scenario.production_model, alias)
+            except (ComponentError, httpx.HTTPError) as exc:
+                self.registry.unavailable = str(exc).splitlines()[0]
+        if registered is None:
+            self.say(f"no model registry, the story goes on without one: {self.registry.unavailable}")
+            return None
+        versions = ", ".join(f"{number} ({model})" for model, number in registered.versions.items())
+        waits = f"waited {time.monotonic() - waited:.1f}s"
+        if self.registry.install_seconds:
+            waits += f"; its venv built once, in {self.registry.install_seconds:.0f}s"
+        self.say(
+            f"MLflow at {registered.url}: registered model {registered.model}, versions {versions}; alias "
+            f"{alias} on version {registered.alias_version} (production); {waits}"
+        )
+        return registered
+
+    async def show_registry(
+        self, progress: Progress, registered: Registered | None, document: dict[str, Any], shadow: dict[str, Any]
+    ) -> ReadBack | None:
+        """After a promotion or a rollback: the alias and both versions' tags as MLflow holds them once the
+        operator's write-back is in (at most WRITE_BACK_WAIT seconds more)."""
+        phase = (shadow.get("status") or {}).get("phase")
+        if registered is None or phase not in ("Promoted", "RolledBack"):
+            return None
+        spec = document["spec"]
+        versions = (spec["production"]["registeredModel"]["version"], spec["candidate"]["registeredModel"]["version"])
+        found, written = await wait_written(registered, *versions, phase)
+        if not written:
+            progress.say(f"==> MLflow: no write-back of {phase} after {WRITE_BACK_WAIT:.0f}s (see operator.log)")
+        for line in found.lines((spec["production"]["name"], spec["candidate"]["name"])):
+            progress.say(line)
+        return found
 
     def create_secrets(self, document: dict[str, Any]) -> str:
         """The Secrets the ShadowDeployment names: the database's DSN, a new outcome token (returned,
@@ -314,7 +371,7 @@ class _Story:
         credentials = service_account_kubeconfig(
             self.environment, router_name, self.environment.workdir / "router.kubeconfig"
         )
-        port, metrics_port = self.port(ROUTER_PORT), self.port(ROUTER_METRICS_PORT)
+        port, metrics_port = self.port(), self.port()
         url = f"http://127.0.0.1:{port}"
         router = self.stack.start(
             "router",
