@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -38,16 +38,29 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 ROUTERS = ("apps", "v1", "deployments")
 PEERING_PLURALS = ("clusterkopfpeerings", "kopfpeerings")
 RETRY_SECONDS = 5.0
+FINALIZER = f"{GROUP}/finalizer"
+FINALIZER_WAIT_SECONDS = 10.0
+"""How long a new object's loop waits for kopf's finalizer before its first reconcile (see rollout_loop)."""
+
+
+class LeanDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff base (what it compares between watch events), built from the body without status and
+    managedFields, which kopf drops anyway: it deep-copies the whole body first, at every watch event (a
+    few milliseconds each with the operator's status and its field manager's entry in managedFields)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        meta = {key: value for key, value in (body.get("metadata") or {}).items() if key != "managedFields"}
+        lean = {key: value for key, value in body.items() if key not in ("metadata", "status")}
+        raw = cast(kopf.RawBody, {**lean, "metadata": meta})
+        return super().build(body=kopf.Body(raw), extra_fields=extra_fields)
 
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # kopf's bookkeeping goes into shadowgate.io annotations; spec is never written (GitOps sees no drift).
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = LeanDiffBase(prefix=GROUP, key="last-handled-configuration")
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     # Transitions are recorded as Events by the Reconciler; kopf only reports its own failures.
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = REPORTING_COMPONENT
@@ -90,13 +103,15 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     await memo.reconciler.close()  # lets the posts in flight finish, briefly
 
 
+# The watch handlers are coroutines: kopf runs a plain function in a thread of its executor, which cost a
+# thread hop per watch event and set the records' asyncio.Events from outside the event loop (not safe).
 @kopf.on.event(*RESOURCE)
-def seen(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def seen(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     memo.reconciler.rollouts.seen(dict(body), deleted=type == "DELETED")
 
 
 @kopf.on.event(*ROUTERS, labels={"app.kubernetes.io/managed-by": MANAGER})
-def router_seen(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+async def router_seen(type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
     if type != "DELETED":
         memo.reconciler.rollouts.router_seen(dict(body))
 
@@ -108,12 +123,21 @@ async def rollout_loop(
     """One loop per ShadowDeployment: reconcile or do the light work in between, then sleep until woken or due."""
     reconciler: Reconciler = memo.reconciler
     namespace = namespace or ""
-    # The object as kopf started the loop for it: with the finalizer kopf added, which the watch event
-    # `seen` got may not have yet (a status written from that older copy would meet a conflict).
     reconciler.rollouts.seen(dict(body))
-    reconciler.resume(namespace, name)
+    record = reconciler.rollouts.get(namespace, name)
     stop = asyncio.ensure_future(stopped.wait())
     try:
+        # kopf starts the loop of a new object at its first watch event, then adds its finalizer: a status
+        # written from the copy without it would meet a conflict (409), a GET and a second plan. Wait for the
+        # watch event that brings it (it wakes the record; bounded, in case it never comes).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FINALIZER_WAIT_SECONDS):
+                while not stopped and not record.settled(FINALIZER):
+                    woken = asyncio.ensure_future(record.wake.wait())
+                    await asyncio.wait({woken, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    woken.cancel()
+                    record.wake.clear()  # resume() wakes it for its first reconcile
+        reconciler.resume(namespace, name)
         while not stopped:
             try:
                 delay = await reconciler.tick(namespace, name)

@@ -8,12 +8,15 @@ shadowgate_operator_api_requests_total). Objects are plain dicts (what the build
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import hashlib
+import importlib.util
 import re
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -21,7 +24,18 @@ import httpx
 from shadowgate_common import kubeaccess
 from shadowgate_operator.api import GROUP, PLURAL, VERSION
 
+# httpcore (1.0) imports sniffio at every request, to tell asyncio from trio; anyio 4 no longer brings it, and
+# a failed import searches every sys.path entry again, each time: a fifth of the operator's CPU while it
+# started 300 ShadowDeployments (bench/operator). None in sys.modules makes that import fail at once, and
+# httpcore then takes asyncio, which is what runs here. Left alone when sniffio is installed.
+if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+    sys.modules["sniffio"] = None  # type: ignore[assignment]
+
 FIELD_MANAGER = "shadowgate-operator"
+CONNECTIONS = 20
+"""Requests to the API server at once (and connections kept): more wait their turn in Kube, not in httpx's
+pool, whose bookkeeping runs over every request queued in it at each step (with 300 new objects' reconciles
+waiting it cost more than their own code, bench/operator)."""
 REPORTING_COMPONENT = "shadowgate-operator"
 
 # apiVersion -> URL prefix; kind -> plural. Only the kinds the operator owns.
@@ -104,6 +118,7 @@ class Kube:
     access: kubeaccess.KubeAccess
     http: httpx.AsyncClient
     counted: Counted | None = None
+    _turns: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CONNECTIONS))
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None, counted: Counted | None = None) -> Kube:
@@ -114,7 +129,7 @@ class Kube:
             base_url=access.server,
             verify=access.verify,
             timeout=httpx.Timeout(30.0, connect=5.0),
-            limits=httpx.Limits(max_connections=20),
+            limits=httpx.Limits(max_connections=CONNECTIONS),
         )
         return cls(access, http, counted)
 
@@ -138,9 +153,10 @@ class Kube:
     ) -> dict[str, Any]:
         kind = what.partition(" ")[0]
         try:
-            response = await self.http.request(
-                method, path, params=query, json=body, headers=self._headers(content_type)
-            )
+            async with self._turns:
+                response = await self.http.request(
+                    method, path, params=query, json=body, headers=self._headers(content_type)
+                )
         except httpx.HTTPError as exc:
             if self.counted is not None:
                 self.counted(verb, kind, 0)

@@ -212,8 +212,8 @@ class Rollout:
         return new
 
     def seen(self, body: dict[str, Any]) -> bool:
-        """Keep the newer of `body` and the body held; True when the spec, the manual action or the
-        deletion state changed, i.e. the loop should act now rather than at its next due time."""
+        """Keep the newer of `body` and the body held; True when the spec, the manual action, the deletion
+        state or the finalizers changed, i.e. the loop should act now rather than at its next due time."""
         if self.body is not None and _older(body, self.body):
             return False
         before = self.body
@@ -226,8 +226,15 @@ class Rollout:
                 ("metadata", "generation"),
                 ("metadata", "annotations", "shadowgate.io/action"),
                 ("metadata", "deletionTimestamp"),
+                ("metadata", "finalizers"),
             )
         )
+
+    def settled(self, finalizer: str) -> bool:
+        """Whether the body held carries `finalizer` (or is gone, or going): a status written from it then
+        meets no conflict with the write that adds the finalizer."""
+        meta = (self.body or {}).get("metadata") or {}
+        return self.body is None or bool(meta.get("deletionTimestamp")) or finalizer in (meta.get("finalizers") or ())
 
     def next_delay(self, catch_up: float | None) -> float:
         """Seconds until the loop should run again: the next analysis (or catch-up) when progressing,
