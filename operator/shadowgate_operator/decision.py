@@ -35,6 +35,9 @@ The rules, in order (the first that applies wins):
 Which quality test (stats.py): with a sticky key, the normal mixture with a variance clustered by key (at
 least `stats.MIN_KEYS` keys a side); otherwise, for a bounded loss (`loss_bound`), the betting test, exact
 at every sample size; otherwise the normal mixture (asymptotic; the assumption is stated in the README).
+The normal mixture counts evidence in the direction a skewed estimate would overstate (better or worse,
+by the sign of its skewness: `stats.Estimate.skewness`) only once the skewness is small; the other
+direction counts from the floor (`MIN_OBSERVATIONS` units, `MIN_KEYS` keys).
 
 The score. The overall score is the weighted sum of three components, each in [-1, 1], with
 `analysis.weights` normalised (so the score is in [-1, 1] too). Quality is what a new model is for, so
@@ -101,7 +104,6 @@ from shadowgate_operator.stats import (
     quantile_bounds,
     rate_bounds,
     rate_log_evidence,
-    samples_needed,
     unpaired_estimate,
 )
 
@@ -328,7 +330,8 @@ class _Quality:
     units: int
     state: EvidenceState | None
     waiting_for: str | None = None
-    """Why the test could not run yet, in words (too few keys), or None."""
+    """Why the test, or one direction of it, does not count yet, in words (too few keys; a skewed
+    estimate), or None."""
     unit_name: str = ""
 
     @property
@@ -348,7 +351,6 @@ def _quality(
     bets: TwoArmBets | None = None
     waiting_for = None
     unit_name = ""
-    averaged = (metrics.loss_difference,) if metrics.paired else (production, candidate)
     if metrics.clusters is not None:
         test = QualityTest.CLUSTERED_NORMAL_MIXTURE
         if metrics.paired:
@@ -357,16 +359,13 @@ def _quality(
         else:
             estimate = unpaired_estimate(production, candidate, metrics.clusters)
             keys = min(metrics.clusters[0].keys, metrics.clusters[1].keys)
-        needed = samples_needed(*averaged, minimum=MIN_KEYS)
-        this = normal_evidence(estimate, minimum=needed)
+        this = normal_evidence(estimate, minimum=MIN_KEYS)
         units, unit_name = keys, f"{spec.traffic.sticky_header or 'sticky'} keys"
-        if keys < needed:
+        if keys < MIN_KEYS:
             side = "with pairs" if metrics.paired else "on the smaller side"
-            waiting_for = (
-                f"{keys:,} keys {side}: a variance clustered by key needs {needed:,} for losses this skewed"
-                if needed > MIN_KEYS
-                else f"{keys:,} keys {side}: the test needs {MIN_KEYS} for a variance clustered by key"
-            )
+            waiting_for = f"{keys:,} keys {side}: the test needs {MIN_KEYS} for a variance clustered by key"
+        else:
+            waiting_for = _skew_wait(estimate, "keys")
     elif bound is not None:
         test = QualityTest.BETTING
         if metrics.paired:
@@ -384,10 +383,9 @@ def _quality(
         else:
             estimate = unpaired_estimate(production, candidate)
         units = metrics.loss_difference.n if metrics.paired else min(production.n, candidate.n)
-        needed = samples_needed(*averaged)
-        this = normal_evidence(estimate, minimum=needed)
-        if units < needed and needed > MIN_OBSERVATIONS:
-            waiting_for = f"losses this skewed need {needed:,} samples before the normal test counts"
+        this = normal_evidence(estimate)
+        if units >= MIN_OBSERVATIONS:
+            waiting_for = _skew_wait(estimate, "scored pairs" if metrics.paired else "scored requests a side")
     evidence = previous & this if ready else previous
     state = None
     if since is not None:
@@ -396,6 +394,28 @@ def _quality(
     # state carried from looks with too few samples holds none (1, 1): showing it would only rewrite status.
     tested = ready or (carried is not None and min(carried.p_better, carried.p_worse) < 1.0)
     return _Quality(evidence, tested, test, units, state, waiting_for, unit_name)
+
+
+def _skew_wait(estimate: Estimate | None, units: str) -> str | None:
+    """Which direction of the normal test waits for the estimate's skewness (`stats.Estimate.skewness`),
+    in words, or None."""
+    if estimate is None:
+        return None
+    waiting = []
+    if estimate.better_waits:
+        waiting.append(("a worse candidate", "better", estimate.toward_worse))
+    if estimate.worse_waits:
+        waiting.append(("a better candidate", "worse", estimate.toward_better))
+    if not waiting:
+        return None
+    parts = [
+        f"the estimate is skewed toward {toward} (skewness {skew:+.2f}), which would overstate evidence that it "
+        f"is {direction}: that evidence counts from about {estimate.units_needed(skew):,} {units}"
+        for toward, direction, skew in waiting
+    ]
+    if len(waiting) == 1:
+        parts.append(f"evidence that it is {'worse' if waiting[0][1] == 'better' else 'better'} counts already")
+    return "; ".join(parts) + f" ({estimate.observations:,} {units} now)"
 
 
 def _bets_of(state: EvidenceState | None) -> TwoArmBets:
@@ -459,7 +479,7 @@ def _segments(spec: ShadowDeploymentSpec, metrics: WindowMetrics, quality: _Qual
         if judged:
             estimate = _segment_estimate(segment, metrics.paired)
             margin = analysis.segment_tolerance * abs(segment.production.mean or 0.0)
-            if estimate is not None:
+            if estimate is not None:  # no skewness: a segment's sums stop at the squares
                 estimate = Estimate(
                     estimate.difference, estimate.variance * inflation, estimate.typical_loss, estimate.observations
                 )

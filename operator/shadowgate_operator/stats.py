@@ -39,7 +39,10 @@ Which test, and what its guarantee rests on (decision.py picks; README "How the 
    Cameron, Miller 2015), with at least `MIN_KEYS` keys on each side. For unbounded losses (mae, rmse
    without a cap) it assumes, in words: losses with a finite variance and no rare loss so large that
    `MIN_OBSERVATIONS` requests would usually miss it (bench/decision's rare-loss rows show what such a
-   loss does). Declare `analysis.lossCap` to get test 1 instead.
+   loss does). Declare `analysis.lossCap` to get test 1 instead. Skewness is the first way the normal
+   approximation fails, and it fails in one direction: the direction the estimate's skewness makes too
+   liberal counts only once that skewness is within `SKEW_LIMIT` (`Estimate.skewness`: computed on the
+   units tested, requests or keys' totals, with `Estimate.guards`), the other from the floor.
 3. Rates (error rate above maxErrorRate; share of requests slower than maxLatencyP99Ms above 1%): a
    mixture of binomial likelihood ratios over alternatives above the threshold, exact at every sample
    size (Robbins 1970). Confidence bounds for rates and percentiles invert it.
@@ -87,12 +90,12 @@ the cluster-robust variance of a few keys is as unreliable as the plain variance
 (a canary at 10% of 200 accounts has some 20 on the candidate: it cannot be judged, and says so)."""
 
 SKEW_SAMPLES = 100
-"""The normal mixture is trusted once its units number at least this many times the squared skewness of
-the values averaged (on top of MIN_OBSERVATIONS / MIN_KEYS): the first correction of the normal tail of a
-mean is skewness / (6 sqrt(n)) * (2 z^2 + 1) phi(z) (Edgeworth; Hall 1987), about a quarter of alpha = 1%
-at n = 100 skewness^2. Skewed losses (a canary's per-request losses, a rare large loss among small ones)
-thus need more data before a look counts; one rare loss that shows up makes the skewness, and the sample
-needed, jump."""
+"""How skewed the estimate may be before the normal mixture's evidence in the direction its skewness
+inflates stops counting: |skewness of the estimate| <= 1 / sqrt(SKEW_SAMPLES) = 0.1, i.e. for a mean of n
+independent values of skewness g, n >= SKEW_SAMPLES g^2 (on top of MIN_OBSERVATIONS / MIN_KEYS). See
+`Estimate.skewness` for why only one direction waits and which."""
+
+SKEW_LIMIT = 1.0 / math.sqrt(SKEW_SAMPLES)
 
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -110,13 +113,68 @@ def skewness(moments: Moments) -> float:
     return float(m3 / math.sqrt(m2) ** 3)
 
 
-def samples_needed(*series: Moments, minimum: int = MIN_OBSERVATIONS) -> int:
-    """How many units the normal mixture needs given how skewed the averaged values are."""
-    worst = max((abs(skewness(moments)) for moments in series), default=0.0)
-    return max(minimum, math.ceil(SKEW_SAMPLES * worst * worst))
+@dataclass(frozen=True)
+class MeanCumulants:
+    """The plug-in second and third cumulants of a mean, and the independent units it averages: with u the
+    units' residuals (each value minus the mean; with keys, each key's total minus its count times the
+    mean) and n the values, mean - mu is about sum(u) / n, so k2 = sum(u^2) / n^2 and k3 = sum(u^3) / n^3."""
+
+    k2: float
+    k3: float
+    units: int
+
+    @classmethod
+    def of(cls, moments: Moments, clusters: Clustered | None = None) -> MeanCumulants | None:
+        """None below three units."""
+        n, mean = moments.n, moments.mean
+        if mean is None:
+            return None
+        if clusters is None:
+            if n < 3:
+                return None
+            m2 = moments.total_squares / n - mean * mean
+            m3 = moments.total_cubes / n - 3 * mean * moments.total_squares / n + 2 * mean**3
+            return cls(max(0.0, m2) / n, m3 / (n * n), n)
+        if clusters.keys < 3:
+            return None
+        return cls(
+            max(0.0, clusters.residual_squares(mean)) / (n * n), clusters.residual_cubes(mean) / n**3, clusters.keys
+        )
+
+    def over(self, units: int) -> MeanCumulants:
+        """The mean of as many units of this shape as `units` (the requests' shape counted over keys)."""
+        mu2, mu3 = self.unit_moments
+        return MeanCumulants(mu2 / units, mu3 / units**2, units)
+
+    @property
+    def skewness(self) -> float:
+        """The mean's skewness, k3 / k2^1.5."""
+        return _skewness_of(self.k2, self.k3)
+
+    @property
+    def unit_moments(self) -> tuple[float, float]:
+        """The second and third central moments of one unit's residual, in the mean's scale: k2 = mu2 /
+        units, k3 = mu3 / units^2."""
+        return self.k2 * self.units, self.k3 * self.units**2
 
 
-# --- the normal mixture ---------------------------------------------------------------------------------
+def _skewness_of(k2: float, k3: float) -> float:
+    # Identical losses (no spread) have no skewness; neither does a spread lost to rounding.
+    return k3 / k2**1.5 if k2 > 1e-300 else 0.0
+
+
+def two_sample_skewness(production: MeanCumulants, candidate: MeanCumulants) -> tuple[float, float, float]:
+    """The skewness of mean_production - mean_candidate: plug-in; as if the candidate were production's
+    model; and the candidate's part alone, as if production's model (`Estimate.guards`). Variances add,
+    third cumulants subtract."""
+    plug_in = _skewness_of(production.k2 + candidate.k2, production.k3 - candidate.k3)
+    (p2, p3), (c2, c3) = production.unit_moments, candidate.unit_moments
+    units_p, units_c = production.units, candidate.units
+    mu2 = (p2 * units_p + c2 * units_c) / (units_p + units_c)
+    mu3 = (p3 * units_p + c3 * units_c) / (units_p + units_c)
+    alike = _skewness_of(mu2 * (1 / units_p + 1 / units_c), mu3 * (1 / units_p**2 - 1 / units_c**2))
+    candidate_alone = _skewness_of(mu2 / units_c, -mu3 / units_c**2)
+    return plug_in, alike, candidate_alone
 
 
 @dataclass(frozen=True)
@@ -133,10 +191,76 @@ class Estimate:
     observations: int
     """Independent units behind it: pairs (paired) or the smaller side's scored requests (unpaired), or
     the smaller side's keys when clustered."""
+    skewness: float = 0.0
+    """The skewness of `difference` as an estimator (its third cumulant over its variance^1.5, plug-in;
+    `MeanCumulants`): g / sqrt(n) for a paired mean of n differences of skewness g, and for two samples
+
+        (k3_production - k3_candidate) / (k2_production + k2_candidate)^1.5,  k2 = m2 / n, k3 = m3 / n^2
+
+    (per side: m2, m3 the central moments of its losses, n its count; with keys, the same sums over the
+    keys' residual totals, `MeanCumulants`), because difference = mean_production - mean_candidate adds
+    the cumulants of two independent parts, the candidate's third with its sign flipped.
+
+    Its sign says which direction of the normal test is too liberal. To first order the studentized
+    z = difference / sqrt(variance) has P(z <= x) = Phi(x) + skewness (2 x^2 + 1) phi(x) / 6 (Edgeworth;
+    Hall 1987, "Edgeworth expansion for Student's t statistic under minimal moment conditions"; for
+    Welch's statistic the term is the same, since its numerator's third cumulant and the covariance of
+    numerator and variance estimate are both k3_production - k3_candidate). With skewness > 0 (a long
+    tail toward the candidate being better: in shadow mode, production's rare large losses) the LOWER
+    tail of z is heavier than normal and the upper one lighter: a normal p-value overstates evidence that
+    the candidate is worse and understates evidence that it is better. With skewness < 0 (the
+    candidate's rare large losses; in canary mode also the candidate's smaller sample of right-skewed
+    losses) the other way round. `normal_evidence` counts the overstated direction only once |skewness|
+    <= `SKEW_LIMIT`; the other needs no more data than the floor. 0 when not computed (segments: their
+    sums stop at the squares)."""
+    guards: tuple[float, ...] = ()
+    """The same skewness estimated other ways, where the plug-in one can point the wrong way; a direction
+    waits when `skewness` or any of these says so.
+
+    - Two samples, as if the candidate were production's model: both sides' units pooled for mu2 and mu3
+      (one unit's central moments), then mu3 (1/U_p^2 - 1/U_c^2) / (mu2 (1/U_p + 1/U_c))^1.5, U a side's
+      units. A small sample that has not yet met its losses' rare large values looks better and unskewed
+      at once; under "the candidate is production's model" (where the false-promotion and false-rollback
+      claims are tightest) the pooled moments have met them.
+    - Two samples, the candidate's mean alone as if production's model: -mu3 / U_c^2 / (mu2 / U_c)^1.5 =
+      -g / sqrt(U_c), g the pooled skewness (production's sample does not dilute it). For right-skewed
+      losses this keeps promotion exactly where it was before the rule had a direction (U_c >= 100 g^2)
+      while rollback waits for none of it: without it, bench/decision's canary-fallback (its false
+      promotions at the 1% limit) promoted one identical candidate more in 350 runs.
+    - With keys, the requests' skewness counted over the keys (per side: the losses' m2 and m3 with the
+      keys as units, then as above, plug-in and pooled): a few hundred keys of a few requests each show
+      their totals' skewness no better than as many requests would, and bench/decision's sticky canaries
+      (1,000-5,000 accounts at 10%) promote an identical candidate about 1% of the time on the keys'
+      skewness alone."""
+
+    @property
+    def toward_worse(self) -> float:
+        """The most negative of the skewnesses: below -SKEW_LIMIT, evidence that the candidate is better waits."""
+        return min((self.skewness, *self.guards))
+
+    @property
+    def toward_better(self) -> float:
+        """The most positive of the skewnesses: above SKEW_LIMIT, evidence that the candidate is worse waits."""
+        return max((self.skewness, *self.guards))
 
     @property
     def z(self) -> float:
         return self.difference / math.sqrt(self.variance)
+
+    @property
+    def better_waits(self) -> bool:
+        """Evidence that the candidate is better does not count yet: the estimate is skewed toward worse."""
+        return self.toward_worse < -SKEW_LIMIT
+
+    @property
+    def worse_waits(self) -> bool:
+        """Evidence that the candidate is worse does not count yet: the estimate is skewed toward better."""
+        return self.toward_better > SKEW_LIMIT
+
+    def units_needed(self, skewness: float) -> int:
+        """Units (as `observations` counts them) at which `skewness`, shrinking as 1 / sqrt(units), would be
+        within `SKEW_LIMIT` if the data went on as so far."""
+        return max(self.observations, math.ceil(SKEW_SAMPLES * skewness**2 * self.observations))
 
     def shifted(self, margin: float) -> Estimate:
         """The same estimate tested against "the candidate is worse by more than `margin`": D + margin."""
@@ -176,12 +300,16 @@ def paired_estimate(
         return None
     typical = _typical_loss(production, candidate)
     n = differences.n
+    cumulants = MeanCumulants.of(differences, clusters)
+    skew = _skewness_of(cumulants.k2, cumulants.k3) if cumulants is not None else 0.0
     if clusters is None:
-        return Estimate(mean, _floored_variance(variance / n, mean, typical, n), typical, n)
+        return Estimate(mean, _floored_variance(variance / n, mean, typical, n), typical, n, skew)
     robust = clusters.variance_of_mean(n, mean)
     if robust is None:
         return None
-    return Estimate(mean, _floored_variance(robust, mean, typical, n), typical, clusters.keys)
+    requests = MeanCumulants.of(differences)
+    guards = () if requests is None else (requests.over(clusters.keys).skewness,)
+    return Estimate(mean, _floored_variance(robust, mean, typical, n), typical, clusters.keys, skew, guards)
 
 
 def unpaired_estimate(
@@ -193,16 +321,25 @@ def unpaired_estimate(
         return None
     difference = _mean(production) - _mean(candidate)
     typical = _typical_loss(production, candidate)
+    p_cumulants = MeanCumulants.of(production, clusters[0] if clusters else None)
+    c_cumulants = MeanCumulants.of(candidate, clusters[1] if clusters else None)
+    skew, *others = two_sample_skewness(p_cumulants, c_cumulants) if p_cumulants and c_cumulants else (0.0,)
+    guards = tuple(others)
     if clusters is None:
         variance = production.variance / production.n + candidate.variance / candidate.n
         n = min(production.n, candidate.n)
-        return Estimate(difference, _floored_variance(variance, difference, typical, n), typical, n)
+        return Estimate(difference, _floored_variance(variance, difference, typical, n), typical, n, skew, guards)
+    p_requests, c_requests = MeanCumulants.of(production), MeanCumulants.of(candidate)
+    if p_requests and c_requests and clusters[0].keys and clusters[1].keys:
+        guards += two_sample_skewness(p_requests.over(clusters[0].keys), c_requests.over(clusters[1].keys))
     p_robust = clusters[0].variance_of_mean(production.n, _mean(production))
     c_robust = clusters[1].variance_of_mean(candidate.n, _mean(candidate))
     if p_robust is None or c_robust is None:
         return None
     n = min(clusters[0].keys, clusters[1].keys)
-    return Estimate(difference, _floored_variance(p_robust + c_robust, difference, typical, n), typical, n)
+    return Estimate(
+        difference, _floored_variance(p_robust + c_robust, difference, typical, n), typical, n, skew, guards
+    )
 
 
 def _mean(moments: Moments) -> float:
@@ -266,14 +403,16 @@ def normal_evidence(
     relative_effect: float = MIXING_RELATIVE_EFFECT,
     smallest_effect: float = SMALLEST_RELATIVE_EFFECT,
 ) -> Evidence:
-    """This look's p-values from the normal mixture (no running minimum); none below `minimum` units."""
+    """This look's p-values from the normal mixture (no running minimum); none below `minimum` units, and
+    none yet in the direction the estimate's skewness makes too liberal (`Estimate.skewness`)."""
     if estimate is None or estimate.observations < minimum:
         return NO_EVIDENCE
     z = estimate.z
     r = mixture_width(estimate, relative_effect)
     lower = smallest_effect / relative_effect
     return Evidence(
-        p_better=p_value(one_sided_log_evidence(z, r, lower)), p_worse=p_value(one_sided_log_evidence(-z, r, lower))
+        p_better=1.0 if estimate.better_waits else p_value(one_sided_log_evidence(z, r, lower)),
+        p_worse=1.0 if estimate.worse_waits else p_value(one_sided_log_evidence(-z, r, lower)),
     )
 
 

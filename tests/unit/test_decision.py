@@ -440,6 +440,54 @@ def test_canary_compares_two_independent_samples(candidate: float, n_candidate: 
     assert f"over {n_candidate:,} scored candidate requests" in verdict.decision.reason
 
 
+def skewed(n: int, mean: float, sd: float, skewness: float) -> Moments:
+    """n values with this mean, standard deviation and skewness (power sums from the central moments)."""
+    m2 = sd * sd
+    m3 = skewness * sd**3
+    m4 = (3.0 + 2.0 * skewness * skewness) * m2 * m2
+    return Moments(
+        n,
+        n * mean,
+        n * (mean**2 + m2),
+        n * (mean**3 + 3 * mean * m2 + m3),
+        n * (mean**4 + 6 * mean * mean * m2 + 4 * mean * m3 + m4),
+    )
+
+
+def skewed_canary(production: Moments, candidate: Moments) -> WindowMetrics:
+    return WindowMetrics(
+        production=replace(side(1.0, production.n), loss=production),
+        candidate=replace(side(1.0, candidate.n), loss=candidate),
+        scored=production.n + candidate.n,
+        paired=False,
+    )
+
+
+def test_a_canary_of_right_skewed_losses_is_rolled_back_without_waiting_for_the_skewness() -> None:
+    # The candidate's smaller sample of right-skewed losses makes production - candidate left-skewed: the
+    # normal test overstates "better" and understates "worse" (stats.Estimate.skewness), so a candidate
+    # shown worse is rolled back now, although 300 requests of skewness 4 are far from 100 x 4^2.
+    verdict = run(skewed_canary(skewed(2000, 1.0, 1.5, 4.0), skewed(300, 1.9, 2.85, 4.0)), traffic={"mode": "canary"})
+    assert verdict.decision.action is ROLL_BACK
+    assert verdict.decision.reason.startswith("Candidate is significantly worse on mae")
+
+
+def test_a_canary_of_right_skewed_losses_waits_before_it_counts_as_better() -> None:
+    # The same skew, the candidate 20% better and significant on the normal test: "better" waits, and the
+    # reason says which direction waits, why, and until when.
+    metrics = skewed_canary(skewed(6000, 1.0, 1.5, 8.0), skewed(1000, 0.8, 1.2, 8.0))
+    verdict = run(metrics, traffic={"mode": "canary"})
+    assert verdict.decision.action is WAIT
+    assert verdict.metrics is not None and verdict.metrics.p_value == 1.0
+    reason = verdict.decision.reason
+    assert "the estimate is skewed toward a worse candidate (skewness -0." in reason
+    assert "which would overstate evidence that it is better: that evidence counts from about" in reason
+    assert "evidence that it is worse counts already (1,000 scored requests a side now)" in reason
+    # Unskewed, the same numbers pass the step.
+    plain = skewed_canary(skewed(6000, 1.0, 1.5, 0.0), skewed(1000, 0.8, 1.2, 0.0))
+    assert run(plain, traffic={"mode": "canary"}).decision.action is ADVANCE
+
+
 def test_canary_needs_more_samples_than_shadow_for_the_same_improvement() -> None:
     # Pairing removes the noise both losses share; without it the same 10% takes longer to establish.
     paired = run(shadow(300, 1.0, 0.9, noise=0.4))

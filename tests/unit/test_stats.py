@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -14,6 +15,7 @@ from shadowgate_operator.stats import (
     BETS,
     MIN_OBSERVATIONS,
     NO_EVIDENCE,
+    SKEW_LIMIT,
     Estimate,
     Evidence,
     PowerSums,
@@ -22,19 +24,21 @@ from shadowgate_operator.stats import (
     bounded_paired_evidence,
     log_normal_cdf,
     mixture_width,
+    normal_evidence,
     one_sided_log_evidence,
     paired_estimate,
     quantile_bounds,
     rate_bounds,
     rate_log_evidence,
     sequential_test,
+    skewness,
     two_sided_log_evidence,
     unpaired_estimate,
 )
 
 
 def moments(values: list[float]) -> Moments:
-    return Moments(len(values), sum(values), sum(v * v for v in values))
+    return Moments(len(values), *(sum(v**k for v in values) for k in range(1, 5)))
 
 
 def integrate(f: Callable[[float], float], low: float, high: float, steps: int = 20_000) -> float:
@@ -312,6 +316,151 @@ def test_the_clustered_third_power_sums_are_those_of_the_keys_residual_totals() 
     mean = sum(t for _, t in groups) / sum(k for k, _ in groups)
     assert clustered.residual_cubes(mean) == pytest.approx(sum((t - k * mean) ** 3 for k, t in groups))
     assert clustered.residual_squares(mean) == pytest.approx(sum((t - k * mean) ** 2 for k, t in groups))
+
+
+# --- the skewness rule: which direction waits -----------------------------------------------------------
+#
+# The normal test of a skewed estimate errs on one side only (stats.Estimate.skewness): these tests draw
+# data under the null, measure which tail of z is heavier than the normal's, and check that the estimate
+# holds back exactly that direction. With the sign swapped anywhere (the Edgeworth direction, the
+# difference's sign, a side's sign in the two-sample sum) they fail.
+
+
+def _rare_large(rng: random.Random, share: float, size: float) -> float:
+    """Mean 0, right-skewed (skewness about 5 at share 0.03, size 6): usually about -share * size, now and
+    then `size` more."""
+    return (size if rng.random() < share else 0.0) - share * size + rng.gauss(0.0, 0.3)
+
+
+@dataclass
+class Tails:
+    """Under the null: how often z fell beyond +-2 (the normal's 2.3% each), how often each direction was
+    held back, and of the runs in each tail, the share held back in that direction."""
+
+    upper: float
+    lower: float
+    better_waits: float
+    worse_waits: float
+    upper_held: float
+    lower_held: float
+
+
+def _tails(draw: Callable[[random.Random], Estimate | None], runs: int) -> Tails:
+    rng = random.Random(11)
+    estimates = [draw(rng) for _ in range(runs)]
+    assert all(estimates)
+    upper = [e for e in estimates if e is not None and e.z > 2.0]
+    lower = [e for e in estimates if e is not None and e.z < -2.0]
+    return Tails(
+        upper=len(upper) / runs,
+        lower=len(lower) / runs,
+        better_waits=sum(e is not None and e.better_waits for e in estimates) / runs,
+        worse_waits=sum(e is not None and e.worse_waits for e in estimates) / runs,
+        upper_held=sum(e.better_waits for e in upper) / max(len(upper), 1),
+        lower_held=sum(e.worse_waits for e in lower) / max(len(lower), 1),
+    )
+
+
+def _paired(rng: random.Random, sign: float) -> Estimate | None:
+    differences = [sign * _rare_large(rng, 0.03, 6.0) for _ in range(80)]
+    return paired_estimate(moments(differences), moments([1.0] * 80), moments([1.0] * 80))
+
+
+def test_a_right_skewed_paired_difference_holds_back_worse_and_only_worse() -> None:
+    # Production now and then much worse (differences right-skewed): z's lower tail is the heavy one
+    # (usually the rare values are missed, and the candidate looks worse with a small spread), so evidence
+    # that the candidate is worse waits; evidence that it is better, in the light tail, does not.
+    tails = _tails(lambda rng: _paired(rng, 1.0), runs=1500)
+    # (A run that has met no rare value is in the heavy tail with a small skewness: no rule on the data can
+    # hold it back; MIN_OBSERVATIONS and the README's assumption are about those.)
+    assert tails.lower > 0.04 and tails.upper < 0.01  # one tail heavier than the normal's 2.3%, one lighter
+    assert tails.worse_waits > 0.8 and tails.better_waits < 0.01
+
+
+def test_a_left_skewed_paired_difference_holds_back_better_and_only_better() -> None:
+    # The mirror image: the candidate now and then much worse.
+    tails = _tails(lambda rng: _paired(rng, -1.0), runs=1500)
+    assert tails.upper > 0.04 and tails.lower < 0.01
+    assert tails.better_waits > 0.8 and tails.worse_waits < 0.01
+
+
+@pytest.mark.parametrize("small", ["candidate", "production"])
+def test_two_samples_of_one_skewed_loss_hold_back_the_smaller_samples_direction(small: str) -> None:
+    # The same right-skewed losses on both sides: the smaller sample's mean is the more skewed. A small
+    # candidate sample (canary) makes production - candidate left-skewed: evidence that the candidate is
+    # better waits, including in the runs whose candidate sample has not met the rare losses yet (its own
+    # skewness then looks small; `Estimate.guards` are not fooled).
+    sizes = (600, 60) if small == "candidate" else (60, 600)
+
+    def draw(rng: random.Random) -> Estimate | None:
+        sides = [moments([1.0 + _rare_large(rng, 0.03, 6.0) for _ in range(n)]) for n in sizes]
+        return unpaired_estimate(*sides)
+
+    tails = _tails(draw, runs=800)
+    if small == "candidate":
+        assert tails.upper > 0.04 and tails.lower < 0.01
+        assert tails.upper_held > 0.95 and tails.better_waits > 0.8
+    else:
+        assert tails.lower > 0.04 and tails.upper < 0.01
+        assert tails.lower_held > 0.95 and tails.worse_waits > 0.8
+
+
+def test_equal_samples_of_one_skewed_loss_leave_rollback_free() -> None:
+    # Third cumulants of equal halves cancel in the difference: neither tail is heavy. Evidence that the
+    # candidate is worse counts (it rarely waits); evidence that it is better still waits for the
+    # candidate's own sample, as if production's model (Estimate.guards): promotion stays as strict as
+    # before the rule had a direction.
+    def draw(rng: random.Random) -> Estimate | None:
+        sides = [moments([1.0 + _rare_large(rng, 0.03, 6.0) for _ in range(300)]) for _ in range(2)]
+        return unpaired_estimate(*sides)
+
+    tails = _tails(draw, runs=600)
+    assert abs(tails.upper - tails.lower) < 0.02
+    assert tails.worse_waits < 0.2 and tails.better_waits > 0.9
+
+
+def test_with_keys_the_skewness_is_that_of_the_keys_totals_guarded_by_the_requests() -> None:
+    # 200 keys of 100 requests each: every request's difference is skewed (skewness about 5), a key's
+    # total of 100 much less so: the keys' totals, the units the clustered test averages, are nearly
+    # symmetric. The requests' skewness counted over the keys (Estimate.guards) still holds back the
+    # direction it overstates ("worse": the differences are right-skewed), and only that one.
+    # The same keys with skewed key-level effects (one key in 20 much worse for the candidate): the keys'
+    # totals are left-skewed, and "better" waits as well.
+    rng = random.Random(5)
+
+    def keyed(effects: list[float]) -> tuple[Estimate | None, Moments]:
+        groups = [[effect + _rare_large(rng, 0.03, 6.0) for _ in range(100)] for effect in effects]
+        values = moments([v for group in groups for v in group])
+        clusters = Clustered.of((len(group), sum(group)) for group in groups)
+        ones = Moments(values.n, values.n, values.n, values.n, values.n)
+        return paired_estimate(values, ones, ones, clusters), values
+
+    plain, values = keyed([0.0] * 200)
+    assert skewness(values) > 3.5
+    assert plain is not None and plain.observations == 200 and abs(plain.skewness) < SKEW_LIMIT
+    assert plain.guards[0] > 3.5 / math.sqrt(200)
+    assert plain.worse_waits and not plain.better_waits
+    skewed, _ = keyed([-3.0 if key % 20 == 0 else 3.0 / 19 for key in range(200)])
+    assert skewed is not None and skewed.skewness < -SKEW_LIMIT and skewed.better_waits
+
+
+def test_normal_evidence_withholds_only_the_direction_that_waits() -> None:
+    base = Estimate(difference=-0.3, variance=0.002, typical_loss=1.0, observations=400)
+    worse = normal_evidence(base)
+    assert worse.p_worse < 1e-3
+    # Skewed toward a better candidate: evidence that it is worse waits, whatever z says.
+    assert normal_evidence(replace(base, skewness=0.3)).p_worse == 1.0
+    # Skewed toward a worse candidate: evidence that it is worse counts now.
+    assert normal_evidence(replace(base, skewness=-0.3)).p_worse == worse.p_worse
+    better = replace(base, difference=0.3)
+    assert normal_evidence(replace(better, skewness=-0.3)).p_better == 1.0
+    assert normal_evidence(replace(better, skewness=0.3)).p_better == normal_evidence(better).p_better < 1e-3
+    # Within the limit, both count; units_needed says when the skewness would be within it.
+    assert normal_evidence(replace(better, skewness=-0.9 * SKEW_LIMIT)).p_better < 1e-3
+    assert better.units_needed(-0.25) == 2500  # 100 x 0.25^2 x 400
+    # Two samples: either skewness holds a direction back.
+    assert normal_evidence(replace(better, skewness=0.05, guards=(-0.3,))).p_better == 1.0
+    assert normal_evidence(replace(base, skewness=0.3, guards=(-0.3,))).p_worse == 1.0
 
 
 @pytest.mark.parametrize(("events", "trials", "threshold"), [(12, 100, 0.05), (3, 300, 0.01), (40, 50, 0.5)])
