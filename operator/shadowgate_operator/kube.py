@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import functools
 import hashlib
 import importlib.util
 import re
@@ -119,6 +120,8 @@ class Kube:
     http: httpx.AsyncClient
     counted: Counted | None = None
     _turns: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CONNECTIONS))
+    _reading: dict[str, asyncio.Future[dict[str, Any] | None]] = field(default_factory=dict)
+    """Reads in flight, by path (see get)."""
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None, counted: Counted | None = None) -> Kube:
@@ -199,10 +202,25 @@ class Kube:
         )
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, None when it does not exist. Reads of one object at the same time share one request
+        (1,000 new ShadowDeployments naming the same two Secrets read each a few times, not 1,000): the answer
+        may be as old as the moment the shared read was sent, and is shared, so it must not be changed."""
+        path = _object_path(api_version, kind, namespace, name)
+        shared = self._reading.get(path)
+        if shared is None:
+            shared = self._reading[path] = asyncio.ensure_future(self._get(f"{kind} {namespace}/{name}", path))
+            shared.add_done_callback(functools.partial(self._read, path))
+        return await asyncio.shield(shared)
+
+    def _read(self, path: str, done: asyncio.Future[dict[str, Any] | None]) -> None:
+        if self._reading.get(path) is done:
+            del self._reading[path]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller waiting for it may have been cancelled
+
+    async def _get(self, what: str, path: str) -> dict[str, Any] | None:
         try:
-            return await self._call(
-                "get", f"{kind} {namespace}/{name}", "GET", _object_path(api_version, kind, namespace, name)
-            )
+            return await self._call("get", what, "GET", path)
         except KubeError as exc:
             if exc.status == 404:
                 return None

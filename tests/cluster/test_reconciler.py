@@ -5,6 +5,7 @@ between any two of its calls leaves behind. The subprocess tests (test_operator.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import datetime as dt
 import json
@@ -380,3 +381,26 @@ async def test_a_dsn_secret_is_read_at_each_reconcile_until_it_exists_then_again
     ready = next(c for c in shadow(kubectl, namespace, "later")["status"]["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "InvalidDatabaseSecret")
     assert "hunter2" not in ready["message"]
+
+
+async def test_reads_of_one_object_at_the_same_time_share_one_request(
+    kubectl: Kubectl, namespace: str, kubeconfig: str
+) -> None:
+    """1,000 new objects naming the same Secrets read them a few times, not 1,000 (bench/operator); a read that
+    starts after the last one ended is a new request, and sees what changed meanwhile."""
+    apply(kubectl, namespace, router_secret("shared-db", "dsn", "postgresql://one@db:5432/x"))
+    requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
+    kube = Kube.connect(kubeconfig, counted=lambda verb, kind, code: requests.update([(verb, kind, code)]))
+    try:
+        read = [kube.get("v1", "Secret", namespace, "shared-db") for _ in range(50)]
+        missing = [kube.get("v1", "Secret", namespace, "not-there") for _ in range(5)]
+        found = await asyncio.gather(*read, *missing)
+        assert requests == {("get", "Secret", 200): 1, ("get", "Secret", 404): 1}
+        assert all(secret is not None and secret["metadata"]["name"] == "shared-db" for secret in found[:50])
+        assert found[50:] == [None] * 5
+
+        apply(kubectl, namespace, router_secret("shared-db", "dsn", "postgresql://two@db:5432/x"))
+        assert await kube.get_secret_value(namespace, "shared-db", "dsn") == "postgresql://two@db:5432/x"
+        assert requests[("get", "Secret", 200)] == 2
+    finally:
+        await kube.close()
