@@ -5,12 +5,13 @@
 1. an answer to the same question given less than an analysis interval ago is reused (`Remembered`, kept in
    the object's record), so a gate is called at most about once per interval, however often the object is
    reconciled;
-2. otherwise the gate's URL is read from its Secret (at each call: a rotated URL is used at once; nothing
-   is stored), only if the Secret is labelled shadowgate.io/router-secret=true (builders.secret_problem, the
-   rule of every Secret a ShadowDeployment names); then a CloudEvent (notify.messages.gate_request) is
-   POSTed. All of a move's gates are called together, each bounded by its own timeout as a whole (connect,
-   send, answer): a gate that hangs costs its object's loop that timeout once per interval, never another
-   object's loop, which run apart (handlers.rollout_loop).
+2. otherwise the gate's URL is read from its Secret (notify.deliver.url_from_secret, as a notification's:
+   at each call, so a rotated URL is used at once; nothing is stored), only if the Secret is labelled
+   shadowgate.io/router-secret=true (builders.secret_problem, the rule of every Secret a ShadowDeployment
+   names); then a CloudEvent (notify.messages.gate_request) is POSTed. All of a move's gates are called
+   together, each bounded by its own timeout as a whole (connect, send, answer): a gate that hangs costs
+   its object's loop that timeout once per interval, never another object's loop, which run apart
+   (handlers.rollout_loop).
 
 What a reply says is bounded (the first 200 characters of the answer's body) and never holds the URL (a
 Slack-like URL is a credential) nor anything else of the Secret.
@@ -30,10 +31,9 @@ import httpx
 from prometheus_client import CollectorRegistry, Counter
 
 from shadowgate_operator.api import GateOutcome, ShadowDeployment
-from shadowgate_operator.builders import GATE_URL_SECRET_FIELD, HELD_GATES, secret_problem
+from shadowgate_operator.builders import GATE_URL_SECRET_FIELD, HELD_GATES
 from shadowgate_operator.gates.verdict import ANSWER_LIMIT, MESSAGE_LIMIT, GateCall, GateReply
-from shadowgate_operator.kube import secret_value
-from shadowgate_operator.notify.deliver import SecretReader, usable_url
+from shadowgate_operator.notify.deliver import SecretFault, SecretReader, url_from_secret
 from shadowgate_operator.notify.messages import gate_request
 
 logger = logging.getLogger(__name__)
@@ -128,21 +128,10 @@ class Gatekeeper:
         def reply(outcome: GateOutcome, message: str) -> GateReply:
             return GateReply(gate.name, call.key, outcome, message[:MESSAGE_LIMIT])
 
-        try:
-            secret = await self.secrets.get("v1", "Secret", sd.namespace, ref.name)
-        except Exception as exc:  # the API server away or refusing: asked again at the next interval
-            return reply(GateOutcome.UNREACHABLE, f"cannot read Secret {ref.name}: {exc}")
-        if secret is None:
-            return reply(GateOutcome.UNREACHABLE, f"Secret {sd.namespace}/{ref.name} not found")
-        refused = secret_problem(secret, GATE_URL_SECRET_FIELD, HELD_GATES)
-        if refused is not None:
-            return reply(GateOutcome.NOT_ALLOWED, refused)
-        url = (secret_value(secret, ref.key) or "").strip()
-        if not url:
-            return reply(GateOutcome.UNREACHABLE, f"Secret {ref.name} has no key {ref.key!r}")
-        problem = usable_url(url)
-        if problem is not None:
-            return reply(GateOutcome.UNREACHABLE, f"Secret {ref.name} key {ref.key}: {problem}")
+        url = await url_from_secret(self.secrets, sd.namespace, ref.name, ref.key, GATE_URL_SECRET_FIELD, HELD_GATES)
+        if isinstance(url, SecretFault):
+            outcome = GateOutcome.NOT_ALLOWED if url.cause == "not_allowed" else GateOutcome.UNREACHABLE
+            return reply(outcome, url.words)
         asked_at = dt.datetime.now(dt.UTC)
         envelope = gate_request(
             sd, id=f"{sd.metadata.uid or sd.name}.gate.{gate.name}.{int(asked_at.timestamp() * 1000)}", time=asked_at,

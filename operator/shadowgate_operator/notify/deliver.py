@@ -167,6 +167,45 @@ def usable_url(url: str) -> str | None:
     return problems[0] if problems else None
 
 
+@dataclass(frozen=True)
+class SecretFault:
+    """Why a Secret a ShadowDeployment names gave no usable value, in a word and in words (never a value)."""
+
+    cause: str
+    """unreadable (the API server away or refusing), missing, not_allowed (not labelled), no_key, bad_url."""
+    words: str
+
+
+async def labelled_secret(
+    secrets: SecretReader, namespace: str, name: str, field: str, held: str
+) -> dict[str, Any] | SecretFault:
+    """The Secret `name`, named by the spec's `field`, when the operator may use it (labelled
+    shadowgate.io/router-secret=true: builders.secret_problem, saying what is `held` until then)."""
+    try:
+        secret = await secrets.get("v1", "Secret", namespace, name)
+    except Exception as exc:  # the API server away or refusing: worth another try, not a crash
+        return SecretFault("unreadable", f"cannot read Secret {name}: {exc}")
+    if secret is None:
+        return SecretFault("missing", f"Secret {namespace}/{name} not found")
+    refused = secret_problem(secret, field, held)
+    return SecretFault("not_allowed", refused) if refused is not None else secret
+
+
+async def url_from_secret(
+    secrets: SecretReader, namespace: str, name: str, key: str, field: str, held: str
+) -> str | SecretFault:
+    """A webhook's URL from key `key` of its labelled Secret (read at each call: a rotated URL is used at
+    once, none is stored), stripped, if the operator will post to it (`usable_url`)."""
+    secret = await labelled_secret(secrets, namespace, name, field, held)
+    if isinstance(secret, SecretFault):
+        return secret
+    url = (secret_value(secret, key) or "").strip()
+    if not url:
+        return SecretFault("no_key", f"Secret {name} has no key {key!r}")
+    problem = usable_url(url)
+    return SecretFault("bad_url", f"Secret {name} key {key}: {problem}") if problem is not None else url
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -347,19 +386,14 @@ class Deliverer:
         message = claimed.message
         if message.format is Channel.MLFLOW:
             return await self._write_back(message)
-        try:
-            secret = await self.secrets.get("v1", "Secret", message.namespace, message.url_secret)
-        except Exception as exc:  # the API server away or refusing: worth another try, not a crash
-            return Attempt(False, "no_url", f"cannot read Secret {message.url_secret}: {exc}")
-        if secret is not None and (refused := secret_problem(secret, URL_SECRET_FIELD, HELD_NOTIFICATIONS)) is not None:
-            return Attempt(False, "secret_not_allowed", refused)
-        url = secret_value(secret, message.url_key)
-        if url is None:
-            return Attempt(False, "no_url", f"Secret {message.url_secret} has no key {message.url_key!r} (yet)")
-        url = url.strip()
-        problem = usable_url(url)
-        if problem is not None:
-            return Attempt(False, "bad_url", f"Secret {message.url_secret} key {message.url_key}: {problem}", False)
+        url = await url_from_secret(
+            self.secrets, message.namespace, message.url_secret, message.url_key, URL_SECRET_FIELD, HELD_NOTIFICATIONS
+        )
+        if isinstance(url, SecretFault):
+            # Retried (a Secret made, labelled or filled later is used at the next attempt), but a URL the
+            # operator will not post to.
+            cause = {"not_allowed": "secret_not_allowed", "bad_url": "bad_url"}.get(url.cause, "no_url")
+            return Attempt(False, cause, url.words, retry=url.cause != "bad_url")
         assert self.http is not None
         try:
             response = await self.http.post(url, content=message.envelope.body, headers=message.envelope.headers)
@@ -386,12 +420,12 @@ class Deliverer:
             return Attempt(False, "bad_url", f"registry trackingUri: {problem}", retry=False)
         credentials: dict[str, str | None] = {"token": None, "username": None, "password": None}
         if message.url_secret:
-            try:
-                secret = await self.secrets.get("v1", "Secret", message.namespace, message.url_secret)
-            except Exception as exc:  # the API server away or refusing: worth another try
-                return Attempt(False, "no_url", f"cannot read Secret {message.url_secret}: {exc}")
-            if secret is not None and (refused := secret_problem(secret, REGISTRY_SECRET_FIELD, HELD_REGISTRY)):
-                return Attempt(False, "secret_not_allowed", refused)
+            secret = await labelled_secret(
+                self.secrets, message.namespace, message.url_secret, REGISTRY_SECRET_FIELD, HELD_REGISTRY
+            )
+            if isinstance(secret, SecretFault):
+                cause = "secret_not_allowed" if secret.cause == "not_allowed" else "no_url"
+                return Attempt(False, cause, secret.words)
             credentials = {key: secret_value(secret, key) for key in credentials}
             if not any(credentials.values()):
                 return Attempt(False, "no_url", f"Secret {message.url_secret} has no token or username (yet)")
