@@ -9,19 +9,23 @@ to each receiver of spec.notifications exactly once, even when the operator is k
 the transition and queueing its messages, or between queueing and delivering them (the queue is in the
 database; the delivery worker, notify.deliver, sends each message at least once, under the same id).
 `Announcer` posts them, and the warnings whose cause stays (a refused API call, a database away, an
-unknown verb) once per cause.
+unknown verb) once per cause. A gate's hold (GateRefused, GateTimedOut, GateUnreachable) is also told to
+spec.notifications, once per hold: its message id names the hold (its moment and since when) and the
+reason, so however often the gate is asked while it holds, and after a restart, one message goes out.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
-from shadowgate_operator.api import ACTION_ANNOTATION, GROUP, ShadowDeployment, Transition
+from shadowgate_operator.api import ACTION_ANNOTATION, GROUP, GateWait, ShadowDeployment, Transition
 from shadowgate_operator.exporter import OperatorMetrics
+from shadowgate_operator.gates.verdict import GATE_WARNINGS
 from shadowgate_operator.kube import KubeError
 from shadowgate_operator.notify.messages import Announcement, Outgoing, outgoing, registry_writeback
 from shadowgate_operator.ports import Cluster
@@ -119,6 +123,27 @@ def transition_notifications(sd: ShadowDeployment, transition: Transition) -> li
     return messages
 
 
+def hold_message_id(uid: str, hold: GateWait, reason: str) -> str:
+    """The id of the message telling of a gate's hold: the same for the whole hold (however many looks,
+    restarts), another for the next hold (a later `since`) or another reason."""
+    return f"{uid}.hold.{hold.type.value}.{int(hold.since.timestamp())}.{reason}"
+
+
+def hold_notifications(sd: ShadowDeployment, notice: Notice, time: dt.datetime) -> list[Outgoing]:
+    """The messages telling spec.notifications that a gate holds the rollout (`notice`, a gate's Warning,
+    read with the status that holds: sd.status.gate), one per receiver that wants its reason."""
+    hold = sd.status.gate
+    if notice.reason not in GATE_WARNINGS or hold is None or not sd.spec.notifications:
+        return []
+    transition = sd.status.last_transition
+    announcement = Announcement.of(
+        sd, sequence=transition.sequence if transition is not None else 0, time=time, index=0,
+        event_type=notice.type, reason=notice.reason, message=notice.message,
+    )  # fmt: skip
+    announcement = dataclasses.replace(announcement, id=hold_message_id(sd.metadata.uid or "", hold, notice.reason))
+    return outgoing(announcement, sd.spec.notifications)
+
+
 @dataclass
 class Announcer:
     kube: Cluster
@@ -167,4 +192,4 @@ class Announcer:
             record.rows.add(events=[
                 EventRow(now, sd.namespace, sd.name, notice.reason, status.phase_or_pending.value,
                          status.current_step, status.current_weight, notice.message)
-            ])  # fmt: skip
+            ], notifications=hold_notifications(sd, notice, now))  # fmt: skip

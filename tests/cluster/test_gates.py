@@ -26,6 +26,7 @@ from tests.support.operator import (
     example,
     metric,
     router_secret,
+    rows,
     shadow,
     wait_phase,
     wait_reasons,
@@ -41,8 +42,9 @@ INTERVAL = 5.0
 class Gates:
     """Gate webhooks on loopback, one per path (a thread of its own: the operator is another process):
     /refuse answers 500 with REFUSAL; /hang never answers (until the test ends); /flaky answers 503 three
-    times, then 200; /told answers 204; /step answers 409 twice, then 200; /promote answers 200. Records
-    (path, monotonic time, headers, body) of each POST."""
+    times, then 200; /told answers 204; /step answers 409 twice, then 200; /promote answers 200; /counting
+    answers 500 with another body each time; /events (a notification receiver) 202. Records (path,
+    monotonic time, headers, body) of each POST."""
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -64,6 +66,8 @@ class Gates:
                     "/told": (204, ""),
                     "/step": (409 if tries <= 2 else 200, "load test running" if tries <= 2 else "ok"),
                     "/promote": (200, "approved"),
+                    "/counting": (500, f"checks failing, look {tries}"),
+                    "/events": (202, ""),
                 }[self.path]
                 answer = text.encode()
                 self.send_response(status)
@@ -105,6 +109,14 @@ def gates_open(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any] | 
     return None
 
 
+def received(gates: Gates, name: str) -> list[Any]:
+    """The CloudEvents the notification receiver (/events) got about ShadowDeployment `name`."""
+    events = [
+        from_http(HTTPMessage(headers=h, body=b), JSONFormat()) for p, _, h, b in list(gates.calls) if p == "/events"
+    ]
+    return [event for event in events if (event.get_data() or {}).get("name") == name]
+
+
 def held(kubectl: Kubectl, namespace: str, name: str, reason: str) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         condition = gates_open(kubectl, namespace, name)
@@ -123,7 +135,7 @@ def test_gates_hold_the_rollout_in_sight_and_let_it_go_when_they_say_yes(
     gates: Gates,
 ) -> None:
     asyncio.run(migrate_dsn(dsn))
-    urls = {path: gates.url(f"/{path}") for path in ("refuse", "hang", "flaky", "told")}
+    urls = {path: gates.url(f"/{path}") for path in ("refuse", "hang", "flaky", "told", "counting", "events")}
     secret = router_secret("gates", "refuse", urls["refuse"])
     secret["stringData"] = urls
     apply(kubectl, namespace, secret)
@@ -143,6 +155,9 @@ def test_gates_hold_the_rollout_in_sight_and_let_it_go_when_they_say_yes(
     apply_shadow(
         namespace, gated("flaky", gate("checks", "preRollout", "flaky"), gate("oncall", "postRollback", "told"))
     )
+    counting = gated("counting", gate("smoke", "preRollout", "counting"))
+    counting["spec"]["notifications"] = [{"name": "team", "urlSecretRef": {"name": "gates", "key": "events"}}]
+    apply_shadow(namespace, counting)
 
     # A gate that answers 500: held before any traffic, its answer in sight, said once as a Warning.
     refused = held(kubectl, namespace, "refused", "GateRefused")
@@ -184,6 +199,16 @@ def test_gates_hold_the_rollout_in_sight_and_let_it_go_when_they_say_yes(
     # The refusing gates still hold their rollouts, still asked once an interval.
     assert shadow(kubectl, namespace, "refused")["status"]["phase"] == "Pending"
     assert len(gates.times("/refuse")) >= 2
+
+    # A hold is told to spec.notifications once, however often the gate is asked while it holds, even when
+    # its answer differs at each look (each is a new cause for a Warning Event).
+    eventually(lambda: len(gates.times("/counting")) >= 4, 120, "the counting gate asked 4 times")
+    told_hold = eventually(lambda: received(gates, "counting"), 30, "the hold's notification")
+    assert [event.get_type() for event in told_hold] == ["io.shadowgate.rollout.GateRefused"], told_hold
+    assert "checks failing, look 1" in told_hold[0].get_data()["message"]
+    queued = rows(dsn, "SELECT id FROM notifications WHERE namespace = $1 AND deployment = 'counting'", namespace)
+    assert [row["id"] for row in queued] == [told_hold[0].get_id()]
+    assert shadow(kubectl, namespace, "counting")["status"]["phase"] == "Pending"
 
     # An abort: rolled back at once, then the postRollback gate is told (its 204 shown, nothing undone).
     kubectl("annotate", "shadowdeployment", "flaky", "-n", namespace, "shadowgate.io/action=abort")

@@ -11,9 +11,11 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http
 from cloudevents.core.formats.json import JSONFormat
 from pydantic import ValidationError
 
+from shadowgate_operator.announce import hold_message_id, hold_notifications
 from shadowgate_operator.api import NotificationFormat, ShadowDeployment
 from shadowgate_operator.notify.deliver import RetryPolicy, usable_url
 from shadowgate_operator.notify.messages import Announcement, cloudevent, message_id, outgoing, slack
+from shadowgate_operator.rollout import Notice
 from tests.admission_cases import load_example, merge_patch
 
 TIME = dt.datetime(2026, 11, 30, 23, 59, 58, 123456, tzinfo=dt.UTC)
@@ -164,3 +166,25 @@ def test_backoff_doubles_with_jitter_up_to_the_cap_and_honours_retry_after() -> 
             assert ceiling / 2 <= policy.delay(attempts) <= ceiling
     assert policy.delay(1, retry_after=30.0) >= 30.0
     assert policy.delay(1, retry_after=3600.0) <= 60.0
+
+
+def test_a_gate_hold_is_told_once_per_hold_whatever_its_warning_says_at_each_look() -> None:
+    """The hold's messages are named by the hold (moment, since) and the reason: the same hold told again (a
+    new answer body, a restart) is the same id, queued once; the next hold is another."""
+    since = "2026-12-01T09:00:00Z"
+    hold = {"type": "preRollout", "step": 0, "since": since, "purpose": "the candidate's first traffic"}
+    sd = rollout({"phase": "Pending", "gate": hold})
+    first, second = (
+        hold_notifications(sd, Notice("Warning", "GateRefused", f"Gate smoke (preRollout): refused (look {n})"), TIME)
+        for n in (1, 2)
+    )
+    assert [m.receiver for m in first] == ["events"]  # the Slack receiver wants Promoted only
+    assert sd.status.gate is not None
+    assert first[0].id == second[0].id == hold_message_id(sd.metadata.uid or "", sd.status.gate, "GateRefused")
+    event = from_http(HTTPMessage(headers=first[0].envelope.headers, body=first[0].envelope.body), JSONFormat())
+    assert event.get_type() == "io.shadowgate.rollout.GateRefused" and "(look 1)" in event.get_data()["message"]
+    later = rollout({"phase": "Pending", "gate": {**hold, "since": "2026-12-01T09:10:00Z"}})
+    assert hold_notifications(later, Notice("Warning", "GateRefused", "again"), TIME)[0].id != first[0].id
+    # Not a gate's hold, or no hold: nothing.
+    assert hold_notifications(sd, Notice("Warning", "PermissionDenied", "no"), TIME) == []
+    assert hold_notifications(rollout({"phase": "Progressing"}), Notice("Warning", "GateRefused", "x"), TIME) == []
