@@ -133,9 +133,7 @@ async def rollout_loop(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FINALIZER_WAIT_SECONDS):
                 while not stopped and not record.settled(FINALIZER):
-                    woken = asyncio.ensure_future(record.wake.wait())
-                    await asyncio.wait({woken, stop}, return_when=asyncio.FIRST_COMPLETED)
-                    woken.cancel()
+                    await _woken_or_stopped(record.wake, stop, None)
                     record.wake.clear()  # resume() wakes it for its first reconcile
         reconciler.resume(namespace, name)
         while not stopped:
@@ -144,8 +142,15 @@ async def rollout_loop(
             except KubeError as exc:
                 logger.warning(f"reconcile postponed: {exc}")
                 delay = RETRY_SECONDS
-            woken = asyncio.ensure_future(reconciler.rollouts.get(namespace, name).wake.wait())
-            await asyncio.wait({woken, stop}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            woken.cancel()
+            await _woken_or_stopped(reconciler.rollouts.get(namespace, name).wake, stop, delay)
     finally:
         stop.cancel()
+
+
+async def _woken_or_stopped(wake: asyncio.Event, stop: asyncio.Future[Any], seconds: float | None) -> None:
+    """Until `wake` is set, the loop is stopped or `seconds` (None: no limit) have passed."""
+    woken = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait({woken, stop}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        woken.cancel()
