@@ -101,16 +101,10 @@ _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def skewness(moments: Moments) -> float:
-    """The sample skewness of the values behind `moments` (0 below three values or with no spread)."""
-    n = moments.n
-    if n < 3:
-        return 0.0
-    mean = moments.total / n
-    m2 = moments.total_squares / n - mean * mean
-    if m2 <= 1e-300:
-        return 0.0
-    m3 = moments.total_cubes / n - 3 * mean * moments.total_squares / n + 2 * mean**3
-    return float(m3 / math.sqrt(m2) ** 3)
+    """The sample skewness of the values behind `moments` (0 below three values or with no spread): their
+    mean's skewness times sqrt(n), since k3 / k2^1.5 = (m3 / n^2) / (m2 / n)^1.5 = m3 / m2^1.5 / sqrt(n)."""
+    cumulants = MeanCumulants.of(moments)
+    return cumulants.skewness * math.sqrt(cumulants.units) if cumulants is not None else 0.0
 
 
 @dataclass(frozen=True)
