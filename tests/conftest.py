@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from shadowgate_operator.localenv import ControlPlane, Postgres
-from shadowgate_operator.localenv.binaries import KUBERNETES
-from shadowgate_operator.localenv.cli import read_state
-from shadowgate_operator.localenv.postgres import database_description
+from shadowgate_dev.localenv import ControlPlane, Postgres
+from shadowgate_dev.localenv.binaries import KUBERNETES
+from shadowgate_dev.localenv.cli import read_state
+from shadowgate_dev.localenv.postgres import database_description
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "operator"), str(ROOT / "router")]
 
 from tests.admission_cases import CASES  # noqa: E402
 
-from shadowgate_operator.localenv import ControlPlane  # noqa: E402
+from shadowgate_dev.localenv import ControlPlane  # noqa: E402
 
 CRD_PATH = "crds/shadowgate.io_shadowdeployments.yaml"
 CRD_NAME = "shadowdeployments.shadowgate.io"

@@ -47,11 +47,11 @@ from typing import Any
 
 import asyncpg
 
+from shadowgate_dev.localenv import Postgres
 from shadowgate_operator import timescale
 from shadowgate_operator.analysis.sql import Options, explain, whole_window_query
 from shadowgate_operator.analysis.window import WindowAnalysis, window_metrics
 from shadowgate_operator.api import Metric, TrafficMode
-from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.metrics import WindowMetrics
 from shadowgate_operator.migrate import migrate_with_report
 

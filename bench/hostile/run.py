@@ -58,7 +58,7 @@ from tests.support.router import (  # noqa: E402
     wait_until,
 )
 
-from shadowgate_operator.localenv import Postgres  # noqa: E402
+from shadowgate_dev.localenv import Postgres  # noqa: E402
 from shadowgate_operator.migrate import migrate_dsn  # noqa: E402
 
 MB = 1024 * 1024
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nSIGKILL after a {args.kill_outage:g} s database outage at {args.kill_rate:g} req/s:", flush=True)
 
         async def durability() -> str:
-            from shadowgate_operator.localenv import Postgres as Fresh
+            from shadowgate_dev.localenv import Postgres as Fresh
 
             with Fresh() as own:
                 await migrate_dsn(own.dsn)

@@ -42,8 +42,8 @@ from typing import Any
 import httpx
 import kubernetes
 
-from shadowgate_operator.localenv import ControlPlane, Postgres
-from shadowgate_operator.localenv.binaries import KUBERNETES
+from shadowgate_dev.localenv import ControlPlane, Postgres
+from shadowgate_dev.localenv.binaries import KUBERNETES
 
 REPO = Path(__file__).resolve().parents[2]
 BASELINE = "3e5ae46"

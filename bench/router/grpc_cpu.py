@@ -43,7 +43,7 @@ from stack import (
     start_router,
 )
 
-from shadowgate_operator.localenv import Postgres
+from shadowgate_dev.localenv import Postgres
 from shadowgate_operator.migrate import migrate_dsn
 
 

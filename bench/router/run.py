@@ -67,7 +67,7 @@ from stack import (
     wait_http,
 )
 
-from shadowgate_operator.localenv import Postgres
+from shadowgate_dev.localenv import Postgres
 from shadowgate_operator.migrate import migrate_dsn
 from shadowgate_router.oip import inference_pb2
 from shadowgate_router.upstream import UpstreamError, UpstreamPool

@@ -1,5 +1,5 @@
 #!/bin/sh
-# The entry point of the local node's database image (operator/shadowgate_operator/localenv/images.py):
+# The entry point of the local node's database image (operator/shadowgate_dev/localenv/images.py):
 # what the timescale/timescaledb image's does for manifests/overlays/timescaledb. On the first start
 # (an empty PGDATA): initdb with POSTGRES_USER and POSTGRES_PASSWORD, then the POSTGRES_DB database with
 # the timescaledb extension in it. Then postgres, with the arguments the StatefulSet gives

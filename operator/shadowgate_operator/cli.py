@@ -18,9 +18,9 @@ SUBCOMMANDS: tuple[str, ...] = (
     "shadowgate_operator.run",
     "shadowgate_operator.migrate",
     "shadowgate_operator.replay",
-    "shadowgate_operator.demo",
-    "shadowgate_operator.localenv.cli",
-    "shadowgate_operator.localenv.nodecli",
+    "shadowgate_dev.demo",
+    "shadowgate_dev.localenv.cli",
+    "shadowgate_dev.localenv.nodecli",
     "shadowgate_operator.crd",
     "shadowgate_router.cli",
 )

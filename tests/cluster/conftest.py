@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from shadowgate_operator.localenv.binaries import KUBERNETES
-from shadowgate_operator.localenv.crds import install_crds
+from shadowgate_dev.localenv.binaries import KUBERNETES
+from shadowgate_dev.localenv.crds import install_crds
 from tests.conftest import REPO_ROOT, Kubectl
 from tests.support.operator import OperatorProcess, apply, router_secret
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from shadowgate_operator.localenv import Postgres
-from shadowgate_operator.localenv.process import free_port
+from shadowgate_dev.localenv import Postgres
+from shadowgate_dev.localenv.process import free_port
 from shadowgate_operator.migrate import migrate_dsn
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import Kubectl

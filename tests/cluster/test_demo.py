@@ -27,12 +27,12 @@ from typing import Any
 import httpx
 import pytest
 
-from shadowgate_operator.demo.registry import DemoRegistry
-from shadowgate_operator.demo.report import print_report
-from shadowgate_operator.demo.scenarios import SCENARIOS, Pace
-from shadowgate_operator.demo.stack import Environment
-from shadowgate_operator.demo.story import StoryResult, tell
-from shadowgate_operator.localenv.binaries import KUBERNETES
+from shadowgate_dev.demo.registry import DemoRegistry
+from shadowgate_dev.demo.report import print_report
+from shadowgate_dev.demo.scenarios import SCENARIOS, Pace
+from shadowgate_dev.demo.stack import Environment
+from shadowgate_dev.demo.story import StoryResult, tell
+from shadowgate_dev.localenv.binaries import KUBERNETES
 from shadowgate_router.hashing import salt_for, threshold, to_candidate
 from tests.conftest import REPO_ROOT, Kubectl
 from tests.support.operator import events_for, router_config, rows

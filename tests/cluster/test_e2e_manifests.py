@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from shadowgate_operator.localenv.images import TIMESCALEDB_IMAGE
+from shadowgate_dev.localenv.images import TIMESCALEDB_IMAGE
 from tests.cluster.test_manifests import create_namespaces, dry_run
 from tests.conftest import REPO_ROOT, Kubectl
 from tests.support.rbac import kustomize

@@ -15,7 +15,7 @@ import pytest
 from cloudevents.core.bindings.http import HTTPMessage, from_http
 from cloudevents.core.formats.json import JSONFormat
 
-from shadowgate_operator.localenv.process import free_port
+from shadowgate_dev.localenv.process import free_port
 from shadowgate_operator.migrate import migrate_dsn
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import Kubectl

@@ -14,10 +14,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from shadowgate_operator.localenv import ComponentError, ControlPlane, Postgres
-from shadowgate_operator.localenv.binaries import KUBERNETES, Binaries, ensure_binaries
-from shadowgate_operator.localenv.crds import install_crds
-from shadowgate_operator.localenv.postgres import find_postgres_bin
+from shadowgate_dev.localenv import ComponentError, ControlPlane, Postgres
+from shadowgate_dev.localenv.binaries import KUBERNETES, Binaries, ensure_binaries
+from shadowgate_dev.localenv.crds import install_crds
+from shadowgate_dev.localenv.postgres import find_postgres_bin
 from tests.conftest import Kubectl
 
 pytestmark = pytest.mark.cluster

@@ -16,9 +16,9 @@ import httpx
 import pytest
 import yaml
 
+from shadowgate_dev.localenv.process import free_port
 from shadowgate_operator import builders
 from shadowgate_operator.api import ShadowDeployment
-from shadowgate_operator.localenv.process import free_port
 from shadowgate_operator.migrate import migrate_dsn
 from tests.conftest import Kubectl
 from tests.support.rbac import REPO_ROOT, kustomize

@@ -17,9 +17,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from shadowgate_dev.localenv import Postgres
 from shadowgate_operator import timescale
 from shadowgate_operator.cli import main
-from shadowgate_operator.localenv import Postgres
 from shadowgate_operator.migrate import MIGRATIONS_TABLE, database_problems, discover, migrate_dsn, migrate_with_report
 from shadowgate_operator.store import Databases, DatabaseUnavailable
 from tests.support.databases import APACHE, EDITIONS, POSTGRES, TIMESCALEDB, own_database

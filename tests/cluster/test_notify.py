@@ -19,10 +19,10 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http
 from cloudevents.core.formats.json import JSONFormat
 from prometheus_client import CollectorRegistry
 
+from shadowgate_dev.localenv.process import free_port
 from shadowgate_operator.api import ShadowDeployment
 from shadowgate_operator.builders import ROUTER_SECRET_LABEL
 from shadowgate_operator.kube import Kube
-from shadowgate_operator.localenv.process import free_port
 from shadowgate_operator.notify.deliver import Deliverer, DeliveryMetrics, RetryPolicy
 from shadowgate_operator.notify.messages import Announcement, Outgoing, outgoing
 from shadowgate_operator.notify.queue import NotificationQueue

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from shadowgate_operator.localenv.process import free_port
+from shadowgate_dev.localenv.process import free_port
 from shadowgate_operator.migrate import migrate_dsn
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import REPO_ROOT, Kubectl

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shadowgate_operator.localenv.binaries import KUBERNETES
+from shadowgate_dev.localenv.binaries import KUBERNETES
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import Kubectl
 from tests.support.operator import eventually, example, reasons, router_config, shadow

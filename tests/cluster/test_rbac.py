@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from shadowgate_operator.localenv.process import free_port
+from shadowgate_dev.localenv.process import free_port
 from tests.cluster.conftest import ApplyShadow, StartOperator
 from tests.conftest import Kubectl
 from tests.support.operator import (

@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from shadowgate_operator.localenv.mlflow import MLFLOW, MlflowServer
-from shadowgate_operator.localenv.process import free_port
-from shadowgate_operator.localenv.venvs import install
+from shadowgate_dev.localenv.mlflow import MLFLOW, MlflowServer
+from shadowgate_dev.localenv.process import free_port
+from shadowgate_dev.localenv.venvs import install
 from shadowgate_operator.migrate import migrate_dsn
 from shadowgate_operator.registry import ModelVersionRef, Outcome
 from shadowgate_operator.registry.mlflow import MlflowRegistry, RegistryError

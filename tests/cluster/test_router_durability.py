@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from shadowgate_operator.localenv import Postgres
+from shadowgate_dev.localenv import Postgres
 from shadowgate_router.spool import Spool
 from tests.support.durability import kill_during_outage
 from tests.support.load import run_load

@@ -16,7 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
-from shadowgate_operator.localenv import Postgres
+from shadowgate_dev.localenv import Postgres
 from tests.support.load import Result, client_session, percentile, run_load
 from tests.support.router import ModelServer, Router, migrated_postgres, model_pair, router_config, wait_until
 

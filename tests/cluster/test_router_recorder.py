@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from shadowgate_operator.localenv import Postgres
+from shadowgate_dev.localenv import Postgres
 from shadowgate_router.metrics import RouterMetrics
 from shadowgate_router.recorder import OUTCOME_COLUMNS, PREDICTION_COLUMNS, Recorder, now_us
 from shadowgate_router.spool import Spool

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from shadowgate_operator.localenv import host
-from shadowgate_operator.localenv.images import PAUSE_IMAGE
-from shadowgate_operator.localenv.node import NODE_IP, Node, kubectl, machine_state, node_dir, read_state, teardown
+from shadowgate_dev.localenv import host
+from shadowgate_dev.localenv.images import PAUSE_IMAGE
+from shadowgate_dev.localenv.node import NODE_IP, Node, kubectl, machine_state, node_dir, read_state, teardown
 
 pytestmark = pytest.mark.node
 

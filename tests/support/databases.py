@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from shadowgate_operator.localenv import Postgres
+from shadowgate_dev.localenv import Postgres
 from shadowgate_operator.migrate import migrate_dsn
 
 TIMESCALEDB, APACHE, POSTGRES = "timescaledb", "apache", "postgres"

@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from shadowgate_operator.localenv import Postgres
+from shadowgate_dev.localenv import Postgres
 from tests.support.load import client_session, infer_body
 from tests.support.router import ModelServer, Router, router_config, wait_until
 

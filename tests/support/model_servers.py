@@ -3,7 +3,7 @@ and Triton Inference Server as nvidia-pytriton packages it, each serving the sam
 tests/support/model_server.py (prediction = bias + the sum of the inputs; tests/protocols/servers/).
 
 Their dependencies conflict with each other and with the project's, so each family has its own virtualenv,
-built with uv and cached in ~/.cache/shadowgate/model-servers/ (shadowgate_operator.localenv.venvs, which
+built with uv and cached in ~/.cache/shadowgate/model-servers/ (shadowgate_dev.localenv.venvs, which
 the demo's MLflow server shares). Triton's Python backend needs a Python whose threading it understands:
 its venv is built on Debian's /usr/bin/python3 (a pyenv build failed there). Servers run as processes in
 their own session and are stopped with their children.
@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from shadowgate_operator.localenv.venvs import Family, install, project_python
+from shadowgate_dev.localenv.venvs import Family, install, project_python
 from tests.support.router import REPO_ROOT, Process, free_port, wait_until
 
 SERVERS = REPO_ROOT / "tests" / "protocols" / "servers"

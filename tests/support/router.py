@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from shadowgate_operator.localenv import Postgres
+from shadowgate_dev.localenv import Postgres
 from shadowgate_operator.migrate import migrate_dsn
 from shadowgate_router.config import CONFIG_KEY, RouterConfig
 

@@ -12,13 +12,13 @@ import httpx
 import numpy as np
 import pytest
 
+from shadowgate_dev.demo.progress import Counters, Progress
+from shadowgate_dev.demo.receiver import Receiver
+from shadowgate_dev.demo.registry import ReadBack, Registered
+from shadowgate_dev.demo.report import chart_figure
+from shadowgate_dev.demo.scenarios import SCENARIOS, Pace, manifest
+from shadowgate_dev.demo.story import prometheus_sum
 from shadowgate_operator.api import ShadowDeployment
-from shadowgate_operator.demo.progress import Counters, Progress
-from shadowgate_operator.demo.receiver import Receiver
-from shadowgate_operator.demo.registry import ReadBack, Registered
-from shadowgate_operator.demo.report import chart_figure
-from shadowgate_operator.demo.scenarios import SCENARIOS, Pace, manifest
-from shadowgate_operator.demo.story import prometheus_sum
 from shadowgate_operator.notify.messages import Announcement, cloudevent
 from trading import market
 from trading.models import MODELS, TrainedModel, train

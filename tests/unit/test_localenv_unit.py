@@ -9,10 +9,10 @@ from pathlib import Path
 
 from cryptography import x509
 
+from shadowgate_dev.localenv.binaries import ETCD, KUBERNETES
+from shadowgate_dev.localenv.errors import ComponentError, log_tail
+from shadowgate_dev.localenv.pki import make_control_plane_pki
 from shadowgate_operator.cli import build_parser
-from shadowgate_operator.localenv.binaries import ETCD, KUBERNETES
-from shadowgate_operator.localenv.errors import ComponentError, log_tail
-from shadowgate_operator.localenv.pki import make_control_plane_pki
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

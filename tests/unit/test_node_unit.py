@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from shadowgate_dev.localenv import host, images, node
+from shadowgate_dev.localenv.pki import KeyPair
 from shadowgate_operator import cli
-from shadowgate_operator.localenv import host, images, node
-from shadowgate_operator.localenv.pki import KeyPair
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

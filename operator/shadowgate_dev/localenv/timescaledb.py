@@ -45,8 +45,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shadowgate_operator.localenv.binaries import cache_root
-from shadowgate_operator.localenv.errors import ComponentError
+from shadowgate_dev.localenv.binaries import cache_root
+from shadowgate_dev.localenv.errors import ComponentError
 
 TIMESCALEDB_VERSION = "2.22.1"
 """The release tests and the demo run on (the one in ../shared/vendor)."""

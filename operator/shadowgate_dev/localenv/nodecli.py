@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from shadowgate_operator.localenv import host, node
-from shadowgate_operator.localenv.binaries import KUBERNETES, ensure_node_binaries
-from shadowgate_operator.localenv.errors import ComponentError
+from shadowgate_dev.localenv import host, node
+from shadowgate_dev.localenv.binaries import KUBERNETES, ensure_node_binaries
+from shadowgate_dev.localenv.errors import ComponentError
 
 
 def _fail(exc: ComponentError) -> int:
@@ -109,7 +109,7 @@ def env(_: argparse.Namespace) -> int:
 
 
 def images(args: argparse.Namespace) -> int:
-    from shadowgate_operator.localenv import images as image_builds
+    from shadowgate_dev.localenv import images as image_builds
 
     try:
         host.preflight()

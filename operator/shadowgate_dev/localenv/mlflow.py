@@ -4,7 +4,7 @@ Used by `make demo` (the registry write-back, shown) and the registry tests. MLf
 install (Flask, SQLAlchemy, alembic, pandas, ...) that the operator itself never imports (it speaks
 MLflow's REST API), so it lives in a venv of its own (`venvs.Family`), built with uv once and cached.
 
-    python -m shadowgate_operator.localenv.mlflow install      # build the venv if missing
+    python -m shadowgate_dev.localenv.mlflow install      # build the venv if missing
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from shadowgate_operator.localenv.process import ManagedProcess, free_port
-from shadowgate_operator.localenv.venvs import Family, install, project_python
+from shadowgate_dev.localenv.process import ManagedProcess, free_port
+from shadowgate_dev.localenv.venvs import Family, install, project_python
 
 MLFLOW = Family("mlflow", ("mlflow==3.17.2",), project_python())
 

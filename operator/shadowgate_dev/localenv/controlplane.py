@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from shadowgate_operator.localenv.binaries import Binaries, ensure_binaries
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.pki import ControlPlanePki, NodePki, make_control_plane_pki
-from shadowgate_operator.localenv.process import ManagedProcess, free_port, port_is_free
+from shadowgate_dev.localenv.binaries import Binaries, ensure_binaries
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.pki import ControlPlanePki, NodePki, make_control_plane_pki
+from shadowgate_dev.localenv.process import ManagedProcess, free_port, port_is_free
 
 # Only what a namespace-scoped operator test needs: ownerReference GC, namespace deletion and the
 # `default` ServiceAccount in each namespace (which also tells us the controller manager is up).

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import asyncpg
 
-from shadowgate_operator.demo.story import METRICS_ROWS, StoryResult
+from shadowgate_dev.demo.story import METRICS_ROWS, StoryResult
 
 EVENT_ROWS = """
     SELECT time, event, phase, step, weight, message

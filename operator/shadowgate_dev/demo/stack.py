@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import yaml
 
-from shadowgate_operator.demo.scenarios import EXAMPLES
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.process import ManagedProcess, free_port
+from shadowgate_dev.demo.scenarios import EXAMPLES
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.process import ManagedProcess, free_port
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from shadowgate_operator.localenv.errors import ComponentError
+from shadowgate_dev.localenv.errors import ComponentError
 
 
 def crd_names(paths: Sequence[Path]) -> list[tuple[str, str]]:

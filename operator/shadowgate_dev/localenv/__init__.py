@@ -5,8 +5,8 @@ kube-controller-manager are built from their Go modules (see hack/) and cached b
 PostgreSQL comes from the machine's own server binaries.
 """
 
-from shadowgate_operator.localenv.controlplane import ControlPlane
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.postgres import Postgres
+from shadowgate_dev.localenv.controlplane import ControlPlane
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.postgres import Postgres
 
 __all__ = ["ComponentError", "ControlPlane", "Postgres"]

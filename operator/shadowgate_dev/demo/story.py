@@ -34,11 +34,9 @@ import asyncpg
 import httpx
 
 from shadowgate_common import kubeaccess
-from shadowgate_operator.api import GROUP, PLURAL, VERSION
-from shadowgate_operator.builders import ROUTER_SECRET_LABEL
-from shadowgate_operator.demo.progress import Counters, Progress
-from shadowgate_operator.demo.receiver import Received, Receiver
-from shadowgate_operator.demo.registry import (
+from shadowgate_dev.demo.progress import Counters, Progress
+from shadowgate_dev.demo.receiver import Received, Receiver
+from shadowgate_dev.demo.registry import (
     WRITE_BACK_WAIT,
     DemoRegistry,
     ReadBack,
@@ -46,8 +44,8 @@ from shadowgate_operator.demo.registry import (
     register,
     wait_written,
 )
-from shadowgate_operator.demo.scenarios import Pace, Scenario, manifest
-from shadowgate_operator.demo.stack import (
+from shadowgate_dev.demo.scenarios import Pace, Scenario, manifest
+from shadowgate_dev.demo.stack import (
     Environment,
     Stack,
     last_json_line,
@@ -60,8 +58,10 @@ from shadowgate_operator.demo.stack import (
     traffic_argv,
     wait_http,
 )
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.process import ManagedProcess
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.process import ManagedProcess
+from shadowgate_operator.api import GROUP, PLURAL, VERSION
+from shadowgate_operator.builders import ROUTER_SECRET_LABEL
 from shadowgate_operator.migrate import migrate_dsn
 
 FINISHED = ("Promoted", "RolledBack", "Failed")

@@ -20,10 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.prerequisites import postgres_bin_candidates, postgres_install_plan
-from shadowgate_operator.localenv.process import ManagedProcess, free_port, port_is_free, run_as_owner_needed
-from shadowgate_operator.localenv.timescaledb import availability, linked_tree, server_version
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.prerequisites import postgres_bin_candidates, postgres_install_plan
+from shadowgate_dev.localenv.process import ManagedProcess, free_port, port_is_free, run_as_owner_needed
+from shadowgate_dev.localenv.timescaledb import availability, linked_tree, server_version
 
 DATABASE = "shadowgate"
 TIMESCALEDB_ENV = "SHADOWGATE_TIMESCALEDB"

@@ -33,12 +33,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shadowgate_operator.localenv import host
-from shadowgate_operator.localenv.binaries import KUBERNETES, REPO_ROOT, cache_root
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.postgres import find_postgres_bin
-from shadowgate_operator.localenv.prerequisites import go_toolchain
-from shadowgate_operator.localenv.timescaledb import ServerTree, ensure_timescaledb
+from shadowgate_dev.localenv import host
+from shadowgate_dev.localenv.binaries import KUBERNETES, REPO_ROOT, cache_root
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.postgres import find_postgres_bin
+from shadowgate_dev.localenv.prerequisites import go_toolchain
+from shadowgate_dev.localenv.timescaledb import ServerTree, ensure_timescaledb
 
 PAUSE_IMAGE = "localhost/shadowgate/pause:node"
 SHADOWGATE_IMAGE = "docker.io/library/shadowgate"  # what `image: shadowgate` in manifests/ means to containerd

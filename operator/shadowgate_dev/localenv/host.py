@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shadowgate_operator.localenv.errors import ComponentError
+from shadowgate_dev.localenv.errors import ComponentError
 
 # Debian packages and a file each installs: containerd and its runc shim, runc, the CNI plugins
 # (bridge, host-local, loopback), nft for kube-proxy, and buildah and mmdebstrap for the images.

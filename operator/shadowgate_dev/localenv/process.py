@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shadowgate_operator.localenv.errors import ComponentError
+from shadowgate_dev.localenv.errors import ComponentError
 
 _PR_SET_PDEATHSIG = 1
 

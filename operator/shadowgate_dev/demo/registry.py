@@ -24,9 +24,9 @@ from typing import Any
 
 import httpx
 
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.mlflow import MLFLOW, MlflowServer
-from shadowgate_operator.localenv.venvs import install
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.mlflow import MLFLOW, MlflowServer
+from shadowgate_dev.localenv.venvs import install
 from shadowgate_operator.registry.mlflow import TAG_PREFIX
 
 MODEL = "trade-signal"

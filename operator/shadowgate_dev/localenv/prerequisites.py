@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shadowgate_operator.localenv.errors import ComponentError
+from shadowgate_dev.localenv.errors import ComponentError
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 HACK_DIR = REPO_ROOT / "hack"

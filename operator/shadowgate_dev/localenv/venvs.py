@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shadowgate_operator.localenv.prerequisites import cache_root
+from shadowgate_dev.localenv.prerequisites import cache_root
 
 
 def cache() -> Path:

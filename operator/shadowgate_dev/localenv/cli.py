@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shadowgate_operator.localenv.binaries import KUBERNETES, REPO_ROOT, ensure_binaries
-from shadowgate_operator.localenv.controlplane import ControlPlane
-from shadowgate_operator.localenv.crds import install_crds
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.postgres import Postgres
-from shadowgate_operator.localenv.prerequisites import ensure_postgres_server
-from shadowgate_operator.localenv.process import run_as_owner_needed
-from shadowgate_operator.localenv.timescaledb import ensure_timescaledb
+from shadowgate_dev.localenv.binaries import KUBERNETES, REPO_ROOT, ensure_binaries
+from shadowgate_dev.localenv.controlplane import ControlPlane
+from shadowgate_dev.localenv.crds import install_crds
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.postgres import Postgres
+from shadowgate_dev.localenv.prerequisites import ensure_postgres_server
+from shadowgate_dev.localenv.process import run_as_owner_needed
+from shadowgate_dev.localenv.timescaledb import ensure_timescaledb
 
 
 def dev_dir() -> Path:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from shadowgate_operator.localenv.binaries import REPO_ROOT
+from shadowgate_dev.localenv.binaries import REPO_ROOT
 
 if TYPE_CHECKING:
-    from shadowgate_operator.demo.registry import Registered
+    from shadowgate_dev.demo.registry import Registered
 
 EXAMPLES = REPO_ROOT / "examples"
 

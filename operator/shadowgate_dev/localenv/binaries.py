@@ -24,15 +24,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shadowgate_operator.localenv.errors import ComponentError
-from shadowgate_operator.localenv.prerequisites import (
+from shadowgate_dev.localenv.errors import ComponentError
+from shadowgate_dev.localenv.prerequisites import (
     GoToolchain,
     check_disk,
     cold_build_needs,
     go_caches,
     go_toolchain,
 )
-from shadowgate_operator.localenv.prerequisites import cache_root as cache_root  # timescaledb.py, node.py, ...
+from shadowgate_dev.localenv.prerequisites import cache_root as cache_root  # timescaledb.py, node.py, ...
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 HACK_DIR = REPO_ROOT / "hack"
