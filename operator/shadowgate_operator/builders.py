@@ -12,7 +12,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shadowgate_operator.api import API_VERSION, KIND, ModelEndpoint, Phase, Protocol, ShadowDeployment, TrafficMode
+from shadowgate_operator.api import (
+    API_VERSION,
+    KIND,
+    ModelEndpoint,
+    Phase,
+    Protocol,
+    ShadowDeployment,
+    TrafficMode,
+    is_quantity,
+    quantity_value,
+)
 from shadowgate_router.config import (
     DRAIN_SECONDS,
     ENV_CONFIGMAP,
@@ -429,3 +439,27 @@ def router_objects(sd: ShadowDeployment, settings: OperatorSettings) -> list[Man
     if settings.router_network_policy:
         children.append(network_policy(sd, settings))
     return children
+
+
+def in_place(manifest: Manifest, live: Manifest | None) -> bool:
+    """Whether `live` (the child as the API server holds it) has every field `manifest` sets, as set: what a
+    resync checks before it applies (service.Reconciler). Fields the API server adds (defaults, status,
+    managedFields) and fields others own are not looked at: applying `manifest` would not change them either.
+    Lists must match element by element; a quantity (resources, an emptyDir's sizeLimit) by its amount, as
+    the API server writes it in its own form (0.5 -> 500m)."""
+    return live is not None and _holds(manifest, live, ())
+
+
+def _holds(wanted: Any, found: Any, path: tuple[str, ...]) -> bool:
+    if isinstance(wanted, dict):
+        if not isinstance(found, dict):
+            return found is None and not wanted  # an empty map the API server leaves out
+        return all(_holds(value, found.get(key), (*path, key)) for key, value in wanted.items())
+    if isinstance(wanted, list):
+        if not isinstance(found, list):
+            return found is None and not wanted
+        return len(wanted) == len(found) and all(_holds(w, f, path) for w, f in zip(wanted, found, strict=True))
+    if wanted == found and type(wanted) is type(found):
+        return True
+    quantity = len(path) >= 2 and (path[-2] in ("requests", "limits") or path[-1] == "sizeLimit")
+    return quantity and is_quantity(wanted) and is_quantity(found) and quantity_value(wanted) == quantity_value(found)

@@ -4,7 +4,8 @@ The object comes from the record (its watch keeps it; read again only after a co
 Deployment's availability from its watch (read directly until the watch has reported it), the DSN from
 its Secret (read again at each resync, at every reconcile while it is missing or refused, or after the
 database refused it; never watched), the database from a shared pool, and, when an analysis is due, the
-current step's window (only the rows recorded since its last read). Every refusal is noted (`Denials`)
+current step's window (only the rows recorded since its last read). At a resync, after the plan, each
+child is read to be compared with what is built (not_in_place). Every refusal is noted (`Denials`)
 rather than raised: what can be done still is.
 """
 
@@ -22,7 +23,9 @@ from shadowgate_operator.builders import (
     HELD_GATES,
     HELD_NOTIFICATIONS,
     URL_SECRET_FIELD,
+    Manifest,
     OperatorSettings,
+    in_place,
     secret_problem,
 )
 from shadowgate_operator.dbaway import DATABASE_AWAY, describe
@@ -30,7 +33,7 @@ from shadowgate_operator.exporter import OperatorMetrics
 from shadowgate_operator.kube import KubeError, secret_value
 from shadowgate_operator.metrics import WindowMetrics
 from shadowgate_operator.ports import Cluster, Database, Databases
-from shadowgate_operator.record import Denials, Rollout, Rollouts
+from shadowgate_operator.record import Denials, Rollout, Rollouts, child_key
 from shadowgate_operator.rollout import Blocked, RouterState
 from shadowgate_operator.store import DSN_FORM, DatabaseUnavailable, dsn_problem
 
@@ -90,6 +93,25 @@ class Observer:
         if image_problem is not None:  # the router keeps the image it has
             denials.invalid.append(Blocked("RouterImageNotAllowed", image_problem))
         return Observed(record.body, sd, analyse, database, problem, window, router, denials)
+
+    async def not_in_place(self, children: list[Manifest], changed: set[str]) -> list[Manifest]:
+        """At a resync: of `children` (in their order), those `changed` (kind/name) since last applied and the
+        others that are missing or not as built (builders.in_place), each read: a GET, not a write, for one in
+        place. One the operator may not read (a role from before it could) is applied, as before."""
+        wanted = []
+        for child in children:
+            if child_key(child) not in changed:
+                meta = child["metadata"]
+                try:
+                    found = await self.kube.get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
+                except KubeError as exc:
+                    if not exc.forbidden:
+                        raise
+                    found = None
+                if in_place(child, found):
+                    continue
+            wanted.append(child)
+        return wanted
 
     def permission_problem(self, exc: KubeError) -> str:
         """What was refused and who can fix it, in words: the Ready condition's message and the Event's."""

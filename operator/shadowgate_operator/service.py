@@ -7,7 +7,8 @@ Kubernetes API and the database, each behind a small interface (ports.Cluster, p
   Secret and database (read again at each resync), the analysis window when an analysis is due, the
   router Deployment (from its watch), and what was refused;
 - plan: pure: the status the object should have (rollout.plan_rollout) and the children whose
-  manifests differ from what was last applied (a hash per child; all of them again at each resync);
+  manifests differ from what was last applied (a hash per child); at a resync also those that are not in
+  the cluster as built (each read: deleted, or edited by hand);
 - act: the status first (it is the record of what was decided), then the changed children, then the
   Events and history rows of the transition the status names (announce.Announcer), then warnings and
   the rows waiting for the database, with the transition's notifications queued in the same transaction
@@ -51,7 +52,7 @@ from shadowgate_operator.kube import KubeError
 from shadowgate_operator.notify.deliver import Deliverer
 from shadowgate_operator.observe import Observed, Observer
 from shadowgate_operator.ports import Cluster, Database, Databases
-from shadowgate_operator.record import Denials, Rollout, Rollouts
+from shadowgate_operator.record import Denials, Rollout, Rollouts, child_key
 from shadowgate_operator.rollout import UNANNOUNCED, Notice, Plan, plan_rollout
 from shadowgate_operator.store import DatabaseUnavailable
 
@@ -193,7 +194,12 @@ class Reconciler:
             blocked.reason in ("RouterImageNotAllowed", "SecretNotAllowed") and blocked.holds_router
             for blocked in denials.invalid
         )
-        for child in record.needs_apply(planned, lambda: router_objects(planned, self.settings)):
+        changed = record.needs_apply(planned, lambda: router_objects(planned, self.settings))
+        if record.check_children:  # a resync: and those deleted or edited by hand (read, compared)
+            built = router_objects(planned, self.settings)
+            changed = await self.observer.not_in_place(built, {child_key(child) for child in changed})
+            record.check_children = False
+        for child in changed:
             if not (image_refused and child["kind"] == "Deployment"):
                 await self._apply(record, child, denials)
         if (denials.problem(), denials.blocked()) != (expected.problem(), expected.blocked()):

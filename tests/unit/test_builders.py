@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -248,3 +249,52 @@ def test_the_router_network_policy_opens_its_ports_and_closes_cloud_metadata() -
     assert policy["podSelector"]["matchLabels"] == builders.selector_labels(stored())
     without = OperatorSettings.from_env({"SHADOWGATE_ROUTER_NETWORK_POLICY": "false"})
     assert "NetworkPolicy" not in [child["kind"] for child in builders.router_objects(stored(), without)]
+
+
+def test_a_child_is_in_place_when_the_api_server_holds_every_field_it_sets() -> None:
+    """What a resync compares (builders.in_place): the fields the operator sets, not what the API server or
+    others add; a quantity by its amount. tests/cluster/test_reconciler.py checks it on what a real API server
+    holds."""
+    deployment = by_kind()["deployment"]
+    live = copy.deepcopy(deployment)
+    container = live["spec"]["template"]["spec"]["containers"][0]
+    live["metadata"] |= {"resourceVersion": "7", "annotations": {"deployment.kubernetes.io/revision": "1"}}
+    live["status"] = {"replicas": 2}
+    container |= {"terminationMessagePath": "/dev/termination-log"}  # defaults the API server adds
+    container["readinessProbe"]["httpGet"]["scheme"] = "HTTP"
+    assert builders.in_place(deployment, live)
+    assert not builders.in_place(deployment, None)  # deleted
+
+    def edited(change: Any) -> bool:
+        changed = copy.deepcopy(live)
+        change(changed)
+        return builders.in_place(deployment, changed)
+
+    pod = ("spec", "template", "spec")
+    assert not edited(lambda d: _at(d, *pod, "containers")[0].update(image="attacker.example/x:1"))
+    assert not edited(lambda d: _at(d, *pod, "containers")[0]["env"].pop())  # one env var removed
+    assert not edited(lambda d: _at(d, *pod, "containers")[0]["env"].append({"name": "X", "value": "1"}))
+    assert not edited(lambda d: _at(d, "metadata", "labels").pop("app.kubernetes.io/managed-by"))
+    assert not edited(lambda d: _at(d, "spec").update(replicas=0))
+    assert not edited(lambda d: _at(d, *pod, "securityContext").update(runAsNonRoot="true"))  # same text, not a bool
+    # Quantities as the API server writes them back: the same amount in its own form.
+    requests = {"cpu": "0.5", "memory": "0.125Gi"}
+    asked = builders.router_objects(stored({"spec": {"router": {"resources": {"requests": requests}}}}), SETTINGS)[4]
+    held = copy.deepcopy(asked)
+    _at(held, *pod, "containers")[0]["resources"]["requests"] = {"cpu": "500m", "memory": "128Mi"}
+    assert builders.in_place(asked, held)
+    _at(held, *pod, "containers")[0]["resources"]["requests"]["cpu"] = "501m"
+    assert not builders.in_place(asked, held)
+    # An empty map the API server leaves out (the NetworkPolicy's "any namespace" peer) is in place.
+    policy = by_kind()["networkpolicy"]
+    trimmed = copy.deepcopy(policy)
+    trimmed["spec"]["egress"][0]["to"][2] = {}
+    assert builders.in_place(policy, trimmed)
+    trimmed["spec"]["egress"][0]["to"].pop()
+    assert not builders.in_place(policy, trimmed)
+
+
+def _at(manifest: dict[str, Any], *path: str) -> Any:
+    for key in path:
+        manifest = manifest[key]
+    return manifest

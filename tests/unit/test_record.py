@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shadowgate_operator.analysis.window import CATCH_UP_SECONDS
 from shadowgate_operator.api import Metric, ShadowDeployment
 from shadowgate_operator.builders import Manifest, OperatorSettings, router_objects
-from shadowgate_operator.record import Rollout, child_key
+from shadowgate_operator.record import RESYNC_SECONDS, Rollout, Rollouts, child_key
 from shadowgate_operator.rollout import plan_rollout
 from tests.admission_cases import load_example, merge_patch
 
@@ -69,7 +70,7 @@ def test_a_child_not_applied_as_built_is_built_and_applied_again() -> None:
     assert [child_key(child) for child in record.needs_apply(sd, again)] == [child_key(children[0])]
     assert again.count == 1
     record.applied_ok(children[0])
-    record.applied.clear()  # a resync (or a takeover) forgets what was applied: everything again
+    record.applied.clear()  # a start or a takeover forgets what was applied: everything again
     assert len(record.needs_apply(sd, Builds(sd))) == len(children)
 
 
@@ -115,3 +116,27 @@ def test_a_new_evidence_window_starts_the_analysis_over_and_a_new_shadow_step_mo
         }
     )
     assert record.window(rmse) is not first
+
+
+def test_objects_seen_together_resync_spread_over_a_period_then_a_period_apart() -> None:
+    """1,000 objects created within 90 s once resynced within one 4-minute band (bench/operator); now each one's
+    first resync falls at a random point of the period after it is first seen, the next ones a period apart."""
+    rollouts = Rollouts()
+    start = time.monotonic()
+    records = [rollouts.get("bench", f"model-{index:04d}") for index in range(1000)]
+    end = time.monotonic()
+    offsets = [record.resync_at - start for record in records]
+    assert all(0.0 <= offset <= RESYNC_SECONDS + (end - start) for offset in offsets)
+    tenths = [sum(1 for offset in offsets if k * RESYNC_SECONDS / 10 <= offset < (k + 1) * RESYNC_SECONDS / 10)
+              for k in range(10)]  # fmt: skip
+    assert all(50 <= count <= 150 for count in tenths), tenths  # 100 expected in each; 5 standard deviations
+
+    record = records[0]
+    record.dsn, record.resync_at = "postgresql://db/x", 0.0
+    before = time.monotonic()
+    record.resync_if_due()
+    assert (record.check_children, record.dsn) == (True, None)  # the children read and compared, the DSN read
+    assert before + RESYNC_SECONDS <= record.resync_at <= time.monotonic() + RESYNC_SECONDS
+    record.check_children = False
+    record.resync_if_due()  # not due again before a period has passed
+    assert not record.check_children
