@@ -16,7 +16,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY operator/ operator/
+# Only the product: operator/shadowgate_dev (the local control plane, node and demo) stays out of the image.
+COPY operator/shadowgate_operator/ operator/shadowgate_operator/
 COPY router/ router/
 COPY common/ common/
 RUN pip wheel --wheel-dir /wheels . \

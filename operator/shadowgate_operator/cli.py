@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # Subcommand modules, in the order `--help` lists them.
 SUBCOMMANDS: tuple[str, ...] = (
@@ -24,6 +24,27 @@ SUBCOMMANDS: tuple[str, ...] = (
     "shadowgate_operator.crd",
     "shadowgate_router.cli",
 )
+
+OWN_PACKAGES = ("shadowgate_operator", "shadowgate_router", "shadowgate_common", "shadowgate_dev")
+
+# The developer tooling (operator/shadowgate_dev/, not copied into the image): the command each module
+# registers and the make target that runs it from a source checkout.
+DEV_COMMANDS: dict[str, tuple[str, str]] = {
+    "shadowgate_dev.demo": ("demo", "make demo"),
+    "shadowgate_dev.localenv.cli": ("dev", "make dev-up"),
+    "shadowgate_dev.localenv.nodecli": ("node", "make e2e"),
+}
+
+
+def _not_in_this_image(command: str, target: str) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(
+            f"shadowgate {command}: developer tooling, not in this image: run it from a source checkout, `{target}`",
+            file=sys.stderr,
+        )
+        return 2
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,9 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            # The image installs shadowgate without the [dev] extra: the local control plane and the demo
+            if module_name in DEV_COMMANDS and exc.name == "shadowgate_dev":
+                # The image: the command is listed and, given any arguments, says where it runs.
+                command, target = DEV_COMMANDS[module_name]
+                stub = subparsers.add_parser(command, help="developer tooling, not in this image", add_help=False)
+                stub.set_defaults(func=_not_in_this_image(command, target), any_arguments=True)
+                continue
+            # A source install without the [dev] extra: the local control plane and the demo
             # need packages (cryptography, ...) that operator and router never use. Say so instead of failing.
-            if exc.name is None or exc.name.partition(".")[0] in ("shadowgate_operator", "shadowgate_router"):
+            if exc.name is None or exc.name.partition(".")[0] in OWN_PACKAGES:
                 raise
             missing.append(f"  {module_name}: needs {exc.name} (pip install 'shadowgate[dev]')")
             continue
@@ -55,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     result: int = args.func(args)
     return result
 

@@ -83,12 +83,21 @@ def test_every_path_the_dockerfile_copies_exists_and_is_sent_to_the_build() -> N
         if instruction == "COPY" and "--from=" not in arguments:
             *sources, _destination = shlex.split(arguments)
             copied += sources
-    assert {"pyproject.toml", "operator/", "router/", "migrations/"} <= set(copied)
+    assert {"pyproject.toml", "operator/shadowgate_operator/", "router/", "common/", "migrations/"} <= set(copied)
     for source in copied:
         assert (REPO_ROOT / source).exists(), f"COPY {source}: no such path"
         assert dockerignore_allows(source.rstrip("/")), f"COPY {source}: excluded by .dockerignore"
-    # What the build must not see.
-    for kept_out in (".venv", ".git", "tests", "shadowgate.egg-info", "operator/shadowgate_operator/__pycache__"):
+    # What the build must not see: the developer tooling is neither copied nor sent.
+    assert not any(source.rstrip("/") in ("operator", "operator/shadowgate_dev") for source in copied), copied
+    for kept_out in (
+        ".venv",
+        ".git",
+        "tests",
+        "shadowgate.egg-info",
+        "operator/shadowgate_operator/__pycache__",
+        "operator/shadowgate_dev",
+        "operator/shadowgate_dev/demo/__init__.py",
+    ):
         assert not dockerignore_allows(kept_out), kept_out
 
 
@@ -213,3 +222,68 @@ def test_commands_that_need_the_dev_extra_say_so_instead_of_failing() -> None:
     assert listing.returncode == 0, listing.stderr
     assert "Not available in this installation:" in listing.stdout
     assert "needs cryptography (pip install 'shadowgate[dev]')" in listing.stdout
+
+
+# Put first on sys.meta_path in the child: shadowgate_dev cannot be found, as in the image's virtualenv
+# (the import system raises what it raises for any missing top-level module).
+HIDE_DEV_PACKAGE = """
+import sys
+
+class HideDevPackage:
+    def find_spec(self, name, path=None, target=None):
+        if name == "shadowgate_dev":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, HideDevPackage())
+"""
+
+
+def in_the_image(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`shadowgate ARGV` as the image runs it: no dev extra and no shadowgate_dev package (the Dockerfile
+    copies operator/shadowgate_operator only). The child first checks that shadowgate_dev is not there."""
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in DEV_ONLY)
+    program = (
+        f"{HIDE_DEV_PACKAGE}\n{blocked}\n"
+        "import importlib\n"
+        "try:\n    importlib.import_module('shadowgate_dev.demo')\n"
+        "except ModuleNotFoundError as exc:\n    assert exc.name == 'shadowgate_dev', exc\n"
+        "else:\n    sys.exit('shadowgate_dev imported')\n"
+        f"from shadowgate_operator.cli import main\nsys.exit(main({list(argv)!r}))"
+    )
+    return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("argv", "target"),
+    [
+        (["demo"], "make demo"),
+        (["demo", "--scenario", "rollback"], "make demo"),
+        (["dev", "up", "--foreground"], "make dev-up"),
+        (["node", "up"], "make e2e"),
+        (["node", "--help"], "make e2e"),
+    ],
+)
+def test_developer_commands_in_the_image_exit_2_with_one_line_saying_where_they_run(
+    argv: list[str], target: str
+) -> None:
+    run = in_the_image(*argv)
+    assert (run.returncode, run.stdout) == (2, ""), run.stderr
+    assert run.stderr == (
+        f"shadowgate {argv[0]}: developer tooling, not in this image: run it from a source checkout, `{target}`\n"
+    )
+
+
+def test_the_image_lists_the_developer_commands_and_still_runs_its_own() -> None:
+    listing = in_the_image("--help")
+    assert listing.returncode == 0, listing.stderr
+    assert re.search(r"^\s+demo\s+developer tooling, not in this image$", listing.stdout, re.MULTILINE), listing.stdout
+    assert "Not available in this installation" not in listing.stdout  # nothing else is missing
+    for command in ("operator", "router", "migrate", "replay", "crd"):
+        run = in_the_image(command, "--help")
+        assert run.returncode == 0, run.stderr
+        assert f"usage: shadowgate {command}" in run.stdout
+    # Arguments the image's own commands do not know are still refused, as before.
+    run = in_the_image("crd", "--no-such-option")
+    assert run.returncode == 2
+    assert "unrecognized arguments: --no-such-option" in run.stderr
