@@ -101,10 +101,11 @@ bench-router: $(INSTALLED)
 bench-admission: binaries
 	$(BIN)/python bench/admission/run.py $(BENCH_ARGS)
 
-# End to end on real pods without Docker (root): kubelet, containerd, kube-proxy and CoreDNS on a local
-# node, images built with buildah, the manifests applied as a user would, promote then rollback
-# (hack/node-e2e.sh runs hack/e2e-scenario.sh, the script hack/kind-e2e.sh runs on kind). The node's
-# own tests (pods, Services, DNS, teardown leaving the machine as it was) run first. Not root, or no
+# End to end on real pods without Docker (root): kubelet, containerd, kube-proxy, CoreDNS and kube-router's
+# NetworkPolicy firewall on a local node, images built with buildah, the manifests applied as a user
+# would, promote then rollback (hack/node-e2e.sh runs hack/e2e-scenario.sh, the script hack/kind-e2e.sh
+# runs on kind). The node's own tests (pods, Services, DNS, NetworkPolicies enforced, teardown leaving
+# the machine as it was) run first. Not root, or no
 # containerd possible here: one line that says why, and a failure. The images are built (or found in
 # the cache) before anything starts, so a missing TimescaleDB source fails at once; its release source
 # is ../shared/vendor when there, as in .ci/run, unless SHADOWGATE_TIMESCALEDB_SOURCE names another.

@@ -4,8 +4,9 @@
 #   1. images: the project's Dockerfile built by buildah on a Debian base (mmdebstrap), and a PostgreSQL
 #      image with TimescaleDB; cached by content hash in ~/.cache/shadowgate/images (warm: no build);
 #   2. `shadowgate node up`: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd,
-#      kubelet, kube-proxy (nftables) and CoreDNS on a bridge network; the images loaded into containerd,
-#      a hostPath PersistentVolume for the database's claim (there is no storage provisioner);
+#      kubelet, kube-proxy (nftables), CoreDNS and kube-router's NetworkPolicy firewall on a bridge
+#      network; the images loaded into containerd, a hostPath PersistentVolume for the database's claim
+#      (there is no storage provisioner);
 #   3. hack/e2e-scenario.sh, the same script kind-e2e.sh runs: promote, then rollback;
 #   4. `shadowgate node down`: every process, container, mount, nft table, the bridge and the cgroups
 #      gone, sysctls restored; it fails when the machine is not as it was before step 2.

@@ -1,7 +1,7 @@
 """A real node: pods run on it, Services and DNS work, and teardown leaves the machine as it was.
 
 Each test snapshots the machine first (every readable sysctl, links, addresses, routes, nft tables,
-iptables rules, mounts, cgroups, the system paths containerd, CNI and kubelet write) and compares
+iptables rules, ipsets, mounts, cgroups, the system paths containerd, CNI and kubelet write) and compares
 after `stop()`/`teardown()`: nothing added, nothing changed. One also kills the node the hard way
 (SIGKILL to every component, pods still running) and checks the next teardown clears it all.
 """
@@ -25,7 +25,16 @@ import pytest
 
 from shadowgate_dev.localenv import host
 from shadowgate_dev.localenv.images import PAUSE_IMAGE
-from shadowgate_dev.localenv.node import NODE_IP, Node, kubectl, machine_state, node_dir, read_state, teardown
+from shadowgate_dev.localenv.node import (
+    KUBE_ROUTER_CHAINS,
+    NODE_IP,
+    Node,
+    kubectl,
+    machine_state,
+    node_dir,
+    read_state,
+    teardown,
+)
 
 pytestmark = pytest.mark.node
 
@@ -99,6 +108,16 @@ def dns_a(name: str, server: str = NODE_IP) -> list[str]:
     return found
 
 
+def kube_routers(line: str) -> bool:
+    """Whether an iptables-save line is kube-router's: its chains, the jumps to them, the filter table's
+    header and built-in chains it made."""
+    return (
+        line in ("*filter", "COMMIT")
+        or line.startswith((":INPUT ", ":FORWARD ", ":OUTPUT "))
+        or any(prefix in line for prefix in KUBE_ROUTER_CHAINS)
+    )
+
+
 def node_processes(directory: Path) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -168,8 +187,10 @@ def test_pods_run_services_and_dns_work_and_teardown_leaves_the_machine_as_it_wa
             assert response.status == 200
         tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
         assert "table ip kube-proxy" in tables
-        # kubelet and kube-proxy found no iptables: not a rule of theirs.
-        assert before.iptables == machine_state(node.directory).iptables
+        # kubelet and kube-proxy found no iptables: every iptables rule added is kube-router's (NetworkPolicies).
+        added = set(machine_state(node.directory).iptables) - set(before.iptables)
+        assert any(line.startswith("-A FORWARD") and "KUBE-ROUTER-FORWARD" in line for line in added), added
+        assert [line for line in added if not kube_routers(line)] == []
     finally:
         problems = node.stop()  # with the pod still running
 

