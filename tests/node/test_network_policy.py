@@ -13,8 +13,9 @@ manifests/operator/networkpolicy.yaml) and, from a pod in a namespace labelled
 - the router's and the operator's own new connections still reach what they need (DNS, the API server,
   the database, the model servers), and the router keeps answering and writing rows.
 
-Connections go to the pods' own addresses: kube-router lets through whatever comes from the node's
-address, which is what kube-proxy masquerades Service traffic to on this node.
+Connections go to the pods' own addresses (and, for the operator's metrics, through its Service as
+well: the node's kube-proxy keeps the caller's address). Connections from the node itself always pass:
+kube-router admits the node's own addresses (the kubelet's probes).
 """
 
 from __future__ import annotations
@@ -274,7 +275,10 @@ def test_the_operator_policy_refuses_metrics_to_others_and_keeps_probes_and_egre
     assert len(operators) == 2, operators
     metrics = [f"{ip}:{OPERATOR_METRICS_PORT}" for ip in operators]
     health = [f"{ip}:{OPERATOR_HEALTH_PORT}" for ip in operators]
-    assert cluster.connects(OUTSIDER_NS, "probe", *metrics, *health) == dict.fromkeys(metrics + health, True)
+    service = f"shadowgate-operator-metrics.{EXAMPLE_NS}.svc:{OPERATOR_METRICS_PORT}"  # the Prometheus Service
+    assert cluster.connects(OUTSIDER_NS, "probe", *metrics, *health, service) == dict.fromkeys(
+        [*metrics, *health, service], True
+    )
 
     cluster.apply(_operator_policy())
     wait_for(
@@ -282,8 +286,11 @@ def test_the_operator_policy_refuses_metrics_to_others_and_keeps_probes_and_egre
         90,
         "kube-router to refuse the outsider's connections to the operator's metrics port",
     )
-    assert cluster.connects(OUTSIDER_NS, "probe", *health) == dict.fromkeys(health, True)
-    assert cluster.connects(SCRAPER_NS, "probe", *metrics, *health) == dict.fromkeys(metrics + health, True)
+    # Through the Service too: the node keeps the caller's pod address on Service traffic.
+    assert cluster.connects(OUTSIDER_NS, "probe", *health, service) == {**dict.fromkeys(health, True), service: False}
+    assert cluster.connects(SCRAPER_NS, "probe", *metrics, *health, service) == dict.fromkeys(
+        [*metrics, *health, service], True
+    )
     for ip in operators:
         page = cluster.python(SCRAPER_NS, "probe", FETCH, f"http://{ip}:{OPERATOR_METRICS_PORT}/metrics")
         assert "shadowgate_operator" in page

@@ -17,8 +17,8 @@ and kube-router's firewall (NetworkPolicies enforced), on a bridge pod network:
   nft table) and ipsets; the bridge's traffic passes them through br_netfilter. Always on because the
   shipped policies (the operator's, each router's) must hold wherever `make e2e` runs the story: one
   that blocked DNS, the API server or the database would fail it. kube-router allows whatever comes
-  from the node's own address (kubelet's probes), and kube-proxy masquerades Service traffic to that
-  address here, so a policy's `from` is only seen on connections made to a pod's own address.
+  from the node's own address (kubelet's probes); kube-proxy does not masquerade pod-to-Service
+  traffic, so a policy's `from` sees the calling pod through a Service too.
 - teardown (`shadowgate node down`, or `stop()`) deletes every pod through the API so kubelet and
   the CRI tear their sandboxes and networks down, stops every process by PID, removes containers'
   leftovers, the bridge, kube-proxy's nft tables, kube-router's iptables chains and ipsets (and the
@@ -630,8 +630,10 @@ def kube_proxy_config(kubeconfig: Path, healthz_port: int, metrics_port: int) ->
         "clusterCIDR": POD_CIDR,
         "healthzBindAddress": f"127.0.0.1:{healthz_port}",
         "metricsBindAddress": f"127.0.0.1:{metrics_port}",
-        # Pod to Service to a pod on the same bridge: masquerade so replies come back through the host.
-        "nftables": {"masqueradeAll": True},
+        # No masqueradeAll: pod to Service to a pod on the same bridge keeps the client pod's address (the
+        # bridge's traffic passes netfilter through br_netfilter, whose conntrack undoes the DNAT on the
+        # replies), so NetworkPolicies see who is calling, as on a real cluster. Traffic from outside
+        # clusterCIDR is still masqueraded.
         "nodePortAddresses": [f"{NODE_IP}/32"],
         # Leave the machine's conntrack settings alone (0: do not set).
         "conntrack": {
