@@ -664,7 +664,8 @@ class Analysis(ApiModel):
     rollback_confidence: float = 0.95
     """Confidence with which the candidate must be shown worse on quality to be rolled back, from 0.5 to
     0.9999: an identical candidate is rolled back at most 1 - rollbackConfidence of the time (5%), however
-    often it is looked at."""
+    often it is looked at. The test weighs regressions of 5% of the loss and more: one below about 2.5% is
+    not rolled back on quality (its step times out instead, inconclusive)."""
     segment_by: SegmentBy | None = None
     """Compare the models per segment too (an instrument, a market): promotion then also needs every segment
     with at least minSamples scored requests or at least 10% of them (the 10 largest) to be shown, at

@@ -37,7 +37,9 @@ least `stats.MIN_KEYS` keys a side); otherwise, for a bounded loss (`loss_bound`
 at every sample size; otherwise the normal mixture (asymptotic; the assumption is stated in the README).
 The normal mixture counts evidence in the direction a skewed estimate would overstate (better or worse,
 by the sign of its skewness: `stats.Estimate.skewness`) only once the skewness is small; the other
-direction counts from the floor (`MIN_OBSERVATIONS` units, `MIN_KEYS` keys).
+direction counts from the floor (`MIN_OBSERVATIONS` units, `MIN_KEYS` keys). Either direction reads z
+corrected for that skewness (`stats.skew_corrected`); rollback weighs regressions from 5% of the loss
+(`stats.SMALLEST_REGRESSION`).
 
 The score. The overall score is the weighted sum of three components, each in [-1, 1], with
 `analysis.weights` normalised (so the score is in [-1, 1] too). Quality is what a new model is for, so

@@ -42,7 +42,10 @@ Which test, and what its guarantee rests on (decision.py picks; README "How the 
    loss does). Declare `analysis.lossCap` to get test 1 instead. Skewness is the first way the normal
    approximation fails, and it fails in one direction: the direction the estimate's skewness makes too
    liberal counts only once that skewness is within `SKEW_LIMIT` (`Estimate.skewness`: computed on the
-   units tested, requests or keys' totals, with `Estimate.guards`), the other from the floor.
+   units tested, requests or keys' totals, with `Estimate.guards`), the other from the floor; and within
+   the limit z is corrected for it (`skew_corrected`, Hall 1992), since even a skewness of -0.05 doubles
+   the normal tail where the test decides (bench/decision's canary rows promoted about 1% of identical
+   candidates on the uncorrected z, twice the paired rows' 0.5%).
 3. Rates (error rate above maxErrorRate; share of requests slower than maxLatencyP99Ms above 1%): a
    mixture of binomial likelihood ratios over alternatives above the threshold, exact at every sample
    size (Robbins 1970). Confidence bounds for rates and percentiles invert it.
@@ -56,8 +59,9 @@ in closed form, with r = tau^2 / V and c = lower / tau:
 
 Every component has theta >= 0, so Lambda is a supermartingale for any true difference <= 0 (the null
 "the candidate is not better" is composite and the test is valid for all of it); mirrored, it says when
-the candidate is significantly worse. Improvements below lower/2 (1% of the loss) never become
-significant; they could not pass a step anyway.
+the candidate is significantly worse, with lower = `SMALLEST_REGRESSION` there. Improvements below
+lower/2 (1% of the loss) never become significant, they could not pass a step anyway; nor do regressions
+below 2.5%.
 
 Functions are pure and take sufficient statistics; running minima and the canary bets' state are handed
 in by the caller (decision.py keeps them in status).
@@ -78,6 +82,13 @@ improvements of around 5% to 20%, and valid (only slower) for any other size."""
 SMALLEST_RELATIVE_EFFECT = 0.02
 """The mixture puts no weight on improvements below 2% of the typical loss; improvements below half of
 that (1%) never become significant. A faster test for the improvements that matter."""
+
+SMALLEST_REGRESSION = 0.05
+"""The rollback side's mixture (evidence that the candidate is worse) puts no weight on regressions below
+5% of the typical loss, the size decision.py's quality score counts as a full regression
+(QUALITY_FULL_MARKS): rolling back is for established regressions, and one below about 2.5% never becomes
+significant on quality alone (its step times out instead, inconclusive). Still a supermartingale whenever
+the candidate is not worse; bench/decision's 10%-worse row is rolled back one look sooner."""
 
 MIN_OBSERVATIONS = 50
 """Below this many observations (pairs, or on the smaller side) the normal-mixture test reports no
@@ -207,6 +218,11 @@ class Estimate:
     losses) the other way round. `normal_evidence` counts the overstated direction only once |skewness|
     <= `SKEW_LIMIT`; the other needs no more data than the floor. 0 when not computed (segments: their
     sums stop at the squares)."""
+    two_samples: bool = False
+    """Canary mode: production's and the candidate's own samples (not paired differences). Its skewness
+    then comes mostly from the candidate's smaller sample, which meets its rare large losses and shows
+    their skewness at once (the mirror of the case `guards` are for), so rollback is not eased by it
+    (`normal_evidence`)."""
     guards: tuple[float, ...] = ()
     """The same skewness estimated other ways, where the plug-in one can point the wrong way; a direction
     waits when `skewness` or any of these says so.
@@ -303,7 +319,7 @@ def paired_estimate(
         return None
     requests = MeanCumulants.of(differences)
     guards = () if requests is None else (requests.over(clusters.keys).skewness,)
-    return Estimate(mean, _floored_variance(robust, mean, typical, n), typical, clusters.keys, skew, guards)
+    return Estimate(mean, _floored_variance(robust, mean, typical, n), typical, clusters.keys, skew, guards=guards)
 
 
 def unpaired_estimate(
@@ -322,7 +338,7 @@ def unpaired_estimate(
     if clusters is None:
         variance = production.variance / production.n + candidate.variance / candidate.n
         n = min(production.n, candidate.n)
-        return Estimate(difference, _floored_variance(variance, difference, typical, n), typical, n, skew, guards)
+        return Estimate(difference, _floored_variance(variance, difference, typical, n), typical, n, skew, True, guards)
     p_requests, c_requests = MeanCumulants.of(production), MeanCumulants.of(candidate)
     if p_requests and c_requests and clusters[0].keys and clusters[1].keys:
         guards += two_sample_skewness(p_requests.over(clusters[0].keys), c_requests.over(clusters[1].keys))
@@ -332,7 +348,7 @@ def unpaired_estimate(
         return None
     n = min(clusters[0].keys, clusters[1].keys)
     return Estimate(
-        difference, _floored_variance(p_robust + c_robust, difference, typical, n), typical, n, skew, guards
+        difference, _floored_variance(p_robust + c_robust, difference, typical, n), typical, n, skew, True, guards
     )
 
 
@@ -390,23 +406,49 @@ def mixture_width(estimate: Estimate, relative_effect: float = MIXING_RELATIVE_E
     return tau * tau / estimate.variance
 
 
+def skew_corrected(z: float, skewness: float) -> float:
+    """z with the first-order effect of the estimate's skewness removed: Hall's transformation (Hall 1992,
+    "On the removal of skewness by transformation", JRSS-B 54), z + k z^2/3 + k^2 z^3/27 + k/6 with k the
+    skewness (`Estimate.skewness`), is normal to order 1/n where z has P(z <= x) = Phi(x) + k (2x^2 + 1)
+    phi(x) / 6 (its first two terms are that expansion's Cornish-Fisher inverse; the cubic one makes it
+    increasing in z for every k: its derivative is (1 + k z / 3)^2)."""
+    return z + skewness * z * z / 3 + skewness * skewness * z**3 / 27 + skewness / 6
+
+
 def normal_evidence(
     estimate: Estimate | None,
     *,
     minimum: int = MIN_OBSERVATIONS,
     relative_effect: float = MIXING_RELATIVE_EFFECT,
     smallest_effect: float = SMALLEST_RELATIVE_EFFECT,
+    smallest_regression: float = SMALLEST_REGRESSION,
 ) -> Evidence:
     """This look's p-values from the normal mixture (no running minimum); none below `minimum` units, and
-    none yet in the direction the estimate's skewness makes too liberal (`Estimate.skewness`)."""
+    none yet in the direction the estimate's skewness makes too liberal (`Estimate.skewness`).
+
+    Each direction reads z corrected for the estimate's skewness (`skew_corrected`), taken with the most
+    cautious of its estimates for that direction (`Estimate.toward_worse`, `toward_better`) and at most
+    `SKEW_LIMIT` in size: within the limit the normal mixture's evidence that the candidate is better is
+    that of a normal z, not of a z whose upper tail a left-skewed estimate makes about twice as heavy at
+    the boundary (bench/decision's canary rows, the candidate's small sample of right-skewed losses).
+    Promotion's correction only ever lowers its z (a skewness toward better adds nothing). Rollback's takes
+    it both ways on paired differences, so the direction their skewness understates is judged on a normal
+    z too (bench/decision's 10%-worse row, left-skewed differences: rolled back a look sooner); with two
+    samples only the lowering way (`Estimate.two_samples`)."""
     if estimate is None or estimate.observations < minimum:
         return NO_EVIDENCE
     z = estimate.z
     r = mixture_width(estimate, relative_effect)
-    lower = smallest_effect / relative_effect
+    better = skew_corrected(z, max(-SKEW_LIMIT, min(0.0, estimate.toward_worse)))
+    easing = 0.0 if estimate.two_samples else SKEW_LIMIT
+    worse = skew_corrected(-z, max(-SKEW_LIMIT, min(easing, -estimate.toward_better)))
     return Evidence(
-        p_better=1.0 if estimate.better_waits else p_value(one_sided_log_evidence(z, r, lower)),
-        p_worse=1.0 if estimate.worse_waits else p_value(one_sided_log_evidence(-z, r, lower)),
+        p_better=1.0
+        if estimate.better_waits
+        else p_value(one_sided_log_evidence(better, r, smallest_effect / relative_effect)),
+        p_worse=1.0
+        if estimate.worse_waits
+        else p_value(one_sided_log_evidence(worse, r, smallest_regression / relative_effect)),
     )
 
 

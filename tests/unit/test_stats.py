@@ -3,6 +3,7 @@ under continuous monitoring where a repeated fixed-sample test is not."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -14,8 +15,11 @@ from shadowgate_operator.metrics import Clustered, LatencySketch, Moments
 from shadowgate_operator.stats import (
     BETS,
     MIN_OBSERVATIONS,
+    MIXING_RELATIVE_EFFECT,
     NO_EVIDENCE,
     SKEW_LIMIT,
+    SMALLEST_REGRESSION,
+    SMALLEST_RELATIVE_EFFECT,
     Estimate,
     Evidence,
     PowerSums,
@@ -26,11 +30,13 @@ from shadowgate_operator.stats import (
     mixture_width,
     normal_evidence,
     one_sided_log_evidence,
+    p_value,
     paired_estimate,
     quantile_bounds,
     rate_bounds,
     rate_log_evidence,
     sequential_test,
+    skew_corrected,
     skewness,
     two_sided_log_evidence,
     unpaired_estimate,
@@ -450,8 +456,9 @@ def test_normal_evidence_withholds_only_the_direction_that_waits() -> None:
     assert worse.p_worse < 1e-3
     # Skewed toward a better candidate: evidence that it is worse waits, whatever z says.
     assert normal_evidence(replace(base, skewness=0.3)).p_worse == 1.0
-    # Skewed toward a worse candidate: evidence that it is worse counts now.
-    assert normal_evidence(replace(base, skewness=-0.3)).p_worse == worse.p_worse
+    # Skewed toward a worse candidate: evidence that it is worse counts now (on a z corrected for that
+    # skewness, at most SKEW_LIMIT's: the normal z understates it).
+    assert normal_evidence(replace(base, skewness=-0.3)).p_worse <= worse.p_worse
     better = replace(base, difference=0.3)
     assert normal_evidence(replace(better, skewness=-0.3)).p_better == 1.0
     assert normal_evidence(replace(better, skewness=0.3)).p_better == normal_evidence(better).p_better < 1e-3
@@ -461,6 +468,77 @@ def test_normal_evidence_withholds_only_the_direction_that_waits() -> None:
     # Two samples: either skewness holds a direction back.
     assert normal_evidence(replace(better, skewness=0.05, guards=(-0.3,))).p_better == 1.0
     assert normal_evidence(replace(base, skewness=0.3, guards=(-0.3,))).p_worse == 1.0
+
+
+def _edgeworth_upper_tail(x: float, skew: float) -> float:
+    """P(z > x) for a studentized estimate of skewness `skew`, to first order (Edgeworth; Hall 1987)."""
+    density = math.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    return 0.5 * math.erfc(x / math.sqrt(2)) - skew * (2 * x * x + 1) * density / 6
+
+
+@pytest.mark.parametrize("skew", [-0.02, -0.01, 0.01, 0.02])
+def test_the_skew_correction_makes_an_edgeworth_tail_normal(skew: float) -> None:
+    # z's tail beyond x is, to first order in the skewness, the normal's beyond skew_corrected(x): what is
+    # left of the skewness's effect on the tail is of the second order (a fifth of it at most here).
+    for x in (2.0, 2.5, 3.0, 3.5):
+        tail = _edgeworth_upper_tail(x, skew)
+        corrected = 0.5 * math.erfc(skew_corrected(x, skew) / math.sqrt(2))
+        assert abs(corrected - tail) < 0.2 * abs(0.5 * math.erfc(x / math.sqrt(2)) - tail)
+
+
+def test_the_skew_correction_is_increasing_and_reads_a_left_skewed_tail_as_heavier() -> None:
+    # Skewness -0.08 at z = 3 (a canary's estimate near the promotion boundary): the tail is about twice
+    # the normal's 0.13%; the corrected z, 2.75, says so.
+    assert skew_corrected(3.0, -0.08) == pytest.approx(2.75, abs=0.01)
+    assert 0.5 * math.erfc(skew_corrected(3.0, -0.08) / math.sqrt(2)) > 2 * 0.5 * math.erfc(3 / math.sqrt(2))
+    # Increasing in z for every skewness (its derivative is (1 + k z / 3)^2), the identity without one.
+    grid = [x / 10 for x in range(-100, 101)]
+    for k in (-0.5, -0.1, 0.1, 0.5):
+        values = [skew_corrected(x, k) for x in grid]
+        assert all(b >= a for a, b in itertools.pairwise(values))
+    assert skew_corrected(2.7, 0.0) == 2.7
+
+
+def test_normal_evidence_reads_a_skew_corrected_z() -> None:
+    # A canary's candidate sample of right-skewed losses makes the estimate left-skewed (-0.064, within
+    # SKEW_LIMIT): promotion reads z = 3.46 as about 3.17, so p 0.006 becomes 0.016 and does not pass 0.01.
+    better = Estimate(difference=0.1, variance=(0.1 / 3.46) ** 2, typical_loss=1.0, observations=1000)
+    r = mixture_width(better)
+    lower = SMALLEST_RELATIVE_EFFECT / MIXING_RELATIVE_EFFECT
+    plain = p_value(one_sided_log_evidence(better.z, r, lower))
+    assert normal_evidence(better).p_better == pytest.approx(plain) and plain < 0.01
+    skewed = replace(better, skewness=-0.064)
+    assert normal_evidence(skewed).p_better == pytest.approx(
+        p_value(one_sided_log_evidence(skew_corrected(better.z, -0.064), r, lower))
+    )
+    assert 0.01 < normal_evidence(skewed).p_better < 0.03
+    # The most skewed estimate counts (a guard), and a skewness toward better never eases promotion.
+    assert normal_evidence(replace(better, skewness=-0.01, guards=(-0.064,))).p_better == pytest.approx(
+        normal_evidence(skewed).p_better
+    )
+    assert normal_evidence(replace(better, skewness=0.064)).p_better == pytest.approx(plain)
+    # Rollback takes the correction both ways: a left-skewed estimate understates "worse".
+    worse = replace(better, difference=-0.1)
+    assert normal_evidence(replace(worse, skewness=-0.064)).p_worse < normal_evidence(worse).p_worse
+    assert normal_evidence(replace(worse, skewness=0.064)).p_worse > normal_evidence(worse).p_worse
+    # Two samples: rollback only the lowering way (the candidate's small sample shows its rare large losses
+    # and their skewness at once).
+    canary = replace(worse, two_samples=True)
+    assert normal_evidence(replace(canary, skewness=-0.064)).p_worse == pytest.approx(normal_evidence(worse).p_worse)
+    assert normal_evidence(replace(canary, skewness=0.064)).p_worse > normal_evidence(worse).p_worse
+
+
+def test_the_rollback_mixture_weighs_regressions_from_five_percent() -> None:
+    # A 2% regression established beyond doubt is not a rollback on quality (below SMALLEST_REGRESSION / 2,
+    # never significant), the same 2% improvement is significant; a 10% regression is shown sooner than a
+    # mixture from 2% would show it.
+    assert SMALLEST_REGRESSION == 0.05
+    tiny = Estimate(difference=-0.02, variance=1e-8, typical_loss=1.0, observations=10**6)
+    assert normal_evidence(tiny).p_worse == 1.0
+    assert normal_evidence(replace(tiny, difference=0.02)).p_better < 1e-6
+    worse = Estimate(difference=-0.095, variance=(0.095 / 2.66) ** 2, typical_loss=1.0, observations=300)
+    from_two = p_value(one_sided_log_evidence(-worse.z, mixture_width(worse), 0.2))
+    assert normal_evidence(worse).p_worse <= 0.05 < from_two
 
 
 @pytest.mark.parametrize(("events", "trials", "threshold"), [(12, 100, 0.05), (3, 300, 0.01), (40, 50, 0.5)])
