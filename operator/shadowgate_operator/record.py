@@ -107,10 +107,10 @@ class Rollout:
     resync_seconds: float = RESYNC_SECONDS
     resync_at: float = field(init=False)
     """time.monotonic() of the next resync. The first falls at a random point within one period after the
-    record is made (the object first seen), the next ones a period apart: objects created together (a batch
-    applied at once, or every object at an operator's start) would otherwise resync together, a burst of
-    reads once a period instead of an even trickle (bench/operator: 1,000 objects created within 90 s, each
-    resyncing 480-720 s after creation, took 26% of a core while their resyncs lasted)."""
+    record is made (the object first seen), the next ones a period apart (resync_if_due): objects created
+    together (a batch applied at once, or every object at an operator's start) would otherwise resync
+    together, a burst of reads once a period instead of an even trickle (bench/operator: 1,000 objects
+    created within 90 s, each resyncing 480-720 s after creation, took 26% of a core while those lasted)."""
     check_children: bool = False
     """Set at a resync: the next reconcile reads each child and applies those not in place."""
     analysis_due: float | None = None
@@ -190,7 +190,10 @@ class Rollout:
         if now >= self.resync_at:
             self.check_children = True
             self.dsn = None
-            self.resync_at = now + self.resync_seconds
+            # A period after it was due, not after now: each object keeps its phase. Resyncs held up together
+            # (due while their objects' first reconciles waited for their applies, bench/operator) would
+            # otherwise all move to where that wait ended, and bunch there again every period.
+            self.resync_at += ((now - self.resync_at) // self.resync_seconds + 1) * self.resync_seconds
 
     def needs_apply(self, sd: ShadowDeployment, build: Callable[[], list[Manifest]]) -> list[Manifest]:
         """The children of `sd` (`build()`) whose manifest differs from what was last applied. Built and hashed

@@ -6,6 +6,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from shadowgate_operator.analysis.window import CATCH_UP_SECONDS
 from shadowgate_operator.api import Metric, ShadowDeployment
 from shadowgate_operator.builders import Manifest, OperatorSettings, router_objects
@@ -132,11 +134,14 @@ def test_objects_seen_together_resync_spread_over_a_period_then_a_period_apart()
     assert all(50 <= count <= 150 for count in tenths), tenths  # 100 expected in each; 5 standard deviations
 
     record = records[0]
-    record.dsn, record.resync_at = "postgresql://db/x", 0.0
-    before = time.monotonic()
+    due = time.monotonic() - RESYNC_SECONDS / 4  # held up a quarter of a period (behind a long reconcile)
+    record.dsn, record.resync_at = "postgresql://db/x", due
     record.resync_if_due()
     assert (record.check_children, record.dsn) == (True, None)  # the children read and compared, the DSN read
-    assert before + RESYNC_SECONDS <= record.resync_at <= time.monotonic() + RESYNC_SECONDS
+    assert record.resync_at == due + RESYNC_SECONDS  # a period after it was due: the object keeps its phase
     record.check_children = False
-    record.resync_if_due()  # not due again before a period has passed
+    record.resync_if_due()  # not due again before then
     assert not record.check_children
+    record.resync_at = due - 2.5 * RESYNC_SECONDS  # held up for periods (a machine suspended): the next one to come
+    record.resync_if_due()
+    assert record.resync_at == pytest.approx(due + RESYNC_SECONDS / 2)
