@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from shadowgate_operator import builders
 from shadowgate_operator.api import ShadowDeployment
 from shadowgate_operator.builders import OperatorSettings
 from shadowgate_router.config import GRPC_PORT, HTTP_PORT, METRICS_PORT
+from tests.support.operator import eventually
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(900)]
 
@@ -80,14 +80,6 @@ request = urllib.request.Request(sys.argv[1] + "/v2/models/fraud/infer", data=js
 with urllib.request.urlopen(request, timeout=10) as response:
     print(response.status, response.headers["X-Shadowgate-Served-By"])
 """
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
 
 
 @dataclass
@@ -184,10 +176,11 @@ def cluster() -> Iterator[Cluster]:
             cluster.kubectl(
                 "rollout", "status", f"deployment/{deployment}", "-n", EXAMPLE_NS, "--timeout=300s", timeout=320
             )
-        wait_for(
+        eventually(
             lambda: kubectl(node.kubeconfig, "get", "deployment", f"{SD}-router", "-n", EXAMPLE_NS).returncode == 0,
             120,
             "the operator to create the router Deployment",
+            interval=0.5,
         )
         cluster.kubectl("rollout", "status", f"deployment/{SD}-router", "-n", EXAMPLE_NS, "--timeout=300s", timeout=320)
         for namespace in (SCRAPER_NS, OUTSIDER_NS):
@@ -230,10 +223,11 @@ def test_the_router_policy_refuses_metrics_to_others_and_keeps_traffic_and_egres
 
     policy = _router_policy(cluster)
     cluster.apply(policy)
-    wait_for(
+    eventually(
         lambda: not any(cluster.connects(OUTSIDER_NS, "probe", *metrics).values()),
         90,
         "kube-router to refuse the outsider's connections to the routers' metrics port",
+        interval=0.5,
     )
     assert cluster.connects(OUTSIDER_NS, "probe", *traffic) == dict.fromkeys(traffic, True)
     assert cluster.connects(SCRAPER_NS, "probe", *metrics, *traffic) == dict.fromkeys(metrics + traffic, True)
@@ -255,18 +249,20 @@ def test_the_router_policy_refuses_metrics_to_others_and_keeps_traffic_and_egres
     first = routers[0]
     url = f"http://{first}:{METRICS_PORT}/metrics"
     written = cluster.metric(SCRAPER_NS, "probe", url, "shadowgate_router_rows_written_total")
-    wait_for(
+    eventually(
         lambda: cluster.metric(SCRAPER_NS, "probe", url, "shadowgate_router_rows_written_total") > written,
         60,
         "the router to write more rows under its policy",
+        interval=0.5,
     )
 
     # Taken away, the policy stops applying.
     cluster.kubectl("delete", "networkpolicy", policy["metadata"]["name"], "-n", EXAMPLE_NS)
-    wait_for(
+    eventually(
         lambda: all(cluster.connects(OUTSIDER_NS, "probe", *metrics).values()),
         90,
         "the outsider's connections to the metrics port to work again without the policy",
+        interval=0.5,
     )
 
 
@@ -281,10 +277,11 @@ def test_the_operator_policy_refuses_metrics_to_others_and_keeps_probes_and_egre
     )
 
     cluster.apply(_operator_policy())
-    wait_for(
+    eventually(
         lambda: not any(cluster.connects(OUTSIDER_NS, "probe", *metrics).values()),
         90,
         "kube-router to refuse the outsider's connections to the operator's metrics port",
+        interval=0.5,
     )
     # Through the Service too: the node keeps the caller's pod address on Service traffic.
     assert cluster.connects(OUTSIDER_NS, "probe", *health, service) == {**dict.fromkeys(health, True), service: False}
@@ -306,11 +303,12 @@ def test_the_operator_policy_refuses_metrics_to_others_and_keeps_probes_and_egre
     )
     patch = json.dumps({"spec": {"router": {"replicas": 3}}})
     cluster.kubectl("patch", "shadowdeployment", SD, "-n", EXAMPLE_NS, "--type=merge", "-p", patch)
-    wait_for(
+    eventually(
         lambda: (
             cluster.kubectl("get", "deployment", f"{SD}-router", "-n", EXAMPLE_NS, "-o", "jsonpath={.spec.replicas}")
             == "3"
         ),
         120,
         "the restarted operator to scale the router Deployment to the ShadowDeployment's 3 replicas",
+        interval=0.5,
     )

@@ -18,7 +18,7 @@ import struct
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,14 +75,6 @@ def sysctl_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
     return [
         f"{key}: {before[key]} -> {after[key]}" for key in sorted(set(before) & set(after)) if before[key] != after[key]
     ]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
 
 
 def dns_a(name: str, server: str = NODE_IP) -> list[str]:
