@@ -338,7 +338,15 @@ def unpaired_estimate(
     if clusters is None:
         variance = production.variance / production.n + candidate.variance / candidate.n
         n = min(production.n, candidate.n)
-        return Estimate(difference, _floored_variance(variance, difference, typical, n), typical, n, skew, True, guards)
+        return Estimate(
+            difference,
+            _floored_variance(variance, difference, typical, n),
+            typical,
+            n,
+            skew,
+            two_samples=True,
+            guards=guards,
+        )
     p_requests, c_requests = MeanCumulants.of(production), MeanCumulants.of(candidate)
     if p_requests and c_requests and clusters[0].keys and clusters[1].keys:
         guards += two_sample_skewness(p_requests.over(clusters[0].keys), c_requests.over(clusters[1].keys))
@@ -348,7 +356,13 @@ def unpaired_estimate(
         return None
     n = min(clusters[0].keys, clusters[1].keys)
     return Estimate(
-        difference, _floored_variance(p_robust + c_robust, difference, typical, n), typical, n, skew, True, guards
+        difference,
+        _floored_variance(p_robust + c_robust, difference, typical, n),
+        typical,
+        n,
+        skew,
+        two_samples=True,
+        guards=guards,
     )
 
 
