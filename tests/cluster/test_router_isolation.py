@@ -20,7 +20,7 @@ pytestmark = pytest.mark.database
 PRODUCTION_MS = 5.0
 REQUESTS = 300
 RATE = 200.0
-ROUNDS = 5
+ROUNDS = 7
 
 
 @pytest.fixture
@@ -82,7 +82,11 @@ async def test_a_slow_failing_or_hung_candidate_does_not_touch_production(
     p50 = {name: statistics.median(p50 for p50, _ in values) for name, values in rounds.items()}
     p99 = {name: statistics.median(p99 for _, p99 in values) for name, values in rounds.items()}
     healthy = sorted(p99 for _, p99 in rounds["healthy"])
-    noise = max(healthy[-2] - healthy[1], 3.0)  # spread of the healthy rounds, their extremes left out
+    # The spread of the healthy rounds, their extremes left out, and at least 3 ms or half the healthy p99:
+    # a round's p99 is its third-slowest answer, and on a busy machine (CI at stop 22) a 10x slower
+    # candidate's extra open copies moved it 4 ms in a 17 ms tail. Production waiting on the candidate would
+    # add its 45 ms more (up to the 1 s mirror timeout when hung), well above this allowance.
+    noise = max(healthy[-2] - healthy[1], 3.0, 0.5 * statistics.median(healthy))
     healthy_p50 = sorted(p50 for p50, _ in rounds["healthy"])
     # The same for the median: at least 1 ms or a quarter of the healthy median, since on a busy machine
     # (a fresh-machine run at load 10-20) a 10x slower candidate's extra open copies cost production about
