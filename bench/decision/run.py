@@ -18,9 +18,9 @@ have its own loss level and its own candidate effect. Latency is lognormal per s
 Bernoulli, or the candidate's hardest requests.
 
 Seeded and deterministic (each run has its own seed, so the figures do not depend on the number of
-workers); numpy for the requests, the operator's pure Python for the decision; runs on every core
-(`--workers`). Prints each row's rates, the target it is held to, and the total runtime; exits 1 when a
-row misses its target.
+workers; `--seed` draws another set of runs, to see how much a figure owes to its seeds); numpy for the
+requests, the operator's pure Python for the decision; runs on every core (`--workers`). Prints each row's
+rates, the target it is held to, and the total runtime; exits 1 when a row misses its target.
 
 The baseline, in the same run: the decision as it was before issue 11's analysis (`--baseline`, commit
 6b4e836 by default: the normal-mixture mSPRT with plug-in variance, point-estimate hard gates, evidence
@@ -78,6 +78,7 @@ from shadowgate_operator.rollout import apply_decision  # noqa: E402
 CLUSTERED_FIELDS = frozenset(Clustered.__dataclass_fields__)
 
 SEED = 20261125
+"""The seed of the published figures; `--seed` replaces it (the runs' seeds are derived from it)."""
 RUNS = 1000
 BASELINE = "6b4e8364d80c36f8261a6215676e89cc7b62121e"
 """The last commit before issue 11's analysis: main with intention to treat for canary fallbacks."""
@@ -563,9 +564,18 @@ def _concat(first: Requests, second: Requests, cut: int) -> Requests:
     )
 
 
+@dataclass
+class _Seeds:
+    base: int = SEED
+
+
+_seeds = _Seeds()
+"""The seed this process's runs derive theirs from: set by main before the workers fork."""
+
+
 def simulate(row: Row, spec: ShadowDeploymentSpec, seed: int) -> Result:
     """One rollout of `row`: steps, looks, the real decision, until it acts or the cap."""
-    rng = np.random.default_rng([SEED, seed])
+    rng = np.random.default_rng([_seeds.base, seed])
     world = row.world
     canary = row.mode is TrafficMode.CANARY
     segmented = spec.analysis.segment_by is not None
@@ -849,10 +859,11 @@ _BASELINE_LINE = re.compile(r"^(\S+)\s+([\d.]+)%\s+(?:-\s+)?([\d.]+)%\s+(?:-\s+)
 
 
 def run_baseline(
-    ref: str, keys: list[str], runs: int, workers: int, current_bench: bool = False
+    ref: str, keys: list[str], runs: int, workers: int, current_bench: bool = False, seed: int = SEED
 ) -> tuple[dict[str, Baseline], float]:
     """The bench and the operator as of `ref` (with `current_bench`, this bench and the operator as of
-    `ref`), run with the same runs on the rows `keys`: its rates per row key, and its runtime in seconds."""
+    `ref`), run with the same runs on the rows `keys`: its rates per row key, and its runtime in seconds.
+    Only the current bench takes `seed`; the bench as of `ref` runs on its own."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-decision-baseline-") as directory:
         parts = ["operator", "router"] + ([] if current_bench else ["bench/decision"])
@@ -865,7 +876,8 @@ def run_baseline(
             (Path(directory) / "bench/decision/run.py").write_bytes(Path(__file__).read_bytes())
         old = subprocess.run(
             [sys.executable, str(Path(directory) / "bench/decision/run.py"), "--runs", str(runs),
-             "--workers", str(workers), "--rows", ",".join(keys), *(["--baseline", "none"] if current_bench else [])],
+             "--workers", str(workers), "--rows", ",".join(keys),
+             *(["--baseline", "none", "--seed", str(seed)] if current_bench else [])],
             capture_output=True, text=True, cwd=directory,
         )  # fmt: skip
     found = {}
@@ -882,6 +894,10 @@ def run_baseline(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=RUNS)
+    parser.add_argument(
+        "--seed", type=int, default=SEED,
+        help=f"the seed the runs' seeds derive from (default {SEED}, the published figures')",
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rows", help="comma-separated row keys (default: all)")
     parser.add_argument("--baseline", default=BASELINE, help="git commit of the baseline, or none")
@@ -892,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
         "included) with the baseline's operator",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    _seeds.base = args.seed
     _init()
     chosen = [i for i, row in enumerate(ROWS) if not args.rows or row.key in args.rows.split(",")]
     baseline: dict[str, Baseline] = {}
@@ -901,12 +918,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline_bench == "current":
             keys = sorted({ROWS[i].key for i in chosen})
         baseline, spent = run_baseline(
-            args.baseline, keys, baseline_runs, args.workers, args.baseline_bench == "current"
+            args.baseline, keys, baseline_runs, args.workers, args.baseline_bench == "current", args.seed
         )
         print(f"baseline {args.baseline[:7]}: {len(baseline)} rows, {baseline_runs:,} runs each, in {spent:.0f} s")
     started = time.perf_counter()
     print(
-        f"bench/decision: {args.runs:,} runs per row, seed {SEED}, {args.workers} workers; counted samples = "
+        f"bench/decision: {args.runs:,} runs per row, seed {args.seed}, {args.workers} workers; counted samples = "
         "scored pairs (shadow) or the candidate's scored requests (canary); old = the baseline "
         f"({args.baseline[:7]}, {baseline_runs:,} runs), on the same traffic; [a, b]: Wilson 95% interval\n"
     )
