@@ -564,18 +564,10 @@ def _concat(first: Requests, second: Requests, cut: int) -> Requests:
     )
 
 
-@dataclass
-class _Seeds:
-    base: int = SEED
-
-
-_seeds = _Seeds()
-"""The seed this process's runs derive theirs from: set by main before the workers fork."""
-
-
-def simulate(row: Row, spec: ShadowDeploymentSpec, seed: int) -> Result:
-    """One rollout of `row`: steps, looks, the real decision, until it acts or the cap."""
-    rng = np.random.default_rng([_seeds.base, seed])
+def simulate(row: Row, spec: ShadowDeploymentSpec, base: int, seed: int) -> Result:
+    """One rollout of `row`: steps, looks, the real decision, until it acts or the cap; its requests drawn
+    from `seed` within the set of runs `base` (--seed)."""
+    rng = np.random.default_rng([base, seed])
     world = row.world
     canary = row.mode is TrafficMode.CANARY
     segmented = spec.analysis.segment_by is not None
@@ -765,11 +757,11 @@ def _rows() -> tuple[Row, ...]:
 # --- running the rows -------------------------------------------------------------------------------
 
 
-def _run_chunk(task: tuple[int, int, int]) -> list[Result]:
-    index, first, count = task
+def _run_chunk(task: tuple[int, int, int, int]) -> list[Result]:
+    index, first, count, base = task
     row = ROWS[index]
     spec = row.spec()
-    return [simulate(row, spec, index * 1_000_003 + run) for run in range(first, first + count)]
+    return [simulate(row, spec, base, index * 1_000_003 + run) for run in range(first, first + count)]
 
 
 def _init() -> None:
@@ -908,7 +900,6 @@ def main(argv: list[str] | None = None) -> int:
         "included) with the baseline's operator",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    _seeds.base = args.seed
     _init()
     chosen = [i for i, row in enumerate(ROWS) if not args.rows or row.key in args.rows.split(",")]
     baseline: dict[str, Baseline] = {}
@@ -933,12 +924,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header, flush=True)
     chunk = max(1, min(50, args.runs // 4))
-    tasks = [(i, first, min(chunk, args.runs - first)) for i in chosen for first in range(0, args.runs, chunk)]
+    tasks = [
+        (i, first, min(chunk, args.runs - first), args.seed) for i in chosen for first in range(0, args.runs, chunk)
+    ]
     results: dict[int, list[Result]] = {i: [] for i in chosen}
     ok = True
     with multiprocessing.get_context("fork").Pool(args.workers, initializer=_init) as pool:
         # Tasks come back in order: a row is printed as soon as its last run is in.
-        for (index, _, _), chunk_results in zip(tasks, pool.imap(_run_chunk, tasks), strict=True):
+        for (index, *_), chunk_results in zip(tasks, pool.imap(_run_chunk, tasks), strict=True):
             results[index].extend(chunk_results)
             if len(results[index]) == args.runs:
                 ok = _print_row(Summary(ROWS[index], results[index]), baseline) and ok
